@@ -1,0 +1,443 @@
+"""Regenerate the tiny ONNX encoder exports used by the poprt-lite test suite.
+
+Running ``python testdata/make_models.py`` (from any working directory) writes,
+next to this script:
+
+* ``bert_qa_torchscript.onnx`` - BertForQuestionAnswering, eager attention,
+  TorchScript exporter (``dynamo=False``), opset 17.
+* ``bert_qa_dynamo.onnx`` - BertForQuestionAnswering, SDPA attention,
+  ``torch.export``-based exporter (``dynamo=True``), opset 18, all
+  initializers stored inline (no external-data file).
+* ``roberta_qa.onnx`` - RobertaForQuestionAnswering, eager attention,
+  TorchScript exporter, opset 17.  Position ids are derived in-graph from the
+  ``input_ids != pad_token_id`` mask (default RoBERTa behaviour).
+* ``distilbert_qa.onnx`` - DistilBertForQuestionAnswering, eager attention,
+  TorchScript exporter, opset 17 (no ``token_type_ids``).
+* ``bert_meanpool.onnx`` - BertModel (eager, no pooler) wrapped so that it
+  also returns the masked mean over the sequence (``pooled``), TorchScript
+  exporter, opset 17.
+
+All models are tiny (2 layers, hidden 64, 4 heads, intermediate 128,
+vocab 1000) and use random weights drawn after ``torch.manual_seed(0)``; no
+checkpoint is downloaded.  Weights use ``initializer_range=0.1`` and all
+biases / LayerNorm parameters are randomised as well, so that attention is
+far from uniform and every bias path contributes to the output (this makes
+numerical checks against rewritten graphs meaningful).  Position ids are
+never graph inputs: every model computes them inside the graph, as real
+exports do.
+
+After each export the script runs ``onnx.checker.check_model`` and compares
+onnxruntime against PyTorch on a padded batch of two sequences of different
+lengths (and on a second, differently shaped batch to exercise the dynamic
+axes); it fails if the max abs difference is >= 1e-4.
+
+torch / transformers / onnxscript are only needed to regenerate these files:
+``pip install '.[export]'``.  The committed ``.onnx`` files are what the tests
+use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+
+VOCAB = 1000
+HIDDEN = 64
+LAYERS = 2
+HEADS = 4
+INTERMEDIATE = 128
+MAX_POS = 512
+TOL = 1e-4
+TS_OPSET = 17
+DYNAMO_OPSET = 18
+
+
+# --------------------------------------------------------------------------
+# model construction
+# --------------------------------------------------------------------------
+
+
+def _randomise_(model: nn.Module, std: float = 0.1) -> None:
+    """Give biases and LayerNorm affine params non-trivial random values."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, std)
+            elif "LayerNorm" in name or "layer_norm" in name.lower():
+                # LayerNorm weight
+                p.normal_(1.0, std)
+
+
+def _finish(model: nn.Module) -> nn.Module:
+    _randomise_(model)
+    model.eval()
+    return model
+
+
+def build_bert_qa(attn: str) -> nn.Module:
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=INTERMEDIATE,
+        max_position_embeddings=MAX_POS,
+        type_vocab_size=2,
+        initializer_range=0.1,
+        attn_implementation=attn,
+    )
+    model = BertForQuestionAnswering(cfg)
+    assert model.config._attn_implementation == attn, model.config._attn_implementation
+    return _finish(model)
+
+
+def build_roberta_qa() -> nn.Module:
+    from transformers import RobertaConfig, RobertaForQuestionAnswering
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=INTERMEDIATE,
+        max_position_embeddings=MAX_POS + 2,
+        type_vocab_size=2,
+        pad_token_id=1,
+        initializer_range=0.1,
+        attn_implementation="eager",
+    )
+    model = RobertaForQuestionAnswering(cfg)
+    assert model.config._attn_implementation == "eager"
+    return _finish(model)
+
+
+def build_distilbert_qa() -> nn.Module:
+    from transformers import DistilBertConfig, DistilBertForQuestionAnswering
+
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(
+        vocab_size=VOCAB,
+        dim=HIDDEN,
+        n_layers=LAYERS,
+        n_heads=HEADS,
+        hidden_dim=INTERMEDIATE,
+        max_position_embeddings=MAX_POS,
+        initializer_range=0.1,
+        attn_implementation="eager",
+    )
+    model = DistilBertForQuestionAnswering(cfg)
+    assert model.config._attn_implementation == "eager"
+    return _finish(model)
+
+
+def build_bert_model() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=INTERMEDIATE,
+        max_position_embeddings=MAX_POS,
+        type_vocab_size=2,
+        initializer_range=0.1,
+        attn_implementation="eager",
+    )
+    model = BertModel(cfg, add_pooling_layer=False)
+    assert model.config._attn_implementation == "eager"
+    return _finish(model)
+
+
+# --------------------------------------------------------------------------
+# export wrappers (plain tuples out, fixed positional inputs)
+# --------------------------------------------------------------------------
+
+
+class QAWithTypes(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            return_dict=True,
+        )
+        return out.start_logits, out.end_logits
+
+
+class QANoTypes(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return out.start_logits, out.end_logits
+
+
+class MeanPool(nn.Module):
+    """BertModel + masked mean pooling over the sequence axis."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        h = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            return_dict=True,
+        ).last_hidden_state
+        m = attention_mask.to(h.dtype)
+        pooled = torch.sum(h * m[..., None], 1) / torch.sum(m, 1, keepdim=True)
+        return h, pooled
+
+
+# --------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------
+
+
+def make_inputs(lengths: list[int], seq: int, pad_id: int, seed: int, with_types: bool) -> dict[str, np.ndarray]:
+    """Right-padded batch; token ids avoid the special ids 0..3."""
+    rng = np.random.default_rng(seed)
+    b = len(lengths)
+    ids = np.full((b, seq), pad_id, dtype=np.int64)
+    mask = np.zeros((b, seq), dtype=np.int64)
+    types = np.zeros((b, seq), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(4, VOCAB, size=n)
+        mask[i, :n] = 1
+        types[i, n // 2 : n] = 1  # second "segment"
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if with_types:
+        feeds["token_type_ids"] = types
+    return feeds
+
+
+# --------------------------------------------------------------------------
+# export + verification
+# --------------------------------------------------------------------------
+
+
+def export_torchscript(module, example, input_names, output_names, dyn_axes, path: Path) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            tuple(torch.from_numpy(example[n]) for n in input_names),
+            str(path),
+            dynamo=False,
+            opset_version=TS_OPSET,
+            do_constant_folding=True,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dyn_axes,
+        )
+
+
+def export_dynamo(module, example, input_names, output_names, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("sequence", min=2, max=MAX_POS)
+    dynamic_shapes = {n: {0: batch, 1: seq} for n in input_names}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            module,
+            tuple(torch.from_numpy(example[n]) for n in input_names),
+            None,
+            dynamo=True,
+            opset_version=DYNAMO_OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
+        )
+    proto = prog.model_proto
+    # Make sure every initializer is inline (no external-data file).
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            raise RuntimeError(f"initializer {t.name} still external")
+    # Drop doc strings carrying local file paths / stack traces so the file is
+    # reproducible across machines.
+    _strip_doc_strings(proto)
+    onnx.save(proto, str(path), save_as_external_data=False)
+
+
+def _strip_doc_strings(proto: onnx.ModelProto) -> None:
+    def strip_graph(g: onnx.GraphProto) -> None:
+        g.doc_string = ""
+        for n in g.node:
+            n.doc_string = ""
+            del n.metadata_props[:]
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    strip_graph(a.g)
+                for sg in a.graphs:
+                    strip_graph(sg)
+
+    proto.doc_string = ""
+    strip_graph(proto.graph)
+    for f in proto.functions:
+        f.doc_string = ""
+        for n in f.node:
+            n.doc_string = ""
+            del n.metadata_props[:]
+
+
+def _session(path: Path, optimized: bool) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def verify(module, path: Path, input_names, output_names, feeds_list) -> dict[str, float]:
+    """Structural checks + numerical comparison.  Returns the max abs diffs:
+
+    * ``torch``: onnxruntime (graph optimisations disabled) vs PyTorch, max over
+      all outputs and all verification batches;
+    * ``torch_ort_opt``: same with onnxruntime graph optimisations enabled;
+    * ``pad``: padded batch vs each row run alone without padding (valid
+      positions of per-token outputs, and the pooled output) - i.e. the mask
+      really isolates the padding.
+    """
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    assert got_in == input_names, (path.name, got_in)
+    assert got_out == output_names, (path.name, got_out)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert "position_ids" not in got_in
+    size = path.stat().st_size
+    assert size < 2 * 1024 * 1024, (path.name, size)
+
+    res = {"torch": 0.0, "torch_ort_opt": 0.0, "pad": 0.0}
+    for key, sess in (("torch", _session(path, False)), ("torch_ort_opt", _session(path, True))):
+        for feeds in feeds_list:
+            with torch.no_grad():
+                ref = module(*(torch.from_numpy(feeds[n]) for n in input_names))
+            outs = sess.run(output_names, feeds)
+            for r, o, name in zip(ref, outs, output_names):
+                r = r.numpy()
+                assert r.shape == o.shape, (path.name, name, r.shape, o.shape)
+                res[key] = max(res[key], float(np.max(np.abs(r - o))))
+            if key == "torch":
+                # padding invariance: row i alone (unpadded) == row i of padded batch
+                lengths = feeds["attention_mask"].sum(1)
+                for i, n in enumerate(lengths):
+                    single = {k: v[i : i + 1, :n] for k, v in feeds.items()}
+                    souts = sess.run(output_names, single)
+                    for o, so_, name in zip(outs, souts, output_names):
+                        if o.ndim >= 2 and name != "pooled":
+                            a = o[i : i + 1, :n]
+                        else:
+                            a = o[i : i + 1]
+                        res["pad"] = max(res["pad"], float(np.max(np.abs(a - so_))))
+    for k, v in res.items():
+        if not v < TOL:
+            raise AssertionError(f"{path.name}: {k} max abs diff {v} >= {TOL}")
+    return res
+
+
+def main() -> int:
+    # the dynamo exporter logs one warning per missing torchvision op; not relevant here
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    # example (tracing) batch and two verification batches (batch 2, lengths differ;
+    # and batch 3 of another sequence length to exercise the dynamic axes)
+    def feeds(pad_id, with_types):
+        return (
+            make_inputs([8, 5], 8, pad_id, seed=1, with_types=with_types),
+            [
+                make_inputs([16, 9], 16, pad_id, seed=2, with_types=with_types),
+                make_inputs([7, 3, 11], 11, pad_id, seed=3, with_types=with_types),
+            ],
+        )
+
+    qa_out = ["start_logits", "end_logits"]
+    in3 = ["input_ids", "attention_mask", "token_type_ids"]
+    in2 = ["input_ids", "attention_mask"]
+
+    def dyn(inputs, outputs):
+        d = {n: {0: "batch", 1: "sequence"} for n in inputs}
+        for n in outputs:
+            d[n] = {0: "batch", 1: "sequence"}
+        return d
+
+    results = []
+
+    # 1. BERT QA, eager attention, TorchScript exporter
+    path = HERE / "bert_qa_torchscript.onnx"
+    m = QAWithTypes(build_bert_qa("eager")).eval()
+    ex, checks = feeds(0, True)
+    export_torchscript(m, ex, in3, qa_out, dyn(in3, qa_out), path)
+    results.append((path, verify(m, path, in3, qa_out, checks)))
+
+    # 2. BERT QA, sdpa attention, dynamo exporter
+    path = HERE / "bert_qa_dynamo.onnx"
+    m = QAWithTypes(build_bert_qa("sdpa")).eval()
+    ex, checks = feeds(0, True)
+    export_dynamo(m, ex, in3, qa_out, path)
+    results.append((path, verify(m, path, in3, qa_out, checks)))
+
+    # 3. RoBERTa QA (pad_token_id=1, position ids from input_ids != 1)
+    path = HERE / "roberta_qa.onnx"
+    m = QANoTypes(build_roberta_qa()).eval()
+    ex, checks = feeds(1, False)
+    export_torchscript(m, ex, in2, qa_out, dyn(in2, qa_out), path)
+    results.append((path, verify(m, path, in2, qa_out, checks)))
+
+    # 4. DistilBERT QA
+    path = HERE / "distilbert_qa.onnx"
+    m = QANoTypes(build_distilbert_qa()).eval()
+    ex, checks = feeds(0, False)
+    export_torchscript(m, ex, in2, qa_out, dyn(in2, qa_out), path)
+    results.append((path, verify(m, path, in2, qa_out, checks)))
+
+    # 5. BertModel + masked mean pooling
+    path = HERE / "bert_meanpool.onnx"
+    m = MeanPool(build_bert_model()).eval()
+    ex, checks = feeds(0, True)
+    mp_out = ["last_hidden_state", "pooled"]
+    d = {n: {0: "batch", 1: "sequence"} for n in in3}
+    d["last_hidden_state"] = {0: "batch", 1: "sequence"}
+    d["pooled"] = {0: "batch"}
+    export_torchscript(m, ex, in3, mp_out, d, path)
+    results.append((path, verify(m, path, in3, mp_out, checks)))
+
+    print(f"{'file':26s} {'bytes':>8s}  max|ort-torch|  (ort optimised)  max|padded-unpadded|")
+    for p, r in results:
+        print(f"{p.name:26s} {p.stat().st_size:>8d}  {r['torch']:14.2e}  {r['torch_ort_opt']:15.2e}  {r['pad']:20.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
