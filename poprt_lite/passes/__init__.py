@@ -1,0 +1,23 @@
+"""Passes over an onnx-graphsurgeon graph, their registry and the pass manager.
+
+Importing this package registers the built-in passes.
+"""
+
+from poprt_lite.passes.base import Pass, PassContext, PassResult
+from poprt_lite.passes.manager import PassManager, PassRecord
+from poprt_lite.passes.registry import get_pass, list_passes, load_plugin, register_pass
+
+# Built-in passes register themselves on import.
+from poprt_lite.passes import cleanup, export_position_ids, float_to_half, static_shape  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "Pass",
+    "PassContext",
+    "PassManager",
+    "PassRecord",
+    "PassResult",
+    "get_pass",
+    "list_passes",
+    "load_plugin",
+    "register_pass",
+]

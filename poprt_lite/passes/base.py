@@ -1,0 +1,93 @@
+"""What a pass is: a named, described transformation of a graphsurgeon graph with typed options."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import onnx_graphsurgeon as gs
+
+from poprt_lite.errors import PoprtError
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether the graph changed, and a short account for the pipeline report."""
+
+    changed: bool
+    message: str = ""
+
+
+@dataclass
+class PassContext:
+    """State shared by the passes of one pipeline besides the graph.
+
+    `metadata` ends up in the model's metadata_props (prefixed `poprt_lite.`) and in the artifact
+    manifest: e.g. `position_offset`, `pack.mode`, input roles.
+    """
+
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Pass:
+    """Base class of every pass. Subclasses set `name`, `description`, optionally an `Options`
+    dataclass, and implement `run`. Instances are configured once and may be run on many graphs."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError("give either an Options instance or keyword options, not both")
+        self.options = options if options is not None else self.Options(**kwargs)
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls.Options)]
+
+    @classmethod
+    def from_strings(cls, values: dict[str, str]) -> "Pass":
+        """Build the pass from `key=value` strings (CLI `--pass_option NAME.KEY=VALUE`), parsed by the
+        types the Options dataclass declares."""
+        hints = typing.get_type_hints(cls.Options)
+        fields = {f.name for f in dataclasses.fields(cls.Options)}
+        kwargs = {}
+        for key, text in values.items():
+            if key not in fields:
+                known = ", ".join(sorted(fields)) or "none"
+                raise PoprtError(f"pass '{cls.name}' has no option '{key}'; its options are: {known}")
+            kwargs[key] = _parse(text, hints[key], f"option '{key}' of pass '{cls.name}'")
+        return cls(**kwargs)
+
+
+def _parse(text: str, hint: Any, what: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if hint is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if origin in (list, tuple):
+            return origin(_parse(part, args[0], what) for part in text.split(",") if part)
+        if hint in (int, float, str):
+            return hint(text)
+    except ValueError:
+        raise PoprtError(f"{what} expects {getattr(hint, '__name__', hint)}, got '{text}'") from None
+    raise PoprtError(f"{what} cannot be set from the command line")

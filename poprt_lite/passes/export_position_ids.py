@@ -1,0 +1,142 @@
+"""export_position_ids: make the position ids a graph input, found by structure, not by names.
+
+Exporters compute the ids fed to the position-embedding Gather inside the graph: a slice of a
+constant buffer driven by `Shape(input_ids)` (TorchScript BERT), a Range (DistilBERT, dynamo), or a
+cumulative sum over the non-padding tokens plus `padding_idx` (RoBERTa). Whatever the subgraph, it
+is found from the embedding sum: the word-embedding Gather reads `input_ids`; the Adds that its
+output flows into also receive the position-embedding Gather, the one with the largest table among
+those whose indices are computed in the graph. The subgraph is then evaluated once on a probe
+request to learn the offset of the first position (2 for RoBERTa), which is recorded in the model
+metadata (`poprt_lite.position_offset`) so a runtime fills position ids correctly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from poprt_lite import ir
+from poprt_lite.errors import PoprtError
+from poprt_lite.passes.base import Pass, PassContext, PassResult
+from poprt_lite.passes.registry import register_pass
+
+log = logging.getLogger(__name__)
+PROBE_LENGTH = 8
+
+
+@dataclass
+class Embeddings:
+    word: gs.Node
+    position: gs.Node | None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.word.inputs[0].shape[0])
+
+
+@register_pass("export_position_ids")
+class ExportPositionIds(Pass):
+    """Replace the in-graph position-id computation with a new graph input `position_ids`."""
+
+    @dataclass
+    class Options:
+        input_name: str = "input_ids"
+        position_ids_name: str = "position_ids"
+        dtype: str = "int64"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        name = self.options.position_ids_name
+        embeddings = find_embeddings(graph, self.options.input_name)
+        ctx.metadata["vocab_size"] = str(embeddings.vocab_size)
+        ctx.metadata[f"role.{self.options.input_name}"] = "dynamic_input"
+        if any(t.name == name for t in graph.inputs):
+            return PassResult(changed=False, message=f"'{name}' is already an input")
+        gather = embeddings.position
+        if gather is None:
+            log.warning("export_position_ids: no position-embedding Gather with computed indices found; model unchanged")
+            return PassResult(changed=False, message="no position-id computation found; model unchanged")
+        indices = gather.inputs[1]
+        offset = _probe_offset(graph, indices, embeddings)
+        input_ids = next(t for t in graph.inputs if t.name == self.options.input_name)
+        position_ids = gs.Variable(name, dtype=np.dtype(self.options.dtype), shape=list(input_ids.shape))
+        graph.inputs.append(position_ids)
+        gather.inputs[1] = position_ids
+        ctx.metadata["position_offset"] = str(offset)
+        ctx.metadata["position_table_size"] = str(gather.inputs[0].shape[0])
+        ctx.metadata[f"role.{name}"] = "position_ids"
+        return PassResult(changed=True, message=f"'{indices.name}' -> input '{name}' (offset {offset})")
+
+
+def find_embeddings(graph: gs.Graph, input_name: str = "input_ids") -> Embeddings:
+    inputs = {t.name: t for t in graph.inputs}
+    if input_name not in inputs:
+        raise PoprtError(f"model has no input '{input_name}' (inputs: {', '.join(inputs)}); is this a BERT-like encoder?")
+    word = next((n for n in inputs[input_name].outputs if _is_table_lookup(n) and n.inputs[1] is inputs[input_name]), None)
+    if word is None:
+        raise PoprtError(f"no embedding Gather reads '{input_name}'; is this a BERT-like encoder?")
+    # The Adds that sum the embeddings, reached from the word embedding through Adds (and Casts).
+    adds, frontier = [], [word.outputs[0]]
+    while frontier:
+        tensor = frontier.pop()
+        for node in tensor.outputs:
+            if node.op in ("Add", "Cast") and node not in adds:
+                adds.append(node)
+                frontier.extend(node.outputs)
+    computed = [
+        node
+        for add in adds
+        for tensor in add.inputs
+        for node in tensor.inputs
+        if _is_table_lookup(node)
+        and node is not word
+        and not isinstance(node.inputs[1], gs.Constant)
+        and node.inputs[1] not in graph.inputs
+    ]
+    position = max(computed, key=lambda n: n.inputs[0].shape[0], default=None)
+    return Embeddings(word=word, position=position)
+
+
+def _is_table_lookup(node: gs.Node) -> bool:
+    return (
+        node.op == "Gather"
+        and node.attrs.get("axis", 0) == 0
+        and isinstance(node.inputs[0], gs.Constant)
+        and len(node.inputs[0].shape) == 2
+    )
+
+
+def _probe_offset(graph: gs.Graph, indices: gs.Tensor, embeddings: Embeddings) -> int:
+    """Evaluate the position-id subgraph on one unpadded request and return its first position.
+
+    Fails unless the ids are a contiguous range, the only layout a host can reproduce per request.
+    """
+    probe = graph.copy()
+    target = probe.tensors()[indices.name]
+    probe.outputs = [target]
+    probe.cleanup(remove_unused_graph_inputs=True).toposort()
+    ir.infer_shapes_in_place(probe)
+    if target.dtype is None:
+        target.dtype = np.int64
+    # The highest token id is never a padding id, so RoBERTa-style masks see a full request.
+    token = embeddings.vocab_size - 1
+    feeds = {}
+    for tensor in probe.inputs:
+        value = token if tensor.name == embeddings.word.inputs[1].name else (1 if "mask" in tensor.name else 0)
+        feeds[tensor.name] = np.full((1, PROBE_LENGTH), value, dtype=tensor.dtype)
+    try:
+        session = ort.InferenceSession(
+            gs.export_onnx(probe, do_type_check=False).SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        ids = np.asarray(session.run(None, feeds)[0]).reshape(-1)
+    except Exception as exc:
+        raise PoprtError(f"cannot evaluate the position-id computation feeding '{indices.name}': {exc}") from exc
+    expected = np.arange(PROBE_LENGTH) + ids[0]
+    if ids.shape != expected.shape or not np.array_equal(ids, expected):
+        raise PoprtError(
+            f"position ids feeding '{indices.name}' are not a contiguous range per request (probe gave {ids.tolist()}); cannot export them"
+        )
+    return int(ids[0])

@@ -1,0 +1,119 @@
+"""The pass registry: built-in passes and plugins, by name.
+
+Plugins are Python modules that register passes with `@register_pass`. They are found through the
+entry-point group `poprt_lite.passes` of any installed distribution, or given explicitly as a file
+path or module name (`--plugin`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx_graphsurgeon as gs
+
+from poprt_lite.errors import PoprtError
+from poprt_lite.passes.base import Pass, PassContext, PassResult
+
+ENTRY_POINT_GROUP = "poprt_lite.passes"
+
+_REGISTRY: dict[str, type[Pass]] = {}
+_loaded_entry_points = False
+
+
+def register_pass(name: str, description: str | None = None) -> Callable[[Any], Any]:
+    """Register a Pass subclass, or a function `(graph, ctx) -> bool | PassResult`, under `name`.
+
+    The description defaults to the first line of the docstring.
+    """
+
+    def decorate(obj: Any) -> Any:
+        doc = description if description is not None else ((obj.__doc__ or "").strip().splitlines() or [""])[0]
+        if isinstance(obj, type) and issubclass(obj, Pass):
+            cls = obj
+        elif callable(obj):
+            cls = type(obj.__name__, (_FunctionPass,), {"function": staticmethod(obj), "__module__": obj.__module__})
+        else:
+            raise TypeError(f"@register_pass('{name}') needs a Pass subclass or a function, got {obj!r}")
+        cls.name = name
+        cls.description = doc.strip()
+        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
+            raise PoprtError(f"pass name '{name}' is registered twice ({_REGISTRY[name].__module__} and {cls.__module__}); rename one")
+        _REGISTRY[name] = cls
+        return obj
+
+    return decorate
+
+
+class _FunctionPass(Pass):
+    function: Callable[[gs.Graph, PassContext], bool | PassResult]
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = self.function(graph, ctx)
+        return result if isinstance(result, PassResult) else PassResult(changed=bool(result))
+
+
+def get_pass(name: str) -> type[Pass]:
+    load_entry_point_plugins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise PoprtError(f"unknown pass '{name}'; known passes: {known} (add your own with --plugin)") from None
+
+
+def list_passes() -> list[type[Pass]]:
+    load_entry_point_plugins()
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def load_plugin(spec: str) -> None:
+    """Import a plugin given as a path to a .py file or as a module name."""
+    try:
+        if spec.endswith(".py") or Path(spec).is_file():
+            path = Path(spec)
+            if not path.is_file():
+                raise PoprtError(f"plugin file '{spec}' does not exist; check --plugin")
+            module_name = f"poprt_lite_plugin_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[module_name]
+                raise
+        else:
+            importlib.import_module(spec)
+    except PoprtError:
+        raise
+    except Exception as exc:  # a plugin may fail in any way; report it, never hide it
+        raise PoprtError(f"plugin '{spec}' failed to import: {_one_line(exc)}") from exc
+
+
+def load_entry_point_plugins() -> None:
+    global _loaded_entry_points
+    if _loaded_entry_points:
+        return
+    _loaded_entry_points = True
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = entry_point.load()
+        except Exception as exc:
+            raise PoprtError(
+                f"plugin '{entry_point.value}' (entry point '{entry_point.name}' of group {ENTRY_POINT_GROUP}) failed to import: {_one_line(exc)}"
+            ) from exc
+        if isinstance(obj, type) and issubclass(obj, Pass) and obj.name not in _REGISTRY:
+            register_pass(obj.name or entry_point.name)(obj)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({Path(exc.filename or '?').name}, line {exc.lineno})"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,76 @@
+"""static_shape: pin input dims, then fold all shape arithmetic away."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from poprt_lite.errors import PoprtError
+from poprt_lite.passes.base import Pass, PassContext, PassResult
+from poprt_lite.passes.cleanup import fold_until_stable
+from poprt_lite.passes.registry import register_pass
+
+
+@register_pass("static_shape")
+class StaticShape(Pass):
+    """Pin input dims (--input_shape), propagate shapes and fold the now-constant shape arithmetic."""
+
+    @dataclass
+    class Options:
+        input_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
+        size_threshold_mb: int = 64
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        shapes = self.options.input_shape
+        inputs = {t.name: t for t in graph.inputs}
+        symbols: dict[str, int] = {}
+        for name, dims in shapes.items():
+            if name not in inputs:
+                raise PoprtError(
+                    f"--input_shape names '{name}', which is not a model input; inputs are: {', '.join(inputs)}"
+                )
+            current = inputs[name].shape
+            if current is not None and len(current) != len(dims):
+                raise PoprtError(
+                    f"--input_shape gives '{name}' {len(dims)} dims but the input has rank {len(current)} ({_fmt(current)})"
+                )
+            for old, new in zip(current or [], dims):
+                if isinstance(old, int) and old > 0 and old != new:
+                    raise PoprtError(f"--input_shape gives '{name}' shape {_fmt(dims)} but its static shape is {_fmt(current)}")
+                if isinstance(old, str):
+                    if symbols.setdefault(old, new) != new:
+                        raise PoprtError(f"--input_shape gives dim '{old}' two values: {symbols[old]} and {new}")
+        changed = False
+        for tensor in graph.inputs:
+            dims = shapes.get(tensor.name)
+            if dims is None:
+                if tensor.shape is None:
+                    raise PoprtError(f"input '{tensor.name}' has no shape; give it with --input_shape {tensor.name}=...")
+                # Inputs that share a symbolic dim with a pinned one (e.g. 'batch') follow it.
+                dims = tuple(symbols.get(d, d) if isinstance(d, str) else d for d in tensor.shape)
+                free = [d for d in dims if not (isinstance(d, int) and d > 0)]
+                if free:
+                    raise PoprtError(
+                        f"input '{tensor.name}' keeps dynamic dims {_fmt(tensor.shape)} after --input_shape; add {tensor.name}=... to --input_shape"
+                    )
+            if list(tensor.shape or []) != list(dims):
+                tensor.shape = list(dims)
+                changed = True
+        before = len(graph.nodes)
+        fold_until_stable(graph, self.options.size_threshold_mb)
+        dynamic = [t.name for t in graph.tensors().values() if isinstance(t, gs.Variable) and not _static(t)]
+        if dynamic:
+            raise PoprtError(
+                f"{len(dynamic)} values still have dynamic shapes after pinning the inputs (first: '{dynamic[0]}'); the model computes a shape from data"
+            )
+        folded = before - len(graph.nodes)
+        return PassResult(changed=changed or folded > 0, message=f"inputs pinned, {folded} nodes folded")
+
+
+def _static(tensor: gs.Variable) -> bool:
+    return tensor.shape is not None and all(isinstance(d, int) and d >= 0 for d in tensor.shape)
+
+
+def _fmt(dims) -> str:
+    return "[" + ",".join(str(d) for d in dims) + "]"

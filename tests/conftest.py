@@ -1,0 +1,43 @@
+"""Shared fixtures: the bundled models and a way to run them per request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTDATA = ROOT / "testdata"
+QA_MODELS = ["bert_qa_torchscript", "bert_qa_dynamo", "roberta_qa", "distilbert_qa"]
+ALL_MODELS = [*QA_MODELS, "bert_meanpool"]
+VOCAB = 1000
+# RoBERTa's padding id; other models pad with 0.
+PAD_ID = {"roberta_qa": 1}
+
+
+def model_path(name: str) -> Path:
+    return TESTDATA / f"{name}.onnx"
+
+
+def run(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+def make_request(rng: np.random.Generator, length: int) -> dict[str, np.ndarray]:
+    """One unpadded request: token ids avoid the special ids 0-2."""
+    return {
+        "input_ids": rng.integers(3, VOCAB, (1, length), dtype=np.int64),
+        "attention_mask": np.ones((1, length), np.int64),
+        "token_type_ids": rng.integers(0, 2, (1, length), dtype=np.int64),
+    }
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(2023)

@@ -1,0 +1,90 @@
+import numpy as np
+import onnx
+import pytest
+
+from conftest import ALL_MODELS, PAD_ID, make_request, model_path, run
+from poprt_lite import compile, ir
+from poprt_lite.compiler import CompileOptions
+from poprt_lite.passes import PassContext, PassManager, get_pass
+
+EXPECTED_OFFSET = {"roberta_qa": 2}
+
+
+def padded_batch(rng, lengths, seq_len, pad_id, offset):
+    requests = [make_request(rng, n) for n in lengths]
+    feeds = {k: np.zeros((len(lengths), seq_len), np.int64) for k in requests[0]}
+    feeds["input_ids"][:] = pad_id
+    feeds["position_ids"] = np.zeros((len(lengths), seq_len), np.int64)
+    for row, (request, n) in enumerate(zip(requests, lengths)):
+        for key, value in request.items():
+            feeds[key][row, :n] = value[0]
+        feeds["position_ids"][row, :n] = np.arange(n) + offset
+    return requests, feeds
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_exported_position_ids_with_static_shape_match_original_per_request(name, rng):
+    source = ir.load_model(model_path(name))
+    shape = {"input_ids": (3, 12), "attention_mask": (3, 12)}
+    if any(i.name == "token_type_ids" for i in source.graph.input):
+        shape["token_type_ids"] = (3, 12)
+    result = compile(
+        model_path(name), save=False, options=CompileOptions(export_position_ids=True, input_shape=shape)
+    )
+    model = result.model
+    meta = ir.get_metadata(model)
+    assert meta["position_offset"] == str(EXPECTED_OFFSET.get(name, 0))
+    assert meta["vocab_size"] == "1000"
+    position_ids = next(i for i in model.graph.input if i.name == "position_ids")
+    assert [d.dim_value for d in position_ids.type.tensor_type.shape.dim] == [3, 12]
+    assert position_ids.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    # static_shape folded every Shape away and left every value static
+    assert not [n for n in model.graph.node if n.op_type == "Shape"]
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for value in inferred.graph.value_info:
+        assert all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim), value.name
+
+    lengths = [12, 5, 1]
+    requests, feeds = padded_batch(rng, lengths, 12, PAD_ID.get(name, 0), int(meta["position_offset"]))
+    packed_outputs = run(model, feeds)
+    for row, (request, n) in enumerate(zip(requests, lengths)):
+        for want, got in zip(run(source, request), packed_outputs):
+            got_row = got[row, :n] if want.ndim >= 2 and want.shape[1] == n else got[row]
+            np.testing.assert_allclose(got_row, want[0], atol=1e-4, rtol=0)
+
+
+def test_position_ids_already_an_input_is_left_alone():
+    model = compile(model_path("bert_qa_torchscript"), save=False, options=CompileOptions(export_position_ids=True)).model
+    again, records = PassManager([get_pass("export_position_ids")()]).run(model)
+    assert records[0].changed is False
+    assert records[0].message == "'position_ids' is already an input"
+    assert [i.name for i in again.graph.input] == [i.name for i in model.graph.input]
+
+
+def test_missing_pattern_changes_nothing_and_says_so():
+    model = compile(model_path("bert_qa_torchscript"), save=False, options=CompileOptions(export_position_ids=True)).model
+    # Rename the input away so the pass finds no computed position ids.
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(model)
+    for value in renamed.graph.input:
+        if value.name == "position_ids":
+            value.name = "positions"
+    for node in renamed.graph.node:
+        node.input[:] = ["positions" if i == "position_ids" else i for i in node.input]
+    out, records = PassManager([get_pass("export_position_ids")()]).run(renamed)
+    assert records[0].changed is False
+    assert records[0].message == "no position-id computation found; model unchanged"
+    assert len(out.graph.node) == len(renamed.graph.node)
+
+
+def test_record_of_offset_for_runtime(tmp_path):
+    out = tmp_path / "r.onnx"
+    compile(model_path("roberta_qa"), out, options=CompileOptions(export_position_ids=True))
+    assert ir.get_metadata(onnx.load(out))["position_offset"] == "2"
+
+
+def test_context_metadata_reaches_model():
+    ctx = PassContext()
+    model, _ = PassManager([get_pass("export_position_ids")()]).run(ir.load_model(model_path("distilbert_qa")), ctx)
+    assert ctx.metadata["role.position_ids"] == "position_ids"
+    assert ir.get_metadata(model)["role.position_ids"] == "position_ids"
