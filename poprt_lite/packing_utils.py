@@ -1,0 +1,234 @@
+"""Host-side packing of requests into model inputs, mirroring PopRT's `packing_utils` module.
+
+Scripts written for PopRT port by changing the import (`from poprt_lite import packing_utils`).
+A request is any object with `input_ids`, `input_len` and optionally `token_type_ids` and
+`position_ids` (1-D arrays of at least `input_len` tokens; only the first `input_len` are used).
+
+Layouts (shared with the compiled models):
+
+- Unpack/repack mode (`across_rows=True`): requests lie one after another in the flattened
+  `batch_size * seq_len` token stream and may cross a row boundary; `attention_mask` is 1 on real
+  tokens; `unpack_info[i]` is the length of request i (0 for unused slots).
+- AttentionMask mode (`across_rows=False`): each request lies in one row, the requests of a row one
+  after another from column 0; `attention_mask` holds segment ids 1, 2, ... for a row's requests.
+
+`position_ids` restart at `position_offset` for each request; a request's own `position_ids`, if it
+has them, are used as given (without the offset). A request's `attention_mask` is not read: it is
+rebuilt from the lengths. Padding is 0 in every input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from poprt_lite.errors import PoprtError, RequestError
+from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, check_length
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+TOKEN_TYPE_IDS = "token_type_ids"
+POSITION_IDS = "position_ids"
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """Where request `datasets[index]` lies in a batch: its first token is at `[row, offset]`."""
+
+    index: int
+    row: int
+    offset: int
+    length: int
+
+
+@dataclass
+class PackedBatch:
+    """One model batch: `data` feeds, `unpack_info`, one spec per request, and the next index."""
+
+    data: dict[str, np.ndarray]
+    unpack_info: np.ndarray
+    specs: list[RequestSpec]
+    count: int
+
+
+def pack_data(
+    datasets: Sequence,
+    index: int,
+    batch_size: int,
+    seq_len: int,
+    max_valid_num: int,
+    segment_num: int = 1,
+    across_rows: bool = True,
+    position_offset: int = 0,
+    *,
+    algorithm: PackAlgorithm | str = PackAlgorithm.first_fit,
+    segment_max_size: int | None = None,
+) -> PackedBatch:
+    """Pack requests `datasets[index:]`, in order, into one batch until the next one doesn't fit.
+
+    AttentionMask mode: with `first_fit` a request goes to the first row with room for it, so a
+    short request may land in an earlier row than its predecessor; packing still stops at the first
+    request that fits in no row, so each batch takes a contiguous run of `datasets`. `specs` and
+    `unpack_outputs` follow dataset order; code that splits outputs row by row, as PopRT's example
+    does, needs `algorithm="next_fit"`, which fills the rows in order (fewer requests per batch).
+    Unpack/repack mode: requests may have up to `segment_max_size` tokens (default `seq_len`).
+    `segment_num` exists for PopRT compatibility; PopRT's guide only ever passes 1 and does not
+    document other values, so poprt-lite accepts only 1.
+    """
+    if segment_num != 1:
+        raise PoprtError(
+            f"segment_num={segment_num} is not supported; poprt-lite packs with segment_num=1"
+        )
+    _check_index(datasets, index)
+    packer = OnlinePacker(
+        algorithm,
+        batch_size,
+        seq_len,
+        max_valid_num,
+        across_rows,
+        segment_max_size=segment_max_size,
+    )
+    lengths = []
+    end = index
+    while end < len(datasets) and not packer.is_full:
+        length = int(datasets[end].input_len)
+        packer.check(length, f"datasets[{end}]")
+        if not packer.try_add(length):
+            break
+        lengths.append(length)
+        end += 1
+
+    if across_rows:
+        starts = np.asarray(packer.placements(), dtype=np.int64)
+        mask = np.ones(len(lengths), dtype=np.int32)
+    else:
+        rows, offsets = np.asarray(packer.placements(), dtype=np.int64).T
+        starts = rows * seq_len + offsets
+        mask = _segment_ids(rows)
+    return _build(
+        datasets, index, lengths, starts, mask, batch_size, seq_len, max_valid_num, position_offset
+    )
+
+
+def pad_data(
+    datasets: Sequence, index: int, batch_size: int, seq_len: int, position_offset: int = 0
+) -> PackedBatch:
+    """The padded baseline: one request per row from `datasets[index:]`, padded to `seq_len`.
+
+    Takes `batch_size` requests (fewer at the end of `datasets`); `unpack_info` holds each row's
+    length, and `unpack_outputs(batch, output, across_rows=False)` splits the padded model's output.
+    """
+    _check_index(datasets, index)
+    end = min(index + batch_size, len(datasets))
+    lengths = [int(datasets[i].input_len) for i in range(index, end)]
+    for i, length in enumerate(lengths, index):
+        check_length(length, seq_len, "seq_len", f"datasets[{i}]")
+    starts = np.arange(len(lengths), dtype=np.int64) * seq_len
+    mask = np.ones(len(lengths), dtype=np.int32)
+    return _build(
+        datasets, index, lengths, starts, mask, batch_size, seq_len, batch_size, position_offset
+    )
+
+
+def unpack_outputs(batch: PackedBatch, output: np.ndarray, across_rows: bool) -> list[np.ndarray]:
+    """Split a model output into one array per request of `batch` (views into `output`).
+
+    Unpack/repack models return `[max_valid_num, segment_max_size, ...]` with request i in row i;
+    AttentionMask models return `[batch_size, seq_len, ...]` in the packed layout.
+    """
+    output = np.asarray(output)
+    if across_rows:
+        slots, longest = len(batch.unpack_info), max(s.length for s in batch.specs)
+        if output.ndim < 2 or output.shape[0] != slots or output.shape[1] < longest:
+            raise RequestError(
+                f"output has shape {list(output.shape)}; an unpack/repack model returns "
+                f"[max_valid_num={slots}, segment_max_size>={longest}, ...]"
+            )
+        return [output[i, : s.length] for i, s in enumerate(batch.specs)]
+    shape = batch.data[INPUT_IDS].shape
+    if output.shape[:2] != shape:
+        raise RequestError(
+            f"output has shape {list(output.shape)}; an AttentionMask-mode model returns "
+            f"[batch_size={shape[0]}, seq_len={shape[1]}, ...]"
+        )
+    return [output[s.row, s.offset : s.offset + s.length] for s in batch.specs]
+
+
+def _check_index(datasets: Sequence, index: int) -> None:
+    if not 0 <= index < len(datasets):
+        raise PoprtError(f"index {index} is outside datasets, which holds {len(datasets)} requests")
+
+
+def _segment_ids(rows: np.ndarray) -> np.ndarray:
+    """1-based rank of each request among the earlier requests of its row."""
+    seen: dict[int, int] = {}
+    ids = np.empty(len(rows), dtype=np.int32)
+    for k, row in enumerate(rows.tolist()):
+        ids[k] = seen[row] = seen.get(row, 0) + 1
+    return ids
+
+
+def _tokens(request, name: str, length: int, i: int) -> np.ndarray | None:
+    """The first `length` tokens of `request.<name>`, or None when the request has none."""
+    values = getattr(request, name, None)
+    if values is None:
+        if name == INPUT_IDS:
+            raise RequestError(f"datasets[{i}] has no input_ids")
+        return None
+    values = np.asarray(values).reshape(-1)
+    if values.size < length:
+        raise RequestError(
+            f"datasets[{i}].{name} has {values.size} tokens but input_len is {length}"
+        )
+    return values[:length]
+
+
+def _build(
+    datasets: Sequence,
+    index: int,
+    lengths: list[int],
+    starts: np.ndarray,
+    mask: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    max_valid_num: int,
+    position_offset: int,
+) -> PackedBatch:
+    """Scatter requests `datasets[index:index+len(lengths)]` to flat token offsets `starts`."""
+    n = np.asarray(lengths, dtype=np.int64)
+    first = np.cumsum(n) - n  # each request's start in the concatenated token stream
+    within = np.arange(n.sum()) - np.repeat(first, n)  # token position inside its request
+    dest = np.repeat(starts, n) + within
+    requests = range(index, index + len(lengths))
+
+    def scatter(values: np.ndarray) -> np.ndarray:
+        flat = np.zeros(batch_size * seq_len, dtype=np.int32)
+        flat[dest] = values
+        return flat.reshape(batch_size, seq_len)
+
+    def gather(name: str, default) -> np.ndarray | None:
+        parts = [_tokens(datasets[i], name, m, i) for i, m in zip(requests, lengths)]
+        if all(p is None for p in parts):
+            return None
+        return np.concatenate([default(m) if p is None else p for p, m in zip(parts, lengths)])
+
+    data = {
+        INPUT_IDS: scatter(gather(INPUT_IDS, None)),
+        ATTENTION_MASK: scatter(np.repeat(mask, n)),
+    }
+    token_types = gather(TOKEN_TYPE_IDS, lambda m: np.zeros(m, dtype=np.int32))
+    if token_types is not None:
+        data[TOKEN_TYPE_IDS] = scatter(token_types)
+    positions = gather(POSITION_IDS, lambda m: np.arange(m) + position_offset)
+    data[POSITION_IDS] = scatter(within + position_offset if positions is None else positions)
+
+    unpack_info = np.zeros(max_valid_num, dtype=np.int32)
+    unpack_info[: len(lengths)] = lengths
+    rows, offsets = np.divmod(starts, seq_len)
+    specs = [
+        RequestSpec(i, r, o, m)
+        for i, r, o, m in zip(requests, rows.tolist(), offsets.tolist(), lengths)
+    ]
+    return PackedBatch(data, unpack_info, specs, index + len(lengths))
