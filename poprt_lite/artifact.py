@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,8 +108,7 @@ def write_artifact(path: str | os.PathLike, model: onnx.ModelProto, manifest_fie
     model_bytes = model.SerializeToString()
     manifest = build_manifest(model, model_sha256=sha256(model_bytes), **manifest_fields)
     manifest_bytes = json.dumps(manifest, indent=2).encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = ir.temporary_sibling(path)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
             archive.writestr(MANIFEST_MEMBER, manifest_bytes)

@@ -60,8 +60,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     large = model.ByteSize() > PROTOBUF_LIMIT
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temporary_sibling(path)
     try:
         if large:
             onnx.save_model(
@@ -74,6 +73,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temporary_sibling(path: Path) -> str:
+    """A new empty file beside `path` (same file system, so `os.replace` is atomic), with the
+    permissions a plain `open` would give."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    os.close(fd)
+    return tmp
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:

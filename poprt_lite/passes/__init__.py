@@ -8,7 +8,14 @@ from poprt_lite.passes.manager import PassManager, PassRecord
 from poprt_lite.passes.registry import get_pass, list_passes, load_plugin, register_pass
 
 # Built-in passes register themselves on import.
-from poprt_lite.passes import cleanup, export_position_ids, float_to_half, static_shape  # noqa: E402,F401  isort: skip
+from poprt_lite.passes import (  # noqa: E402,F401  isort: skip
+    attention_mask_packing,
+    cleanup,
+    export_position_ids,
+    float_to_half,
+    pack_unpack_repack,
+    static_shape,
+)
 
 __all__ = [
     "Pass",

@@ -50,9 +50,9 @@ class FloatToHalf(Pass):
                 elif key in DTYPE_ATTRS and _is_float32_type(value):
                     node.attrs[key] = FLOAT16
                     converted += 1
-        boundary = set(graph.inputs) | set(graph.outputs)
+        boundary = {t.name for t in [*graph.inputs, *graph.outputs]}
         for tensor in graph.tensors().values():
-            if isinstance(tensor, gs.Variable) and tensor.dtype == np.float32 and tensor not in boundary:
+            if isinstance(tensor, gs.Variable) and tensor.dtype == np.float32 and tensor.name not in boundary:
                 tensor.dtype = np.float16
         for node in [n for n in graph.nodes if n.op in skip]:
             _wrap_in_float32(graph, node)
