@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 import typer
-from click.exceptions import Abort, ClickException, Exit
+from typer.exceptions import TyperException
 
 from poprt_lite.cli import convert, listing
 from poprt_lite.errors import PoprtError
@@ -70,13 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # click usage errors and anything unexpected: one line, no traceback
         if debug:
             raise
-        if isinstance(exc, Exit):
+        if isinstance(exc, typer.Exit):
             return exc.exit_code
-        if isinstance(exc, ClickException):
-            print(f"error: {exc.format_message()}", file=sys.stderr)
-            return 2
-        if isinstance(exc, Abort):
+        if isinstance(exc, typer.Abort):
             return 1
+        if isinstance(exc, TyperException):  # usage errors (typer's own click)
+            message = exc.format_message()
+            if message:  # empty when the usage text was printed instead (no arguments)
+                print(f"error: {message}", file=sys.stderr)
+            return getattr(exc, "exit_code", 2)
         print(f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback", file=sys.stderr)
         return 2
     return 0

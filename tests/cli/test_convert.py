@@ -1,0 +1,135 @@
+"""The flat PopRT form of the CLI, end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import model_path
+from poprt_lite import load_artifact
+from poprt_lite.cli.main import expand_multi_value_flags, main
+from poprt_lite.runtime import ModelRunner
+
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+BERT = str(model_path("bert_qa_torchscript"))
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_multi_value_flags_are_expanded():
+    argv = ["--input_shape", "a=1,2", "b=3", "--precision", "fp16", "--pack_args", "x=1", "y=2"]
+    assert expand_multi_value_flags(argv) == [
+        "--input_shape", "a=1,2", "--input_shape", "b=3", "--precision", "fp16", "--pack_args", "x=1", "--pack_args", "y=2",
+    ]
+
+
+def test_acceptance_command_writes_model_and_artifact_that_runs(tmp_path, capsys):
+    out_model, art_dir = tmp_path / "o.onnx", tmp_path / "art"
+    code, out, err = cli(
+        capsys, "--input_model", BERT, "--output_model", str(out_model), "--precision", "fp16",
+        "--input_shape", "input_ids=16,256", "attention_mask=16,256", "token_type_ids=16,256",
+        "--export_popef", "--output_dir", str(art_dir),
+    )
+    assert code == 0, err
+    for name in ("eliminate_identity", "static_shape", "fold_constants", "eliminate_dead_code", "float_to_half"):
+        assert name in out
+    assert "time (ms)" in out
+    assert out_model.is_file() and (art_dir / "executable.popef").is_file()
+    artifact = load_artifact(art_dir / "executable.popef")
+    manifest = artifact.manifest
+    assert manifest["precision"] == "fp16"
+    assert [p["name"] for p in manifest["pipeline"]] == ["eliminate_identity", "static_shape", "fold_constants", "eliminate_dead_code", "float_to_half"]
+    assert {i["name"]: (i["dtype"], i["shape"], i["role"]) for i in manifest["inputs"]} == {
+        "input_ids": ("int64", [16, 256], "dynamic_input"),
+        "attention_mask": ("int64", [16, 256], "attention_mask"),
+        "token_type_ids": ("int64", [16, 256], "token_type_ids"),
+    }
+    runner = ModelRunner(art_dir / "executable.popef")
+    feeds = {"input_ids": np.ones((16, 256), np.int32), "attention_mask": np.ones((16, 256), np.int64), "token_type_ids": np.zeros((16, 256), np.int64)}
+    start, end = runner.run(["start_logits", "end_logits"], feeds)
+    assert start.shape == (16, 256) and start.dtype == np.float32 and np.isfinite(start).all()
+
+
+def test_check_reports_max_abs_diff(tmp_path, capsys):
+    code, out, _ = cli(capsys, "--input_model", BERT, "--output_dir", str(tmp_path), "--export_position_ids", "--check")
+    assert code == 0
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("check: ")]
+    assert len(diffs) == 2 and max(diffs) < 1e-4
+    assert (tmp_path / "bert_qa_torchscript.poprt-lite.onnx").is_file()
+
+
+def test_list_all_passes_includes_plugin(capsys):
+    code, out, _ = cli(capsys, "--list_all_passes", "--plugin", str(PLUGINS / "scale_outputs.py"))
+    assert code == 0
+    for name in ("export_position_ids", "float_to_half", "static_shape", "pack_unpack_repack", "attention_mask_packing", "scale_outputs", "count_matmuls"):
+        assert name in out
+
+
+def test_plugin_pass_runs_end_to_end(tmp_path, capsys):
+    base, scaled = tmp_path / "base.onnx", tmp_path / "scaled.onnx"
+    assert cli(capsys, "--input_model", BERT, "--output_model", str(base), "--passes", "fold_constants")[0] == 0
+    code, out, err = cli(
+        capsys, "--input_model", BERT, "--output_model", str(scaled), "--plugin", str(PLUGINS / "scale_outputs.py"),
+        "--passes", "fold_constants,scale_outputs,count_matmuls", "--pass_option", "scale_outputs.scale=0.5", "-v",
+    )
+    assert code == 0, err
+    assert "2 outputs scaled by 0.5" in out
+    from conftest import make_request, run
+    from poprt_lite import ir
+
+    request = make_request(np.random.default_rng(1), 9)
+    for want, got in zip(run(base, request), run(scaled, request)):
+        np.testing.assert_allclose(got, 0.5 * want, rtol=1e-6)
+    # 2 layers x (Q, K, V, scores, context, output, 2 FFN) + the QA head
+    assert ir.get_metadata(ir.load_model(scaled))["matmuls"] == "17"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--passes", "nope"], "error: unknown pass 'nope'; known passes: "),
+        (["--input_shape", "input_ids=16,x"], "error: bad --input_shape 'input_ids=16,x': expected NAME=D0,D1,... with positive integers, e.g. input_ids=16,256"),
+        (["--input_shape", "input_ids"], "error: bad --input_shape 'input_ids': expected NAME=D0,D1,..."),
+        (["--input_shape", "nope=1,2"], "error: pass 'static_shape' failed: --input_shape names 'nope', which is not a model input; inputs are: input_ids, attention_mask, token_type_ids"),
+        (["--plugin", str(PLUGINS / "broken_syntax.py")], f"error: plugin '{PLUGINS / 'broken_syntax.py'}' failed to import: SyntaxError: "),
+        (["--precision", "int8"], "error: --precision must be fp32 or fp16, got 'int8'"),
+        (["--pack_args", "max_valid_num=40"], "error: --pack_args needs segment_max_size=N"),
+        (["--pack_args", "max_valid_num=40", "segment_max_size=256", "color=red"], "error: unknown --pack_args key 'color'; known keys: max_valid_num, segment_max_size, mode"),
+        (["--pack_args", "max_valid_num=forty", "segment_max_size=256"], "error: --pack_args max_valid_num must be a positive integer, got 'forty'"),
+        (["--pack_args", "max_valid_num=0", "segment_max_size=256"], "error: --pack_args max_valid_num must be a positive integer, got 0"),
+        (["--pack_args", "max_valid_num=4", "segment_max_size=-3"], "error: --pack_args segment_max_size must be a positive integer, got -3"),
+        (["--pack_args", "max_valid_num=4", "segment_max_size=1000"], "error: pass 'pack_unpack_repack' failed: segment_max_size=1000 exceeds the model's position table (512 positions); use --pack_args segment_max_size<=512"),
+        (["--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=magic"], "error: --pack_args mode must be one of unpack_repack, attention_mask, got 'magic'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    output = tmp_path / "out.onnx"
+    code, out, err = cli(capsys, "--input_model", BERT, "--output_model", str(output), *argv)
+    assert code == 2
+    assert err.startswith(message), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not output.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_non_onnx_input_file(tmp_path, capsys):
+    bogus = tmp_path / "model.onnx"
+    bogus.write_text("this is not a protobuf")
+    code, _, err = cli(capsys, "--input_model", str(bogus))
+    assert code == 2
+    assert err == f"error: '{bogus}' is not a valid ONNX model (DecodeError); pass an .onnx file exported by torch.onnx or similar\n"
+
+
+def test_missing_input_model(capsys):
+    code, _, err = cli(capsys, "--input_model", "no/such.onnx")
+    assert (code, err) == (2, "error: model file 'no/such.onnx' does not exist; check --input_model\n")
+
+
+def test_unknown_flag_is_one_line(capsys):
+    code, _, err = cli(capsys, "--input_model", BERT, "--no_such_flag")
+    assert code == 2 and err.startswith("error: No such option: --no_such_flag")
