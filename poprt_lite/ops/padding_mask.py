@@ -1,0 +1,78 @@
+"""PaddingMask: additive key-padding mask for unpacked rows."""
+
+import numpy as np
+import onnx
+
+from poprt_lite.ops.base import (
+    MASK_DTYPES,
+    MASK_VALUE,
+    AttrSpec,
+    CustomOp,
+    ReferenceKernel,
+    TensorSpec,
+    check_unpack_info,
+    input_dims,
+    tensor_type,
+)
+
+DOC = """Additive padding mask [N,1,1,L] for the rows produced by Unpack, from unpack_info[N].
+
+unpack_info[n] is the length of request n (0 for an unused slot; used slots come first).
+out[n,0,0,j] is 0 for j < unpack_info[n] and -10000 otherwise. Attributes: segment_max_size (L),
+dtype (FLOAT or FLOAT16 output).
+"""
+
+BODY = """
+PaddingMask <segment_max_size, dtype: int = 1> (unpack_info) => (out) {
+    lengths = Cast <to = 7> (unpack_info)
+    ax123 = Constant <value_ints: ints = [1, 2, 3]> ()
+    length = Unsqueeze (lengths, ax123)
+    zero_i = Constant <value_int: int = 0> ()
+    one_i = Constant <value_int: int = 1> ()
+    size = Constant <value_int: int = @segment_max_size> ()
+    position = Range (zero_i, size, one_i)
+    real = Less (position, length)
+    zero_f = Constant <value_float: float = 0.0> ()
+    masked_f = Constant <value_float: float = -10000.0> ()
+    zero = Cast <to: int = @dtype> (zero_f)
+    masked = Cast <to: int = @dtype> (masked_f)
+    out = Where (real, zero, masked)
+}
+"""
+
+
+class PaddingMask(ReferenceKernel):
+    """numpy reference for PaddingMask."""
+
+    @staticmethod
+    def compute(unpack_info, *, segment_max_size, dtype):
+        real = np.arange(segment_max_size)[None, :] < unpack_info[:, None]
+        out = np.where(real, 0.0, MASK_VALUE).astype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        return out[:, None, None, :]
+
+
+def _check(unpack_info, *, segment_max_size, dtype):
+    check_unpack_info("PaddingMask", unpack_info, segment_max_size, "segment_max_size")
+
+
+def _infer(types, attrs, data):
+    dims = input_dims(types[0])
+    n = None if dims is None else dims[0]
+    return tensor_type(attrs["dtype"], [n, 1, 1, attrs["segment_max_size"]])
+
+
+OP = CustomOp(
+    name="PaddingMask",
+    doc=DOC,
+    inputs=[TensorSpec("unpack_info", "Tind", ("int32", "int64"), "request lengths [N]", rank=1)],
+    output=TensorSpec("out", "T2", ("float32", "float16"), "additive mask [N,1,1,L]"),
+    attributes=[
+        AttrSpec("segment_max_size", "L, the length of an unpacked row", minimum=1),
+        AttrSpec("dtype", "output element type: 1 (FLOAT) or 10 (FLOAT16)",
+                 default=onnx.TensorProto.FLOAT, choices=MASK_DTYPES),
+    ],
+    reference=PaddingMask,
+    infer=_infer,
+    body=BODY,
+    check=_check,
+)

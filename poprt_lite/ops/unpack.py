@@ -1,0 +1,111 @@
+"""Unpack: packed token stream [B,S,...] -> one zero-padded row per request [N,L,...]."""
+
+import numpy as np
+
+from poprt_lite.errors import PoprtError
+from poprt_lite.ops.base import (
+    AttrSpec,
+    CustomOp,
+    ReferenceKernel,
+    TensorSpec,
+    check_unpack_info,
+    input_dims,
+    tensor_type,
+)
+
+DOC = """Unpack packed rows x[B,S,...] into one row per request, out[N,L,...].
+
+Requests lie one after another in the flattened B*S token stream: request 0 starts at flat token 0,
+request i at the sum of the lengths before it, so a request may span rows. unpack_info[N] holds
+the request lengths, unused slots (length 0) after the used ones. out[i] holds request i's tokens
+followed by zeros. Attributes: max_valid_num (N), segment_max_size (L).
+"""
+
+# Output slot (i, j) gathers flat token start[i] + j of x viewed as [B*S, ...]; slots past a
+# request's length gather a zero row appended after the last token. (The zero row is an empty slice
+# padded with zeros: CastLike, which would make a zero of x's type directly, needs opset 15.)
+BODY = """
+Unpack <max_valid_num, segment_max_size> (x, unpack_info) => (out) {
+    zero = Constant <value_int: int = 0> ()
+    one = Constant <value_int: int = 1> ()
+    zero_1d = Constant <value_ints: ints = [0]> ()
+    ax1 = Constant <value_ints: ints = [1]> ()
+    lengths = Cast <to = 7> (unpack_info)
+    starts = CumSum <exclusive = 1> (lengths, zero)
+    size = Constant <value_int: int = @segment_max_size> ()
+    position = Range (zero, size, one)
+    length = Unsqueeze (lengths, ax1)
+    real = Less (position, length)
+    start = Unsqueeze (starts, ax1)
+    token = Add (start, position)
+    x_shape = Shape (x)
+    two = Constant <value_ints: ints = [2]> ()
+    end = Constant <value_ints: ints = [9223372036854775807]> ()
+    trailing = Slice (x_shape, two, end)
+    minus_one = Constant <value_ints: ints = [-1]> ()
+    tokens_shape = Concat <axis = 0> (minus_one, trailing)
+    tokens = Reshape (x, tokens_shape)
+    flat = Flatten <axis = 2> (x)
+    no_rows = Slice (flat, zero_1d, zero_1d, zero_1d)
+    pads = Constant <value_ints: ints = [0, 0, 1, 0]> ()
+    zero_flat = Pad (no_rows, pads)
+    single = Constant <value_ints: ints = [1]> ()
+    zero_shape = Concat <axis = 0> (single, trailing)
+    zero_row = Reshape (zero_flat, zero_shape)
+    padded = Concat <axis = 0> (tokens, zero_row)
+    padded_shape = Shape (tokens)
+    num_tokens = Gather (padded_shape, zero)
+    source = Where (real, token, num_tokens)
+    out = Gather (padded, source)
+}
+"""
+
+
+class Unpack(ReferenceKernel):
+    """numpy reference for Unpack."""
+
+    @staticmethod
+    def compute(x, unpack_info, *, max_valid_num, segment_max_size):
+        tokens = x.reshape(-1, *x.shape[2:])
+        out = np.zeros((max_valid_num, segment_max_size, *x.shape[2:]), dtype=x.dtype)
+        start = 0
+        for i, length in enumerate(unpack_info):
+            out[i, :length] = tokens[start : start + length]
+            start += length
+        return out
+
+
+def _check(x, unpack_info, *, max_valid_num, segment_max_size):
+    if len(unpack_info) != max_valid_num:
+        raise PoprtError(
+            f"Unpack: input 'unpack_info' must have max_valid_num={max_valid_num} elements, "
+            f"got {len(unpack_info)}"
+        )
+    check_unpack_info("Unpack", unpack_info, segment_max_size, "segment_max_size", x.shape[:2], "x")
+
+
+def _infer(types, attrs, data):
+    dims = input_dims(types[0])
+    out_dims = None if dims is None else [attrs["max_valid_num"], attrs["segment_max_size"], *dims[2:]]
+    return tensor_type(types[0].tensor_type.elem_type, out_dims)
+
+
+OP = CustomOp(
+    name="Unpack",
+    doc=DOC,
+    inputs=[
+        TensorSpec("x", "T", ("float32", "float16", "int32", "int64"), "packed rows [B,S,...]",
+                   min_rank=2),
+        TensorSpec("unpack_info", "Tind", ("int32", "int64"), "request lengths [N]", rank=1),
+    ],
+    output=TensorSpec("out", "T", ("float32", "float16", "int32", "int64"),
+                      "one zero-padded row per request [N,L,...]"),
+    attributes=[
+        AttrSpec("max_valid_num", "N, the number of request slots", minimum=1),
+        AttrSpec("segment_max_size", "L, the longest request", minimum=1),
+    ],
+    reference=Unpack,
+    infer=_infer,
+    body=BODY,
+    check=_check,
+)
