@@ -1,0 +1,85 @@
+"""PackRunnerConfig: how a PackRunner batches requests, in PopRT's spelling.
+
+```python
+config = runtime.PackRunnerConfig(timeout_microseconds=15000, max_valid_num=40,
+                                  dynamic_input_name="input_ids")
+config.algorithm = runtime.PackAlgorithm.next_fit
+config.enable_input_single_row_mode("attention_mask")  # AttentionMask-mode artifacts
+runner = runtime.Runner("executable.popef", config)
+```
+
+Every field may be left unset (`None`): the PackRunner then takes it from the artifact's manifest.
+A field that is set must agree with the manifest; a contradiction is an error when the runner is
+created, never a silently different batching.
+"""
+
+from __future__ import annotations
+
+from poprt_lite.errors import PoprtError
+from poprt_lite.runtime.packing import PackAlgorithm
+
+DEFAULT_TIMEOUT_MICROSECONDS = 10_000
+
+
+class PackRunnerConfig:
+    """Settings of a PackRunner.
+
+    - `timeout_microseconds`: the longest a request waits for its batch to fill up before the batch
+      is launched anyway (measured from the oldest request's arrival); 0 launches at once.
+    - `max_valid_num`: the most requests one batch holds (the artifact's `--pack_args max_valid_num`).
+    - `dynamic_input_name`: the input whose length is the request's length (`input_ids`).
+    - `algorithm`: `PackAlgorithm.first_fit` (a request goes to the first row with room) or
+      `PackAlgorithm.next_fit` (only the current row, then the next); matters in AttentionMask mode.
+    - `enable_input_single_row_mode(name)`: requests never cross a row (AttentionMask mode; `name` is
+      the model's attention-mask input). Without it the mode is the artifact's.
+    """
+
+    def __init__(
+        self,
+        timeout_microseconds: int | None = None,
+        max_valid_num: int | None = None,
+        dynamic_input_name: str | None = None,
+        algorithm: PackAlgorithm | str = PackAlgorithm.first_fit,
+    ) -> None:
+        self.timeout_microseconds = timeout_microseconds
+        self.max_valid_num = max_valid_num
+        self.dynamic_input_name = dynamic_input_name
+        self.algorithm = algorithm
+        self.single_row_inputs: list[str] = []
+
+    def enable_input_single_row_mode(self, input_name: str) -> None:
+        """Keep every request within one row (AttentionMask mode); `input_name` is the mask input."""
+        if not isinstance(input_name, str) or not input_name:
+            raise PoprtError(f"enable_input_single_row_mode takes an input name, got {input_name!r}")
+        if input_name not in self.single_row_inputs:
+            self.single_row_inputs.append(input_name)
+
+    @property
+    def single_row_mode(self) -> bool:
+        return bool(self.single_row_inputs)
+
+    def validated(self) -> None:
+        """Check the field types and ranges (not the agreement with an artifact)."""
+        timeout = self.timeout_microseconds
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0):
+            raise PoprtError(f"timeout_microseconds must be a non-negative integer, got {timeout!r}")
+        valid = self.max_valid_num
+        if valid is not None and (isinstance(valid, bool) or not isinstance(valid, int) or valid < 1):
+            raise PoprtError(f"max_valid_num must be a positive integer, got {valid!r}")
+        name = self.dynamic_input_name
+        if name is not None and (not isinstance(name, str) or not name):
+            raise PoprtError(f"dynamic_input_name must be an input name, got {name!r}")
+        algorithm = PackAlgorithm.parse(self.algorithm)
+        if algorithm not in (PackAlgorithm.first_fit, PackAlgorithm.next_fit):
+            raise PoprtError(
+                f"{algorithm.value} packs a whole dataset at once; a PackRunner packs online with "
+                "first_fit or next_fit"
+            )
+
+    def __repr__(self) -> str:
+        algorithm = getattr(self.algorithm, "value", self.algorithm)
+        return (
+            f"PackRunnerConfig(timeout_microseconds={self.timeout_microseconds!r}, "
+            f"max_valid_num={self.max_valid_num!r}, dynamic_input_name={self.dynamic_input_name!r}, "
+            f"algorithm={algorithm!r}, single_row_inputs={self.single_row_inputs!r})"
+        )

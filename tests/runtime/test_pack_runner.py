@@ -1,0 +1,631 @@
+"""PackRunner: online packing, threading, timeouts, failures, close(), config checks.
+
+Most tests use small hand-built ONNX models with the interface of packed artifacts (both layouts),
+whose outputs are exact functions of each request's tokens, so every request's result can be
+checked against what the model gives for that request alone. End-to-end tests on the tiny BERT QA
+export run when the packing passes are available.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from poprt_lite import artifact, ir, runtime
+from poprt_lite.errors import PoprtError, RequestError
+from poprt_lite.runtime import PackAlgorithm, PackRunner, PackRunnerConfig
+
+VOCAB = 1000
+
+# ------------------------------------------------------------------------------ hand-built models
+
+
+def _const(name, value, dtype=np.int64):
+    return helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
+
+
+def build_fake_model(mode: str, batch: int, seq: int, max_valid_num: int, segment_max_size: int,
+                     position_offset: int = 0, id_dtype=TensorProto.INT64) -> onnx.ModelProto:
+    """A packed-artifact look-alike. Per token: start = id + 1000*type + 0.25*position;
+    end = sum of the ids of the token's request (needs a correct mask / unpack_info);
+    hidden = [start, end]. unpack_repack mode adds pooled [N, 2] = [sum of ids, length]."""
+    B, S, N, L = batch, seq, max_valid_num, segment_max_size
+    inputs = [
+        helper.make_tensor_value_info(n, id_dtype, [B, S])
+        for n in ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+    ]
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["token_type_ids"], ["tt_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["position_ids"], ["pos_f"], to=TensorProto.FLOAT),
+        _const("k1000", 1000.0, np.float32),
+        _const("kq", 0.25, np.float32),
+        helper.make_node("Mul", ["tt_f", "k1000"], ["tt_s"]),
+        helper.make_node("Mul", ["pos_f", "kq"], ["pos_s"]),
+        helper.make_node("Add", ["ids_f", "tt_s"], ["v0"]),
+        helper.make_node("Add", ["v0", "pos_s"], ["value"]),  # [B, S]
+    ]
+    layouts = {}
+    if mode == "attention_mask":
+        nodes += [
+            _const("ax2", [2]),
+            _const("ax1", [1]),
+            _const("zero", 0),
+            helper.make_node("Cast", ["attention_mask"], ["seg"], to=TensorProto.INT64),
+            helper.make_node("Unsqueeze", ["seg", "ax2"], ["seg_i"]),
+            helper.make_node("Unsqueeze", ["seg", "ax1"], ["seg_j"]),
+            helper.make_node("Equal", ["seg_i", "seg_j"], ["same"]),
+            helper.make_node("Greater", ["seg_j", "zero"], ["real"]),
+            helper.make_node("And", ["same", "real"], ["visible"]),
+            helper.make_node("Cast", ["visible"], ["visible_f"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["ids_f", "ax2"], ["ids_col"]),
+            helper.make_node("MatMul", ["visible_f", "ids_col"], ["end3"]),  # [B, S, 1]
+            helper.make_node("Squeeze", ["end3", "ax2"], ["end_logits"]),
+            helper.make_node("Identity", ["value"], ["start_logits"]),
+            helper.make_node("Unsqueeze", ["value", "ax2"], ["start3"]),
+            helper.make_node("Concat", ["start3", "end3"], ["hidden"], axis=2),
+        ]
+        outputs = [
+            helper.make_tensor_value_info("start_logits", TensorProto.FLOAT, [B, S]),
+            helper.make_tensor_value_info("end_logits", TensorProto.FLOAT, [B, S]),
+            helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [B, S, 2]),
+        ]
+        layouts = dict.fromkeys(["start_logits", "end_logits", "hidden"], "packed")
+    else:
+        inputs.append(helper.make_tensor_value_info("unpack_info", TensorProto.INT32, [N]))
+        nodes += [
+            _const("flat_shape", [-1]),
+            _const("zero", 0),
+            _const("one", 1),
+            _const("L", L),
+            _const("last", B * S - 1),
+            _const("ax1", [1]),
+            _const("ax2", [2]),
+            _const("zero_f", 0.0, np.float32),
+            helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["ids_f", "mask_f"], ["ids_masked"]),
+            helper.make_node("Reshape", ["value", "flat_shape"], ["value_flat"]),
+            helper.make_node("Reshape", ["ids_masked", "flat_shape"], ["ids_flat"]),
+            helper.make_node("Cast", ["unpack_info"], ["lengths"], to=TensorProto.INT64),
+            helper.make_node("CumSum", ["lengths", "zero"], ["starts"], exclusive=1),
+            helper.make_node("Range", ["zero", "L", "one"], ["pos"]),
+            helper.make_node("Unsqueeze", ["starts", "ax1"], ["starts_col"]),
+            helper.make_node("Unsqueeze", ["lengths", "ax1"], ["lengths_col"]),
+            helper.make_node("Add", ["starts_col", "pos"], ["index"]),
+            helper.make_node("Min", ["index", "last"], ["index_c"]),
+            helper.make_node("Less", ["pos", "lengths_col"], ["valid"]),
+            helper.make_node("Gather", ["value_flat", "index_c"], ["g_value"]),
+            helper.make_node("Where", ["valid", "g_value", "zero_f"], ["start_logits"]),
+            helper.make_node("Gather", ["ids_flat", "index_c"], ["g_ids"]),
+            helper.make_node("Where", ["valid", "g_ids", "zero_f"], ["ids_unpacked"]),
+            helper.make_node("ReduceSum", ["ids_unpacked", "ax1"], ["row_sum"], keepdims=1),  # [N, 1]
+            helper.make_node("Cast", ["valid"], ["valid_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["row_sum", "valid_f"], ["end_logits"]),
+            helper.make_node("Unsqueeze", ["start_logits", "ax2"], ["start3"]),
+            helper.make_node("Unsqueeze", ["end_logits", "ax2"], ["end3"]),
+            helper.make_node("Concat", ["start3", "end3"], ["hidden"], axis=2),
+            helper.make_node("Cast", ["lengths_col"], ["lengths_f"], to=TensorProto.FLOAT),
+            helper.make_node("Concat", ["row_sum", "lengths_f"], ["pooled"], axis=1),
+        ]
+        outputs = [
+            helper.make_tensor_value_info("start_logits", TensorProto.FLOAT, [N, L]),
+            helper.make_tensor_value_info("end_logits", TensorProto.FLOAT, [N, L]),
+            helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [N, L, 2]),
+            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [N, 2]),
+        ]
+        layouts = {**dict.fromkeys(["start_logits", "end_logits", "hidden"], "unpacked"), "pooled": "per_request"}
+    graph = helper.make_graph(nodes, f"fake_{mode}", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    stored_mode = "unpack_repack" if mode == "unpack_repack" else "attention_mask"
+    ir.set_metadata(model, "pack", json.dumps({"mode": stored_mode, "max_valid_num": N, "segment_max_size": L}))
+    ir.set_metadata(model, "position_offset", str(position_offset))
+    ir.set_metadata(model, "vocab_size", str(VOCAB))
+    for name, layout in layouts.items():
+        ir.set_metadata(model, f"layout.{name}", layout)
+    return model
+
+
+def write_fake(path, mode, batch=2, seq=8, max_valid_num=4, segment_max_size=8, **kwargs):
+    model = build_fake_model(mode, batch, seq, max_valid_num, segment_max_size, **kwargs)
+    fields = {"source_sha256": "0" * 64, "precision": "fp32", "pipeline": []}
+    return artifact.write_artifact(path / f"{mode}_{batch}x{seq}_{max_valid_num}.popef", model, fields)
+
+
+def expected(ids, token_types=None, positions=None, offset=0):
+    """What the fake models give for one request alone."""
+    ids = np.asarray(ids, np.float64).reshape(-1)
+    n = len(ids)
+    tt = np.zeros(n) if token_types is None else np.asarray(token_types, np.float64).reshape(-1)
+    pos = np.arange(n) + offset if positions is None else np.asarray(positions, np.float64).reshape(-1)
+    start = ids + 1000 * tt + 0.25 * pos
+    end = np.full(n, ids.sum())
+    return {
+        "start_logits": start,
+        "end_logits": end,
+        "hidden": np.stack([start, end], axis=1),
+        "pooled": np.array([ids.sum(), n]),
+    }
+
+
+def make_request(rng, n, int32=False):
+    dtype = np.int32 if int32 else np.int64
+    return {
+        "input_ids": rng.integers(3, VOCAB, n).astype(dtype),
+        "attention_mask": np.ones(n, dtype),
+        "token_type_ids": rng.integers(0, 2, n).astype(dtype),
+    }
+
+
+def out_arrays(runner, max_len, dtype=np.float32):
+    arrays = {}
+    for name, (layout, trailing) in runner._output_specs.items():
+        shape = trailing if layout == "per_request" else (max_len, *trailing)
+        arrays[name] = np.full(shape, np.nan, dtype)
+    return arrays
+
+
+def check_outputs(outputs, feeds, offset=0, atol=0.0):
+    n = len(np.asarray(feeds["input_ids"]).reshape(-1))
+    want = expected(feeds["input_ids"], feeds.get("token_type_ids"), feeds.get("position_ids"), offset)
+    for name, got in outputs.items():
+        if name == "pooled":
+            np.testing.assert_allclose(got, want[name], atol=atol, rtol=0)
+        else:
+            np.testing.assert_allclose(got[:n], want[name], atol=atol, rtol=0)
+
+
+MODES = [
+    ("unpack_repack", PackAlgorithm.first_fit),
+    ("attention_mask", PackAlgorithm.first_fit),
+    ("attention_mask", PackAlgorithm.next_fit),
+]
+
+
+def config_for(mode, algorithm=PackAlgorithm.first_fit, **kwargs):
+    config = PackRunnerConfig(**kwargs)
+    config.algorithm = algorithm
+    if mode == "attention_mask":
+        config.enable_input_single_row_mode("attention_mask")
+    return config
+
+
+# --------------------------------------------------------------------------------------- basics
+
+
+@pytest.mark.parametrize("mode, algorithm", MODES)
+def test_single_requests_give_the_models_result(tmp_path, rng, mode, algorithm):
+    path = write_fake(tmp_path, mode, position_offset=2)
+    with runtime.Runner(path, config_for(mode, algorithm, timeout_microseconds=0)) as runner:
+        assert isinstance(runner, PackRunner)
+        for n in (1, 3, 8):
+            feeds = make_request(rng, n, int32=True)
+            outputs = out_arrays(runner, 8)
+            assert runner.execute(feeds, outputs) is outputs
+            check_outputs(outputs, feeds, offset=2)
+            if "hidden" in outputs:  # positions past the request are left untouched
+                assert np.isnan(outputs["start_logits"][n:]).all()
+
+
+def test_given_position_ids_are_used_as_given(tmp_path, rng):
+    path = write_fake(tmp_path, "unpack_repack", position_offset=2)
+    with runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=0)) as runner:
+        feeds = {**make_request(rng, 5), "position_ids": np.arange(5) * 3, "unpack_info": np.zeros(4, np.int32)}
+        result = runner.execute_async(feeds).result(timeout=10)
+        np.testing.assert_array_equal(result["start_logits"], expected(feeds["input_ids"], feeds["token_type_ids"], np.arange(5) * 3)["start_logits"])
+        assert result["start_logits"].shape == (5,) and result["pooled"].shape == (2,)
+
+
+def test_missing_token_type_ids_default_to_zero(tmp_path, rng):
+    path = write_fake(tmp_path, "attention_mask")
+    with runtime.Runner(path, config_for("attention_mask", timeout_microseconds=0)) as runner:
+        ids = rng.integers(3, VOCAB, (1, 6))  # a leading batch axis of 1 is accepted
+        result = runner.execute({"input_ids": ids})
+        np.testing.assert_array_equal(result["start_logits"], expected(ids)["start_logits"])
+
+
+# ---------------------------------------------------------------------------- many client threads
+
+
+@pytest.mark.parametrize("mode, algorithm", MODES)
+def test_many_clients_each_get_their_own_result(tmp_path, mode, algorithm):
+    """32 threads x 200 requests of random lengths: none lost, none duplicated, all correct."""
+    path = write_fake(tmp_path, mode, batch=4, seq=64, max_valid_num=12, segment_max_size=64, position_offset=2)
+    config = config_for(mode, algorithm, timeout_microseconds=2000)
+    clients, per_client = 32, 200
+    errors, done = [], []
+    with runtime.Runner(path, config) as runner:
+
+        def client(seed):
+            rng = np.random.default_rng(seed)
+            pending = []
+            try:
+                for k in range(per_client):
+                    feeds = make_request(rng, int(rng.integers(1, 65)), int32=bool(k % 2))
+                    outputs = {"start_logits": np.zeros(64, np.float16 if k % 3 == 0 else np.float32),
+                               "end_logits": np.zeros(64, np.float32)}
+                    if k % 4 == 0:  # mix blocking and asynchronous calls
+                        runner.execute(feeds, outputs)
+                        pending.append((None, feeds, outputs))
+                    else:
+                        pending.append((runner.execute_async(feeds, outputs), feeds, outputs))
+                for future, feeds, outputs in pending:
+                    if future is not None:
+                        future.wait(timeout=30)
+                    n = len(feeds["input_ids"])
+                    want = expected(feeds["input_ids"], feeds["token_type_ids"], offset=2)
+                    tol = 0.5 if outputs["start_logits"].dtype == np.float16 else 1e-4
+                    np.testing.assert_allclose(outputs["start_logits"][:n], want["start_logits"], atol=tol, rtol=1e-3)
+                    np.testing.assert_allclose(outputs["end_logits"][:n], want["end_logits"], atol=1e-4, rtol=0)
+                    assert not outputs["end_logits"][n:].any()
+                done.append(len(pending))
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(clients)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "clients did not finish"
+        elapsed = time.monotonic() - start
+        stats = runner.stats
+    assert not errors, errors[0]
+    assert sum(done) == clients * per_client
+    assert stats.requests == clients * per_client and stats.failed_requests == 0
+    assert stats.batches == stats.batches_by_fullness + stats.batches_by_timeout + stats.batches_by_close
+    assert stats.mean_requests_per_batch > 1.5
+    assert 0.3 < stats.packing_efficiency <= 1
+    assert elapsed < 60
+
+
+def test_requests_are_neither_lost_nor_duplicated(tmp_path):
+    """Each request's `pooled` output (unique id sum, length) comes back exactly once."""
+    path = write_fake(tmp_path, "unpack_repack", batch=2, seq=16, max_valid_num=5, segment_max_size=16)
+    results = []
+    with runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=500)) as runner:
+        futures = []
+        for k in range(300):
+            n = 1 + k % 16
+            ids = np.full(n, 3 + k % 900)
+            futures.append((k, runner.execute_async({"input_ids": ids}, {"pooled": np.zeros(2)})))
+        for k, future in futures:
+            results.append((k, tuple(future.result(timeout=30)["pooled"])))
+    assert [tuple(r) for _, r in results] == [((3 + k % 900) * (1 + k % 16), 1 + k % 16) for k in range(300)]
+
+
+# ------------------------------------------------------------------------------ launching batches
+
+
+def test_lone_request_launches_after_the_timeout(tmp_path, rng):
+    path = write_fake(tmp_path, "attention_mask")
+    timeout = 0.05
+    with runtime.Runner(path, config_for("attention_mask", timeout_microseconds=int(timeout * 1e6))) as runner:
+        runner.execute(make_request(rng, 3))  # warm up
+        start = time.monotonic()
+        future = runner.execute_async(make_request(rng, 3))
+        assert not future.done()
+        time.sleep(timeout / 2)
+        assert not future.done()
+        future.wait(timeout=5)
+        elapsed = time.monotonic() - start
+        stats = runner.stats
+    assert timeout <= elapsed < timeout + 0.1
+    assert stats.batches == 2 and stats.batches_by_timeout == 2 and stats.batches_by_fullness == 0
+
+
+@pytest.mark.parametrize(
+    "mode, algorithm, lengths, batches",
+    [
+        # max_valid_num (4) requests make a batch full
+        ("unpack_repack", PackAlgorithm.first_fit, [1, 1, 1, 1], 1),
+        # 16 token slots used up
+        ("unpack_repack", PackAlgorithm.first_fit, [8, 8], 1),
+        # 2 rows x 8: 8 and 8 fill both rows
+        ("attention_mask", PackAlgorithm.first_fit, [8, 8], 1),
+        ("attention_mask", PackAlgorithm.next_fit, [5, 3, 8], 1),
+    ],
+)
+def test_full_batches_launch_at_once(tmp_path, rng, mode, algorithm, lengths, batches):
+    path = write_fake(tmp_path, mode)
+    with runtime.Runner(path, config_for(mode, algorithm, timeout_microseconds=60_000_000)) as runner:
+        start = time.monotonic()
+        futures = [runner.execute_async(make_request(rng, n)) for n in lengths]
+        for f in futures:
+            f.wait(timeout=10)
+        assert time.monotonic() - start < 5
+        stats = runner.stats
+    assert stats.batches == stats.batches_by_fullness == batches
+    assert stats.packing_efficiency == sum(lengths) / 16
+
+
+def test_a_request_that_does_not_fit_launches_the_batch(tmp_path, rng):
+    """first_fit in 2 rows of 8: 5, 5 fit (one per row); 5 does not, so the batch goes; the third
+    request waits for its own batch, launched on close()."""
+    path = write_fake(tmp_path, "attention_mask")
+    runner = runtime.Runner(path, config_for("attention_mask", timeout_microseconds=60_000_000))
+    futures = [runner.execute_async(make_request(rng, 5)) for _ in range(3)]
+    futures[1].wait(timeout=10)
+    assert futures[0].done() and not futures[2].done()
+    runner.close()
+    futures[2].wait(timeout=1)
+    stats = runner.stats
+    assert (stats.batches, stats.batches_by_fullness, stats.batches_by_close) == (2, 1, 1)
+
+
+def test_first_fit_packs_better_than_next_fit(tmp_path, rng):
+    lengths = [5, 4, 3, 4]  # first_fit: rows [5,3] [4,4]; next_fit: [5] [4,3] then 4 does not fit
+    counts = {}
+    for algorithm in (PackAlgorithm.first_fit, PackAlgorithm.next_fit):
+        path = write_fake(tmp_path, "attention_mask")
+        with runtime.Runner(path, config_for("attention_mask", algorithm, timeout_microseconds=60_000_000)) as runner:
+            futures = [runner.execute_async(make_request(rng, n)) for n in lengths]
+            futures[1].wait(timeout=10)
+        for f in futures:
+            assert f.exception() is None
+        counts[algorithm] = runner.stats.batches
+    assert counts == {PackAlgorithm.first_fit: 1, PackAlgorithm.next_fit: 2}
+
+
+# --------------------------------------------------------------------------------------- failures
+
+
+def test_a_failing_batch_fails_only_its_requests(tmp_path, rng, monkeypatch):
+    path = write_fake(tmp_path, "unpack_repack")  # max_valid_num 4: every 4 requests make a batch
+    with runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=60_000_000)) as runner:
+        real_run = runner.model.session.run
+
+        def run(names, feeds):
+            if (feeds["input_ids"] == 999).any():
+                raise RuntimeError("device lost\nsecond line")
+            return real_run(names, feeds)
+
+        monkeypatch.setattr(runner.model.session, "run", run)
+        groups = []
+        for poison in (False, True, False):
+            group = []
+            for _ in range(4):
+                feeds = make_request(rng, 3)
+                if poison:
+                    feeds["input_ids"][1] = 999
+                group.append((runner.execute_async(feeds, out_arrays(runner, 8)), feeds))
+            groups.append(group)
+        for poison, group in zip((False, True, False), groups):
+            for future, feeds in group:
+                if poison:
+                    with pytest.raises(PoprtError) as info:
+                        future.wait(timeout=10)
+                    assert str(info.value) == (
+                        "the batch of 4 requests holding this request failed: RuntimeError: device lost"
+                    )
+                    assert isinstance(future.exception(), PoprtError)
+                else:
+                    check_outputs(future.result(timeout=10), feeds)
+        # the runner keeps serving
+        requests = [make_request(rng, 2) for _ in range(4)]
+        futures = [runner.execute_async(feeds, out_arrays(runner, 8)) for feeds in requests]
+        for future, feeds in zip(futures, requests):
+            check_outputs(future.result(timeout=10), feeds)
+        stats = runner.stats
+    assert (stats.batches, stats.failed_batches, stats.failed_requests) == (4, 1, 4)
+
+
+def test_close_drains_pending_requests(tmp_path, rng):
+    path = write_fake(tmp_path, "attention_mask")
+    runner = runtime.Runner(path, config_for("attention_mask", timeout_microseconds=60_000_000))
+    requests = [make_request(rng, n) for n in (3, 2)]
+    futures = [runner.execute_async(f, out_arrays(runner, 8)) for f in requests]
+    start = time.monotonic()
+    runner.close()
+    assert time.monotonic() - start < 5
+    for future, feeds in zip(futures, requests):
+        check_outputs(future.result(timeout=0), feeds)
+    assert runner.stats.batches_by_close == 1
+    with pytest.raises(PoprtError, match="closed"):
+        runner.execute_async(make_request(rng, 3))
+    runner.close()  # idempotent
+
+
+def test_close_can_cancel_pending_requests(tmp_path, rng):
+    path = write_fake(tmp_path, "unpack_repack")
+    runner = runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=60_000_000))
+    futures = [runner.execute_async(make_request(rng, 7)) for _ in range(5)]  # 2 full batches + 1
+    futures[3].wait(timeout=10)
+    runner.close(cancel_pending=True)
+    with pytest.raises(PoprtError, match="closed before this request ran"):
+        futures[4].result(timeout=0)
+    assert all(f.exception() is None for f in futures[:4])
+
+
+def test_close_while_a_batch_runs_waits_for_it(tmp_path, rng, monkeypatch):
+    path = write_fake(tmp_path, "unpack_repack")
+    runner = runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=0))
+    real_run = runner.model.session.run
+    started = threading.Event()
+
+    def slow_run(names, feeds):
+        started.set()
+        time.sleep(0.2)
+        return real_run(names, feeds)
+
+    monkeypatch.setattr(runner.model.session, "run", slow_run)
+    first = runner.execute_async(make_request(rng, 3))
+    assert started.wait(5)
+    second = runner.execute_async(make_request(rng, 3))  # queued behind the running batch
+    closer = threading.Thread(target=runner.close)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive()
+    assert first.exception() is None and second.exception() is None
+    assert not runner._thread.is_alive()
+
+
+def test_wait_with_timeout(tmp_path, rng):
+    path = write_fake(tmp_path, "attention_mask")
+    with runtime.Runner(path, config_for("attention_mask", timeout_microseconds=60_000_000)) as runner:
+        future = runner.execute_async(make_request(rng, 2))
+        with pytest.raises(FutureTimeout):
+            future.wait(timeout=0.01)
+    assert future.done() and future.exception() is None
+
+
+# -------------------------------------------------------------------------------- bad requests
+
+
+@pytest.fixture(scope="module")
+def unpack_runner(tmp_path_factory):
+    path = write_fake(tmp_path_factory.mktemp("fake"), "unpack_repack")
+    with runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=0)) as runner:
+        yield runner
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda f: f.update(input_ids=f["input_ids"][:0]), "the request is empty (feed 'input_ids' has 0 tokens)"),
+        (
+            lambda f: f.update(input_ids=np.ones(9, np.int64)),
+            "the request has 9 tokens, more than segment_max_size 8 of the artifact; truncate or split it",
+        ),
+        (lambda f: f.pop("input_ids"), "missing feed 'input_ids'; a request takes: input_ids, attention_mask (optional), "
+         "token_type_ids (optional), position_ids (optional), unpack_info (optional, ignored)"),
+        (lambda f: f.update(segment_ids=f["input_ids"]), "unexpected feed 'segment_ids'; a request takes: input_ids, "
+         "attention_mask (optional), token_type_ids (optional), position_ids (optional), unpack_info (optional, ignored)"),
+        (lambda f: f.update(input_ids=f["input_ids"].astype(np.float32)),
+         "feed 'input_ids' has dtype float32; the model expects int64"),
+        (lambda f: f.update(token_type_ids=f["token_type_ids"][:2]), "feed 'token_type_ids' has 2 tokens; 'input_ids' has 3"),
+        (lambda f: f.update(input_ids=np.ones((2, 3), np.int64)),
+         "feed 'input_ids' has shape [2, 3]; a request's 'input_ids' is [n] or [1, n]"),
+        (lambda f: f.update(input_ids=np.array([3, 1000, 4])), "feed 'input_ids' has ids >= the vocabulary size 1000"),
+        (lambda f: f.update(position_ids=np.array([0, -1, 2])), "feed 'position_ids' has negative values"),
+        (lambda f: f.update(attention_mask=np.array([1, 1, 0])),
+         "feed 'attention_mask' has zeros; send each request unpadded (its real tokens only)"),
+        (lambda f: f.update(token_type_ids=np.array([0, 1, 2**40])), None),  # fine: model takes int64
+    ],
+)
+def test_bad_requests_fail_on_the_call(unpack_runner, rng, change, message):
+    feeds = make_request(rng, 3)
+    change(feeds)
+    before = unpack_runner.stats.requests
+    if message is None:
+        unpack_runner.execute(feeds)
+        return
+    with pytest.raises(RequestError) as info:
+        unpack_runner.execute_async(feeds)
+    assert str(info.value) == message
+    assert "\n" not in message
+    time.sleep(0.01)
+    assert unpack_runner.stats.requests == before and not unpack_runner._open and not unpack_runner._waiting
+
+
+def test_out_of_range_ids_for_an_int32_model(tmp_path, rng):
+    path = write_fake(tmp_path, "attention_mask", id_dtype=TensorProto.INT32)
+    with runtime.Runner(path, config_for("attention_mask", timeout_microseconds=0)) as runner:
+        feeds = make_request(rng, 4)  # int64 feeds are cast to the model's int32
+        check_outputs(runner.execute(feeds, out_arrays(runner, 8)), feeds)
+        feeds["token_type_ids"] = np.array([0, 1, 2**33, 0])
+        with pytest.raises(RequestError, match="feed 'token_type_ids' has values outside the range of int32"):
+            runner.execute(feeds)
+
+
+@pytest.mark.parametrize(
+    "outputs, message",
+    [
+        ({"start": np.zeros(8)}, "model has no output 'start'; outputs are: start_logits, end_logits, hidden, pooled"),
+        ({"start_logits": np.zeros(2)}, "output array 'start_logits' has shape [2]; it must be [>=3] (e.g. [max_seq_len])"),
+        ({"hidden": np.zeros(8)}, "output array 'hidden' has shape [8]; it must be [>=3, 2] (e.g. [max_seq_len, 2])"),
+        ({"pooled": np.zeros(8)}, "output array 'pooled' has shape [8]; it must be [2] (one per request)"),
+        ({"start_logits": np.zeros(8, np.int32)}, "output array 'start_logits' has dtype int32; the model gives float32"),
+        ({"start_logits": [0.0] * 8}, "output 'start_logits' must be a numpy array, got list"),
+    ],
+)
+def test_bad_output_arrays_fail_on_the_call(unpack_runner, rng, outputs, message):
+    with pytest.raises(RequestError) as info:
+        unpack_runner.execute_async(make_request(rng, 3), outputs)
+    assert str(info.value) == message
+
+
+# ---------------------------------------------------------------------------- config vs manifest
+
+
+def test_config_defaults_come_from_the_manifest(tmp_path):
+    path = write_fake(tmp_path, "attention_mask", batch=3, seq=16, max_valid_num=7, segment_max_size=12)
+    with runtime.Runner(path, PackRunnerConfig()) as runner:
+        assert (runner.mode, runner.max_valid_num, runner.segment_max_size) == ("attention_mask", 7, 12)
+        assert (runner.batch_size, runner.seq_len, runner.dynamic_input_name) == (3, 16, "input_ids")
+        assert runner.algorithm is PackAlgorithm.first_fit and runner.timeout_microseconds == 10_000
+        assert "mode=attention_mask" in repr(runner)
+    config = PackRunnerConfig(timeout_microseconds=5, max_valid_num=7, dynamic_input_name="input_ids", algorithm="next_fit")
+    config.enable_input_single_row_mode("attention_mask")
+    with runtime.Runner(path, config) as runner:
+        assert runner.algorithm is PackAlgorithm.next_fit and runner.timeout_microseconds == 5
+
+
+@pytest.mark.parametrize(
+    "mode, setup, message",
+    [
+        ("unpack_repack", lambda c: setattr(c, "max_valid_num", 5),
+         "max_valid_num=5 contradicts the artifact, compiled with max_valid_num=4; leave it unset or recompile"),
+        ("unpack_repack", lambda c: setattr(c, "dynamic_input_name", "token_type_ids"),
+         "dynamic_input_name 'token_type_ids' contradicts the artifact, whose dynamic input is 'input_ids'; leave it unset"),
+        ("unpack_repack", lambda c: setattr(c, "dynamic_input_name", "ids"),
+         "dynamic_input_name 'ids' is not an input of the model; its inputs are: input_ids, attention_mask, "
+         "token_type_ids, position_ids, unpack_info"),
+        ("unpack_repack", lambda c: c.enable_input_single_row_mode("attention_mask"),
+         "enable_input_single_row_mode('attention_mask') asks for AttentionMask mode, but artifact '{path}' was "
+         "compiled for unpack_repack mode; drop that call or compile with --pack_args mode=attention_mask"),
+        ("attention_mask", lambda c: c.enable_input_single_row_mode("input_ids"),
+         "enable_input_single_row_mode('input_ids'): the model's attention-mask input is 'attention_mask'"),
+        ("attention_mask", lambda c: setattr(c, "algorithm", PackAlgorithm.spfhp),
+         "spfhp packs a whole dataset at once; a PackRunner packs online with first_fit or next_fit"),
+        ("attention_mask", lambda c: setattr(c, "algorithm", "worst_fit"),
+         "unknown packing algorithm 'worst_fit'; choose one of first_fit, next_fit, best_fit_decreasing, spfhp"),
+        ("attention_mask", lambda c: setattr(c, "timeout_microseconds", -1),
+         "timeout_microseconds must be a non-negative integer, got -1"),
+        ("attention_mask", lambda c: setattr(c, "max_valid_num", 0), "max_valid_num must be a positive integer, got 0"),
+    ],
+)
+def test_config_contradicting_the_manifest_is_an_error(tmp_path, mode, setup, message):
+    path = write_fake(tmp_path, mode)
+    config = PackRunnerConfig()
+    setup(config)
+    with pytest.raises(PoprtError) as info:
+        runtime.Runner(path, config)
+    assert str(info.value) == message.format(path=path)
+
+
+def test_unpacked_artifact_is_refused(tmp_path):
+    model = build_fake_model("attention_mask", 2, 8, 4, 8)
+    del model.metadata_props[:]
+    path = artifact.write_artifact(tmp_path / "plain.popef", model, {"source_sha256": "0" * 64, "precision": "fp32", "pipeline": []})
+    with pytest.raises(PoprtError, match="is not packed"):
+        runtime.Runner(path, PackRunnerConfig())
+    assert isinstance(runtime.Runner(path), runtime.ModelRunner)
+
+
+# ----------------------------------------------------------------------------------- performance
+
+
+def test_hot_path_cost_per_request(tmp_path, rng):
+    """Packing, feed building and unpacking stay cheap: well under a millisecond per request."""
+    path = write_fake(tmp_path, "attention_mask", batch=16, seq=256, max_valid_num=40, segment_max_size=256)
+    with runtime.Runner(path, config_for("attention_mask", timeout_microseconds=1000)) as runner:
+        requests = [make_request(rng, int(n)) for n in np.clip(rng.normal(128, 128, 800), 1, 256).astype(int)]
+        start = time.perf_counter()
+        futures = [runner.execute_async(f, {"start_logits": np.zeros(256, np.float32)}) for f in requests]
+        for f in futures:
+            f.wait(timeout=30)
+        per_request = (time.perf_counter() - start) / len(requests)
+        stats = runner.stats
+    assert stats.packing_efficiency > 0.7
+    assert per_request < 2e-3, per_request
