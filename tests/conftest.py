@@ -9,6 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from poprt_lite import verify
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTDATA = ROOT / "testdata"
 QA_MODELS = ["bert_qa_torchscript", "bert_qa_dynamo", "roberta_qa", "distilbert_qa"]
@@ -31,11 +33,7 @@ def run(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray]) -> li
 
 def make_request(rng: np.random.Generator, length: int) -> dict[str, np.ndarray]:
     """One unpadded request: token ids avoid the special ids 0-2."""
-    return {
-        "input_ids": rng.integers(3, VOCAB, (1, length), dtype=np.int64),
-        "attention_mask": np.ones((1, length), np.int64),
-        "token_type_ids": rng.integers(0, 2, (1, length), dtype=np.int64),
-    }
+    return verify.make_requests(rng, [length], VOCAB)[0]
 
 
 @pytest.fixture

@@ -133,3 +133,16 @@ def test_missing_input_model(capsys):
 def test_unknown_flag_is_one_line(capsys):
     code, _, err = cli(capsys, "--input_model", BERT, "--no_such_flag")
     assert code == 2 and err.startswith("error: No such option: --no_such_flag")
+
+
+@pytest.mark.parametrize("mode", ["unpack_repack", "attention_mask"])
+def test_check_on_packed_model_compares_each_request_with_the_original(tmp_path, capsys, mode):
+    code, out, err = cli(
+        capsys, "--input_model", BERT, "--output_dir", str(tmp_path), "--input_shape", "input_ids=4,32",
+        "--pack_args", "max_valid_num=6", "segment_max_size=32", f"mode={mode}", "--check", "--export_popef",
+    )
+    assert code == 0, err
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("check: ")]
+    assert len(diffs) == 2 and max(diffs) < 1e-4
+    manifest = load_artifact(tmp_path / "executable.popef").manifest
+    assert manifest["pack"] == {"mode": mode, "max_valid_num": 6, "segment_max_size": 32}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -13,11 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import QA_MODELS, make_request, model_path
-from poprt_lite import compile, ir, ops
+from conftest import QA_MODELS, VOCAB, model_path
+from poprt_lite import compile, ir, ops, verify
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import PassError
-from poprt_lite.packing_utils import pack_data
 
 BATCH, SEQ, N, L = 3, 16, 6, 16
 MODES = ["unpack_repack", "attention_mask"]
@@ -52,42 +50,12 @@ def original(name: str, request: dict) -> list[np.ndarray]:
 
 
 def run_packed(name: str, mode: str, lengths: list[int], seed: int = 0, precision: str = "fp32"):
-    """Pack requests of `lengths` and return [(request outputs from the original, packed outputs)]."""
-    model = packed(name, mode, precision)
-    meta = ir.get_metadata(model)
-    rng = np.random.default_rng(seed)
-    requests = [make_request(rng, n) for n in lengths]
-    dataset = [
-        SimpleNamespace(
-            input_ids=r["input_ids"][0],
-            attention_mask=r["attention_mask"][0],
-            token_type_ids=r["token_type_ids"][0],
-            position_ids=None,
-            input_len=len(r["input_ids"][0]),
-        )
-        for r in requests
+    """Pack requests of `lengths`; return the batch and, per packed request, (original outputs, packed outputs)."""
+    requests = verify.make_requests(np.random.default_rng(seed), lengths, VOCAB)
+    batch, per_request = verify.run_packed(packed(name, mode, precision), requests, packed_session(name, mode, precision))
+    results = [
+        ([o[0] for o in original(name, requests[spec.index])], got) for spec, got in zip(batch.specs, per_request)
     ]
-    batch = pack_data(
-        dataset, 0, BATCH, SEQ, N, across_rows=mode == "unpack_repack", position_offset=int(meta.get("position_offset", 0))
-    )
-    model_inputs = {i.name: i for i in model.graph.input}
-    feeds = {k: v.astype(np.int64) for k, v in batch.data.items() if k in model_inputs}
-    if "unpack_info" in model_inputs:
-        feeds["unpack_info"] = batch.unpack_info
-    outputs = packed_session(name, mode, precision).run(None, feeds)
-    results = []
-    for k, spec in enumerate(batch.specs):
-        got = []
-        for value, out in zip(model.graph.output, outputs):
-            layout = meta[f"layout.{value.name}"]
-            if layout == "packed":
-                got.append(out[spec.row, spec.offset : spec.offset + spec.length])
-            elif layout == "unpacked":
-                got.append(out[k, : spec.length])
-            else:
-                got.append(out[k])
-        want = [o[0] for o in original(name, requests[spec.index])]
-        results.append((want, got))
     return batch, results
 
 
@@ -166,16 +134,13 @@ def test_reference_evaluator_runs_packed_model_with_reference_kernels():
     model = packed("bert_qa_torchscript", "unpack_repack")
     rng = np.random.default_rng(5)
     lengths = [7, 3, 16]
-    requests = [make_request(rng, n) for n in lengths]
-    dataset = [SimpleNamespace(input_ids=r["input_ids"][0], attention_mask=r["attention_mask"][0], token_type_ids=r["token_type_ids"][0], position_ids=None, input_len=n) for r, n in zip(requests, lengths)]
-    batch = pack_data(dataset, 0, BATCH, SEQ, N, across_rows=True)
-    feeds = {k: v.astype(np.int64) for k, v in batch.data.items()}
-    feeds["unpack_info"] = batch.unpack_info
+    requests = verify.make_requests(rng, lengths, VOCAB)
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
     del stripped.functions[:]  # make sure the numpy kernels, not the function bodies, run
-    start, end = ReferenceEvaluator(stripped, new_ops=ops.reference_ops()).run(None, feeds)
-    for k, request in enumerate(requests):
-        want = original("bert_qa_torchscript", request)
-        np.testing.assert_allclose(start[k, : lengths[k]], want[0][0], atol=1e-4)
-        np.testing.assert_allclose(end[k, : lengths[k]], want[1][0], atol=1e-4)
+    evaluator = ReferenceEvaluator(stripped, new_ops=ops.reference_ops())
+    batch, per_request = verify.run_packed(model, requests, evaluator)
+    assert len(batch.specs) == 3
+    for spec, got in zip(batch.specs, per_request):
+        for want, g in zip(original("bert_qa_torchscript", requests[spec.index]), got):
+            np.testing.assert_allclose(g, want[0], atol=1e-4)

@@ -629,3 +629,116 @@ def test_hot_path_cost_per_request(tmp_path, rng):
         stats = runner.stats
     assert stats.packing_efficiency > 0.7
     assert per_request < 2e-3, per_request
+
+
+# ------------------------------------------------------------------- end to end on real exports
+
+from tests.conftest import TESTDATA  # noqa: E402
+
+import onnxruntime as ort  # noqa: E402
+
+import poprt_lite  # noqa: E402
+
+
+class Reference:
+    """The original (unconverted) model, run on one request alone."""
+
+    def __init__(self, name):
+        self.session = ort.InferenceSession(str(TESTDATA / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, feeds):
+        run_feeds = {k: np.asarray(feeds.get(k, np.ones_like(feeds["input_ids"]))).reshape(1, -1).astype(np.int64)
+                     for k in self.inputs}
+        return dict(zip(self.outputs, self.session.run(None, run_feeds)))
+
+
+def compile_packed(tmp_path, name, mode, inputs=("input_ids", "attention_mask", "token_type_ids"), batch=4,
+                   seq=64, max_valid_num=8):
+    options = poprt_lite.CompileOptions(
+        input_shape={n: (batch, seq) for n in inputs},
+        pack_args={"max_valid_num": str(max_valid_num), "segment_max_size": str(seq), "mode": mode},
+    )
+    out = tmp_path / f"{name}_{mode}"
+    return poprt_lite.compile(TESTDATA / f"{name}.onnx", out / "model.onnx", output_dir=out, export_popef=True,
+                              options=options).artifact
+
+
+def serve_and_check(path, config, reference, clients, per_client, max_len=64, seed=0, with_positions=False):
+    errors, worst = [], [0.0]
+    with runtime.Runner(path, config) as runner:
+
+        def client(k):
+            rng = np.random.default_rng(seed * 1000 + k)
+            try:
+                pending = []
+                for j in range(per_client):
+                    n = int(rng.integers(1, max_len + 1))
+                    feeds = {"input_ids": rng.integers(3, VOCAB, n).astype(np.int32)}
+                    if "token_type_ids" in runner.model.inputs:
+                        feeds["token_type_ids"] = rng.integers(0, 2, n).astype(np.int32)
+                    if with_positions:  # as PopRT's example does: explicit, offset included
+                        feeds["position_ids"] = np.arange(n, dtype=np.int32) + runner.position_offset
+                        feeds["attention_mask"] = np.ones(n, np.int32)
+                    outputs = {name: np.zeros((max_len, *trailing) if layout != "per_request" else trailing, np.float32)
+                               for name, (layout, trailing) in runner._output_specs.items()}
+                    pending.append((runner.execute_async(feeds, outputs), feeds, outputs))
+                for future, feeds, outputs in pending:
+                    future.wait(timeout=60)
+                    want = reference(feeds)
+                    n = len(feeds["input_ids"])
+                    for name, got in outputs.items():
+                        layout = runner._output_specs[name][0]
+                        ref = want[name][0] if layout == "per_request" else want[name][0, :n]
+                        diff = float(np.abs((got if layout == "per_request" else got[:n]) - ref).max())
+                        worst[0] = max(worst[0], diff)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads)
+        stats = runner.stats
+    assert not errors, errors[0]
+    assert stats.requests == clients * per_client and stats.failed_requests == 0
+    assert worst[0] < 1e-4, worst[0]
+    return stats
+
+
+@pytest.fixture(scope="module")
+def bert_artifacts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bert")
+    return {mode: compile_packed(tmp, "bert_qa_torchscript", mode) for mode in ("unpack_repack", "attention_mask")}
+
+
+@pytest.mark.parametrize("mode, algorithm", MODES)
+def test_bert_qa_end_to_end(bert_artifacts, mode, algorithm):
+    config = config_for(mode, algorithm, timeout_microseconds=3000)
+    stats = serve_and_check(bert_artifacts[mode], config, Reference("bert_qa_torchscript"), clients=8, per_client=20,
+                            with_positions=mode == "unpack_repack")
+    assert stats.mean_requests_per_batch > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, algorithm", MODES)
+def test_bert_qa_32_clients_x_200_requests(bert_artifacts, mode, algorithm):
+    config = config_for(mode, algorithm, timeout_microseconds=3000)
+    serve_and_check(bert_artifacts[mode], config, Reference("bert_qa_torchscript"), clients=32, per_client=200, seed=1)
+
+
+def test_roberta_position_offset_is_added(tmp_path):
+    """RoBERTa's position ids start at 2 (manifest position_offset); requests omit them."""
+    path = compile_packed(tmp_path, "roberta_qa", "attention_mask", inputs=("input_ids", "attention_mask"))
+    config = config_for("attention_mask", timeout_microseconds=2000)
+    serve_and_check(path, config, Reference("roberta_qa"), clients=4, per_client=10)
+
+
+def test_bert_meanpool_per_request_output(tmp_path):
+    """Unpack/repack with a pooled vector per request and a [64]-wide token output."""
+    path = compile_packed(tmp_path, "bert_meanpool", "unpack_repack")
+    config = config_for("unpack_repack", timeout_microseconds=2000)
+    serve_and_check(path, config, Reference("bert_meanpool"), clients=4, per_client=10)
