@@ -21,6 +21,8 @@ ELEMENTWISE = {
     "Neg", "Not", "Or", "Pow", "PRelu", "Reciprocal", "Relu", "Round", "Selu", "Sigmoid", "Sign", "Sin",
     "Softplus", "Softsign", "Sqrt", "Sub", "Sum", "Tanh", "Where", "Xor", "HardSwish", "Mish",
 }
+# onnxruntime's transformer-optimizer fusions that act per token (com.microsoft domain).
+ELEMENTWISE |= {"BiasGelu", "FastGelu", "QuickGelu", "BiasAdd", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}
 # Ops that act along one axis (attribute `axis`, default below) or over trailing axes.
 AXIS_OPS = {
     "Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "LayerNormalization": -1, "Split": 0,

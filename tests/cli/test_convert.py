@@ -146,3 +146,11 @@ def test_check_on_packed_model_compares_each_request_with_the_original(tmp_path,
     assert len(diffs) == 2 and max(diffs) < 1e-4
     manifest = load_artifact(tmp_path / "executable.popef").manifest
     assert manifest["pack"] == {"mode": mode, "max_valid_num": 6, "segment_max_size": 32}
+
+
+def test_list_all_ops(capsys):
+    code, out, _ = cli(capsys, "--list_all_ops")
+    assert code == 0
+    for name in ("AttentionMask", "Unpack", "Repack", "PaddingMask"):
+        assert name in out
+    assert "ai.graphcore" in out
