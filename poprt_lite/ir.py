@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import external_data_helper
 from google.protobuf.message import DecodeError
 
 from poprt_lite.errors import PoprtError
@@ -19,7 +23,11 @@ METADATA_PREFIX = "poprt_lite."
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX model (with its external data), refusing anything that is not one."""
+    """Load an ONNX model (with its external data), refusing anything that is not one.
+
+    Besides parsing, the graph is checked for what would otherwise fail later with a confusing
+    message (see `check_graph`): a cycle, a tensor nobody produces, an unknown op, an old opset.
+    """
     path = Path(path)
     if not path.is_file():
         raise PoprtError(f"model file '{path}' does not exist; check --input_model")
@@ -29,20 +37,164 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise PoprtError(
             f"'{path}' is not a valid ONNX model ({type(exc).__name__}); pass an .onnx file exported by torch.onnx or similar"
         ) from exc
+    except OSError as exc:
+        raise PoprtError(f"cannot read model file '{path}' ({exc.strerror or exc})") from exc
     if not model.graph.node and not model.graph.input:
         raise PoprtError(f"'{path}' is not a valid ONNX model (no graph found); pass an .onnx file")
-    try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except (FileNotFoundError, OSError) as exc:
-        raise PoprtError(
-            f"external data of '{path}' is missing ({exc.filename or exc}); keep the data file next to the model"
-        ) from exc
     opset = default_opset(model)
     if opset < MIN_OPSET:
         raise PoprtError(
             f"'{path}' uses opset {opset}; poprt-lite needs opset >= {MIN_OPSET} (re-export with a newer opset_version)"
         )
+    check_graph(model, f"'{path}'")
+    load_external_data(model, path)
     return model
+
+
+def load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read the external data of `model` (saved at `path`) into it, with one-line errors.
+
+    onnx refuses locations outside the model's folder (absolute or with `..`); a missing or short
+    data file is reported by name.
+    """
+    external = [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
+    if not external:
+        return
+    folder = path.parent
+    for tensor in external:
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = Path(info.location)
+        if location.is_absolute() or ".." in location.parts:
+            raise PoprtError(
+                f"external data of '{path}' (tensor '{tensor.name}') points outside the model's folder ('{info.location}'); refusing to read it"
+            )
+        if not (folder / location).is_file():
+            raise PoprtError(
+                f"external data file '{folder / location}' of '{path}' is missing (tensor '{tensor.name}'); keep the data file next to the model"
+            )
+    try:
+        external_data_helper.load_external_data_for_model(model, str(folder))
+    except (onnx.checker.ValidationError, OSError, ValueError) as exc:
+        raise PoprtError(f"cannot read the external data of '{path}': {' '.join(str(exc).split())}") from exc
+    for tensor in external:
+        expected = _expected_bytes(tensor)
+        if expected is not None and len(tensor.raw_data) != expected:
+            raise PoprtError(
+                f"external data of '{path}' is truncated: tensor '{tensor.name}' needs {expected} bytes, the file holds {len(tensor.raw_data)}"
+            )
+
+
+_FIXED_SIZE_TYPES = {
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL,
+}
+
+
+def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The raw size of a tensor of a fixed-size element type, or None for other types."""
+    if tensor.data_type not in _FIXED_SIZE_TYPES:
+        return None
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def check_graph(model: onnx.ModelProto, what: str = "the model") -> None:
+    """Refuse a top-level graph that no pass could handle, naming the problem in one line.
+
+    Checks, in order: every op of the default domain exists at the model's opset (or is a
+    model-local function); no tensor is produced twice; every node input is produced by a node, a
+    graph input or an initializer; the graph has no cycle. A graph whose nodes are acyclic but out
+    of order is put into topological order (exporters sometimes write them unsorted).
+    """
+    graph = model.graph
+    opset = default_opset(model)
+    functions = {(f.domain, f.name) for f in model.functions}
+    for node in graph.node:
+        if node.domain in ("", "ai.onnx") and (node.domain, node.op_type) not in functions:
+            try:
+                onnx.defs.get_schema(node.op_type, opset, "")
+            except onnx.defs.SchemaError:
+                raise PoprtError(
+                    f"{what} uses op '{node.op_type}' (node '{node.name}'), which is not an ONNX op at opset {opset}; poprt-lite converts standard ONNX models"
+                ) from None
+    available = {"", *(i.name for i in graph.input), *(t.name for t in graph.initializer)}
+    available.update(t.values.name for t in graph.sparse_initializer)
+    producer: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.output:
+            if not name:
+                continue
+            if name in producer or name in available:
+                first = f"node '{graph.node[producer[name]].name}'" if name in producer else "a graph input or initializer"
+                raise PoprtError(
+                    f"{what} is not a valid ONNX model: tensor '{name}' is produced twice (by {first} and node '{node.name}')"
+                )
+            producer[name] = index
+    for node in graph.node:
+        for name in node.input:
+            if name not in available and name not in producer:
+                raise PoprtError(
+                    f"{what} is not a valid ONNX model: node '{node.name}' ({node.op_type}) reads tensor '{name}', which no node, graph input or initializer produces"
+                )
+    for output in graph.output:
+        if output.name not in available and output.name not in producer:
+            raise PoprtError(f"{what} is not a valid ONNX model: graph output '{output.name}' is produced by no node")
+    order = _topological_order(graph, producer)
+    if order is None:
+        cycle = _find_cycle(graph, producer)
+        names = " -> ".join(f"'{graph.node[i].name or graph.node[i].op_type}'" for i in cycle)
+        raise PoprtError(f"{what} is not a valid ONNX model: its graph has a cycle ({names}); an ONNX graph must be acyclic")
+    if order != list(range(len(graph.node))):
+        nodes = [graph.node[i] for i in order]
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
+def _topological_order(graph: onnx.GraphProto, producer: dict[str, int]) -> list[int] | None:
+    """Node indices in a topological order that keeps the file's order where it can; None on a cycle."""
+    deps = [{producer[n] for n in node.input if n in producer} for node in graph.node]
+    users: list[list[int]] = [[] for _ in graph.node]
+    for index, before in enumerate(deps):
+        for b in before:
+            users[b].append(index)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for user in users[index]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    return order if len(order) == len(graph.node) else None
+
+
+def _find_cycle(graph: onnx.GraphProto, producer: dict[str, int]) -> list[int]:
+    """One cycle of node indices (first node repeated at the end), for the error message."""
+    deps = [[producer[n] for n in node.input if n in producer] for node in graph.node]
+    # Nodes that cannot reach a cycle are peeled off first, so walking up always stays on one.
+    alive = set(range(len(graph.node)))
+    changed = True
+    while changed:
+        changed = False
+        for i in list(alive):
+            if not any(d in alive for d in deps[i]):
+                alive.discard(i)
+                changed = True
+    path: list[int] = []
+    seen: dict[int, int] = {}
+    node = min(alive)
+    while node not in seen:
+        seen[node] = len(path)
+        path.append(node)
+        node = next(d for d in deps[node] if d in alive)
+    return [*path[seen[node] :], node]
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -55,24 +207,42 @@ def default_opset(model: onnx.ModelProto) -> int:
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write `model` atomically: a temporary file in the same folder, renamed into place.
 
-    Models over protobuf's 2 GB limit keep their weights in `<name>.data` beside the file.
+    Models over protobuf's 2 GB limit keep their weights in `<name>.data` beside the file; both
+    files are written in a temporary folder beside `path` and renamed into place (the data file
+    first), an existing data file is replaced rather than appended to, and `model` itself keeps its
+    weights in memory.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() > PROTOBUF_LIMIT
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        _save_with_external_data(model, path)
+        return path
     tmp = temporary_sibling(path)
     try:
-        if large:
-            onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data"
-            )
-        else:
-            onnx.save_model(model, tmp)
+        onnx.save_model(model, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    data_name = f"{path.name}.data"
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        # onnx moves the weights out of `model` while saving; they are read back below.
+        onnx.save_model(model, staging / path.name, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+        external_data_helper.load_external_data_for_model(model, str(staging))
+        os.replace(staging / data_name, path.parent / data_name)
+        os.replace(staging / path.name, path)
+    except BaseException:
+        if (staging / data_name).is_file():
+            with contextlib.suppress(Exception):  # give `model` its weights back if they were moved out
+                external_data_helper.load_external_data_for_model(model, str(staging))
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def temporary_sibling(path: Path) -> str:
@@ -122,8 +292,11 @@ def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
 def infer_shapes_in_place(graph: gs.Graph) -> None:
     """Run onnx shape inference (with data propagation) on `graph` and copy the inferred shapes and
     dtypes onto its intermediate tensors, replacing what they held before."""
+    # Graph outputs keep their declared shapes where inference has nothing better (ops without an
+    # inference function); intermediate shapes are recomputed from scratch.
+    interface = {t.name for t in [*graph.inputs, *graph.outputs]}
     for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Variable) and tensor not in graph.inputs:
+        if isinstance(tensor, gs.Variable) and tensor.name not in interface:
             tensor.shape = None
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]

@@ -75,6 +75,11 @@ def find_embeddings(graph: gs.Graph, input_name: str = "input_ids") -> Embedding
     inputs = {t.name: t for t in graph.inputs}
     if input_name not in inputs:
         raise PoprtError(f"model has no input '{input_name}' (inputs: {', '.join(inputs)}); is this a BERT-like encoder?")
+    fused = next((n for n in graph.nodes if n.op == "EmbedLayerNormalization"), None)
+    if fused is not None:
+        raise PoprtError(
+            f"the embeddings are fused into EmbedLayerNormalization node '{fused.name}' (onnxruntime's transformer optimizer); convert the model before optimizing it"
+        )
     word = next((n for n in inputs[input_name].outputs if _is_table_lookup(n) and n.inputs[1] is inputs[input_name]), None)
     if word is None:
         raise PoprtError(f"no embedding Gather reads '{input_name}'; is this a BERT-like encoder?")

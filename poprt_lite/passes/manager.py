@@ -57,6 +57,9 @@ class PassManager:
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, list[PassRecord]]:
         ctx = ctx if ctx is not None else PassContext(metadata=ir.get_metadata(model))
+        ir.check_graph(model, "the input model")
+        source = onnx.ModelProto()
+        source.CopyFrom(model)
         records = []
         for index, pass_ in enumerate(self.passes):
             start = time.perf_counter()
@@ -72,7 +75,12 @@ class PassManager:
                 model = ir.to_model(graph, template=model)
             for key, value in ctx.metadata.items():
                 ir.set_metadata(model, key, value)
-            model = validate(model, f"pass '{pass_.name}' left an invalid model")
+            try:
+                model = validate(model, f"pass '{pass_.name}' left an invalid model")
+            except PassError:
+                if index == 0:  # nothing validated the model before: blame the input if it is invalid
+                    validate(source, "the input model is invalid (no pass has run on it)")
+                raise
             record = PassRecord(pass_.name, time.perf_counter() - start, result.changed, result.message)
             records.append(record)
             if self.on_pass_done is not None:

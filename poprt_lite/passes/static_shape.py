@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import logging
+
 import onnx_graphsurgeon as gs
 
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.cleanup import fold_until_stable
 from poprt_lite.passes.registry import register_pass
+
+log = logging.getLogger(__name__)
 
 
 @register_pass("static_shape")
@@ -61,8 +65,10 @@ class StaticShape(Pass):
         fold_until_stable(graph, self.options.size_threshold_mb)
         dynamic = [t.name for t in graph.tensors().values() if isinstance(t, gs.Variable) and not _static(t)]
         if dynamic:
-            raise PoprtError(
-                f"{len(dynamic)} values still have dynamic shapes after pinning the inputs (first: '{dynamic[0]}'); the model computes a shape from data"
+            # Ops without an onnx shape-inference function (e.g. com.microsoft fusions) leave their
+            # outputs unknown to onnx although onnxruntime runs them at the pinned shape.
+            log.warning(
+                "static_shape: %d values have no static shape after pinning the inputs (first: '%s')", len(dynamic), dynamic[0]
             )
         folded = before - len(graph.nodes)
         return PassResult(changed=changed or folded > 0, message=f"inputs pinned, {folded} nodes folded")
