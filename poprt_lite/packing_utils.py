@@ -63,17 +63,20 @@ def pack_data(
     across_rows: bool = True,
     position_offset: int = 0,
     *,
-    algorithm: PackAlgorithm | str = PackAlgorithm.first_fit,
+    algorithm: PackAlgorithm | str | None = None,
     segment_max_size: int | None = None,
 ) -> PackedBatch:
     """Pack requests `datasets[index:]`, in order, into one batch until the next one doesn't fit.
 
-    AttentionMask mode: with `first_fit` a request goes to the first row with room for it, so a
-    short request may land in an earlier row than its predecessor; packing still stops at the first
-    request that fits in no row, so each batch takes a contiguous run of `datasets`. `specs` and
-    `unpack_outputs` follow dataset order; code that splits outputs row by row, as PopRT's example
-    does, needs `algorithm="next_fit"`, which fills the rows in order (fewer requests per batch).
-    Unpack/repack mode: requests may have up to `segment_max_size` tokens (default `seq_len`).
+    AttentionMask mode: the default, `next_fit`, fills the rows in order, so the requests of the
+    batch lie row by row in dataset order and code that splits the outputs row by row by segment
+    id, as PopRT's packed_bert_example does, gets them back in dataset order. With `first_fit` a
+    request goes to the first row with room for it, so a short request may land in an earlier row
+    than its predecessor (more requests per batch); packing still stops at the first request that
+    fits in no row, so each batch takes a contiguous run of `datasets`, and `specs` and
+    `unpack_outputs` follow dataset order either way.
+    Unpack/repack mode: one stream of `batch_size * seq_len` tokens (both algorithms place requests
+    one after another); requests may have up to `segment_max_size` tokens (default `seq_len`).
     `segment_num` exists for PopRT compatibility; PopRT's guide only ever passes 1 and does not
     document other values, so poprt-lite accepts only 1.
     """
@@ -82,6 +85,8 @@ def pack_data(
             f"segment_num={segment_num} is not supported; poprt-lite packs with segment_num=1"
         )
     _check_index(datasets, index)
+    if algorithm is None:
+        algorithm = PackAlgorithm.first_fit if across_rows else PackAlgorithm.next_fit
     packer = OnlinePacker(
         algorithm,
         batch_size,

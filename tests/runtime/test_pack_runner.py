@@ -9,21 +9,24 @@ export run when the packing passes are available.
 from __future__ import annotations
 
 import json
-import random
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+import poprt_lite
 from poprt_lite import artifact, ir, runtime
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.runtime import PackAlgorithm, PackRunner, PackRunnerConfig
 
 VOCAB = 1000
+TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
 
 # ------------------------------------------------------------------------------ hand-built models
 
@@ -632,12 +635,6 @@ def test_hot_path_cost_per_request(tmp_path, rng):
 
 
 # ------------------------------------------------------------------- end to end on real exports
-
-from tests.conftest import TESTDATA  # noqa: E402
-
-import onnxruntime as ort  # noqa: E402
-
-import poprt_lite  # noqa: E402
 
 
 class Reference:
