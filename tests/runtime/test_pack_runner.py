@@ -739,3 +739,24 @@ def test_bert_meanpool_per_request_output(tmp_path):
     path = compile_packed(tmp_path, "bert_meanpool", "unpack_repack")
     config = config_for("unpack_repack", timeout_microseconds=2000)
     serve_and_check(path, config, Reference("bert_meanpool"), clients=4, per_client=10)
+
+
+def test_packed_bert_example_runs(capsys, monkeypatch):
+    """examples/packed_bert, small: every mode's MAE against the padded baseline is below 1e-4."""
+    import importlib.util
+    import sys
+
+    script = TESTDATA.parent / "examples" / "packed_bert" / "packed_bert_example.py"
+    spec = importlib.util.spec_from_file_location("packed_bert_example", script)
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)  # dataclasses look their module up
+    spec.loader.exec_module(example)
+    args = ["--batch_size", "4", "--max_seq_len", "64", "--avg_seq_len", "32", "--max_valid_num", "12",
+            "--iterations", "10", "--latency_requests", "5", "--timeout_microseconds", "1000"]
+    assert example.main(args) == 0
+    out = capsys.readouterr().out
+    for mode in ("[Original (padded)]", "[Pack Offline Unpack Repack]", "[Pack Online Unpack Repack]",
+                 "[Pack Offline AttentionMask]", "[Pack Online AttentionMask(first_fit)]",
+                 "[Pack Online AttentionMask(next_fit)]", "P99 latency"):
+        assert mode in out
+    assert "(below 0.0001)" in out
