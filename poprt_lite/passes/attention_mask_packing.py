@@ -17,7 +17,7 @@ from poprt_lite.errors import PoprtError
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
 from poprt_lite.patterns import packing
-from poprt_lite.patterns.attention import attention_cone
+from poprt_lite.patterns.attention import apply_mask, attention_cone
 from poprt_lite.patterns.layout import MIXING, TOKENWISE, classify, is_token_major, token_dims
 
 MODE = "attention_mask"
@@ -47,21 +47,10 @@ class AttentionMaskPacking(Pass):
             )
         )
         for block in setup.blocks:
-            if block.mask_add is not None:
-                block.mask_add.inputs[block.mask_index] = segment_mask
-            else:
-                add_mask(graph, block, segment_mask)
+            apply_mask(graph, block, segment_mask)
         layouts = {t.name: "packed" for t in graph.outputs}
         packing.record(ctx, MODE, self.options, layouts)
         return PassResult(changed=True, message=f"{len(setup.blocks)} attention blocks masked by segment")
-
-
-def add_mask(graph: gs.Graph, block, mask: gs.Tensor) -> None:
-    """Give an unmasked attention block a mask: Softmax(scores) -> Softmax(scores + mask)."""
-    scores = block.softmax.inputs[0]
-    masked = gs.Variable(f"{scores.name}_masked", dtype=scores.dtype)
-    graph.nodes.append(gs.Node("Add", inputs=[scores, mask], outputs=[masked]))
-    block.softmax.inputs[0] = masked
 
 
 def _mask_dtype(scores: gs.Tensor) -> int:

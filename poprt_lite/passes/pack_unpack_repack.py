@@ -21,11 +21,10 @@ import onnx_graphsurgeon as gs
 
 from poprt_lite import ops
 from poprt_lite.errors import PoprtError
-from poprt_lite.passes.attention_mask_packing import add_mask
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
 from poprt_lite.patterns import packing
-from poprt_lite.patterns.attention import AttentionBlock, attention_cone, is_constant
+from poprt_lite.patterns.attention import AttentionBlock, apply_mask, attention_cone, is_constant
 from poprt_lite.patterns.layout import ELEMENTWISE, REDUCE_OPS, TOKENWISE, classify, constant_ints, is_token_major, token_dims
 
 MODE = "unpack_repack"
@@ -121,11 +120,7 @@ class _Rewriter:
         tokens = self.repack(self._transpose(rows, HEADS_TO_TOKENS, f"{context.name}_row_tokens"), f"{context.name}_repacked")
         self.graph.nodes.append(gs.Node("Transpose", inputs=[tokens], outputs=[context], attrs={"perm": HEADS_TO_TOKENS}))
         scores_dtype = onnx.TensorProto.FLOAT16 if block.scores.outputs[0].dtype == np.float16 else onnx.TensorProto.FLOAT
-        mask = self.padding_mask(scores_dtype)
-        if block.mask_add is not None:
-            block.mask_add.inputs[block.mask_index] = mask
-        else:
-            add_mask(self.graph, block, mask)
+        apply_mask(self.graph, block, self.padding_mask(scores_dtype))
 
     def rewrite_tail(self, tail: list[gs.Node], dims: list) -> dict[str, str]:
         """Move sequence-level ops after the encoder onto unpacked rows; unpack token outputs.

@@ -1,7 +1,7 @@
 """Finding multi-head attention blocks by structure.
 
-A block is `MatMul(Q, K^T)` -> optional scale (Mul/Div by a constant) -> `Add(scores, mask)` ->
-`Softmax` -> optional guards (the `Where(IsNaN(p), 0, p)` of sdpa exports, Cast, Dropout,
+A block is `MatMul(Q, K^T)` -> optional scale (Mul/Div by a constant) -> mask (`Add(scores, mask)`
+or a boolean `Where(keep, scores, fill)`) -> `Softmax` -> optional guards (the `Where(IsNaN(p), 0, p)` of sdpa exports, Cast, Dropout,
 Identity) -> `MatMul(P, V)`. Q, V and the context are `[batch, heads, seq, head_dim]`, K^T is
 `[batch, heads, head_dim, seq]`; the scale may also sit on Q and K before the MatMul (dynamo).
 """
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import networkx as nx
 import onnx_graphsurgeon as gs
 
+from poprt_lite import ir
 from poprt_lite.errors import PoprtError
 
 SCALE_OPS = ("Mul", "Div")
@@ -26,8 +27,8 @@ class AttentionBlock:
     scores: gs.Node  # MatMul(Q, K^T)
     softmax: gs.Node
     context: gs.Node  # MatMul(P, V)
-    mask_add: gs.Node | None  # Add(scores, mask) feeding the Softmax, if the model masks
-    mask_index: int  # which input of mask_add is the mask
+    mask_node: gs.Node | None  # the Add or Where that masks the scores, if the model masks
+    unmasked: gs.Tensor  # the scores before masking
 
     @property
     def query(self) -> gs.Tensor:
@@ -54,13 +55,13 @@ def find_attention_blocks(graph: gs.Graph) -> list[AttentionBlock]:
         context = _context_of(softmax.outputs[0])
         if found is None or context is None:
             continue
-        scores, mask_add, mask_index = found
+        scores, mask_node, unmasked = found
         for tensor, rank in ((scores.inputs[0], 4), (scores.inputs[1], 4), (context.inputs[1], 4)):
             if tensor.shape is not None and len(tensor.shape) != rank:
                 raise PoprtError(
                     f"attention at Softmax '{softmax.name}' works on rank-{len(tensor.shape)} tensors; packing supports [batch, heads, seq, head_dim] attention"
                 )
-        blocks.append(AttentionBlock(scores, softmax, context, mask_add, mask_index))
+        blocks.append(AttentionBlock(scores, softmax, context, mask_node, unmasked if mask_node else softmax.inputs[0]))
     return blocks
 
 
@@ -77,25 +78,26 @@ def _is_score_matmul(node: gs.Node | None) -> bool:
     return node is not None and node.op == "MatMul" and not any(is_constant(t) for t in node.inputs)
 
 
-def _scores_of(tensor: gs.Tensor) -> tuple[gs.Node, gs.Node | None, int] | None:
-    """Walk back from the Softmax input to the score MatMul, noting the mask Add on the way."""
-    mask_add, mask_index = None, -1
+def _scores_of(tensor: gs.Tensor) -> tuple[gs.Node, gs.Node | None, gs.Tensor | None] | None:
+    """Walk back from the Softmax input to the score MatMul, noting the masking node on the way."""
+    mask_node, unmasked = None, None
     for _ in range(6):
         node = _producer(tensor)
         if node is None:
             return None
         if _is_score_matmul(node):
-            return node, mask_add, mask_index
+            return node, mask_node, unmasked
         if node.op in SCALE_OPS and is_constant(node.inputs[1]):
             tensor = node.inputs[0]
         elif node.op in PASS_THROUGH_OPS:
             tensor = node.inputs[0]
-        elif node.op == "Add" and mask_add is None:
-            score_side = [i for i, t in enumerate(node.inputs) if _reaches_score_matmul(t)]
-            if len(score_side) != 1:
+        elif node.op in ("Add", "Where") and mask_node is None:
+            candidates = node.inputs if node.op == "Add" else node.inputs[1:]
+            score_side = [t for t in candidates if _reaches_score_matmul(t)]
+            if len(score_side) != 1 or (node.op == "Where" and not any(is_constant(t) for t in candidates)):
                 return None
-            mask_add, mask_index = node, 1 - score_side[0]
-            tensor = node.inputs[score_side[0]]
+            mask_node, unmasked = node, score_side[0]
+            tensor = unmasked
         else:
             return None
     return None
@@ -130,6 +132,16 @@ def _context_of(tensor: gs.Tensor) -> gs.Node | None:
         else:
             return None
     return None
+
+
+def apply_mask(graph: gs.Graph, block: AttentionBlock, mask: gs.Tensor) -> None:
+    """Mask the block's scores with the additive `mask` instead of whatever mask it had."""
+    masked = gs.Variable(f"{block.unmasked.name}_masked", dtype=block.unmasked.dtype)
+    graph.nodes.append(gs.Node("Add", inputs=[block.unmasked, mask], outputs=[masked]))
+    if block.mask_node is None:
+        block.softmax.inputs[0] = masked
+    else:  # the old mask computation is left dead, for the clean-up
+        ir.replace_all_uses(block.mask_node.outputs[0], masked)
 
 
 def attention_cone(graph: gs.Graph, blocks: list[AttentionBlock]) -> set[int]:
