@@ -61,8 +61,10 @@ class PackRunnerConfig:
     def validated(self) -> None:
         """Check the field types and ranges (not the agreement with an artifact)."""
         timeout = self.timeout_microseconds
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0):
-            raise PoprtError(f"timeout_microseconds must be a non-negative integer, got {timeout!r}")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf")
+        ):
+            raise PoprtError(f"timeout_microseconds must be a non-negative number, got {timeout!r}")
         valid = self.max_valid_num
         if valid is not None and (isinstance(valid, bool) or not isinstance(valid, int) or valid < 1):
             raise PoprtError(f"max_valid_num must be a positive integer, got {valid!r}")
