@@ -312,18 +312,18 @@ def test_requests_are_neither_lost_nor_duplicated(tmp_path):
 
 def test_lone_request_launches_after_the_timeout(tmp_path, rng):
     path = write_fake(tmp_path, "attention_mask")
-    timeout = 0.05
+    timeout = 0.2
     with runtime.Runner(path, config_for("attention_mask", timeout_microseconds=int(timeout * 1e6))) as runner:
         runner.execute(make_request(rng, 3))  # warm up
         start = time.monotonic()
         future = runner.execute_async(make_request(rng, 3))
-        assert not future.done()
-        time.sleep(timeout / 2)
+        time.sleep(timeout / 4)
         assert not future.done()
         future.wait(timeout=5)
         elapsed = time.monotonic() - start
         stats = runner.stats
-    assert timeout <= elapsed < timeout + 0.1
+    # about the timeout plus one (tiny) batch; generous slack for a loaded machine
+    assert timeout <= elapsed < timeout + 0.25
     assert stats.batches == 2 and stats.batches_by_timeout == 2 and stats.batches_by_fullness == 0
 
 
