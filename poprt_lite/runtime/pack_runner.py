@@ -35,10 +35,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from poprt_lite.artifact import Artifact
+from poprt_lite.artifact import Artifact, load_artifact
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.runtime.config import DEFAULT_TIMEOUT_MICROSECONDS, PackRunnerConfig
-from poprt_lite.runtime.model_runner import ModelRunner
 from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm
 
 TOKEN_ROLES = ("dynamic_input", "token_type_ids", "position_ids", "data")
@@ -126,20 +125,23 @@ class PackRunner:
         if not isinstance(config, PackRunnerConfig):
             raise PoprtError(f"config must be a runtime.PackRunnerConfig, got {type(config).__name__}")
         config.validated()
-        self.model = ModelRunner(source, threads=threads)
+        self.artifact = source if isinstance(source, Artifact) else load_artifact(source)
+        self.manifest = self.artifact.manifest
+        self.inputs = {spec["name"]: spec for spec in self.manifest["inputs"]}
+        self.outputs = {spec["name"]: spec for spec in self.manifest["outputs"]}
+        self._resolve(config)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not spinning:
             # onnxruntime's worker threads spin after each run by default, taking the cores from the
-            # client threads and the packing thread between batches (measured: up to 2x slower on
-            # 2 cores); a PackRunner runs the session without spinning.
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # client threads and the serving thread between batches (measured up to 2x slower on
+            # 2 cores); a PackRunner runs its session without spinning unless asked.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.model.session = ort.InferenceSession(
-                self.model.artifact.model_bytes, options, providers=["CPUExecutionProvider"]
-            )
-        self.manifest = self.model.manifest
-        self._resolve(config)
+        try:
+            self.session = ort.InferenceSession(self.artifact.model_bytes, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise PoprtError(f"onnxruntime cannot load artifact '{self.artifact.path}': {_one_line(exc)}") from exc
         self._packer = OnlinePacker(
             self.algorithm,
             self.batch_size,
@@ -162,7 +164,7 @@ class PackRunner:
 
     def _resolve(self, config: PackRunnerConfig) -> None:
         """Settle the batching parameters from the manifest and check the config against them."""
-        path = self.model.artifact.path
+        path = self.artifact.path
         pack = self.manifest.get("pack")
         if not pack:
             raise PoprtError(
@@ -175,7 +177,7 @@ class PackRunner:
         self.segment_max_size = int(pack["segment_max_size"])
         self.position_offset = int(self.manifest.get("position_offset") or 0)
         self.vocab_size = self.manifest.get("vocab_size")
-        inputs = self.model.inputs
+        inputs = self.inputs
         by_role = collections.defaultdict(list)
         for spec in inputs.values():
             by_role[spec.get("role", "data")].append(spec["name"])
@@ -272,7 +274,7 @@ class PackRunner:
             "packed": [self.batch_size, self.seq_len],
             "per_request": [self.max_valid_num],
         }
-        for name, spec in self.model.outputs.items():
+        for name, spec in self.outputs.items():
             layout, dims = spec.get("layout", "padded"), spec["shape"]
             if layout not in LAYOUTS:
                 raise PoprtError(
@@ -351,7 +353,7 @@ class PackRunner:
         if not isinstance(feeds, Mapping):
             raise RequestError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
         for name in feeds:
-            if name not in self.model.inputs:
+            if name not in self.inputs:
                 raise RequestError(
                     f"unexpected feed '{name}'; a request takes: {', '.join(self._describe_feeds())}"
                 )
@@ -423,7 +425,7 @@ class PackRunner:
             return {
                 name: np.zeros(
                     (n, *trailing) if layout in TOKEN_LAYOUTS else trailing,
-                    np.dtype(self.model.outputs[name]["dtype"]),
+                    np.dtype(self.outputs[name]["dtype"]),
                 )
                 for name, (layout, trailing) in self._output_specs.items()
             }
@@ -437,7 +439,7 @@ class PackRunner:
                 raise RequestError(f"output '{name}' must be a numpy array, got {type(target).__name__}")
             if not target.flags.writeable:
                 raise RequestError(f"output array '{name}' is read-only")
-            dtype = np.dtype(self.model.outputs[name]["dtype"])
+            dtype = np.dtype(self.outputs[name]["dtype"])
             if not np.can_cast(dtype, target.dtype, casting="same_kind"):
                 raise RequestError(f"output array '{name}' has dtype {target.dtype.name}; the model gives {dtype.name}")
             if layout in TOKEN_LAYOUTS:
@@ -452,8 +454,8 @@ class PackRunner:
 
     def _describe_feeds(self) -> list[str]:
         described = []
-        for name in self.model.inputs:
-            role = self.model.inputs[name].get("role")
+        for name in self.inputs:
+            role = self.inputs[name].get("role")
             described.append(f"{name} (optional)" if name in self._optional else name)
             if role == "unpack_info":
                 described[-1] = f"{name} (optional, ignored)"
@@ -542,7 +544,7 @@ class PackRunner:
         failed = 0
         try:
             feeds = self._build_feeds(requests, lengths, starts)
-            results = dict(zip(names, self.model.session.run(names, feeds))) if names else {}
+            results = dict(zip(names, self.session.run(names, feeds))) if names else {}
         except BaseException as exc:
             error = PoprtError(f"the batch of {len(requests)} requests holding this request failed: {_one_line(exc)}")
             error.__cause__ = exc
@@ -571,7 +573,7 @@ class PackRunner:
             flat[dest] = np.concatenate([r.tokens[name] for r in requests])
             feeds[name] = flat.reshape(self.batch_size, self.seq_len, *trailing)
         if self.mask_name is not None:
-            dtype = np.dtype(self.model.inputs[self.mask_name]["dtype"])
+            dtype = np.dtype(self.inputs[self.mask_name]["dtype"])
             flat = np.zeros(slots, dtype)
             if self.mode == "unpack_repack":
                 flat[dest] = 1

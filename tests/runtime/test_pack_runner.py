@@ -386,14 +386,14 @@ def test_first_fit_packs_better_than_next_fit(tmp_path, rng):
 def test_a_failing_batch_fails_only_its_requests(tmp_path, rng, monkeypatch):
     path = write_fake(tmp_path, "unpack_repack")  # max_valid_num 4: every 4 requests make a batch
     with runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=60_000_000)) as runner:
-        real_run = runner.model.session.run
+        real_run = runner.session.run
 
         def run(names, feeds):
             if (feeds["input_ids"] == 999).any():
                 raise RuntimeError("device lost\nsecond line")
             return real_run(names, feeds)
 
-        monkeypatch.setattr(runner.model.session, "run", run)
+        monkeypatch.setattr(runner.session, "run", run)
         groups = []
         for poison in (False, True, False):
             group = []
@@ -453,7 +453,7 @@ def test_close_can_cancel_pending_requests(tmp_path, rng):
 def test_close_while_a_batch_runs_waits_for_it(tmp_path, rng, monkeypatch):
     path = write_fake(tmp_path, "unpack_repack")
     runner = runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=0))
-    real_run = runner.model.session.run
+    real_run = runner.session.run
     started = threading.Event()
 
     def slow_run(names, feeds):
@@ -461,7 +461,7 @@ def test_close_while_a_batch_runs_waits_for_it(tmp_path, rng, monkeypatch):
         time.sleep(0.2)
         return real_run(names, feeds)
 
-    monkeypatch.setattr(runner.model.session, "run", slow_run)
+    monkeypatch.setattr(runner.session, "run", slow_run)
     first = runner.execute_async(make_request(rng, 3))
     assert started.wait(5)
     second = runner.execute_async(make_request(rng, 3))  # queued behind the running batch
@@ -673,7 +673,7 @@ def serve_and_check(path, config, reference, clients, per_client, max_len=64, se
                 for j in range(per_client):
                     n = int(rng.integers(1, max_len + 1))
                     feeds = {"input_ids": rng.integers(3, VOCAB, n).astype(np.int32)}
-                    if "token_type_ids" in runner.model.inputs:
+                    if "token_type_ids" in runner.inputs:
                         feeds["token_type_ids"] = rng.integers(0, 2, n).astype(np.int32)
                     if with_positions:  # as PopRT's example does: explicit, offset included
                         feeds["position_ids"] = np.arange(n, dtype=np.int32) + runner.position_offset
