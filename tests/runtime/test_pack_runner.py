@@ -473,6 +473,38 @@ def test_close_while_a_batch_runs_waits_for_it(tmp_path, rng, monkeypatch):
     assert not runner._thread.is_alive()
 
 
+def test_close_while_clients_submit_leaves_nothing_pending(tmp_path):
+    """Every call either raises 'closed' or returns a future that completes; none hangs."""
+    path = write_fake(tmp_path, "attention_mask", batch=2, seq=16, max_valid_num=6, segment_max_size=16)
+    runner = runtime.Runner(path, config_for("attention_mask", timeout_microseconds=1000))
+    futures, refused, lock = [], [0], threading.Lock()
+
+    def client(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(300):
+            try:
+                future = runner.execute_async(make_request(rng, int(rng.integers(1, 17))))
+            except PoprtError as exc:
+                assert "closed" in str(exc)
+                with lock:
+                    refused[0] += 1
+                return
+            with lock:
+                futures.append(future)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    runner.close()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert runner.stats.requests == len(futures)
+    assert refused[0] > 0 or len(futures) == 8 * 300
+
+
 def test_wait_with_timeout(tmp_path, rng):
     path = write_fake(tmp_path, "attention_mask")
     with runtime.Runner(path, config_for("attention_mask", timeout_microseconds=60_000_000)) as runner:
