@@ -13,6 +13,7 @@ members into memory (nothing is extracted to disk) and never imports or unpickle
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx import external_data_helper
 
 import poprt_lite
 from poprt_lite import ir
@@ -104,60 +106,108 @@ def build_manifest(
 def write_artifact(path: str | os.PathLike, model: onnx.ModelProto, manifest_fields: dict[str, Any]) -> Path:
     """Write the artifact atomically; `manifest_fields` are passed to `build_manifest`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    size = model.ByteSize()
+    if size > ir.PROTOBUF_LIMIT:
+        raise ArtifactError(
+            f"the model is {size} bytes, over protobuf's {ir.PROTOBUF_LIMIT}-byte (2 GB) limit; an artifact cannot hold it, use the .onnx file and its external data"
+        )
     model_bytes = model.SerializeToString()
     manifest = build_manifest(model, model_sha256=sha256(model_bytes), **manifest_fields)
     manifest_bytes = json.dumps(manifest, indent=2).encode()
-    tmp = ir.temporary_sibling(path)
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            archive.writestr(MANIFEST_MEMBER, manifest_bytes)
-            archive.writestr(DIGEST_MEMBER, sha256(manifest_bytes))
-            archive.writestr(MODEL_MEMBER, model_bytes)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ir.temporary_sibling(path)
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+                archive.writestr(MANIFEST_MEMBER, manifest_bytes)
+                archive.writestr(DIGEST_MEMBER, sha256(manifest_bytes))
+                archive.writestr(MODEL_MEMBER, model_bytes)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise ArtifactError(f"cannot write artifact '{path}' ({exc.strerror or exc}); check --output_dir and free space") from exc
     return path
 
 
 def load_artifact(path: str | os.PathLike) -> Artifact:
-    """Read and verify an artifact; any inconsistency raises `ArtifactError`."""
+    """Read and verify an artifact; any inconsistency raises `ArtifactError`.
+
+    In order: the file is a zip archive; its members are exactly the three expected names (no
+    absolute or `..` paths, no duplicates, nothing extra); their declared sizes fit the expansion
+    budget; each is read into memory, at most the budget whatever its header says; the manifest
+    checksum, the manifest's format and version, and the model checksum match; the model parses and
+    is self-contained (no external data). Nothing is extracted to disk, imported or unpickled.
+    """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"artifact '{path}' does not exist")
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ArtifactError(f"'{path}' is not a poprt-lite artifact ({exc}); compile one with --export_popef") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ArtifactError(f"'{path}' is not a poprt-lite artifact ({_one_line(exc)}); compile one with --export_popef") from None
     with archive:
         infos = archive.infolist()
-        names = [info.filename for info in infos]
-        if sorted(names) != sorted(MEMBERS):
-            odd = sorted(set(names) ^ set(MEMBERS))
-            raise ArtifactError(f"artifact '{path}' has unexpected or missing members {odd}; it was not written by poprt-lite")
+        _check_members(path, [info.filename for info in infos])
         budget = MAX_EXPANSION * path.stat().st_size
         if sum(info.file_size for info in infos) > budget:
             raise ArtifactError(f"artifact '{path}' expands to far more than its size; refusing it (zip bomb?)")
         try:
             data = {name: _read_bounded(archive, name, budget) for name in MEMBERS}
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise ArtifactError(f"artifact '{path}' is corrupt ({exc}); re-export it") from None
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError) as exc:
+            # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method
+            raise ArtifactError(f"artifact '{path}' is corrupt ({_one_line(exc)}); re-export it") from None
     if sha256(data[MANIFEST_MEMBER]) != data[DIGEST_MEMBER].decode(errors="replace").strip():
         raise ArtifactError(f"artifact '{path}': manifest checksum mismatch (corrupted or edited); re-export it")
     try:
         manifest = json.loads(data[MANIFEST_MEMBER])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ArtifactError(f"artifact '{path}': manifest is not valid JSON; re-export it") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"artifact '{path}' is not a poprt-lite artifact (format {manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"artifact '{path}' is not a poprt-lite artifact (format {found!r})")
+    version = manifest.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
         raise ArtifactError(
-            f"artifact '{path}' has format version {manifest.get('format_version')!r}; this poprt-lite reads version {FORMAT_VERSION}, re-export it"
+            f"artifact '{path}' has format version {version!r}; this poprt-lite reads version {FORMAT_VERSION}, re-export it"
         )
     if sha256(data[MODEL_MEMBER]) != manifest.get("model_sha256"):
         raise ArtifactError(f"artifact '{path}': model checksum mismatch (corrupted or tampered); re-export it")
+    _check_model(path, data[MODEL_MEMBER])
     return Artifact(path=path, manifest=manifest, model_bytes=data[MODEL_MEMBER])
+
+
+def _check_members(path: Path, names: list[str]) -> None:
+    unsafe = [n for n in names if n.startswith(("/", "\\")) or ".." in n.replace("\\", "/").split("/") or ":" in n]
+    if unsafe:
+        raise ArtifactError(f"artifact '{path}' has a member with an unsafe path {unsafe[0]!r} (absolute or with '..'); refusing it")
+    duplicates = sorted(n for n, count in collections.Counter(names).items() if count > 1)
+    if duplicates:
+        raise ArtifactError(f"artifact '{path}' holds member {duplicates[0]!r} more than once; refusing it")
+    extra, missing = sorted(set(names) - set(MEMBERS)), sorted(set(MEMBERS) - set(names))
+    if extra:
+        raise ArtifactError(f"artifact '{path}' has unexpected members {extra}; it was not written by poprt-lite")
+    if missing:
+        raise ArtifactError(f"artifact '{path}' is missing members {missing}; it was not written by poprt-lite")
+
+
+def _check_model(path: Path, model_bytes: bytes) -> None:
+    """The model member must parse and hold all its weights: external data would make a runtime
+    read files named by the artifact."""
+    try:
+        model = onnx.load_from_string(model_bytes)
+    except Exception:  # protobuf raises DecodeError or RuntimeError depending on the backend
+        raise ArtifactError(f"artifact '{path}': {MODEL_MEMBER} is not a valid ONNX model; re-export it") from None
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            raise ArtifactError(
+                f"artifact '{path}': tensor '{tensor.name}' of {MODEL_MEMBER} refers to external data; an artifact must be self-contained"
+            )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _read_bounded(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:

@@ -213,33 +213,49 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     weights in memory.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() > PROTOBUF_LIMIT:
-        _save_with_external_data(model, path)
-        return path
-    tmp = temporary_sibling(path)
     try:
-        onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            _save_with_external_data(model, path)
+            return path
+        tmp = temporary_sibling(path)
+        try:
+            onnx.save_model(model, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise PoprtError(f"cannot write '{path}' ({exc.strerror or exc}); check the output path and free space") from exc
     return path
 
 
 def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     data_name = f"{path.name}.data"
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        # onnx moves the weights out of `model` while saving; they are read back below.
-        onnx.save_model(model, staging / path.name, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+    tensors = list(external_data_helper._get_all_tensors(model))
+    explicit_location = [t.HasField("data_location") for t in tensors]
+
+    def restore_weights() -> None:
+        # onnx moves the weights out of `model` while saving; read them back so the caller's model
+        # is unchanged (down to its serialized bytes)
         external_data_helper.load_external_data_for_model(model, str(staging))
+        for tensor, explicit in zip(tensors, explicit_location):
+            if not explicit:
+                tensor.ClearField("data_location")
+
+    try:
+        onnx.save_model(model, staging / path.name, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+        restore_weights()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging / data_name, 0o666 & ~umask)  # onnx creates it private (0600)
         os.replace(staging / data_name, path.parent / data_name)
         os.replace(staging / path.name, path)
     except BaseException:
         if (staging / data_name).is_file():
-            with contextlib.suppress(Exception):  # give `model` its weights back if they were moved out
-                external_data_helper.load_external_data_for_model(model, str(staging))
+            with contextlib.suppress(Exception):
+                restore_weights()
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

