@@ -163,6 +163,8 @@ def compile(
     result = CompileResult(model=model, records=records)
     if not save:
         return result
+    if export_popef and model.ByteSize() > ir.PROTOBUF_LIMIT:
+        raise PoprtError("the converted model is over 2 GB, which an artifact cannot hold; drop --export_popef and use the .onnx with its .data file")
     result.output_model = ir.save_model(model, output_model or default_output_path(input_model, output_dir))
     if export_popef:
         pipeline_info = [

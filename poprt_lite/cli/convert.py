@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,7 +44,7 @@ def convert(
     check: Annotated[bool, typer.Option("--check", help="Compare source and converted model on random inputs.")] = False,
     fp16_io: Annotated[bool, typer.Option("--fp16_io", help="With fp16: make float inputs/outputs float16 too.")] = False,
     fp16_skip_op_types: Annotated[Multi, typer.Option("--fp16_skip_op_types", help="With fp16: op types kept in float32.")] = None,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show pass messages.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log progress details.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print errors only.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
@@ -71,7 +72,9 @@ def convert(
         dump_after=dump_after or [],
     )
     console = Console(quiet=quiet, highlight=False)
-    table = Table("pass", "changed", "time (ms)", *(["details"] if verbose else []), title="pipeline", title_justify="left")
+    if verbose:
+        logging.getLogger("poprt_lite").setLevel(logging.INFO)
+    table = Table("pass", "changed", "time (ms)", "details", title="pipeline", title_justify="left")
     with console.status("converting...") if not quiet and console.is_terminal else contextlib.nullcontext():
         result = compiler.compile(
             input_model,
@@ -81,7 +84,7 @@ def convert(
             options=options,
         )
     for record in result.records:
-        table.add_row(record.name, "yes" if record.changed else "no", f"{record.seconds * 1000:.1f}", *([record.message] if verbose else []))
+        table.add_row(record.name, "yes" if record.changed else "no", f"{record.seconds * 1000:.1f}", record.message)
     console.print(table)
     console.print(f"wrote {result.output_model}")
     if result.artifact is not None:

@@ -12,7 +12,6 @@ metadata (`poprt_lite.position_offset`) so a runtime fills position ids correctl
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +23,6 @@ from poprt_lite.errors import PoprtError
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
 
-log = logging.getLogger(__name__)
 PROBE_LENGTH = 8
 
 
@@ -57,7 +55,6 @@ class ExportPositionIds(Pass):
             return PassResult(changed=False, message=f"'{name}' is already an input")
         gather = embeddings.position
         if gather is None:
-            log.warning("export_position_ids: no position-embedding Gather with computed indices found; model unchanged")
             return PassResult(changed=False, message="no position-id computation found; model unchanged")
         indices = gather.inputs[1]
         offset = _probe_offset(graph, indices, embeddings)

@@ -38,7 +38,7 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
         raise PoprtError(f"model has no input '{options.input_name}'; packing needs the token ids as an input")
     if options.position_ids_name not in inputs:
         raise PoprtError(
-            f"{pass_name} needs '{options.position_ids_name}' as a model input; run export_position_ids first (--export_position_ids)"
+            f"{pass_name} needs '{options.position_ids_name}' as a model input: run export_position_ids before it (--pack_args does), and if that finds no position-id computation, export the model with a '{options.position_ids_name}' input"
         )
     table = int(ctx.metadata.get("position_table_size", 0))
     offset = int(ctx.metadata.get("position_offset", 0))

@@ -332,8 +332,9 @@ def test_no_attention_converts_without_packing(capsys, src, out):
 
 
 POSITION_IDS_NEEDED = (
-    "pass 'pack_unpack_repack' failed: pack_unpack_repack needs 'position_ids' as a model input; "
-    "run export_position_ids first (--export_position_ids)"
+    "pass 'pack_unpack_repack' failed: pack_unpack_repack needs 'position_ids' as a model input: "
+    "run export_position_ids before it (--pack_args does), and if that finds no position-id computation, "
+    "export the model with a 'position_ids' input"
 )
 
 
