@@ -69,7 +69,7 @@ def test_unpack_repack_layout():
 
 
 def test_attention_mask_layout_first_fit():
-    batch = pack_data(requests(SMALL), 0, 2, 8, 6, segment_num=1, across_rows=False)
+    batch = pack_data(requests(SMALL), 0, 2, 8, 6, segment_num=1, across_rows=False, algorithm="first_fit")
     np.testing.assert_array_equal(
         batch.data["input_ids"],
         [[11, 12, 13, 21, 22, 23, 24, 51], [31, 32, 33, 34, 35, 41, 42, 0]],
