@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import heapq
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import networkx as nx
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper
@@ -143,58 +143,19 @@ def check_graph(model: onnx.ModelProto, what: str = "the model") -> None:
     for output in graph.output:
         if output.name not in available and output.name not in producer:
             raise PoprtError(f"{what} is not a valid ONNX model: graph output '{output.name}' is produced by no node")
-    order = _topological_order(graph, producer)
-    if order is None:
-        cycle = _find_cycle(graph, producer)
-        names = " -> ".join(f"'{graph.node[i].name or graph.node[i].op_type}'" for i in cycle)
+    dag = nx.DiGraph()
+    dag.add_nodes_from(range(len(graph.node)))
+    dag.add_edges_from((producer[name], index) for index, node in enumerate(graph.node) for name in node.input if name in producer)
+    if not nx.is_directed_acyclic_graph(dag):
+        cycle = [u for u, _ in nx.find_cycle(dag)]
+        names = " -> ".join(f"'{graph.node[i].name or graph.node[i].op_type}'" for i in [*cycle, cycle[0]])
         raise PoprtError(f"{what} is not a valid ONNX model: its graph has a cycle ({names}); an ONNX graph must be acyclic")
+    # Keep the file's order wherever the dependencies allow it.
+    order = list(nx.lexicographical_topological_sort(dag))
     if order != list(range(len(graph.node))):
         nodes = [graph.node[i] for i in order]
         del graph.node[:]
         graph.node.extend(nodes)
-
-
-def _topological_order(graph: onnx.GraphProto, producer: dict[str, int]) -> list[int] | None:
-    """Node indices in a topological order that keeps the file's order where it can; None on a cycle."""
-    deps = [{producer[n] for n in node.input if n in producer} for node in graph.node]
-    users: list[list[int]] = [[] for _ in graph.node]
-    for index, before in enumerate(deps):
-        for b in before:
-            users[b].append(index)
-    waiting = [len(d) for d in deps]
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        index = heapq.heappop(ready)
-        order.append(index)
-        for user in users[index]:
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                heapq.heappush(ready, user)
-    return order if len(order) == len(graph.node) else None
-
-
-def _find_cycle(graph: onnx.GraphProto, producer: dict[str, int]) -> list[int]:
-    """One cycle of node indices (first node repeated at the end), for the error message."""
-    deps = [[producer[n] for n in node.input if n in producer] for node in graph.node]
-    # Nodes that cannot reach a cycle are peeled off first, so walking up always stays on one.
-    alive = set(range(len(graph.node)))
-    changed = True
-    while changed:
-        changed = False
-        for i in list(alive):
-            if not any(d in alive for d in deps[i]):
-                alive.discard(i)
-                changed = True
-    path: list[int] = []
-    seen: dict[int, int] = {}
-    node = min(alive)
-    while node not in seen:
-        seen[node] = len(path)
-        path.append(node)
-        node = next(d for d in deps[node] if d in alive)
-    return [*path[seen[node] :], node]
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -247,9 +208,7 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.save_model(model, staging / path.name, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
         restore_weights()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging / data_name, 0o666 & ~umask)  # onnx creates it private (0600)
+        os.chmod(staging / data_name, _default_file_mode())  # onnx creates it private (0600)
         os.replace(staging / data_name, path.parent / data_name)
         os.replace(staging / path.name, path)
     except BaseException:
@@ -265,11 +224,15 @@ def temporary_sibling(path: Path) -> str:
     """A new empty file beside `path` (same file system, so `os.replace` is atomic), with the
     permissions a plain `open` would give."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, _default_file_mode())
     os.close(fd)
     return tmp
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
