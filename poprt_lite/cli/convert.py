@@ -72,8 +72,8 @@ def convert(
         dump_after=dump_after or [],
     )
     console = Console(quiet=quiet, highlight=False)
-    if verbose:
-        logging.getLogger("poprt_lite").setLevel(logging.INFO)
+    if verbose or quiet:
+        logging.getLogger("poprt_lite").setLevel(logging.ERROR if quiet else logging.INFO)
     table = Table("pass", "changed", "time (ms)", "details", title="pipeline", title_justify="left")
     with console.status("converting...") if not quiet and console.is_terminal else contextlib.nullcontext():
         result = compiler.compile(

@@ -154,3 +154,18 @@ def test_list_all_ops(capsys):
     for name in ("AttentionMask", "Unpack", "Repack", "PaddingMask"):
         assert name in out
     assert "ai.graphcore" in out
+
+
+def test_corrupted_artifact_is_one_line_exit_2(tmp_path, capsys):
+    assert cli(capsys, "--input_model", BERT, "--output_dir", str(tmp_path), "--export_popef", "--quiet")[0] == 0
+    data = bytearray((tmp_path / "executable.popef").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "bad.popef"
+    bad.write_bytes(bytes(data))
+    code, _, err = cli(capsys, "inspect", str(bad))
+    assert (code, err) == (2, f"error: artifact '{bad}' is corrupt (Bad CRC-32 for file 'model.onnx'); re-export it\n")
+
+
+def test_quiet_prints_nothing_on_success(tmp_path, capsys):
+    code, out, err = cli(capsys, "--input_model", BERT, "--output_dir", str(tmp_path), "--precision", "fp16", "--quiet")
+    assert (code, out) == (0, "")
