@@ -752,7 +752,6 @@ def test_bert_qa_end_to_end(bert_artifacts, mode, algorithm):
     assert stats.mean_requests_per_batch > 1
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode, algorithm", MODES)
 def test_bert_qa_32_clients_x_200_requests(bert_artifacts, mode, algorithm):
     config = config_for(mode, algorithm, timeout_microseconds=3000)
