@@ -47,19 +47,54 @@ class ModelRunner:
             target[...] = value
 
     def check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Validate names, dtypes and shapes against the manifest; cast int32/int64 ids to the model's type."""
+        """Validate names, dtypes, shapes and values against the manifest; cast int32/int64 ids to the
+        model's type. Token ids must lie in the vocabulary (`vocab_size`), no id may be negative (onnxruntime's
+        Gather would silently wrap it), float feeds must be finite, and in unpack/repack artifacts
+        every `unpack_info` length must be at most `segment_max_size` and fit the batch."""
+        if not isinstance(feeds, Mapping):
+            raise RequestError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise RequestError(f"missing feed '{missing[0]}'; the model takes: {', '.join(self.inputs)}")
         extra = [n for n in feeds if n not in self.inputs]
         if extra:
             raise RequestError(f"unexpected feed '{extra[0]}'; the model takes: {', '.join(self.inputs)}")
-        return {name: conform(name, feeds[name], spec) for name, spec in self.inputs.items()}
+        arrays = {name: conform(name, feeds[name], spec) for name, spec in self.inputs.items()}
+        vocab_size = self.manifest.get("vocab_size")
+        pack = self.manifest.get("pack") or {}
+        for name, spec in self.inputs.items():
+            role, array = spec.get("role"), arrays[name]
+            if not np.issubdtype(array.dtype, np.integer):
+                continue
+            if role in ("dynamic_input", "token_type_ids", "position_ids", "unpack_info") and array.min() < 0:
+                raise RequestError(f"feed '{name}' has negative values")
+            if role == "dynamic_input" and vocab_size and array.max() >= vocab_size:
+                raise RequestError(f"feed '{name}' has ids >= the vocabulary size {vocab_size}")
+            if role == "unpack_info" and pack.get("mode") == "unpack_repack":
+                limit = int(pack["segment_max_size"])
+                if array.max() > limit:
+                    i = int(np.argmax(array.reshape(-1) > limit))
+                    raise RequestError(
+                        f"feed '{name}' holds a request of {int(array.reshape(-1)[i])} tokens ({name}[{i}]), "
+                        f"more than segment_max_size {limit} of the artifact; truncate or split it"
+                    )
+                dynamic = [n for n, s in self.inputs.items() if s.get("role") == "dynamic_input"]
+                shape = arrays[dynamic[0]].shape if dynamic else ()
+                slots = int(np.prod(shape[:2])) if len(shape) >= 2 else None
+                if slots is not None and int(array.sum()) > slots:
+                    raise RequestError(
+                        f"feed '{name}' holds {int(array.sum())} tokens, more than the {slots} token slots of "
+                        f"the batch ({shape[0]}x{shape[1]})"
+                    )
+        return arrays
 
 
 def conform(name: str, value: Any, spec: Mapping[str, Any]) -> np.ndarray:
     """One feed, checked against its manifest entry and cast where that is lossless."""
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        raise RequestError(f"feed '{name}' is a ragged or non-numeric sequence; pass a numpy array") from None
     want = np.dtype(spec["dtype"])
     if array.dtype != want:
         if np.issubdtype(want, np.integer) and np.issubdtype(array.dtype, np.integer):
@@ -73,4 +108,8 @@ def conform(name: str, value: Any, spec: Mapping[str, Any]) -> np.ndarray:
     if len(array.shape) != len(shape) or any(isinstance(d, int) and d != a for d, a in zip(shape, array.shape)):
         expected = "[" + ",".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
         raise RequestError(f"feed '{name}' has shape {list(array.shape)}; the model expects {expected}")
+    if array.size == 0:
+        raise RequestError(f"feed '{name}' is empty (shape {list(array.shape)})")
+    if np.issubdtype(want, np.inexact) and not np.isfinite(array).all():
+        raise RequestError(f"feed '{name}' has NaN or infinite values")
     return array

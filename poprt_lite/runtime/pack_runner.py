@@ -15,10 +15,17 @@ Feeds of a request (1-D `[n]` or `[1, n]`, int32 or int64 for integer inputs):
 - `token_type_ids`: optional, zeros when omitted;
 - `position_ids`: optional, `position_offset + arange(n)` when omitted (the manifest's offset, e.g. 2
   for RoBERTa-like models); used as given otherwise;
-- `attention_mask`: optional; must be all non-zero (requests are unpadded); the runner builds the
-  packed mask itself (1/0 in unpack/repack mode, segment ids 1, 2, ... per row in AttentionMask mode);
+- `attention_mask`: optional; must be numeric and all non-zero (requests are unpadded); the runner
+  builds the packed mask itself (1/0 in unpack/repack mode, segment ids 1, 2, ... per row in AttentionMask mode);
 - `unpack_info` (unpack/repack artifacts only): optional and ignored; the runner fills it.
-Any other model input ("data" role) is per token and required.
+Any other model input ("data" role) is per token and required; float ones must be finite.
+
+Every request is checked in the caller's thread, before it is queued, so that a bad request can
+only fail its own call, never the batch it would share with others: ids must lie in `[0, rows)` of
+the embedding tables they index (the manifest's `vocab_size` for the dynamic input; the tables'
+sizes, read from the graph, for token types and positions), since an out-of-table id makes
+onnxruntime fail the whole batch; and no float value may be NaN or infinite, since attention mixes
+tokens of different requests with zero weights and 0 * NaN is NaN.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from poprt_lite.artifact import Artifact, load_artifact
@@ -130,6 +138,7 @@ class PackRunner:
         self.inputs = {spec["name"]: spec for spec in self.manifest["inputs"]}
         self.outputs = {spec["name"]: spec for spec in self.manifest["outputs"]}
         self._resolve(config)
+        self._check_tables()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -287,6 +296,28 @@ class PackRunner:
             self._output_specs[name] = (layout, tuple(dims[len(head):]))
         self._dynamic_dtype = self._token_inputs[self.dynamic_input_name][1]
 
+    def _check_tables(self) -> None:
+        """Bound the id inputs by the embedding tables they index, so that a request with an
+        out-of-table id is refused on its call instead of failing the batch it would share."""
+        ids = [name for name, (role, _, _) in self._token_inputs.items() if role in ID_ROLES]
+        try:
+            model = onnx.load_from_string(self.artifact.model_bytes)
+        except Exception:  # load_artifact parsed it already; an in-memory Artifact may not have been
+            raise PoprtError(f"artifact '{self.artifact.path}' holds a model that is not valid ONNX; re-export it") from None
+        rows = _table_rows(model, ids)
+        del model
+        if not self.vocab_size and self.dynamic_input_name in rows:
+            self.vocab_size = rows[self.dynamic_input_name]
+        self._id_rows = {name: n for name, n in rows.items() if name != self.dynamic_input_name}
+        for name, (role, _, _) in self._token_inputs.items():
+            last = self.position_offset + self.max_length - 1
+            if role == "position_ids" and name in self._id_rows and last >= self._id_rows[name]:
+                raise PoprtError(
+                    f"artifact '{self.artifact.path}': requests of up to {self.max_length} tokens need position "
+                    f"ids up to {last}, but '{name}' indexes a table of {self._id_rows[name]} rows; recompile "
+                    "with a smaller segment_max_size"
+                )
+
     # ------------------------------------------------------------------------------- public API
 
     @property
@@ -387,6 +418,11 @@ class PackRunner:
                 raise RequestError(f"missing feed '{name}'; a request takes: {', '.join(self._describe_feeds())}")
         if self.mask_name is not None and self.mask_name in feeds:
             mask = _as_tokens(self.mask_name, feeds[self.mask_name], ())
+            if not (np.issubdtype(mask.dtype, np.number) or mask.dtype == np.bool_):
+                want = np.dtype(self.inputs[self.mask_name]["dtype"]).name
+                raise RequestError(f"feed '{self.mask_name}' has dtype {mask.dtype.name}; the model expects {want}")
+            if np.issubdtype(mask.dtype, np.inexact) and not np.isfinite(mask).all():
+                raise RequestError(f"feed '{self.mask_name}' has NaN or infinite values")
             if len(mask) != n:
                 raise RequestError(f"feed '{self.mask_name}' has {len(mask)} tokens; '{self.dynamic_input_name}' has {n}")
             if not np.all(mask):
@@ -394,7 +430,7 @@ class PackRunner:
                     f"feed '{self.mask_name}' has zeros; send each request unpadded (its real tokens only)"
                 )
         if self._unpack_info is not None and self._unpack_info[0] in feeds:
-            info = np.asarray(feeds[self._unpack_info[0]])
+            info = _array(self._unpack_info[0], feeds[self._unpack_info[0]])
             if info.ndim > 1 or not np.issubdtype(info.dtype, np.integer):
                 raise RequestError(
                     f"feed '{self._unpack_info[0]}' must be a 1-D integer array (it is ignored: the runner fills it)"
@@ -413,11 +449,18 @@ class PackRunner:
                     raise RequestError(f"feed '{name}' has values outside the range of {dtype.name}")
                 array = array.astype(dtype)
             elif np.issubdtype(dtype, np.floating) and np.issubdtype(array.dtype, np.floating):
-                array = array.astype(dtype)
+                with np.errstate(over="ignore"):  # values beyond the model's type become inf: refused below
+                    array = array.astype(dtype)
             else:
                 raise RequestError(f"feed '{name}' has dtype {array.dtype.name}; the model expects {dtype.name}")
         if role in ID_ROLES and array.size and array.min() < 0:
             raise RequestError(f"feed '{name}' has negative values")
+        if name in self._id_rows and array.size and array.max() >= self._id_rows[name]:
+            raise RequestError(
+                f"feed '{name}' has ids >= {self._id_rows[name]}, the number of rows of the embedding table it indexes"
+            )
+        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+            raise RequestError(f"feed '{name}' has NaN or infinite values")
         return array
 
     def _check_outputs(self, outputs: dict[str, np.ndarray] | None, n: int) -> dict[str, np.ndarray]:
@@ -623,13 +666,48 @@ class PackRunner:
 
 def _as_tokens(name: str, value: Any, trailing: tuple) -> np.ndarray:
     """A request's feed as `[n, *trailing]`, accepting a leading batch axis of 1."""
-    array = np.asarray(value)
+    array = _array(name, value)
     if array.ndim == len(trailing) + 2 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != len(trailing) + 1 or not _fits(array.shape[1:], trailing):
         want = "[n" + "".join(f", {d}" for d in trailing) + "]"
         raise RequestError(f"feed '{name}' has shape {list(array.shape)}; a request's '{name}' is {want} or [1, {want[1:]}")
     return array
+
+
+def _array(name: str, value: Any) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError):  # a ragged list, or an object numpy cannot convert
+        raise RequestError(f"feed '{name}' is a ragged or non-numeric sequence; pass a numpy array") from None
+
+
+def _table_rows(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+    """For each graph input in `names`, the fewest rows among the constant 2-D tables that an
+    axis-0 Gather looks it up in (through Casts and Identities); inputs used otherwise are left out."""
+    graph = model.graph
+    rows = {t.name: int(t.dims[0]) for t in graph.initializer if len(t.dims) == 2}
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and len(value.dims) == 2:
+                rows[node.output[0]] = int(value.dims[0])
+        for position, tensor in enumerate(node.input):
+            consumers[tensor].append((node, position))
+    found = {}
+    for name in names:
+        frontier, seen = [name], {name}
+        while frontier:
+            for node, position in consumers[frontier.pop()]:
+                if node.op_type in ("Cast", "Identity") and node.output[0] not in seen:
+                    seen.add(node.output[0])
+                    frontier.append(node.output[0])
+                elif node.op_type == "Gather" and position == 1 and node.input[0] in rows:
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if axis == 0:
+                        found[name] = min(found.get(name, rows[node.input[0]]), rows[node.input[0]])
+    return found
 
 
 def _segment_ids(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
