@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -44,9 +43,9 @@ def convert(
     check: Annotated[bool, typer.Option("--check", help="Compare source and converted model on random inputs.")] = False,
     fp16_io: Annotated[bool, typer.Option("--fp16_io", help="With fp16: make float inputs/outputs float16 too.")] = False,
     fp16_skip_op_types: Annotated[Multi, typer.Option("--fp16_skip_op_types", help="With fp16: op types kept in float32.")] = None,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log progress details.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log progress details.")] = False,  # noqa: ARG001 - applied by main()
     quiet: Annotated[bool, typer.Option("--quiet", help="Print errors only.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,  # noqa: ARG001 - applied by main()
 ) -> None:
     for spec in plugin or []:
         passes.load_plugin(spec)
@@ -72,8 +71,6 @@ def convert(
         dump_after=dump_after or [],
     )
     console = Console(quiet=quiet, highlight=False)
-    if verbose or quiet:
-        logging.getLogger("poprt_lite").setLevel(logging.ERROR if quiet else logging.INFO)
     table = Table("pass", "changed", "time (ms)", "details", title="pipeline", title_justify="left")
     with console.status("converting...") if not quiet and console.is_terminal else contextlib.nullcontext():
         result = compiler.compile(

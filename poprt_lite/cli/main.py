@@ -57,6 +57,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv.insert(0, "convert")
     debug = "--debug" in argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logger = logging.getLogger("poprt_lite")
+    previous_level = logger.level
+    if "--quiet" in argv:
+        logger.setLevel(logging.ERROR)
+    elif "-v" in argv or "--verbose" in argv:
+        logger.setLevel(logging.INFO)
+    try:
+        return _run(argv, debug)
+    finally:
+        logger.setLevel(previous_level)
+
+
+def _run(argv: list[str], debug: bool) -> int:
     try:
         app(expand_multi_value_flags(argv), prog_name="poprt-lite", standalone_mode=False)
     except PoprtError as exc:
