@@ -82,8 +82,15 @@ def build_manifest(
             "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim],
         }
 
+    # Integer inputs that index an embedding table: ids at or past its rows would fail a whole batch.
+    rows = embedding_table_rows(model, [v.name for v in model.graph.input])
     inputs = [
-        {**describe(v), "role": meta.get(f"role.{v.name}", DEFAULT_ROLES.get(v.name, "data"))} for v in model.graph.input
+        {
+            **describe(v),
+            "role": meta.get(f"role.{v.name}", DEFAULT_ROLES.get(v.name, "data")),
+            "table_rows": rows.get(v.name),
+        }
+        for v in model.graph.input
     ]
     outputs = [{**describe(v), "layout": meta.get(f"layout.{v.name}", "padded")} for v in model.graph.output]
     return {
@@ -101,6 +108,34 @@ def build_manifest(
         "position_offset": int(meta.get("position_offset", 0)),
         "vocab_size": int(meta["vocab_size"]) if "vocab_size" in meta else None,
     }
+
+
+def embedding_table_rows(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+    """For each graph input in `names`, the fewest rows among the constant 2-D tables that an
+    axis-0 Gather looks it up in (through Casts and Identities); inputs used otherwise are left out."""
+    graph = model.graph
+    rows = {t.name: int(t.dims[0]) for t in graph.initializer if len(t.dims) == 2}
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and len(value.dims) == 2:
+                rows[node.output[0]] = int(value.dims[0])
+        for position, tensor in enumerate(node.input):
+            consumers[tensor].append((node, position))
+    found = {}
+    for name in names:
+        frontier, seen = [name], {name}
+        while frontier:
+            for node, position in consumers[frontier.pop()]:
+                if node.op_type in ("Cast", "Identity") and node.output[0] not in seen:
+                    seen.add(node.output[0])
+                    frontier.append(node.output[0])
+                elif node.op_type == "Gather" and position == 1 and node.input[0] in rows:
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if axis == 0:
+                        found[name] = min(found.get(name, rows[node.input[0]]), rows[node.input[0]])
+    return found
 
 
 def write_artifact(path: str | os.PathLike, model: onnx.ModelProto, manifest_fields: dict[str, Any]) -> Path:

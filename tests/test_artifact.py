@@ -36,6 +36,10 @@ def test_manifest_describes_the_packed_interface(packed_artifact):
         ("position_ids", "int64", [2, 32], "position_ids"),
         ("unpack_info", "int32", [4], "unpack_info"),
     ]
+    # ids index embedding tables: the runtime refuses ids past them before running
+    assert {i["name"]: i["table_rows"] for i in manifest["inputs"]} == {
+        "input_ids": 1000, "attention_mask": None, "position_ids": 514, "unpack_info": None,
+    }
     assert [(o["name"], o["shape"], o["layout"]) for o in manifest["outputs"]] == [
         ("start_logits", [4, 32], "unpacked"),
         ("end_logits", [4, 32], "unpacked"),
@@ -59,6 +63,10 @@ def test_runner_validates_feeds_against_the_manifest(packed_artifact):
         runner.run(None, {**feeds, "input_ids": np.ones((2, 16), np.int64)})
     with pytest.raises(Exception, match=r"^missing feed 'unpack_info'; the model takes: input_ids, attention_mask, position_ids, unpack_info$"):
         runner.run(None, {k: v for k, v in feeds.items() if k != "unpack_info"})
+    with pytest.raises(Exception, match=r"^feed 'position_ids' has ids >= 514, the number of rows of the embedding table it indexes$"):
+        runner.run(None, {**feeds, "position_ids": np.full((2, 32), 514)})
+    with pytest.raises(Exception, match=r"^output array 'start_logits' has dtype int32; the model gives float32$"):
+        runner.execute(feeds, {"start_logits": np.zeros((4, 32), np.int32)})
     with pytest.raises(Exception, match=r"^feed 'attention_mask' has dtype float32; the model expects int64$"):
         runner.run(None, {**feeds, "attention_mask": np.ones((2, 32), np.float32)})
 

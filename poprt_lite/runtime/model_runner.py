@@ -39,7 +39,16 @@ class ModelRunner:
         return self.session.run(names, self.check_feeds(feeds))
 
     def execute(self, feeds: Mapping[str, Any], outputs: dict[str, np.ndarray]) -> None:
-        """PopRT's calling convention: fill the caller's `outputs` arrays in place."""
+        """PopRT's calling convention: fill the caller's `outputs` arrays in place (checked first)."""
+        for name, target in outputs.items():
+            spec = self.outputs.get(name)
+            if spec is None:
+                raise RequestError(f"model has no output '{name}'; outputs are: {', '.join(self.outputs)}")
+            if not isinstance(target, np.ndarray) or target.dtype != np.dtype(spec["dtype"]):
+                got = target.dtype.name if isinstance(target, np.ndarray) else type(target).__name__
+                raise RequestError(f"output array '{name}' has dtype {got}; the model gives {spec['dtype']}")
+            if any(isinstance(d, int) and d != t for d, t in zip(spec["shape"], target.shape)) or target.ndim != len(spec["shape"]):
+                raise RequestError(f"output array '{name}' has shape {list(target.shape)}; the model gives {spec['shape']}")
         for name, value in zip(outputs, self.run(list(outputs), feeds)):
             target = outputs[name]
             if target.shape != value.shape:
@@ -49,7 +58,8 @@ class ModelRunner:
     def check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Validate names, dtypes, shapes and values against the manifest; cast int32/int64 ids to the
         model's type. Token ids must lie in the vocabulary (`vocab_size`), no id may be negative (onnxruntime's
-        Gather would silently wrap it), float feeds must be finite, and in unpack/repack artifacts
+        Gather would silently wrap it), other ids must lie in the embedding table they index
+        (`table_rows`), float feeds must be finite, and in unpack/repack artifacts
         every `unpack_info` length must be at most `segment_max_size` and fit the batch."""
         if not isinstance(feeds, Mapping):
             raise RequestError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
@@ -70,6 +80,9 @@ class ModelRunner:
                 raise RequestError(f"feed '{name}' has negative values")
             if role == "dynamic_input" and vocab_size and array.max() >= vocab_size:
                 raise RequestError(f"feed '{name}' has ids >= the vocabulary size {vocab_size}")
+            rows = spec.get("table_rows")
+            if role != "dynamic_input" and rows and array.max() >= rows:
+                raise RequestError(f"feed '{name}' has ids >= {rows}, the number of rows of the embedding table it indexes")
             if role == "unpack_info" and pack.get("mode") == "unpack_repack":
                 limit = int(pack["segment_max_size"])
                 if array.max() > limit:

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from poprt_lite.artifact import Artifact, load_artifact
@@ -299,13 +298,11 @@ class PackRunner:
     def _check_tables(self) -> None:
         """Bound the id inputs by the embedding tables they index, so that a request with an
         out-of-table id is refused on its call instead of failing the batch it would share."""
-        ids = [name for name, (role, _, _) in self._token_inputs.items() if role in ID_ROLES]
-        try:
-            model = onnx.load_from_string(self.artifact.model_bytes)
-        except Exception:  # load_artifact parsed it already; an in-memory Artifact may not have been
-            raise PoprtError(f"artifact '{self.artifact.path}' holds a model that is not valid ONNX; re-export it") from None
-        rows = _table_rows(model, ids)
-        del model
+        rows = {
+            name: self.inputs[name]["table_rows"]
+            for name, (role, _, _) in self._token_inputs.items()
+            if role in ID_ROLES and self.inputs[name].get("table_rows")
+        }
         if not self.vocab_size and self.dynamic_input_name in rows:
             self.vocab_size = rows[self.dynamic_input_name]
         self._id_rows = {name: n for name, n in rows.items() if name != self.dynamic_input_name}
@@ -681,33 +678,6 @@ def _array(name: str, value: Any) -> np.ndarray:
     except (ValueError, TypeError):  # a ragged list, or an object numpy cannot convert
         raise RequestError(f"feed '{name}' is a ragged or non-numeric sequence; pass a numpy array") from None
 
-
-def _table_rows(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
-    """For each graph input in `names`, the fewest rows among the constant 2-D tables that an
-    axis-0 Gather looks it up in (through Casts and Identities); inputs used otherwise are left out."""
-    graph = model.graph
-    rows = {t.name: int(t.dims[0]) for t in graph.initializer if len(t.dims) == 2}
-    consumers = collections.defaultdict(list)
-    for node in graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None and len(value.dims) == 2:
-                rows[node.output[0]] = int(value.dims[0])
-        for position, tensor in enumerate(node.input):
-            consumers[tensor].append((node, position))
-    found = {}
-    for name in names:
-        frontier, seen = [name], {name}
-        while frontier:
-            for node, position in consumers[frontier.pop()]:
-                if node.op_type in ("Cast", "Identity") and node.output[0] not in seen:
-                    seen.add(node.output[0])
-                    frontier.append(node.output[0])
-                elif node.op_type == "Gather" and position == 1 and node.input[0] in rows:
-                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                    if axis == 0:
-                        found[name] = min(found.get(name, rows[node.input[0]]), rows[node.input[0]])
-    return found
 
 
 def _segment_ids(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
