@@ -149,18 +149,16 @@ def write_artifact(path: str | os.PathLike, model: onnx.ModelProto, manifest_fie
     model_bytes = model.SerializeToString()
     manifest = build_manifest(model, model_sha256=sha256(model_bytes), **manifest_fields)
     manifest_bytes = json.dumps(manifest, indent=2).encode()
+
+    def write(tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            archive.writestr(MANIFEST_MEMBER, manifest_bytes)
+            archive.writestr(DIGEST_MEMBER, sha256(manifest_bytes))
+            archive.writestr(MODEL_MEMBER, model_bytes)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ir.temporary_sibling(path)
-        try:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-                archive.writestr(MANIFEST_MEMBER, manifest_bytes)
-                archive.writestr(DIGEST_MEMBER, sha256(manifest_bytes))
-                archive.writestr(MODEL_MEMBER, model_bytes)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        ir.atomic_write(path, write)
     except OSError as exc:
         raise ArtifactError(f"cannot write artifact '{path}' ({exc.strerror or exc}); check --output_dir and free space") from exc
     return path

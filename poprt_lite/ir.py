@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import networkx as nx
@@ -179,13 +180,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         if model.ByteSize() > PROTOBUF_LIMIT:
             _save_with_external_data(model, path)
             return path
-        tmp = temporary_sibling(path)
-        try:
-            onnx.save_model(model, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
     except OSError as exc:
         raise PoprtError(f"cannot write '{path}' ({exc.strerror or exc}); check the output path and free space") from exc
     return path
@@ -218,6 +213,18 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it into place; on any
+    failure the temporary file is removed, so nothing half-written is left."""
+    tmp = temporary_sibling(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def temporary_sibling(path: Path) -> str:

@@ -102,6 +102,14 @@ class ModelRunner:
         return arrays
 
 
+def cast_ids(name: str, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Integer ids to the model's integer type (PopRT feeds int32), refusing values it cannot hold."""
+    info = np.iinfo(dtype)
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        raise RequestError(f"feed '{name}' has values outside the range of {dtype.name}")
+    return array.astype(dtype)
+
+
 def conform(name: str, value: Any, spec: Mapping[str, Any]) -> np.ndarray:
     """One feed, checked against its manifest entry and cast where that is lossless."""
     try:
@@ -111,10 +119,7 @@ def conform(name: str, value: Any, spec: Mapping[str, Any]) -> np.ndarray:
     want = np.dtype(spec["dtype"])
     if array.dtype != want:
         if np.issubdtype(want, np.integer) and np.issubdtype(array.dtype, np.integer):
-            info = np.iinfo(want)
-            if array.size and (array.min() < info.min or array.max() > info.max):
-                raise RequestError(f"feed '{name}' has values outside the range of {want.name}")
-            array = array.astype(want)
+            array = cast_ids(name, array, want)
         else:
             raise RequestError(f"feed '{name}' has dtype {array.dtype.name}; the model expects {want.name}")
     shape = spec["shape"]

@@ -44,6 +44,7 @@ import onnxruntime as ort
 
 from poprt_lite.artifact import Artifact, load_artifact
 from poprt_lite.errors import PoprtError, RequestError
+from poprt_lite.runtime.model_runner import cast_ids
 from poprt_lite.runtime.config import DEFAULT_TIMEOUT_MICROSECONDS, PackRunnerConfig
 from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm
 
@@ -441,10 +442,7 @@ class PackRunner:
             raise RequestError(f"feed '{name}' has {len(array)} tokens; '{self.dynamic_input_name}' has {n}")
         if array.dtype != dtype:
             if np.issubdtype(dtype, np.integer) and np.issubdtype(array.dtype, np.integer):
-                info = np.iinfo(dtype)
-                if array.size and (array.min() < info.min or array.max() > info.max):
-                    raise RequestError(f"feed '{name}' has values outside the range of {dtype.name}")
-                array = array.astype(dtype)
+                array = cast_ids(name, array, dtype)
             elif np.issubdtype(dtype, np.floating) and np.issubdtype(array.dtype, np.floating):
                 with np.errstate(over="ignore"):  # values beyond the model's type become inf: refused below
                     array = array.astype(dtype)
