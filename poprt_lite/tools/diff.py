@@ -436,45 +436,33 @@ class _Matching:
         return index
 
     def _forward_pass(self, similar: bool) -> int:
-        """Walk B in topological order, matching each unmatched node to an unmatched A node with the
+        """Walk B's nodes in topological order and pair each unmatched one with an unmatched A node of the
         same key (or, if `similar`, the most similar one); matches feed the keys of later nodes."""
-        index = self._unmatched_a_by_key(self.forward_a)
-        keys = [b""] * len(self.b.nodes)
-        found = 0
-        for node in self.b.order:
-            partner = self.b_to_a.get(node)
-            if partner is None:
-                key = self._forward_key(self.b, node, keys)
-                partner = _pop_unmatched(index.get(key), self.a_to_b)
-                if partner is None and similar:
-                    partner = self._similar_by_inputs(node)
-                if partner is not None:
-                    self._pair(partner, node)
-                    found += 1
-                else:
-                    keys[node] = key
-                    continue
-            keys[node] = self.forward_a[partner]
-        return found
+        return self._matching_pass(self.forward_a, self.b.order, self._forward_key, self._similar_by_inputs if similar else None)
 
     def _backward_pass(self, similar: bool) -> int:
-        index = self._unmatched_a_by_key(self.backward_a)
+        """The same walk from the outputs back, keyed by what each node's outputs are used for."""
+        return self._matching_pass(
+            self.backward_a, list(reversed(self.b.order)), self._backward_key, self._similar_by_uses if similar else None
+        )
+
+    def _matching_pass(self, a_keys: list[bytes], order: list[int], key_of, similar_to) -> int:
+        index = self._unmatched_a_by_key(a_keys)
         keys = [b""] * len(self.b.nodes)
         found = 0
-        for node in reversed(self.b.order):
+        for node in order:
             partner = self.b_to_a.get(node)
             if partner is None:
-                key = self._backward_key(self.b, node, keys)
+                key = key_of(self.b, node, keys)
                 partner = _pop_unmatched(index.get(key), self.a_to_b)
-                if partner is None and similar:
-                    partner = self._similar_by_uses(node)
-                if partner is not None:
-                    self._pair(partner, node)
-                    found += 1
-                else:
+                if partner is None and similar_to is not None:
+                    partner = similar_to(node)
+                if partner is None:
                     keys[node] = key
                     continue
-            keys[node] = self.backward_a[partner]
+                self._pair(partner, node)
+                found += 1
+            keys[node] = a_keys[partner]
         return found
 
     def _a_source(self, source: Source) -> Source | None:
