@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import typer
 from typer.exceptions import TyperException
 
-from poprt_lite.cli import convert, diff, inspect, listing
+from poprt_lite.cli import bench, convert, diff, inspect, listing
 from poprt_lite.errors import PoprtError
 
 app = typer.Typer(
@@ -32,6 +32,7 @@ app.command("passes", help="List the registered passes, built-in and plugins.")(
 app.command("ops", help="List the custom ops.")(listing.ops_command)
 app.command("diff", help="Compare two models or artifacts structurally; exit 0 if equal, 1 if different, 2 on error.")(diff.diff_command)
 app.command("inspect", help="Show a model's or artifact's interface, ops, metadata and manifest.")(inspect.inspect_command)
+app.command("bench", help="Benchmark packed vs padded throughput, latency and accuracy on the same requests.")(bench.bench_command)
 
 MULTI_VALUE_FLAGS = {"--input_shape", "--pack_args", "--plugin", "--dump_after", "--fp16_skip_op_types", "--pass_option"}
 

@@ -1,0 +1,124 @@
+"""Export the benchmark model: BERT-base geometry with a QA head and random weights.
+
+Same recipe as `testdata/make_models.py` (transformers config, eager attention, TorchScript
+exporter, opset 17, biases and LayerNorm parameters randomised so every path contributes), at
+BERT-base size: 12 layers, hidden 768, 12 heads, intermediate 3072, vocab 30522. Nothing is
+downloaded. The ~420 MB file goes to a cache directory (default `~/.cache/poprt-lite/`), never to
+the repository; torch / transformers are imported only here (`pip install '.[export]'`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from poprt_lite.errors import PoprtError
+
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class Geometry:
+    layers: int = 12
+    hidden: int = 768
+    heads: int = 12
+    intermediate: int = 3072
+    vocab: int = 30522
+    max_positions: int = 512
+
+    @property
+    def tag(self) -> str:
+        return f"bert_qa_l{self.layers}_h{self.hidden}_a{self.heads}_i{self.intermediate}_v{self.vocab}"
+
+
+BERT_BASE = Geometry()
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("POPRT_LITE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "poprt-lite"
+    )
+    return Path(root)
+
+
+def export_bert_qa(path: str | os.PathLike, geometry: Geometry = BERT_BASE, seed: int = 0) -> Path:
+    """Export a BertForQuestionAnswering with random weights to `path` (inputs input_ids,
+    attention_mask, token_type_ids with dynamic batch/sequence; outputs start_logits, end_logits)."""
+    try:
+        import torch
+        from torch import nn
+        from transformers import BertConfig, BertForQuestionAnswering
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise PoprtError(
+            f"exporting the benchmark model needs torch and transformers ({exc}); "
+            "pip install '.[export]' or pass --model"
+        ) from None
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=geometry.vocab,
+        hidden_size=geometry.hidden,
+        num_hidden_layers=geometry.layers,
+        num_attention_heads=geometry.heads,
+        intermediate_size=geometry.intermediate,
+        max_position_embeddings=geometry.max_positions,
+        type_vocab_size=2,
+        attn_implementation="eager",
+    )
+    model = BertForQuestionAnswering(config)
+    with torch.no_grad():  # as make_models.py: non-trivial biases and LayerNorm affine parameters
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif "LayerNorm" in name:
+                p.normal_(1.0, 0.1)
+    model.eval()
+
+    class QA(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
+            )
+            return out.start_logits, out.end_logits
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    outputs = ["start_logits", "end_logits"]
+    axes = {n: {0: "batch", 1: "sequence"} for n in names + outputs}
+    example = (
+        torch.randint(4, geometry.vocab, (2, 8)),
+        torch.ones(2, 8, dtype=torch.int64),
+        torch.zeros(2, 8, dtype=torch.int64),
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            QA(model).eval(),
+            example,
+            str(tmp),
+            dynamo=False,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes=axes,
+        )
+    os.replace(tmp, path)
+    return path
+
+
+def cached_bert_qa(cache_dir: str | os.PathLike | None = None, geometry: Geometry = BERT_BASE) -> Path:
+    """The exported model in the cache directory, exporting it on first use."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = folder / f"{geometry.tag}.onnx"
+    if not path.is_file():
+        export_bert_qa(path, geometry)
+    return path

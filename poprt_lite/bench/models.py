@@ -1,0 +1,159 @@
+"""Compile (and cache) the benchmark's three artifacts from one source model.
+
+`padded`: static `[batch, seq_len]` shapes and `position_ids` as an input (PopRT's
+`bert_bs16_sl256.onnx`); `unpack_repack` and `attention_mask`: the same plus `--pack_args`.
+Artifacts are cached under `<work_dir>/compiled/`, keyed by the source model's sha256, the compile
+options and a hash of poprt-lite's compiler sources, so editing a pass never reuses a stale model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+import poprt_lite
+from poprt_lite.artifact import Artifact, load_artifact
+from poprt_lite.compiler import CompileOptions
+from poprt_lite.compiler import compile as compile_model
+from poprt_lite.errors import ArtifactError, PoprtError
+
+KINDS = ("padded", "unpack_repack", "attention_mask")
+_SOURCE_PARTS = ("passes", "ops", "patterns", "compiler.py", "ir.py", "artifact.py")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def compiler_hash() -> str:
+    """Hash of the poprt-lite sources that shape a compiled model."""
+    root = Path(poprt_lite.__file__).parent
+    digest = hashlib.sha256(poprt_lite.__version__.encode())
+    for part in _SOURCE_PARTS:
+        target = root / part
+        files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
+        for f in files:
+            digest.update(str(f.relative_to(root)).encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def token_inputs(source: Path) -> list[str]:
+    """Names of the source model's `[batch, sequence]` inputs."""
+    model = onnx.load(str(source), load_external_data=False)
+    names = [i.name for i in model.graph.input if len(i.type.tensor_type.shape.dim) == 2]
+    if "input_ids" not in names:
+        raise PoprtError(f"model '{source}' has no [batch, sequence] input 'input_ids'; the benchmark needs a BERT-like encoder")
+    return names
+
+
+def prepare_artifacts(
+    source: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_valid_num: int,
+    segment_max_size: int,
+    kinds: tuple[str, ...] = KINDS,
+    ort_fusions: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Artifact]:
+    """The artifact of each kind, compiled on first use and loaded (verified) from the cache.
+
+    `ort_fusions` also runs onnxruntime's transformer optimizer (`onnxruntime.transformers.optimizer`,
+    model type bert) on every compiled model, padded and packed alike.
+    """
+    source = Path(source)
+    if not source.is_file():
+        raise PoprtError(f"model '{source}' does not exist")
+    say = on_step or (lambda _msg: None)
+    say(f"hashing {source.name}")
+    key = f"{source.stem[:40]}-{file_sha256(source)[:12]}-{compiler_hash()[:12]}"
+    shape = None
+    artifacts = {}
+    for kind in kinds:
+        pack = {} if kind == "padded" else {
+            "max_valid_num": str(max_valid_num), "segment_max_size": str(segment_max_size), "mode": kind
+        }
+        folder = Path(work_dir) / "compiled" / f"{key}-{kind}-b{batch_size}s{seq_len}" / (
+            f"n{max_valid_num}l{segment_max_size}" if pack else "plain"
+        )
+        if ort_fusions:
+            folder = folder.with_name(folder.name + "-ortfused")
+        path = folder / "executable.popef"
+        if path.is_file():
+            try:
+                say(f"loading cached {kind} artifact")
+                artifacts[kind] = load_artifact(path)
+                continue
+            except ArtifactError:
+                path.unlink()
+        if shape is None:
+            shape = {name: (batch_size, seq_len) for name in token_inputs(source)}
+        say(f"compiling {kind} model")
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        options = CompileOptions(input_shape=shape, pack_args=pack, export_position_ids=True)
+        result = compile_model(source, tmp / "model.onnx", output_dir=tmp, export_popef=True, options=options)
+        Path(result.output_model).unlink()
+        if ort_fusions:
+            say(f"fusing {kind} model (onnxruntime transformer optimizer)")
+            fuse_artifact(tmp / "executable.popef")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, folder)
+        artifacts[kind] = load_artifact(path)
+    return artifacts
+
+
+def fuse_artifact(path: Path) -> None:
+    """Rewrite an artifact with onnxruntime's transformer fusions applied to its model."""
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from poprt_lite.artifact import write_artifact
+
+    art = load_artifact(path)
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    model = art.model()
+    heads, hidden = attention_geometry(model)
+    fused = optimize_model(model, model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0).model
+    manifest = art.manifest
+    write_artifact(path, fused, {
+        "source_sha256": manifest["source_model_sha256"], "precision": manifest["precision"],
+        "pipeline": [*manifest["pipeline"], {"name": "onnxruntime.transformers.optimizer", "options": {"model_type": "bert"}}],
+    })
+
+
+def attention_geometry(model: onnx.ModelProto) -> tuple[int, int]:
+    """(heads, hidden) of a BERT-like model: the word-embedding width, and the head count of the
+    `[batch, heads, seq, head_dim]` attention tensors; 0 where not found (the optimizer guesses)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    hidden = 0
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[1] == "input_ids" and node.input[0] in inits:
+            hidden = int(inits[node.input[0]].dims[-1])
+            break
+    if not hidden:
+        return 0, 0
+    if not model.graph.value_info:
+        model = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    for node in model.graph.node:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        if node.op_type == "Transpose" and perm == [0, 2, 1, 3]:
+            shape = shapes.get(node.output[0], [])
+            if len(shape) == 4 and shape[1] > 0 and shape[1] * shape[3] == hidden:
+                return int(shape[1]), hidden
+    return 0, hidden

@@ -1,0 +1,183 @@
+"""What the packing ops and the unpacked attention cost, timed alone at the model's shapes.
+
+For every `ai.graphcore` node of the packed models (Unpack, Repack, PaddingMask, AttentionMask) the
+op is run alone in onnxruntime, with the same thread count, on inputs of the node's static shape
+(and the lengths of a real batch of the benchmark); the time per call times the number of calls
+per batch, divided by the mode's model time per batch, is the op's share of the model.
+
+The attention core (Q/K/V head transposes, Q.K^T, scale, mask, softmax, P.V, context transpose)
+is timed the same way at the packed shape (`[batch, heads, seq, head_dim]`, AttentionMask mode
+and padded) and the unpacked one (`[max_valid_num, heads, segment_max_size, head_dim]`,
+unpack/repack mode): the difference, times the layers, is what unpacking costs beyond the ops.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from poprt_lite import ops
+from poprt_lite.artifact import Artifact
+from poprt_lite.bench.packer import ATTENTION_MASK_MODE, UNPACK_REPACK, segment_ids
+
+
+def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _time(session: ort.InferenceSession, feeds: dict[str, np.ndarray], budget: float = 0.5, repeats: int = 20) -> float:
+    """Median seconds per run (after a warm-up), within about `budget` seconds."""
+    session.run(None, feeds)
+    times = []
+    deadline = time.perf_counter() + budget
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _shape(model: onnx.ModelProto) -> dict[str, tuple[int, list[int]]]:
+    types = {}
+    for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        t = v.type.tensor_type
+        types[v.name] = (t.elem_type, [d.dim_value for d in t.shape.dim])
+    for init in model.graph.initializer:
+        types[init.name] = (init.data_type, list(init.dims))
+    return types
+
+
+def custom_op_sites(model: onnx.ModelProto) -> Counter:
+    """(op, attributes, input types, constant inputs) -> number of nodes, over the main graph."""
+    types = _shape(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    sites: Counter = Counter()
+    for node in model.graph.node:
+        if node.domain != ops.DOMAIN:
+            continue
+        attrs = tuple(sorted((a.name, helper.get_attribute_value(a)) for a in node.attribute))
+        inputs = tuple(
+            (types[n][0], tuple(types[n][1]), tuple(numpy_helper.to_array(inits[n]).tolist()) if n in inits else None)
+            for n in node.input
+        )
+        sites[(node.op_type, attrs, inputs)] += 1
+    return sites
+
+
+def _op_model(op: str, attrs: tuple, inputs: tuple, opset: int) -> onnx.ModelProto:
+    graph_inputs, initializers, names = [], [], []
+    for k, (elem, shape, const) in enumerate(inputs):
+        name = f"in{k}"
+        names.append(name)
+        if const is not None:
+            initializers.append(numpy_helper.from_array(np.asarray(const, helper.tensor_dtype_to_np_dtype(elem)).reshape(shape), name))
+        else:
+            graph_inputs.append(helper.make_tensor_value_info(name, elem, list(shape)))
+    node = helper.make_node(op, names, ["out"], domain=ops.DOMAIN, **dict(attrs))
+    out_type = dict(attrs).get("dtype", TensorProto.FLOAT) if op in ("AttentionMask", "PaddingMask") else inputs[0][0]
+    graph = helper.make_graph([node], op, graph_inputs, [helper.make_tensor_value_info("out", out_type, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(ops.DOMAIN, ops.OPSET_VERSION)])
+    return ops.attach_functions(model)
+
+
+def _attention_model(rows: int, heads: int, seq: int, head_dim: int, full_mask: bool, opset: int) -> onnx.ModelProto:
+    """Token-major Q/K/V [rows, seq, heads, head_dim] -> attention -> token-major context."""
+    f = TensorProto.FLOAT
+    mask_shape = [rows, 1, seq, seq] if full_mask else [rows, 1, 1, seq]
+    nodes = [
+        helper.make_node("Transpose", ["q"], ["qh"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["v"], ["vh"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["qh", "kt"], ["s"]),
+        helper.make_node("Div", ["s", "scale"], ["ss"]),
+        helper.make_node("Add", ["ss", "mask"], ["sm"]),
+        helper.make_node("Softmax", ["sm"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "vh"], ["ch"]),
+        helper.make_node("Transpose", ["ch"], ["ctx"], perm=[0, 2, 1, 3]),
+    ]
+    tok = [rows, seq, heads, head_dim]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [helper.make_tensor_value_info(n, f, tok) for n in ("q", "k", "v")] + [helper.make_tensor_value_info("mask", f, mask_shape)],
+        [helper.make_tensor_value_info("ctx", f, tok)],
+        [numpy_helper.from_array(np.array(np.sqrt(head_dim), np.float32), "scale")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _feeds_for(inputs: tuple, unpack_info: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    feeds = {}
+    for k, (elem, shape, const) in enumerate(inputs):
+        if const is not None:
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(elem)
+        if np.issubdtype(dtype, np.floating):
+            feeds[f"in{k}"] = rng.standard_normal(shape).astype(dtype)
+        elif len(shape) == 1:
+            feeds[f"in{k}"] = unpack_info.astype(dtype)
+        else:
+            feeds[f"in{k}"] = mask.astype(dtype).reshape(shape)
+    return feeds
+
+
+def measure_op_costs(artifacts: dict[str, Artifact], runs, model_ms: dict[str, float], threads: int) -> dict[str, Any]:
+    c = runs.config
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"ops": [], "attention": {}}
+    ur_plan = runs.plan(UNPACK_REPACK)[0] if UNPACK_REPACK in artifacts else None
+    am_plan = runs.plan(ATTENTION_MASK_MODE)[0] if ATTENTION_MASK_MODE in artifacts else None
+    heads = head_dim = layers = None
+    for kind, modes in ((UNPACK_REPACK, ("offline_unpack_repack", "online_unpack_repack")),
+                        (ATTENTION_MASK_MODE, ("offline_attention_mask", "online_attention_mask_first_fit"))):
+        if kind not in artifacts:
+            continue
+        model = artifacts[kind].model()
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        plan = ur_plan if kind == UNPACK_REPACK else am_plan
+        lengths = runs.workload.lengths[plan.indices]
+        unpack_info = np.zeros(c.max_valid_num, np.int64)
+        unpack_info[: len(lengths)] = lengths
+        mask = np.zeros(c.batch_size * c.max_seq_len, np.int64)
+        first = np.cumsum(lengths) - lengths
+        dest = np.repeat(plan.starts - first, lengths) + np.arange(int(lengths.sum()))
+        mask[dest] = np.repeat(segment_ids(plan.starts, c.max_seq_len), lengths)
+        batch_ms = {m: model_ms[m] for m in modes if m in model_ms}
+        total = 0.0
+        for (op, attrs, inputs), count in custom_op_sites(model).items():
+            seconds = _time(_session(_op_model(op, attrs, inputs, opset), threads), _feeds_for(inputs, unpack_info, mask, rng))
+            total += seconds * count
+            if op == "Unpack" and len(inputs[0][1]) == 4:
+                _, _, heads, head_dim = inputs[0][1]
+            if op == "Repack":
+                layers = (layers or 0) + count if kind == UNPACK_REPACK else layers
+            out["ops"].append({
+                "model": kind, "op": op, "input_shape": list(inputs[0][1]), "count_per_batch": count,
+                "ms_per_call": seconds * 1e3, "ms_per_batch": seconds * count * 1e3,
+                "share_of_model": {m: seconds * count * 1e3 / v for m, v in batch_ms.items()},
+            })
+        out.setdefault("total", {})[kind] = {
+            "ms_per_batch": total * 1e3, "share_of_model": {m: total * 1e3 / v for m, v in batch_ms.items()},
+        }
+    if heads and layers:
+        att = {}
+        for label, rows, full in (("packed", c.batch_size, True), ("unpacked", c.max_valid_num, False)):
+            model = _attention_model(rows, heads, c.max_seq_len, head_dim, full, 17)
+            tok = rng.standard_normal((rows, c.max_seq_len, heads, head_dim)).astype(np.float32)
+            mask_shape = (rows, 1, c.max_seq_len, c.max_seq_len) if full else (rows, 1, 1, c.max_seq_len)
+            feeds = {"q": tok, "k": tok, "v": tok, "mask": np.zeros(mask_shape, np.float32)}
+            ms = _time(_session(model, threads), feeds, budget=1.0, repeats=7) * 1e3
+            att[label] = {"rows": rows, "ms_per_layer": ms, "ms_per_batch": ms * layers}
+        att["layers"] = layers
+        att["extra_ms_per_batch_unpacked"] = att["unpacked"]["ms_per_batch"] - att["packed"]["ms_per_batch"]
+        out["attention"] = att
+    return out

@@ -1,0 +1,140 @@
+"""Render a benchmark result: a rich table, a markdown table (for the README), JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from poprt_lite.bench.measure import BenchResult, ModeResult
+
+# Acceptance targets (fp32), from the benchmark issue.
+TARGETS = {"offline_attention_mask": 1.85, "online_attention_mask_first_fit": 1.75}
+MAE_LIMIT = 1e-4
+CONTENDED = 0.10  # other processes took more than this share of the CPUs: numbers are suspect
+
+COLUMNS = (
+    "mode", "samples/s", "tokens/s", "latency mean ms", "latency P99 ms", "packing eff.",
+    "req/batch", "model ms/batch", "speed-up", "MAE vs padded", "host µs/req", "other CPU",
+)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def row(r: ModeResult) -> list[str]:
+    other = r.cpu.get("other") if r.cpu else None
+    return [
+        r.label + (" *" if r.latency_kind == "request" else ""),
+        f"{r.samples_per_s:.2f}",
+        f"{r.tokens_per_s:.0f}",
+        f"{r.latency_mean_ms:.0f}",
+        f"{r.latency_p99_ms:.0f}",
+        f"{r.packing_efficiency:.1%}",
+        f"{r.requests_per_batch:.1f}",
+        f"{r.model_ms_per_batch:.0f}",
+        "-" if r.speedup is None else f"{r.speedup:.2f}x",
+        "-" if r.mae is None else ("0" if r.mae_worst_mean == 0 else f"{r.mae_worst_mean:.1e}"),
+        f"{r.host_us_per_request:.0f}",
+        _fmt(other, ".0%"),
+    ]
+
+
+def checks(result: BenchResult) -> list[tuple[str, bool, str]]:
+    """(what, passed, detail) for the acceptance targets that this run can judge."""
+    out = []
+    by = {r.name: r for r in result.modes}
+    for name, target in TARGETS.items():
+        r = by.get(name)
+        if r is not None and r.speedup is not None:
+            out.append((f"{r.label} speed-up >= {target}x", r.speedup >= target, f"{r.speedup:.3f}x"))
+    for r in result.modes:
+        if r.mae is not None and r.name != "padded":
+            worst = max(r.mae_max.values())
+            out.append((f"{r.label} MAE < {MAE_LIMIT:g}", r.mae_worst_mean < MAE_LIMIT, f"mean {r.mae_worst_mean:.2e}, worst request {worst:.2e}"))
+    online = by.get("online_attention_mask_first_fit")
+    if online is not None:
+        out.append(("online first_fit packing efficiency >= 90%", online.packing_efficiency >= 0.9, f"{online.packing_efficiency:.1%}"))
+    return out
+
+
+def print_report(result: BenchResult, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    c, w, m = result.config, result.workload, result.machine
+    table = Table(title=f"poprt-lite bench: {w['requests']} requests, batch {c['batch_size']}x{c['max_seq_len']}, max_valid_num {c['max_valid_num']}")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for r in result.modes:
+        table.add_row(*row(r))
+    console.print(table)
+    console.print(
+        f"workload: {w['lengths']}; mean length {w['mean_length']:.1f}; padded/real tokens "
+        f"{w['padded_tokens_per_real_token']:.3f} (the ideal speed-up); the real tokens fill "
+        f"{w['batches_of_tokens']:.2f} batches, so no packing runs fewer than {-(-w['real_tokens'] // (c['batch_size'] * c['max_seq_len']))}: "
+        f"best possible speed-up at this size {w['best_speedup_at_this_size']:.3f}x"
+    )
+    console.print(
+        f"machine: {m.get('cpu', '?')}, {m['cpus']} CPUs, {m.get('memory_gb', '?')} GB; onnxruntime "
+        f"{m['onnxruntime']}, {m['intra_op_threads']} intra-op threads"
+    )
+    console.print(
+        "latency: * = per request under "
+        f"{min(c['clients'] or 2 * c['max_valid_num'], w['requests'])} concurrent clients "
+        f"(PackRunner timeout {c['timeout_microseconds']} µs); other rows: the request's batch. "
+        "host µs/req: wall time outside the model per request. other CPU: share of the CPUs used by other processes."
+    )
+    for r in result.modes:
+        if r.cpu and (r.cpu.get("other") or 0) > CONTENDED:
+            console.print(f"[yellow]warning:[/] other processes used {r.cpu['other']:.0%} of the CPUs during {r.label}; its numbers are not trustworthy")
+    if result.host_packing:
+        for kind, h in result.host_packing.items():
+            console.print(
+                f"host packing ({kind}): plan {h['plan_us_per_request']:.1f} µs/req ({h['offline_algorithm']}), "
+                f"build feeds {h['build_feeds_us_per_request']:.1f} µs/req, split outputs {h['split_outputs_us_per_request']:.1f} µs/req; "
+                f"packing_utils.pack_data {h['packing_utils_pack_data_us_per_request']:.1f} µs/req"
+            )
+    cpu = [f"{r.label} {r.cpu_speedup:.2f}x" for r in result.modes if r.cpu_speedup is not None and r.name != "padded"]
+    if cpu:
+        console.print("speed-up in CPU time of this process (insensitive to other processes): " + ", ".join(cpu))
+    online = [r for r in result.modes if r.submit_us_per_request is not None]
+    for r in online:
+        console.print(
+            f"{r.label}: execute_async {r.submit_us_per_request:.0f} µs/req (client side), serving thread "
+            f"{_fmt(r.runner_gap_ms_per_batch, '.1f')} ms between model runs, {r.batches_by_timeout} of {r.batches} batches launched by timeout"
+        )
+    if result.op_costs:
+        oc = result.op_costs
+        for op in oc["ops"]:
+            shares = ", ".join(f"{v:.1%} of {k}" for k, v in op["share_of_model"].items())
+            console.print(
+                f"{op['op']:13s} {str(op['input_shape']):20s} x{op['count_per_batch']:<3d} {op['ms_per_call']:7.2f} ms/call "
+                f"{op['ms_per_batch']:8.1f} ms/batch  ({shares})"
+            )
+        att = oc.get("attention")
+        if att:
+            console.print(
+                f"attention core per batch ({att['layers']} layers): packed {att['packed']['rows']} rows "
+                f"{att['packed']['ms_per_batch']:.0f} ms, unpacked {att['unpacked']['rows']} rows "
+                f"{att['unpacked']['ms_per_batch']:.0f} ms (+{att['extra_ms_per_batch_unpacked']:.0f} ms per batch for unpack/repack)"
+            )
+    for what, ok, detail in checks(result):
+        console.print(f"{'[green]PASS[/]' if ok else '[red]MISS[/]'} {what}: {detail}")
+    console.print(f"total {result.seconds_total:.0f} s")
+
+
+def markdown_table(result: BenchResult) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"]
+    for r in result.modes:
+        lines.append("| " + " | ".join(row(r)) + " |")
+    return "\n".join(lines)
+
+
+def write_json(result: BenchResult, path: str | Path) -> None:
+    data: dict[str, Any] = result.to_json()
+    data["checks"] = [{"check": w, "passed": ok, "value": d} for w, ok, d in checks(result)]
+    data["markdown_table"] = markdown_table(result)
+    Path(path).write_text(json.dumps(data, indent=2, default=str))

@@ -1,0 +1,105 @@
+"""`poprt-lite bench`: packed vs padded throughput, latency and accuracy on one set of requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from poprt_lite.errors import PoprtError
+
+SMALL = {  # the CI preset: tiny model, tiny batches; well under a minute on 2 cores
+    "iterations": 8, "batch_size": 4, "avg_seq_len": 32, "max_seq_len": 64, "max_valid_num": 10,
+    "timeout_microseconds": 2000,
+}
+FULL = {"iterations": 40, "batch_size": 16, "avg_seq_len": 128, "max_seq_len": 256, "max_valid_num": 40,
+        "timeout_microseconds": 15000}
+
+
+class _RichProgress:
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.console = console
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=console, transient=False,
+        )
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    def step(self, message: str) -> None:
+        self.bar.console.log(message)
+
+    def start(self, label: str, total: int):
+        return self.bar.add_task(label, total=total)
+
+    def advance(self, n: int, task) -> None:
+        self.bar.advance(task, n)
+
+    def finish(self, task) -> None:
+        pass
+
+
+def bench_command(
+    model: Optional[Path] = typer.Option(None, "--model", help="ONNX encoder to benchmark (default: export BERT-base QA with random weights; needs torch)"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="requests = iterations x batch_size (default 40; --small 8)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch_size", help="rows per batch (default 16)"),
+    avg_seq_len: Optional[int] = typer.Option(None, "--avg_seq_len", help="mean and std of the request lengths (default 128)"),
+    max_seq_len: Optional[int] = typer.Option(None, "--max_seq_len", help="seq_len of a row and longest request (default 256)"),
+    max_valid_num: Optional[int] = typer.Option(None, "--max_valid_num", help="most requests per packed batch (default 40)"),
+    threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: one per core)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write every number to this JSON file"),
+    small: bool = typer.Option(False, "--small", help="CI preset: tiny batches (and a tiny exported model unless --model)"),
+    timeout_microseconds: Optional[int] = typer.Option(None, "--timeout_microseconds", help="PackRunner timeout (default 15000)"),
+    clients: Optional[int] = typer.Option(None, "--clients", help="concurrent clients of the online modes (default 2 x max_valid_num)"),
+    offline_algorithm: str = typer.Option("best_fit_decreasing", "--offline_algorithm", help="offline packing: best_fit_decreasing, spfhp, first_fit, next_fit"),
+    modes: Optional[str] = typer.Option(None, "--modes", help="comma-separated subset of the modes (default: all)"),
+    work_dir: Optional[Path] = typer.Option(None, "--work_dir", help="cache for the exported and compiled models (default ~/.cache/poprt-lite)"),
+    op_costs: bool = typer.Option(True, "--op_costs/--no_op_costs", help="time Unpack/Repack/AttentionMask and attention alone"),
+    ort_fusions: bool = typer.Option(False, "--ort_fusions", help="apply onnxruntime's transformer optimizer fusions to every compiled model (padded and packed)"),
+    progress: bool = typer.Option(True, "--progress/--no_progress", help="show a progress bar"),
+) -> None:
+    """Benchmark padded vs packed inference (offline and online, both packing modes) on the same requests."""
+    from rich.console import Console
+
+    from poprt_lite.bench.measure import MODE_NAMES, BenchConfig, Progress, run_benchmark
+    from poprt_lite.bench.report import print_report, write_json
+
+    preset = SMALL if small else FULL
+    values = {
+        "iterations": iterations, "batch_size": batch_size, "avg_seq_len": avg_seq_len, "max_seq_len": max_seq_len,
+        "max_valid_num": max_valid_num, "timeout_microseconds": timeout_microseconds,
+    }
+    resolved = {k: (preset[k] if v is None else v) for k, v in values.items()}
+    for k, v in resolved.items():
+        if v < (0 if k == "timeout_microseconds" else 1):
+            raise PoprtError(f"--{k} must be a positive integer, got {v}")
+    if resolved["avg_seq_len"] > resolved["max_seq_len"]:
+        raise PoprtError(f"--avg_seq_len {resolved['avg_seq_len']} exceeds --max_seq_len {resolved['max_seq_len']}")
+    if threads < 0 or (clients is not None and clients < 1):
+        raise PoprtError("--threads must be >= 0 and --clients >= 1")
+    if model is not None and not model.is_file():
+        raise PoprtError(f"model '{model}' does not exist")
+    selected = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else MODE_NAMES
+    config = BenchConfig(
+        model=model, work_dir=work_dir, threads=threads, clients=clients, offline_algorithm=offline_algorithm,
+        modes=selected, op_costs=op_costs, small=small, ort_fusions=ort_fusions, **resolved,
+    )
+    console = Console(stderr=True, log_path=False)
+    out = Console()
+    if progress:
+        with _RichProgress(console) as bar:
+            result = run_benchmark(config, bar)
+    else:
+        result = run_benchmark(config, Progress())
+    print_report(result, out)
+    if json_out is not None:
+        write_json(result, json_out)
+        out.print(f"wrote {json_out}")
