@@ -87,6 +87,10 @@ def bench_command(
         raise PoprtError("--threads must be >= 0 and --clients >= 1")
     if model is not None and not model.is_file():
         raise PoprtError(f"model '{model}' does not exist")
+    from poprt_lite.bench.packer import OFFLINE_ALGORITHMS
+
+    if offline_algorithm not in OFFLINE_ALGORITHMS:
+        raise PoprtError(f"--offline_algorithm must be one of {', '.join(OFFLINE_ALGORITHMS)}, got '{offline_algorithm}'")
     selected = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else MODE_NAMES
     config = BenchConfig(
         model=model, work_dir=work_dir, threads=threads, clients=clients, offline_algorithm=offline_algorithm,
