@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from poprt_lite.errors import PoprtError, RequestError
-from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, check_length
+from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, check_length, segment_ids
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -111,7 +111,7 @@ def pack_data(
     else:
         rows, offsets = np.asarray(packer.placements(), dtype=np.int64).T
         starts = rows * seq_len + offsets
-        mask = _segment_ids(rows)
+        mask = segment_ids(rows, starts).astype(np.int32)
     return _build(
         datasets, index, lengths, starts, mask, batch_size, seq_len, max_valid_num, position_offset
     )
@@ -164,15 +164,6 @@ def unpack_outputs(batch: PackedBatch, output: np.ndarray, across_rows: bool) ->
 def _check_index(datasets: Sequence, index: int) -> None:
     if not 0 <= index < len(datasets):
         raise PoprtError(f"index {index} is outside datasets, which holds {len(datasets)} requests")
-
-
-def _segment_ids(rows: np.ndarray) -> np.ndarray:
-    """1-based rank of each request among the earlier requests of its row."""
-    seen: dict[int, int] = {}
-    ids = np.empty(len(rows), dtype=np.int32)
-    for k, row in enumerate(rows.tolist()):
-        ids[k] = seen[row] = seen.get(row, 0) + 1
-    return ids
 
 
 def _tokens(request, name: str, length: int, i: int) -> np.ndarray | None:

@@ -24,7 +24,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from poprt_lite import ops
 from poprt_lite.artifact import Artifact
-from poprt_lite.bench.packer import ATTENTION_MASK_MODE, UNPACK_REPACK, segment_ids
+from poprt_lite.bench.packer import ATTENTION_MASK_MODE, UNPACK_REPACK
+from poprt_lite.runtime.packing import segment_ids
 
 
 def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
@@ -150,7 +151,7 @@ def measure_op_costs(artifacts: dict[str, Artifact], runs, model_ms: dict[str, f
         mask = np.zeros(c.batch_size * c.max_seq_len, np.int64)
         first = np.cumsum(lengths) - lengths
         dest = np.repeat(plan.starts - first, lengths) + np.arange(int(lengths.sum()))
-        mask[dest] = np.repeat(segment_ids(plan.starts, c.max_seq_len), lengths)
+        mask[dest] = np.repeat(segment_ids(plan.starts // c.max_seq_len, plan.starts), lengths)
         batch_ms = {m: model_ms[m] for m in modes if m in model_ms}
         total = 0.0
         for (op, attrs, inputs), count in custom_op_sites(model).items():

@@ -23,7 +23,7 @@ import numpy as np
 
 from poprt_lite.bench.workload import ATTENTION_MASK, Workload
 from poprt_lite.errors import PoprtError
-from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, pack
+from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, pack, segment_ids
 
 PADDED, UNPACK_REPACK, ATTENTION_MASK_MODE = "padded", "unpack_repack", "attention_mask"
 OFFLINE_ALGORITHMS = ("best_fit_decreasing", "spfhp", "first_fit", "next_fit")
@@ -120,19 +120,6 @@ def _in_dataset_order(plans: list[BatchPlan]) -> list[BatchPlan]:
     return sorted(plans, key=lambda p: int(p.indices.min()))
 
 
-def segment_ids(starts: np.ndarray, seq_len: int) -> np.ndarray:
-    """1, 2, 3, ... for the requests of each row, in the order of their offsets."""
-    order = np.argsort(starts, kind="stable")
-    rows = starts[order] // seq_len
-    k = len(starts)
-    new_row = np.ones(k, bool)
-    new_row[1:] = rows[1:] != rows[:-1]
-    first = np.maximum.accumulate(np.where(new_row, np.arange(k), 0))
-    ids = np.empty(k, np.int64)
-    ids[order] = np.arange(k) - first + 1
-    return ids
-
-
 class BatchBuilder:
     """Builds model feeds for batch plans and scatters outputs back, for one model interface."""
 
@@ -170,7 +157,7 @@ class BatchBuilder:
             flat = np.zeros(slots, dtype)
             if name == ATTENTION_MASK:
                 if self.mode == ATTENTION_MASK_MODE:
-                    flat[dest] = np.repeat(segment_ids(plan.starts, self.seq_len), lengths)
+                    flat[dest] = np.repeat(segment_ids(plan.starts // self.seq_len, plan.starts), lengths)
                 else:
                     flat[dest] = 1
             else:

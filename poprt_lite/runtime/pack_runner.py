@@ -46,7 +46,7 @@ from poprt_lite.artifact import Artifact, load_artifact
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.runtime.model_runner import cast_ids
 from poprt_lite.runtime.config import DEFAULT_TIMEOUT_MICROSECONDS, PackRunnerConfig
-from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm
+from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, segment_ids
 
 TOKEN_ROLES = ("dynamic_input", "token_type_ids", "position_ids", "data")
 OPTIONAL_ROLES = ("token_type_ids", "position_ids", "attention_mask", "unpack_info")
@@ -616,7 +616,7 @@ class PackRunner:
             if self.mode == "unpack_repack":
                 flat[dest] = 1
             else:
-                flat[dest] = np.repeat(_segment_ids(starts // self.seq_len, starts), lengths)
+                flat[dest] = np.repeat(segment_ids(starts // self.seq_len, starts), lengths)
             feeds[self.mask_name] = flat.reshape(self.batch_size, self.seq_len)
         if self._unpack_info is not None:
             name, dtype = self._unpack_info
@@ -676,19 +676,6 @@ def _array(name: str, value: Any) -> np.ndarray:
     except (ValueError, TypeError):  # a ragged list, or an object numpy cannot convert
         raise RequestError(f"feed '{name}' is a ragged or non-numeric sequence; pass a numpy array") from None
 
-
-
-def _segment_ids(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """1, 2, 3 ... for the requests of each row, in the order of their offsets."""
-    order = np.argsort(starts, kind="stable")
-    sorted_rows = rows[order]
-    k = len(rows)
-    new_row = np.ones(k, bool)
-    new_row[1:] = sorted_rows[1:] != sorted_rows[:-1]
-    first = np.maximum.accumulate(np.where(new_row, np.arange(k), 0))
-    ids = np.empty(k, np.int64)
-    ids[order] = np.arange(k) - first + 1
-    return ids
 
 
 def _fits(shape: tuple, dims: tuple) -> bool:
