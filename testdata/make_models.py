@@ -50,6 +50,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from poprt_lite.bench.torch_models import QAWithTypes, export_torchscript, randomise_
+
 HERE = Path(__file__).resolve().parent
 
 VOCAB = 1000
@@ -59,7 +61,6 @@ HEADS = 4
 INTERMEDIATE = 128
 MAX_POS = 512
 TOL = 1e-4
-TS_OPSET = 17
 DYNAMO_OPSET = 18
 
 
@@ -68,19 +69,8 @@ DYNAMO_OPSET = 18
 # --------------------------------------------------------------------------
 
 
-def _randomise_(model: nn.Module, std: float = 0.1) -> None:
-    """Give biases and LayerNorm affine params non-trivial random values."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, std)
-            elif "LayerNorm" in name or "layer_norm" in name.lower():
-                # LayerNorm weight
-                p.normal_(1.0, std)
-
-
 def _finish(model: nn.Module) -> nn.Module:
-    _randomise_(model)
+    randomise_(model)
     model.eval()
     return model
 
@@ -170,21 +160,6 @@ def build_bert_model() -> nn.Module:
 # --------------------------------------------------------------------------
 
 
-class QAWithTypes(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            return_dict=True,
-        )
-        return out.start_logits, out.end_logits
-
-
 class QANoTypes(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -239,22 +214,6 @@ def make_inputs(lengths: list[int], seq: int, pad_id: int, seed: int, with_types
 # --------------------------------------------------------------------------
 # export + verification
 # --------------------------------------------------------------------------
-
-
-def export_torchscript(module, example, input_names, output_names, dyn_axes, path: Path) -> None:
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            tuple(torch.from_numpy(example[n]) for n in input_names),
-            str(path),
-            dynamo=False,
-            opset_version=TS_OPSET,
-            do_constant_folding=True,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=dyn_axes,
-        )
 
 
 def export_dynamo(module, example, input_names, output_names, path: Path) -> None:
@@ -392,13 +351,16 @@ def main() -> int:
             d[n] = {0: "batch", 1: "sequence"}
         return d
 
+    def tensors(example, names):
+        return tuple(torch.from_numpy(example[n]) for n in names)
+
     results = []
 
     # 1. BERT QA, eager attention, TorchScript exporter
     path = HERE / "bert_qa_torchscript.onnx"
     m = QAWithTypes(build_bert_qa("eager")).eval()
     ex, checks = feeds(0, True)
-    export_torchscript(m, ex, in3, qa_out, dyn(in3, qa_out), path)
+    export_torchscript(m, tensors(ex, in3), in3, qa_out, dyn(in3, qa_out), path)
     results.append((path, verify(m, path, in3, qa_out, checks)))
 
     # 2. BERT QA, sdpa attention, dynamo exporter
@@ -412,14 +374,14 @@ def main() -> int:
     path = HERE / "roberta_qa.onnx"
     m = QANoTypes(build_roberta_qa()).eval()
     ex, checks = feeds(1, False)
-    export_torchscript(m, ex, in2, qa_out, dyn(in2, qa_out), path)
+    export_torchscript(m, tensors(ex, in2), in2, qa_out, dyn(in2, qa_out), path)
     results.append((path, verify(m, path, in2, qa_out, checks)))
 
     # 4. DistilBERT QA
     path = HERE / "distilbert_qa.onnx"
     m = QANoTypes(build_distilbert_qa()).eval()
     ex, checks = feeds(0, False)
-    export_torchscript(m, ex, in2, qa_out, dyn(in2, qa_out), path)
+    export_torchscript(m, tensors(ex, in2), in2, qa_out, dyn(in2, qa_out), path)
     results.append((path, verify(m, path, in2, qa_out, checks)))
 
     # 5. BertModel + masked mean pooling
@@ -430,7 +392,7 @@ def main() -> int:
     d = {n: {0: "batch", 1: "sequence"} for n in in3}
     d["last_hidden_state"] = {0: "batch", 1: "sequence"}
     d["pooled"] = {0: "batch"}
-    export_torchscript(m, ex, in3, mp_out, d, path)
+    export_torchscript(m, tensors(ex, in3), in3, mp_out, d, path)
     results.append((path, verify(m, path, in3, mp_out, checks)))
 
     print(f"{'file':26s} {'bytes':>8s}  max|ort-torch|  (ort optimised)  max|padded-unpadded|")

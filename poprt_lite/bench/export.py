@@ -10,13 +10,10 @@ the repository; torch / transformers are imported only here (`pip install '.[exp
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from poprt_lite.errors import PoprtError
-
-OPSET = 17
 
 
 @dataclass(frozen=True)
@@ -48,8 +45,9 @@ def export_bert_qa(path: str | os.PathLike, geometry: Geometry = BERT_BASE, seed
     attention_mask, token_type_ids with dynamic batch/sequence; outputs start_logits, end_logits)."""
     try:
         import torch
-        from torch import nn
         from transformers import BertConfig, BertForQuestionAnswering
+
+        from poprt_lite.bench.torch_models import QAWithTypes, export_torchscript, randomise_
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise PoprtError(
             f"exporting the benchmark model needs torch and transformers ({exc}); "
@@ -68,28 +66,9 @@ def export_bert_qa(path: str | os.PathLike, geometry: Geometry = BERT_BASE, seed
         attn_implementation="eager",
     )
     model = BertForQuestionAnswering(config)
-    with torch.no_grad():  # as make_models.py: non-trivial biases and LayerNorm affine parameters
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif "LayerNorm" in name:
-                p.normal_(1.0, 0.1)
-    model.eval()
-
-    class QA(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            out = self.inner(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
-            )
-            return out.start_logits, out.end_logits
-
+    randomise_(model)
     names = ["input_ids", "attention_mask", "token_type_ids"]
     outputs = ["start_logits", "end_logits"]
-    axes = {n: {0: "batch", 1: "sequence"} for n in names + outputs}
     example = (
         torch.randint(4, geometry.vocab, (2, 8)),
         torch.ones(2, 8, dtype=torch.int64),
@@ -98,19 +77,8 @@ def export_bert_qa(path: str | os.PathLike, geometry: Geometry = BERT_BASE, seed
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            QA(model).eval(),
-            example,
-            str(tmp),
-            dynamo=False,
-            opset_version=OPSET,
-            do_constant_folding=True,
-            input_names=names,
-            output_names=outputs,
-            dynamic_axes=axes,
-        )
+    axes = {n: {0: "batch", 1: "sequence"} for n in names + outputs}
+    export_torchscript(QAWithTypes(model.eval()).eval(), example, names, outputs, axes, tmp)
     os.replace(tmp, path)
     return path
 

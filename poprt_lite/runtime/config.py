@@ -19,6 +19,7 @@ from poprt_lite.errors import PoprtError
 from poprt_lite.runtime.packing import PackAlgorithm
 
 DEFAULT_TIMEOUT_MICROSECONDS = 10_000
+DEFAULT_LOOKAHEAD = 8
 
 
 class PackRunnerConfig:
@@ -28,6 +29,11 @@ class PackRunnerConfig:
       is launched anyway (measured from the oldest request's arrival); 0 launches at once.
     - `max_valid_num`: the most requests one batch holds (the artifact's `--pack_args max_valid_num`).
     - `dynamic_input_name`: the input whose length is the request's length (`input_ids`).
+    - `lookahead`: how many requests that do not fit the open batch may be overtaken by later ones
+      that do, before the batch is launched (default 8). Launching at the first request that does
+      not fit (`lookahead=0`, strict arrival order) leaves room that a shorter request just behind
+      it would have filled; an overtaken request heads the next batch, so it waits at most one
+      batch longer, and the timeout still bounds every wait.
     - `algorithm`: `PackAlgorithm.first_fit` (a request goes to the first row with room) or
       `PackAlgorithm.next_fit` (only the current row, then the next); matters in AttentionMask mode.
     - `enable_input_single_row_mode(name)`: requests never cross a row (AttentionMask mode; `name` is
@@ -40,11 +46,13 @@ class PackRunnerConfig:
         max_valid_num: int | None = None,
         dynamic_input_name: str | None = None,
         algorithm: PackAlgorithm | str = PackAlgorithm.first_fit,
+        lookahead: int = DEFAULT_LOOKAHEAD,
     ) -> None:
         self.timeout_microseconds = timeout_microseconds
         self.max_valid_num = max_valid_num
         self.dynamic_input_name = dynamic_input_name
         self.algorithm = algorithm
+        self.lookahead = lookahead
         self.single_row_inputs: list[str] = []
 
     def enable_input_single_row_mode(self, input_name: str) -> None:
@@ -68,6 +76,9 @@ class PackRunnerConfig:
         valid = self.max_valid_num
         if valid is not None and (isinstance(valid, bool) or not isinstance(valid, int) or valid < 1):
             raise PoprtError(f"max_valid_num must be a positive integer, got {valid!r}")
+        lookahead = self.lookahead
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+            raise PoprtError(f"lookahead must be a non-negative integer, got {lookahead!r}")
         name = self.dynamic_input_name
         if name is not None and (not isinstance(name, str) or not name):
             raise PoprtError(f"dynamic_input_name must be an input name, got {name!r}")
@@ -83,5 +94,5 @@ class PackRunnerConfig:
         return (
             f"PackRunnerConfig(timeout_microseconds={self.timeout_microseconds!r}, "
             f"max_valid_num={self.max_valid_num!r}, dynamic_input_name={self.dynamic_input_name!r}, "
-            f"algorithm={algorithm!r}, single_row_inputs={self.single_row_inputs!r})"
+            f"algorithm={algorithm!r}, lookahead={self.lookahead!r}, single_row_inputs={self.single_row_inputs!r})"
         )

@@ -4,11 +4,12 @@ Clients call `execute_async(feeds, outputs)` with one unpadded request (its own 
 and get a future; `execute` blocks until the request's `outputs` arrays are filled. Requests are
 placed, in arrival order, into the open batch by an `OnlinePacker` (first_fit / next_fit over rows
 in AttentionMask mode; one stream of `batch_size * seq_len` tokens in unpack/repack mode). A
-background thread launches the open batch when it is full (the next request does not fit, or it
-holds `max_valid_num` requests, or no token slot is left) or when its oldest request has waited
-`timeout_microseconds`; it builds the packed feeds with numpy, runs the model, copies each request's
-slice of every output into the caller's arrays and completes the futures. Requests that arrive while
-the open batch is full wait (in order) for the next batch.
+request that does not fit waits for the next batch, and later requests may still fill the open one
+until `lookahead + 1` requests have not fitted. A background thread launches the open batch when it
+is full (that many requests did not fit, or it holds `max_valid_num` requests, or no token slot is
+left) or when its oldest request has waited `timeout_microseconds`; it builds the packed feeds with
+numpy, runs the model, copies each request's slice of every output into the caller's arrays and
+completes the futures. The next batch takes the waiting requests oldest first.
 
 Feeds of a request (1-D `[n]` or `[1, n]`, int32 or int64 for integer inputs):
 - the dynamic input (`input_ids`): required, 1 <= n <= segment_max_size (and seq_len);
@@ -162,6 +163,7 @@ class PackRunner:
         self._cond = threading.Condition()
         self._open: list[_Request] = []  # requests in the batch being filled
         self._open_full = False  # the open batch takes no further request
+        self._refused = 0  # requests that did not fit the open batch (they wait in _waiting)
         self._waiting: collections.deque[_Request] = collections.deque()  # for later batches
         self._closing = False
         self._stopped: BaseException | None = None  # the serving thread died of this
@@ -235,6 +237,7 @@ class PackRunner:
                 f"max_valid_num={self.max_valid_num}; leave it unset or recompile"
             )
         self.algorithm = PackAlgorithm.parse(config.algorithm)
+        self.lookahead = config.lookahead
         timeout = config.timeout_microseconds
         self.timeout_microseconds = DEFAULT_TIMEOUT_MICROSECONDS if timeout is None else timeout
         self._timeout = self.timeout_microseconds / 1e6
@@ -356,7 +359,7 @@ class PackRunner:
                     cancelled = self._open + list(self._waiting)
                     self._open, self._waiting = [], collections.deque()
                     self._packer.reset()
-                    self._open_full = False
+                    self._open_full, self._refused = False, 0
                 self._cond.notify_all()
         self._fail(cancelled, PoprtError("the PackRunner was closed before this request ran"))
         if threading.current_thread() is not self._thread:
@@ -372,7 +375,8 @@ class PackRunner:
         return (
             f"PackRunner(mode={self.mode}, batch={self.batch_size}x{self.seq_len}, "
             f"max_valid_num={self.max_valid_num}, segment_max_size={self.segment_max_size}, "
-            f"algorithm={self.algorithm.value}, timeout_microseconds={self.timeout_microseconds})"
+            f"algorithm={self.algorithm.value}, lookahead={self.lookahead}, "
+            f"timeout_microseconds={self.timeout_microseconds})"
         )
 
     # --------------------------------------------------------------------------------- requests
@@ -501,30 +505,46 @@ class PackRunner:
 
     def _enqueue(self, request: _Request) -> None:
         """Place `request` in the open batch, or queue it for a later one (lock held)."""
-        if self._open_full or self._waiting:
+        if self._open_full:
             self._waiting.append(request)
         elif self._packer.try_add(request.length):
-            self._open.append(request)
-            if self._packer.is_full:
-                self._open_full = True
-                self._cond.notify_all()
-            elif len(self._open) == 1:
-                self._cond.notify_all()  # the serving thread starts the timeout clock
+            self._place(request)
         else:
-            self._open_full = True
             self._waiting.append(request)
-            self._cond.notify_all()
+            self._refuse()
 
     def _refill(self) -> None:
-        """Move waiting requests, in order, into the (empty) open batch (lock held)."""
-        while self._waiting:
-            if not self._packer.try_add(self._waiting[0].length):
-                self._open_full = True
-                return
-            self._open.append(self._waiting.popleft())
-            if self._packer.is_full:
-                self._open_full = True
-                return
+        """Fill the (empty) open batch from the waiting requests, oldest first (lock held).
+
+        Requests that do not fit stay at the front of the queue, in order, for the next batch."""
+        refused = []
+        while self._waiting and not self._open_full:
+            request = self._waiting.popleft()
+            if self._packer.try_add(request.length):
+                self._place(request)
+            else:
+                refused.append(request)
+                self._refuse()
+        self._waiting.extendleft(reversed(refused))
+
+    def _place(self, request: _Request) -> None:
+        self._open.append(request)
+        if self._packer.is_full:
+            self._open_full = True
+            self._cond.notify_all()
+        elif len(self._open) == 1:
+            self._cond.notify_all()  # the serving thread starts the timeout clock
+
+    def _refuse(self) -> None:
+        """A request did not fit the open batch: after `lookahead + 1` of them the batch is full.
+
+        Later requests may overtake the refused ones into this batch (they might fit); the refused
+        ones head the queue, and the next batch, which starts empty, always takes the oldest: no
+        request starves, and a batch passes over at most `lookahead` older requests."""
+        self._refused += 1
+        if self._refused > self.lookahead:
+            self._open_full = True
+            self._cond.notify_all()
 
     # ---------------------------------------------------------------------------------- serving
 
@@ -561,7 +581,7 @@ class PackRunner:
                         continue
                     reason = "timeout"
                 requests, placements = self._open, self._packer.placements()
-                self._open, self._open_full = [], False
+                self._open, self._open_full, self._refused = [], False, 0
                 self._packer.reset()
                 self._refill()
                 return requests, placements, reason

@@ -352,11 +352,11 @@ def test_full_batches_launch_at_once(tmp_path, rng, mode, algorithm, lengths, ba
     assert stats.packing_efficiency == sum(lengths) / 16
 
 
-def test_a_request_that_does_not_fit_launches_the_batch(tmp_path, rng):
-    """first_fit in 2 rows of 8: 5, 5 fit (one per row); 5 does not, so the batch goes; the third
-    request waits for its own batch, launched on close()."""
+def test_a_request_that_does_not_fit_launches_the_batch_without_lookahead(tmp_path, rng):
+    """first_fit in 2 rows of 8: 5, 5 fit (one per row); 5 does not, so with lookahead=0 the batch
+    goes; the third request waits for its own batch, launched on close()."""
     path = write_fake(tmp_path, "attention_mask")
-    runner = runtime.Runner(path, config_for("attention_mask", timeout_microseconds=60_000_000))
+    runner = runtime.Runner(path, config_for("attention_mask", timeout_microseconds=60_000_000, lookahead=0))
     futures = [runner.execute_async(make_request(rng, 5)) for _ in range(3)]
     futures[1].wait(timeout=10)
     assert futures[0].done() and not futures[2].done()
@@ -366,12 +366,81 @@ def test_a_request_that_does_not_fit_launches_the_batch(tmp_path, rng):
     assert (stats.batches, stats.batches_by_fullness, stats.batches_by_close) == (2, 1, 1)
 
 
+def record_batches(runner, monkeypatch, requests):
+    """Submit `requests` (lengths) while the first batch is held in session.run, so that every
+    later batch is formed from a queue holding all of them; return each batch's request indices."""
+    release, batches, index = threading.Event(), [], {}
+    real_run = runner._run
+
+    def run(taken, placements, reason):
+        batches.append([index[r.future] for r in taken])
+        release.wait(10)
+        real_run(taken, placements, reason)
+
+    monkeypatch.setattr(runner, "_run", run)
+    futures = []
+    rng = np.random.default_rng(0)
+    for i, n in enumerate(requests):
+        with runner._cond:  # known before the serving thread can take the request
+            futures.append(runner.execute_async(make_request(rng, n)))
+            index[futures[-1]] = i
+    release.set()
+    runner.close()
+    for f in futures:
+        assert f.exception(timeout=10) is None
+    return batches
+
+
+@pytest.mark.parametrize(
+    "lookahead, lengths, batches",
+    [
+        # 6 does not fit beside 5 | 5; the 3s overtake it and fill both rows; 6 heads the next batch
+        (1, [5, 5, 6, 3, 3], [[0, 1, 3, 4], [2]]),
+        # strict arrival order: the batch goes at the first request that does not fit
+        (0, [5, 5, 6, 3, 3], [[0, 1], [2, 3, 4]]),
+        # two requests do not fit (6, 7) with lookahead=1: the batch goes before the 3 is tried
+        (1, [5, 5, 6, 7, 3], [[0, 1], [2, 3], [4]]),
+        # the next batch tries the waiting requests oldest first: 6 and 7 fit, 8 waits again
+        (2, [5, 5, 6, 7, 3, 8], [[0, 1, 4], [2, 3], [5]]),
+    ],
+)
+def test_lookahead_lets_later_requests_fill_the_open_batch(tmp_path, monkeypatch, lookahead, lengths, batches):
+    path = write_fake(tmp_path, "attention_mask")
+    runner = runtime.Runner(
+        path, config_for("attention_mask", timeout_microseconds=60_000_000, lookahead=lookahead)
+    )
+    assert record_batches(runner, monkeypatch, lengths) == batches
+
+
+@pytest.mark.parametrize("mode", ["attention_mask", "unpack_repack"])
+@pytest.mark.parametrize("lookahead", [0, 1, 3, 8])
+def test_lookahead_bounds_overtaking(tmp_path, monkeypatch, mode, lookahead):
+    """Over random lengths: every batch holds the oldest waiting request, passes over at most
+    `lookahead` older ones, and lookahead=0 keeps strict arrival order."""
+    lengths = np.random.default_rng(lookahead).integers(1, 17, 120).tolist()
+    path = write_fake(tmp_path, mode, batch=4, seq=16, max_valid_num=6, segment_max_size=16)
+    runner = runtime.Runner(path, config_for(mode, timeout_microseconds=60_000_000, lookahead=lookahead))
+    batches = record_batches(runner, monkeypatch, lengths)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    served: set[int] = set()
+    for batch in batches:
+        waiting = [i for i in range(len(lengths)) if i not in served]
+        assert batch[0] == waiting[0]
+        passed_over = [i for i in waiting if i < max(batch) and i not in batch]
+        assert len(passed_over) <= lookahead
+        assert batch == sorted(batch)
+        served.update(batch)
+    if lookahead == 0:
+        assert [i for b in batches for i in b] == list(range(len(lengths)))
+
+
 def test_first_fit_packs_better_than_next_fit(tmp_path, rng):
     lengths = [5, 4, 3, 4]  # first_fit: rows [5,3] [4,4]; next_fit: [5] [4,3] then 4 does not fit
     counts = {}
     for algorithm in (PackAlgorithm.first_fit, PackAlgorithm.next_fit):
         path = write_fake(tmp_path, "attention_mask")
-        with runtime.Runner(path, config_for("attention_mask", algorithm, timeout_microseconds=60_000_000)) as runner:
+        config = config_for("attention_mask", algorithm, timeout_microseconds=60_000_000, lookahead=0)
+        with runtime.Runner(path, config) as runner:
             futures = [runner.execute_async(make_request(rng, n)) for n in lengths]
             futures[1].wait(timeout=10)
         for f in futures:
@@ -441,7 +510,7 @@ def test_close_drains_pending_requests(tmp_path, rng):
 
 def test_close_can_cancel_pending_requests(tmp_path, rng):
     path = write_fake(tmp_path, "unpack_repack")
-    runner = runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=60_000_000))
+    runner = runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=60_000_000, lookahead=0))
     futures = [runner.execute_async(make_request(rng, 7)) for _ in range(5)]  # 2 full batches + 1
     futures[3].wait(timeout=10)
     runner.close(cancel_pending=True)
@@ -628,6 +697,8 @@ def test_config_defaults_come_from_the_manifest(tmp_path):
         ("attention_mask", lambda c: setattr(c, "timeout_microseconds", -1),
          "timeout_microseconds must be a non-negative number, got -1"),
         ("attention_mask", lambda c: setattr(c, "max_valid_num", 0), "max_valid_num must be a positive integer, got 0"),
+        ("unpack_repack", lambda c: setattr(c, "lookahead", -1), "lookahead must be a non-negative integer, got -1"),
+        ("unpack_repack", lambda c: setattr(c, "lookahead", 2.5), "lookahead must be a non-negative integer, got 2.5"),
     ],
 )
 def test_config_contradicting_the_manifest_is_an_error(tmp_path, mode, setup, message):
