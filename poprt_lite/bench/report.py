@@ -141,3 +141,39 @@ def write_json(result: BenchResult, path: str | Path) -> None:
     data["markdown_table"] = markdown_table(result)
     data["command"] = " ".join(["poprt-lite", *sys.argv[1:]])
     Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+def write_plot(result: BenchResult, path: str | Path) -> None:
+    """A PNG of the run: speed-up over the padded baseline per mode (against the ideal and the best
+    possible at this size) beside mean / P99 latency. Needs matplotlib (`pip install '.[plot]'`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    modes = [r for r in result.modes if r.speedup is not None]
+    labels = [r.label.replace("online ", "online\n").replace("offline ", "offline\n") for r in modes]
+    w, c = result.workload, result.config
+    fig, (speed, latency) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
+    bars = speed.bar(labels, [r.speedup for r in modes], color=["0.6" if r.name == "padded" else "tab:blue" for r in modes])
+    speed.bar_label(bars, labels=[f"{r.speedup:.2f}x\n{r.packing_efficiency:.0%}" for r in modes], fontsize=8)
+    speed.axhline(w["padded_tokens_per_real_token"], color="tab:green", ls="--", lw=1, label=f"ideal {w['padded_tokens_per_real_token']:.2f}x")
+    speed.axhline(w["best_speedup_at_this_size"], color="tab:orange", ls=":", lw=1, label=f"best at {w['requests']} requests {w['best_speedup_at_this_size']:.2f}x")
+    speed.set_ylabel("speed-up over padded (samples/s)")
+    speed.set_title("throughput (bar labels: speed-up, packing efficiency)")
+    speed.legend(loc="lower right", fontsize=8)
+    x = range(len(modes))
+    latency.bar([i - 0.2 for i in x], [r.latency_mean_ms for r in modes], 0.4, label="mean")
+    latency.bar([i + 0.2 for i in x], [r.latency_p99_ms for r in modes], 0.4, label="P99")
+    latency.set_xticks(list(x), labels)
+    latency.set_ylabel("ms")
+    latency.set_title("latency (online: per request under concurrent clients; others: the batch)")
+    latency.legend(fontsize=8)
+    for ax in (speed, latency):
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(
+        f"poprt-lite bench: {w['requests']} requests, batch {c['batch_size']}x{c['max_seq_len']}, "
+        f"max_valid_num {c['max_valid_num']}, {result.machine['cpus']} CPUs"
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -56,6 +56,7 @@ def bench_command(
     max_valid_num: Optional[int] = typer.Option(None, "--max_valid_num", help="most requests per packed batch (default 40)"),
     threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: one per core)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write every number to this JSON file"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="also draw speed-up and latency per mode to this PNG (needs matplotlib: pip install '.[plot]')"),
     small: bool = typer.Option(False, "--small", help="CI preset: tiny batches (and a tiny exported model unless --model)"),
     timeout_microseconds: Optional[int] = typer.Option(None, "--timeout_microseconds", help="PackRunner timeout (default 15000)"),
     clients: Optional[int] = typer.Option(None, "--clients", help="concurrent clients of the online modes (default 2 x max_valid_num)"),
@@ -70,7 +71,7 @@ def bench_command(
     from rich.console import Console
 
     from poprt_lite.bench.measure import MODE_NAMES, BenchConfig, Progress, run_benchmark
-    from poprt_lite.bench.report import print_report, write_json
+    from poprt_lite.bench.report import print_report, write_json, write_plot
 
     preset = SMALL if small else FULL
     values = {
@@ -91,6 +92,11 @@ def bench_command(
 
     if offline_algorithm not in OFFLINE_ALGORITHMS:
         raise PoprtError(f"--offline_algorithm must be one of {', '.join(OFFLINE_ALGORITHMS)}, got '{offline_algorithm}'")
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401  (checked before a long run, not after it)
+        except ImportError:
+            raise PoprtError("--plot needs matplotlib; pip install 'poprt-lite[plot]' or drop --plot") from None
     selected = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else MODE_NAMES
     config = BenchConfig(
         model=model, work_dir=work_dir, threads=threads, clients=clients, offline_algorithm=offline_algorithm,
@@ -107,3 +113,6 @@ def bench_command(
     if json_out is not None:
         write_json(result, json_out)
         out.print(f"wrote {json_out}")
+    if plot is not None:
+        write_plot(result, plot)
+        out.print(f"wrote {plot}")

@@ -25,7 +25,7 @@ def test_bench_small_preset(tmp_path, capsys):
     start = time.perf_counter()
     code = main([
         "bench", "--small", "--model", str(TESTDATA / "bert_qa_torchscript.onnx"),
-        "--work_dir", str(tmp_path / "work"), "--json", str(out), "--no_progress",
+        "--work_dir", str(tmp_path / "work"), "--json", str(out), "--plot", str(tmp_path / "bench.png"), "--no_progress",
     ])
     assert code == 0, capsys.readouterr().err
     assert time.perf_counter() - start < 60
@@ -57,6 +57,20 @@ def test_bench_small_preset(tmp_path, capsys):
     ops = {(o["model"], o["op"]) for o in data["op_costs"]["ops"]}
     assert {("unpack_repack", "Unpack"), ("unpack_repack", "Repack"), ("attention_mask", "AttentionMask")} <= ops
     assert "| offline AttentionMask |" in data["markdown_table"]
+    png = (tmp_path / "bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_bench_plot_without_matplotlib_fails_before_running(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    start = time.perf_counter()
+    code = main(["bench", "--small", "--model", str(TESTDATA / "bert_qa_torchscript.onnx"),
+                 "--work_dir", str(tmp_path), "--plot", str(tmp_path / "b.png"), "--no_progress"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --plot needs matplotlib; pip install 'poprt-lite[plot]' or drop --plot"
+    )
+    assert time.perf_counter() - start < 5 and not list(tmp_path.iterdir())
 
 
 def test_bench_rejects_bad_options(tmp_path, capsys):
