@@ -20,3 +20,7 @@ class ArtifactError(PoprtError):
 
 class RequestError(PoprtError):
     """A runtime request (feeds or outputs) does not match the model."""
+
+
+class QueueFullError(PoprtError):
+    """A PackRunner already holds `max_pending` requests; the caller should retry later."""

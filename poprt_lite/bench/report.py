@@ -143,28 +143,31 @@ def write_json(result: BenchResult, path: str | Path) -> None:
     Path(path).write_text(json.dumps(data, indent=2, default=str))
 
 
-def write_plot(result: BenchResult, path: str | Path) -> None:
-    """A PNG of the run: speed-up over the padded baseline per mode (against the ideal and the best
-    possible at this size) beside mean / P99 latency. Needs matplotlib (`pip install '.[plot]'`)."""
+def write_plot(data: dict[str, Any], path: str | Path) -> None:
+    """A PNG of a run (`BenchResult.to_json()`, or a `--json` file read back): speed-up over the
+    padded baseline per mode, against the ideal and the best possible at this size, beside mean /
+    P99 latency. Needs matplotlib (`pip install '.[plot]'`)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    modes = [r for r in result.modes if r.speedup is not None]
-    labels = [r.label.replace("online ", "online\n").replace("offline ", "offline\n") for r in modes]
-    w, c = result.workload, result.config
-    fig, (speed, latency) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
-    bars = speed.bar(labels, [r.speedup for r in modes], color=["0.6" if r.name == "padded" else "tab:blue" for r in modes])
-    speed.bar_label(bars, labels=[f"{r.speedup:.2f}x\n{r.packing_efficiency:.0%}" for r in modes], fontsize=8)
-    speed.axhline(w["padded_tokens_per_real_token"], color="tab:green", ls="--", lw=1, label=f"ideal {w['padded_tokens_per_real_token']:.2f}x")
-    speed.axhline(w["best_speedup_at_this_size"], color="tab:orange", ls=":", lw=1, label=f"best at {w['requests']} requests {w['best_speedup_at_this_size']:.2f}x")
+    modes = [m for m in data["modes"] if m["speedup"] is not None]
+    labels = [m["label"].replace(" ", "\n") for m in modes]
+    w, c = data["workload"], data["config"]
+    ideal, best = w["padded_tokens_per_real_token"], w["best_speedup_at_this_size"]
+    fig, (speed, latency) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    bars = speed.bar(labels, [m["speedup"] for m in modes], color=["0.6" if m["name"] == "padded" else "tab:blue" for m in modes])
+    speed.bar_label(bars, labels=[f"{m['speedup']:.2f}x\n{m['packing_efficiency']:.0%}" for m in modes], fontsize=8)
+    speed.axhline(ideal, color="tab:green", ls="--", lw=1, label=f"ideal {ideal:.2f}x")
+    speed.axhline(best, color="tab:orange", ls=":", lw=1, label=f"best at {w['requests']} requests {best:.2f}x")
+    speed.set_ylim(0, max(ideal, *(m["speedup"] for m in modes)) * 1.18)
     speed.set_ylabel("speed-up over padded (samples/s)")
     speed.set_title("throughput (bar labels: speed-up, packing efficiency)")
-    speed.legend(loc="lower right", fontsize=8)
+    speed.legend(loc="upper left", fontsize=8)
     x = range(len(modes))
-    latency.bar([i - 0.2 for i in x], [r.latency_mean_ms for r in modes], 0.4, label="mean")
-    latency.bar([i + 0.2 for i in x], [r.latency_p99_ms for r in modes], 0.4, label="P99")
+    latency.bar([i - 0.2 for i in x], [m["latency_mean_ms"] for m in modes], 0.4, label="mean")
+    latency.bar([i + 0.2 for i in x], [m["latency_p99_ms"] for m in modes], 0.4, label="P99")
     latency.set_xticks(list(x), labels)
     latency.set_ylabel("ms")
     latency.set_title("latency (online: per request under concurrent clients; others: the batch)")
@@ -173,7 +176,7 @@ def write_plot(result: BenchResult, path: str | Path) -> None:
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(
         f"poprt-lite bench: {w['requests']} requests, batch {c['batch_size']}x{c['max_seq_len']}, "
-        f"max_valid_num {c['max_valid_num']}, {result.machine['cpus']} CPUs"
+        f"max_valid_num {c['max_valid_num']}, {data['machine']['cpus']} CPUs"
     )
     fig.savefig(path, dpi=110)
     plt.close(fig)

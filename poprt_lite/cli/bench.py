@@ -114,5 +114,5 @@ def bench_command(
         write_json(result, json_out)
         out.print(f"wrote {json_out}")
     if plot is not None:
-        write_plot(result, plot)
+        write_plot(result.to_json(), plot)
         out.print(f"wrote {plot}")

@@ -34,6 +34,8 @@ class PackRunnerConfig:
       not fit (`lookahead=0`, strict arrival order) leaves room that a shorter request just behind
       it would have filled; an overtaken request heads the next batch, so it waits at most one
       batch longer, and the timeout still bounds every wait.
+    - `max_pending`: the most requests waiting for a batch at once (default: no limit); beyond it
+      `execute_async` raises `QueueFullError` at once instead of letting latency grow without bound.
     - `algorithm`: `PackAlgorithm.first_fit` (a request goes to the first row with room) or
       `PackAlgorithm.next_fit` (only the current row, then the next); matters in AttentionMask mode.
     - `enable_input_single_row_mode(name)`: requests never cross a row (AttentionMask mode; `name` is
@@ -47,12 +49,14 @@ class PackRunnerConfig:
         dynamic_input_name: str | None = None,
         algorithm: PackAlgorithm | str = PackAlgorithm.first_fit,
         lookahead: int = DEFAULT_LOOKAHEAD,
+        max_pending: int | None = None,
     ) -> None:
         self.timeout_microseconds = timeout_microseconds
         self.max_valid_num = max_valid_num
         self.dynamic_input_name = dynamic_input_name
         self.algorithm = algorithm
         self.lookahead = lookahead
+        self.max_pending = max_pending
         self.single_row_inputs: list[str] = []
 
     def enable_input_single_row_mode(self, input_name: str) -> None:
@@ -79,6 +83,9 @@ class PackRunnerConfig:
         lookahead = self.lookahead
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
             raise PoprtError(f"lookahead must be a non-negative integer, got {lookahead!r}")
+        pending = self.max_pending
+        if pending is not None and (isinstance(pending, bool) or not isinstance(pending, int) or pending < 1):
+            raise PoprtError(f"max_pending must be a positive integer or None, got {pending!r}")
         name = self.dynamic_input_name
         if name is not None and (not isinstance(name, str) or not name):
             raise PoprtError(f"dynamic_input_name must be an input name, got {name!r}")
@@ -94,5 +101,6 @@ class PackRunnerConfig:
         return (
             f"PackRunnerConfig(timeout_microseconds={self.timeout_microseconds!r}, "
             f"max_valid_num={self.max_valid_num!r}, dynamic_input_name={self.dynamic_input_name!r}, "
-            f"algorithm={algorithm!r}, lookahead={self.lookahead!r}, single_row_inputs={self.single_row_inputs!r})"
+            f"algorithm={algorithm!r}, lookahead={self.lookahead!r}, max_pending={self.max_pending!r}, "
+            f"single_row_inputs={self.single_row_inputs!r})"
         )

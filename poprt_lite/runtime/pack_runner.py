@@ -44,7 +44,7 @@ import numpy as np
 import onnxruntime as ort
 
 from poprt_lite.artifact import Artifact, load_artifact
-from poprt_lite.errors import PoprtError, RequestError
+from poprt_lite.errors import PoprtError, QueueFullError, RequestError
 from poprt_lite.runtime.model_runner import cast_ids
 from poprt_lite.runtime.config import DEFAULT_TIMEOUT_MICROSECONDS, PackRunnerConfig
 from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, segment_ids
@@ -238,6 +238,7 @@ class PackRunner:
             )
         self.algorithm = PackAlgorithm.parse(config.algorithm)
         self.lookahead = config.lookahead
+        self.max_pending = config.max_pending
         timeout = config.timeout_microseconds
         self.timeout_microseconds = DEFAULT_TIMEOUT_MICROSECONDS if timeout is None else timeout
         self._timeout = self.timeout_microseconds / 1e6
@@ -334,12 +335,18 @@ class PackRunner:
     def execute_async(self, feeds: Mapping[str, Any], outputs: dict[str, np.ndarray] | None = None) -> PackFuture:
         """Queue one request and return its future. The request is checked here: a bad one raises
         RequestError on this call and nothing is queued. With `outputs=None` the runner allocates
-        `[n, ...]` arrays for every output (returned by `future.result()`)."""
+        `[n, ...]` arrays for every output (returned by `future.result()`). With `max_pending` set
+        and that many requests waiting, raises QueueFullError and queues nothing."""
         request = self._prepare(feeds, outputs)
         with self._cond:
             if self._closing or self._stopped is not None:
                 reason = f" (it stopped: {_one_line(self._stopped)})" if self._stopped else ""
                 raise PoprtError(f"the PackRunner is closed{reason}; create a new one")
+            if self.max_pending is not None and len(self._open) + len(self._waiting) >= self.max_pending:
+                raise QueueFullError(
+                    f"the PackRunner already has {self.max_pending} requests waiting (max_pending); "
+                    "retry later or raise max_pending"
+                )
             self._enqueue(request)
         return request.future
 

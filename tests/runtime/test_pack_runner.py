@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 
 import poprt_lite
 from poprt_lite import artifact, ir, runtime
-from poprt_lite.errors import PoprtError, RequestError
+from poprt_lite.errors import PoprtError, QueueFullError, RequestError
 from poprt_lite.runtime import PackAlgorithm, PackRunner, PackRunnerConfig
 
 VOCAB = 1000
@@ -434,6 +434,33 @@ def test_lookahead_bounds_overtaking(tmp_path, monkeypatch, mode, lookahead):
         assert [i for b in batches for i in b] == list(range(len(lengths)))
 
 
+def test_max_pending_refuses_requests_beyond_it(tmp_path, rng, monkeypatch):
+    path = write_fake(tmp_path, "unpack_repack")  # max_valid_num 4
+    runner = runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=60_000_000, max_pending=4))
+    started, release = threading.Event(), threading.Event()
+    real_run = runner.session.run
+
+    def held_run(names, feeds):
+        started.set()
+        release.wait(10)
+        return real_run(names, feeds)
+
+    monkeypatch.setattr(runner.session, "run", held_run)
+    running = [runner.execute_async(make_request(rng, 1)) for _ in range(4)]  # a full batch: taken, not pending
+    assert started.wait(10)
+    pending = [runner.execute_async(make_request(rng, 2)) for _ in range(4)]
+    with pytest.raises(QueueFullError) as info:
+        runner.execute_async(make_request(rng, 2))
+    assert str(info.value) == (
+        "the PackRunner already has 4 requests waiting (max_pending); retry later or raise max_pending"
+    )
+    release.set()
+    runner.close()  # runs the pending batch at once
+    for future in running + pending:
+        assert future.exception(timeout=10) is None
+    assert runner.stats.requests == 8
+
+
 def test_first_fit_packs_better_than_next_fit(tmp_path, rng):
     lengths = [5, 4, 3, 4]  # first_fit: rows [5,3] [4,4]; next_fit: [5] [4,3] then 4 does not fit
     counts = {}
@@ -699,6 +726,7 @@ def test_config_defaults_come_from_the_manifest(tmp_path):
         ("attention_mask", lambda c: setattr(c, "max_valid_num", 0), "max_valid_num must be a positive integer, got 0"),
         ("unpack_repack", lambda c: setattr(c, "lookahead", -1), "lookahead must be a non-negative integer, got -1"),
         ("unpack_repack", lambda c: setattr(c, "lookahead", 2.5), "lookahead must be a non-negative integer, got 2.5"),
+        ("unpack_repack", lambda c: setattr(c, "max_pending", 0), "max_pending must be a positive integer or None, got 0"),
     ],
 )
 def test_config_contradicting_the_manifest_is_an_error(tmp_path, mode, setup, message):
