@@ -69,90 +69,54 @@ DYNAMO_OPSET = 18
 # --------------------------------------------------------------------------
 
 
-def _finish(model: nn.Module) -> nn.Module:
+def _build(config_cls, model_cls, attn: str = "eager", **fields) -> nn.Module:
+    """A model with random weights (seed 0, initializer_range 0.1, randomised biases and LayerNorm)."""
+    torch.manual_seed(0)
+    model = model_cls(config_cls(initializer_range=0.1, attn_implementation=attn, **fields))
+    assert model.config._attn_implementation == attn, model.config._attn_implementation
     randomise_(model)
     model.eval()
     return model
 
 
+BERT_FIELDS = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    intermediate_size=INTERMEDIATE,
+    max_position_embeddings=MAX_POS,
+    type_vocab_size=2,
+)
+
+
 def build_bert_qa(attn: str) -> nn.Module:
     from transformers import BertConfig, BertForQuestionAnswering
 
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=INTERMEDIATE,
-        max_position_embeddings=MAX_POS,
-        type_vocab_size=2,
-        initializer_range=0.1,
-        attn_implementation=attn,
-    )
-    model = BertForQuestionAnswering(cfg)
-    assert model.config._attn_implementation == attn, model.config._attn_implementation
-    return _finish(model)
+    return _build(BertConfig, BertForQuestionAnswering, attn, **BERT_FIELDS)
 
 
 def build_roberta_qa() -> nn.Module:
     from transformers import RobertaConfig, RobertaForQuestionAnswering
 
-    torch.manual_seed(0)
-    cfg = RobertaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=INTERMEDIATE,
-        max_position_embeddings=MAX_POS + 2,
-        type_vocab_size=2,
-        pad_token_id=1,
-        initializer_range=0.1,
-        attn_implementation="eager",
-    )
-    model = RobertaForQuestionAnswering(cfg)
-    assert model.config._attn_implementation == "eager"
-    return _finish(model)
+    fields = dict(BERT_FIELDS, max_position_embeddings=MAX_POS + 2, pad_token_id=1)
+    return _build(RobertaConfig, RobertaForQuestionAnswering, **fields)
 
 
 def build_distilbert_qa() -> nn.Module:
     from transformers import DistilBertConfig, DistilBertForQuestionAnswering
 
-    torch.manual_seed(0)
-    cfg = DistilBertConfig(
-        vocab_size=VOCAB,
-        dim=HIDDEN,
-        n_layers=LAYERS,
-        n_heads=HEADS,
-        hidden_dim=INTERMEDIATE,
+    return _build(
+        DistilBertConfig, DistilBertForQuestionAnswering,
+        vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, hidden_dim=INTERMEDIATE,
         max_position_embeddings=MAX_POS,
-        initializer_range=0.1,
-        attn_implementation="eager",
     )
-    model = DistilBertForQuestionAnswering(cfg)
-    assert model.config._attn_implementation == "eager"
-    return _finish(model)
 
 
 def build_bert_model() -> nn.Module:
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=INTERMEDIATE,
-        max_position_embeddings=MAX_POS,
-        type_vocab_size=2,
-        initializer_range=0.1,
-        attn_implementation="eager",
-    )
-    model = BertModel(cfg, add_pooling_layer=False)
-    assert model.config._attn_implementation == "eager"
-    return _finish(model)
+    return _build(BertConfig, lambda cfg: BertModel(cfg, add_pooling_layer=False), **BERT_FIELDS)
 
 
 # --------------------------------------------------------------------------
