@@ -29,11 +29,12 @@ class PackRunnerConfig:
       is launched anyway (measured from the oldest request's arrival); 0 launches at once.
     - `max_valid_num`: the most requests one batch holds (the artifact's `--pack_args max_valid_num`).
     - `dynamic_input_name`: the input whose length is the request's length (`input_ids`).
-    - `lookahead`: how many requests that do not fit the open batch may be overtaken by later ones
-      that do, before the batch is launched (default 8). Launching at the first request that does
-      not fit (`lookahead=0`, strict arrival order) leaves room that a shorter request just behind
-      it would have filled; an overtaken request heads the next batch, so it waits at most one
-      batch longer, and the timeout still bounds every wait.
+    - `lookahead`: while the previous batch runs, how many requests that do not fit the open batch
+      may be overtaken by later ones that do (default 8; 0 keeps strict arrival order). Closing a
+      batch at the first request that does not fit leaves room that a shorter request just behind
+      it would fill. An overtaken request heads the next batch; the model never waits for a fuller
+      batch (once it is free, a batch with a refused request is launched) and the timeout still
+      bounds every wait.
     - `max_pending`: the most requests waiting for a batch at once (default: no limit); beyond it
       `execute_async` raises `QueueFullError` at once instead of letting latency grow without bound.
     - `algorithm`: `PackAlgorithm.first_fit` (a request goes to the first row with room) or

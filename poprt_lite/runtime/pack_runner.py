@@ -4,12 +4,13 @@ Clients call `execute_async(feeds, outputs)` with one unpadded request (its own 
 and get a future; `execute` blocks until the request's `outputs` arrays are filled. Requests are
 placed, in arrival order, into the open batch by an `OnlinePacker` (first_fit / next_fit over rows
 in AttentionMask mode; one stream of `batch_size * seq_len` tokens in unpack/repack mode). A
-request that does not fit waits for the next batch, and later requests may still fill the open one
-until `lookahead + 1` requests have not fitted. A background thread launches the open batch when it
-is full (that many requests did not fit, or it holds `max_valid_num` requests, or no token slot is
-left) or when its oldest request has waited `timeout_microseconds`; it builds the packed feeds with
-numpy, runs the model, copies each request's slice of every output into the caller's arrays and
-completes the futures. The next batch takes the waiting requests oldest first.
+request that does not fit waits for the next batch. A background thread launches the open batch
+when the model is free and the batch is full (a request did not fit, or it holds `max_valid_num`
+requests, or no token slot is left), or when its oldest request has waited `timeout_microseconds`.
+While the previous batch still runs, later requests may fill the room a refused request left, until
+`lookahead + 1` requests have not fitted. The thread builds the packed feeds with numpy, runs the
+model, copies each request's slice of every output into the caller's arrays and completes the
+futures. The next batch takes the waiting requests oldest first.
 
 Feeds of a request (1-D `[n]` or `[1, n]`, int32 or int64 for integer inputs):
 - the dynamic input (`input_ids`): required, 1 <= n <= segment_max_size (and seq_len);
@@ -543,15 +544,17 @@ class PackRunner:
             self._cond.notify_all()  # the serving thread starts the timeout clock
 
     def _refuse(self) -> None:
-        """A request did not fit the open batch: after `lookahead + 1` of them the batch is full.
+        """A request did not fit the open batch: the batch is launched as soon as the model is free,
+        and takes no further request after `lookahead + 1` refusals.
 
-        Later requests may overtake the refused ones into this batch (they might fit); the refused
-        ones head the queue, and the next batch, which starts empty, always takes the oldest: no
-        request starves, and a batch passes over at most `lookahead` older requests."""
+        While the previous batch runs, later requests may overtake the refused ones into this batch
+        (they might fit); the refused ones head the queue, and the next batch, which starts empty,
+        always takes the oldest: no request starves, and a batch passes over at most `lookahead`
+        older requests."""
         self._refused += 1
         if self._refused > self.lookahead:
             self._open_full = True
-            self._cond.notify_all()
+        self._cond.notify_all()  # an idle serving thread launches the batch now
 
     # ---------------------------------------------------------------------------------- serving
 
@@ -577,7 +580,9 @@ class PackRunner:
         """Wait for the open batch to be due; take it and open the next one (lock held)."""
         while True:
             if self._open:
-                if self._open_full:
+                if self._open_full or self._refused:
+                    # a request that did not fit makes the batch due once the model is free:
+                    # waiting for a fuller batch would leave the model idle
                     reason = "fullness"
                 elif self._closing:
                     reason = "close"

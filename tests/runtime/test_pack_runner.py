@@ -352,11 +352,13 @@ def test_full_batches_launch_at_once(tmp_path, rng, mode, algorithm, lengths, ba
     assert stats.packing_efficiency == sum(lengths) / 16
 
 
-def test_a_request_that_does_not_fit_launches_the_batch_without_lookahead(tmp_path, rng):
-    """first_fit in 2 rows of 8: 5, 5 fit (one per row); 5 does not, so with lookahead=0 the batch
-    goes; the third request waits for its own batch, launched on close()."""
+@pytest.mark.parametrize("lookahead", [0, 8])
+def test_a_request_that_does_not_fit_launches_the_batch_when_the_model_is_free(tmp_path, rng, lookahead):
+    """first_fit in 2 rows of 8: 5, 5 fit (one per row); 5 does not, so the batch goes at once (the
+    model is idle: lookahead only applies while a batch runs); the third request waits for its own
+    batch, launched on close()."""
     path = write_fake(tmp_path, "attention_mask")
-    runner = runtime.Runner(path, config_for("attention_mask", timeout_microseconds=60_000_000, lookahead=0))
+    runner = runtime.Runner(path, config_for("attention_mask", timeout_microseconds=60_000_000, lookahead=lookahead))
     futures = [runner.execute_async(make_request(rng, 5)) for _ in range(3)]
     futures[1].wait(timeout=10)
     assert futures[0].done() and not futures[2].done()
@@ -367,26 +369,31 @@ def test_a_request_that_does_not_fit_launches_the_batch_without_lookahead(tmp_pa
 
 
 def record_batches(runner, monkeypatch, requests):
-    """Submit `requests` (lengths) while the first batch is held in session.run, so that every
-    later batch is formed from a queue holding all of them; return each batch's request indices."""
-    release, batches, index = threading.Event(), [], {}
+    """Submit `requests` (lengths) while a full blocker batch is held in session.run, so that every
+    batch is formed while the model is busy, from a queue holding all of them; return each batch's
+    request indices (the blocker's left out)."""
+    release, started, batches, index = threading.Event(), threading.Event(), [], {}
     real_run = runner._run
 
     def run(taken, placements, reason):
-        batches.append([index[r.future] for r in taken])
+        started.set()
+        if taken[0].future in index:
+            batches.append([index[r.future] for r in taken])
         release.wait(10)
         real_run(taken, placements, reason)
 
     monkeypatch.setattr(runner, "_run", run)
-    futures = []
     rng = np.random.default_rng(0)
+    blocker = [runner.execute_async(make_request(rng, runner.seq_len)) for _ in range(runner.batch_size)]
+    assert started.wait(10)
+    futures = []
     for i, n in enumerate(requests):
         with runner._cond:  # known before the serving thread can take the request
             futures.append(runner.execute_async(make_request(rng, n)))
             index[futures[-1]] = i
     release.set()
     runner.close()
-    for f in futures:
+    for f in blocker + futures:
         assert f.exception(timeout=10) is None
     return batches
 
@@ -466,8 +473,7 @@ def test_first_fit_packs_better_than_next_fit(tmp_path, rng):
     counts = {}
     for algorithm in (PackAlgorithm.first_fit, PackAlgorithm.next_fit):
         path = write_fake(tmp_path, "attention_mask")
-        config = config_for("attention_mask", algorithm, timeout_microseconds=60_000_000, lookahead=0)
-        with runtime.Runner(path, config) as runner:
+        with runtime.Runner(path, config_for("attention_mask", algorithm, timeout_microseconds=60_000_000)) as runner:
             futures = [runner.execute_async(make_request(rng, n)) for n in lengths]
             futures[1].wait(timeout=10)
         for f in futures:
@@ -537,7 +543,7 @@ def test_close_drains_pending_requests(tmp_path, rng):
 
 def test_close_can_cancel_pending_requests(tmp_path, rng):
     path = write_fake(tmp_path, "unpack_repack")
-    runner = runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=60_000_000, lookahead=0))
+    runner = runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=60_000_000))
     futures = [runner.execute_async(make_request(rng, 7)) for _ in range(5)]  # 2 full batches + 1
     futures[3].wait(timeout=10)
     runner.close(cancel_pending=True)
