@@ -36,6 +36,17 @@ def compile_model(workdir: Path, mode: str) -> Path:
                               export_popef=True, options=options).artifact
 
 
+def run_clients(clients: list) -> float:
+    """Run each callable in its own thread, all at once; return the wall time until all finish."""
+    threads = [threading.Thread(target=client) for client in clients]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def measure(path: Path, mode: str, clients: int, per_client: int, timeout_us: int) -> dict:
     config = runtime.PackRunnerConfig(timeout_microseconds=timeout_us)
     if mode == "attention_mask":
@@ -55,13 +66,7 @@ def measure(path: Path, mode: str, clients: int, per_client: int, timeout_us: in
             with lock:
                 latencies.extend(mine)
 
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - start
+        elapsed = run_clients([lambda k=k: client(k) for k in range(clients)])
         stats = runner.stats
     times = np.sort(latencies)
     return {

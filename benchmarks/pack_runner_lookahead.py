@@ -15,7 +15,6 @@ import argparse
 import itertools
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from poprt_lite import runtime
 from poprt_lite.bench.workload import synthetic_lengths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pack_runner_latency import compile_model  # noqa: E402  (same compiled geometry)
+from pack_runner_latency import compile_model, run_clients  # noqa: E402  (same geometry and clients)
 
 
 class StretchedSession:
@@ -52,13 +51,7 @@ def replay(path: Path, lengths: np.ndarray, lookahead: int, algorithm: str, clie
             while (i := next(counter)) < len(lengths):
                 runner.execute({"input_ids": np.full(int(lengths[i]), 5)})
 
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - start
+        seconds = run_clients([client] * clients)
         return runner.stats, seconds
 
 
