@@ -52,8 +52,9 @@ def pack(
     Every index appears exactly once; each bin's lengths sum to at most `bin_capacity` and it holds
     at most `max_items_per_bin` items (when given). `next_fit` keeps one open bin and `first_fit`
     uses the first bin with room, both in arrival order; `best_fit_decreasing` places the longest
-    first, each into the fullest bin with room (with `max_items_per_bin`, see
-    `_fewer_balanced_bins`); `spfhp` is described in `_spfhp`.
+    first, each into the fullest bin with room; `spfhp` is described in `_spfhp`. With
+    `max_items_per_bin`, both decreasing algorithms then try `_fewer_balanced_bins`, which keeps
+    their result unless a count-balanced packing needs fewer bins.
     """
     algorithm = PackAlgorithm.parse(algorithm)
     _check_positive(bin_capacity=bin_capacity)
@@ -72,13 +73,14 @@ def pack(
         return _next_fit(lengths.tolist(), bin_capacity, limit)
     if algorithm is PackAlgorithm.first_fit:
         return _any_fit(lengths, np.arange(len(lengths)), bin_capacity, limit, best=False)
+    order = np.argsort(-lengths, kind="stable")
     if algorithm is PackAlgorithm.best_fit_decreasing:
-        order = np.argsort(-lengths, kind="stable")
         bins = _any_fit(lengths, order, bin_capacity, limit, best=True)
-        if max_items_per_bin is not None:
-            bins = _fewer_balanced_bins(lengths, order, bin_capacity, limit, bins)
-        return bins
-    return _spfhp(lengths, bin_capacity, limit)
+    else:
+        bins = _spfhp(lengths, bin_capacity, limit)
+    if max_items_per_bin is not None:
+        bins = _fewer_balanced_bins(lengths, order, bin_capacity, limit, bins)
+    return bins
 
 
 def packing_efficiency(
@@ -151,9 +153,9 @@ def _any_fit(
 def _fewer_balanced_bins(
     lengths: np.ndarray, order: np.ndarray, capacity: int, limit: int, bins: list[list[int]], tries: int = 4
 ) -> list[list[int]]:
-    """Best fit with a count limit: try to do better by filling a fixed number of bins evenly.
+    """A count limit: try to do better than `bins` by filling a fixed number of bins evenly.
 
-    Best fit fills bins tightly with long items, so with a count limit the many short items left at
+    Best fit (and SPFHP) fill bins tightly with long items, so with a count limit the many short items left at
     the end may find token room only in bins that are already at the limit (with PopRT's guide
     distribution, 16 x 256-token batches of at most 40 requests: 62 batches for a lower bound of 50).
     This tries K = the lower bound (tokens and counts) and the next few bin counts below
