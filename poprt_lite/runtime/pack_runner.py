@@ -85,6 +85,7 @@ class PackRunnerStats:
     batches_by_close: int  # launched early to drain the runner on close()
     failed_batches: int
     failed_requests: int  # requests whose future holds an error (failed batch or output copy)
+    overtakes: int  # requests placed ahead of an older one that did not fit (the lookahead at work)
 
     @property
     def mean_requests_per_batch(self) -> float:
@@ -99,8 +100,8 @@ class PackRunnerStats:
         return (
             f"{self.batches} batches ({self.batches_by_fullness} full, {self.batches_by_timeout} by "
             f"timeout, {self.batches_by_close} on close, {self.failed_batches} failed), "
-            f"{self.requests} requests, {self.mean_requests_per_batch:.2f} requests/batch, "
-            f"packing efficiency {self.packing_efficiency:.1%}"
+            f"{self.requests} requests ({self.overtakes} overtaking), {self.mean_requests_per_batch:.2f} "
+            f"requests/batch, packing efficiency {self.packing_efficiency:.1%}"
         )
 
 
@@ -537,6 +538,8 @@ class PackRunner:
 
     def _place(self, request: _Request) -> None:
         self._open.append(request)
+        if self._refused:
+            self._counts["overtakes"] += 1
         if self._packer.is_full:
             self._open_full = True
             self._cond.notify_all()

@@ -399,24 +399,25 @@ def record_batches(runner, monkeypatch, requests):
 
 
 @pytest.mark.parametrize(
-    "lookahead, lengths, batches",
+    "lookahead, lengths, batches, overtakes",
     [
         # 6 does not fit beside 5 | 5; the 3s overtake it and fill both rows; 6 heads the next batch
-        (1, [5, 5, 6, 3, 3], [[0, 1, 3, 4], [2]]),
+        (1, [5, 5, 6, 3, 3], [[0, 1, 3, 4], [2]], 2),
         # strict arrival order: the batch goes at the first request that does not fit
-        (0, [5, 5, 6, 3, 3], [[0, 1], [2, 3, 4]]),
+        (0, [5, 5, 6, 3, 3], [[0, 1], [2, 3, 4]], 0),
         # two requests do not fit (6, 7) with lookahead=1: the batch goes before the 3 is tried
-        (1, [5, 5, 6, 7, 3], [[0, 1], [2, 3], [4]]),
+        (1, [5, 5, 6, 7, 3], [[0, 1], [2, 3], [4]], 0),
         # the next batch tries the waiting requests oldest first: 6 and 7 fit, 8 waits again
-        (2, [5, 5, 6, 7, 3, 8], [[0, 1, 4], [2, 3], [5]]),
+        (2, [5, 5, 6, 7, 3, 8], [[0, 1, 4], [2, 3], [5]], 1),
     ],
 )
-def test_lookahead_lets_later_requests_fill_the_open_batch(tmp_path, monkeypatch, lookahead, lengths, batches):
+def test_lookahead_lets_later_requests_fill_the_open_batch(tmp_path, monkeypatch, lookahead, lengths, batches, overtakes):
     path = write_fake(tmp_path, "attention_mask")
     runner = runtime.Runner(
         path, config_for("attention_mask", timeout_microseconds=60_000_000, lookahead=lookahead)
     )
     assert record_batches(runner, monkeypatch, lengths) == batches
+    assert runner.stats.overtakes == overtakes
 
 
 @pytest.mark.parametrize("mode", ["attention_mask", "unpack_repack"])
