@@ -95,6 +95,7 @@ class ModeResult:
     submit_us_per_request: float | None = None  # online: client-side execute_async call
     runner_gap_ms_per_batch: float | None = None  # online: serving thread between two model runs
     batches_by_timeout: int | None = None
+    overtakes: int | None = None  # online: requests the PackRunner's lookahead placed ahead of older ones
     cpu: dict[str, float | None] = field(default_factory=dict)
     speedup: float | None = None
     cpu_speedup: float | None = None  # padded CPU-seconds / this mode's: robust to other processes
@@ -386,6 +387,7 @@ class _Runs:
         result = self._result(mode, seconds, latency, "request", stats.batches, stats.packing_efficiency, timed, cpu)
         result.submit_us_per_request = float(submit.mean() * 1e6)
         result.batches_by_timeout = stats.batches_by_timeout
+        result.overtakes = stats.overtakes
         spans = np.asarray(timed.spans)
         if len(spans) > 1:
             result.runner_gap_ms_per_batch = float(np.median(spans[1:, 0] - spans[:-1, 1]) * 1e3)

@@ -106,7 +106,8 @@ def print_report(result: BenchResult, console=None) -> None:
     for r in online:
         console.print(
             f"{r.label}: execute_async {r.submit_us_per_request:.0f} µs/req (client side), serving thread "
-            f"{_fmt(r.runner_gap_ms_per_batch, '.1f')} ms between model runs, {r.batches_by_timeout} of {r.batches} batches launched by timeout"
+            f"{_fmt(r.runner_gap_ms_per_batch, '.1f')} ms between model runs, {r.batches_by_timeout} of {r.batches} batches launched by timeout, "
+            f"{r.overtakes} requests placed ahead of an older one that did not fit (lookahead)"
         )
     if result.op_costs:
         oc = result.op_costs

@@ -51,7 +51,9 @@ def test_bench_small_preset(tmp_path, capsys):
     assert modes["padded"]["mae"] == {"start_logits": 0.0, "end_logits": 0.0}
     # packed batches hold more requests than padded ones
     assert modes["offline_attention_mask"]["requests_per_batch"] > modes["padded"]["requests_per_batch"]
-    assert modes["online_attention_mask_first_fit"]["batches_by_timeout"] is not None
+    for name in ("online_unpack_repack", "online_attention_mask_first_fit", "online_attention_mask_next_fit"):
+        assert 0 <= modes[name]["batches_by_timeout"] <= modes[name]["batches"]
+        assert 0 <= modes[name]["overtakes"] < modes[name]["requests"]
     host = data["host_packing"]
     assert set(host) == {"unpack_repack", "attention_mask"}
     ops = {(o["model"], o["op"]) for o in data["op_costs"]["ops"]}
