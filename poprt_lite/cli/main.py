@@ -24,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: '[mode=...]' and '.[plot]' must print as written
 )
 app.command("convert", help="Convert a model (the default: `poprt-lite --input_model ...` means `poprt-lite convert ...`).")(
     convert.convert

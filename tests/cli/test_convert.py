@@ -29,6 +29,18 @@ def test_multi_value_flags_are_expanded():
     ]
 
 
+@pytest.mark.parametrize(
+    "command, text",
+    [
+        (["convert", "--help"], "max_valid_num=N segment_max_size=L [mode=unpack_repack|attention_mask]"),
+        (["bench", "--help"], "pip install '.[plot]'"),
+    ],
+)
+def test_help_prints_brackets_as_written(capsys, command, text):
+    assert main(command) == 0
+    assert text in " ".join(capsys.readouterr().out.split())  # as written, wherever it wraps
+
+
 def test_acceptance_command_writes_model_and_artifact_that_runs(tmp_path, capsys):
     out_model, art_dir = tmp_path / "o.onnx", tmp_path / "art"
     code, out, err = cli(
