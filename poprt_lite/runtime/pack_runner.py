@@ -164,7 +164,6 @@ class PackRunner:
         )
         self._cond = threading.Condition()
         self._open: list[_Request] = []  # requests in the batch being filled
-        self._open_full = False  # the open batch takes no further request
         self._refused = 0  # requests that did not fit the open batch (they wait in _waiting)
         self._waiting: collections.deque[_Request] = collections.deque()  # for later batches
         self._closing = False
@@ -368,7 +367,7 @@ class PackRunner:
                     cancelled = self._open + list(self._waiting)
                     self._open, self._waiting = [], collections.deque()
                     self._packer.reset()
-                    self._open_full, self._refused = False, 0
+                    self._refused = 0
                 self._cond.notify_all()
         self._fail(cancelled, PoprtError("the PackRunner was closed before this request ran"))
         if threading.current_thread() is not self._thread:
@@ -536,12 +535,16 @@ class PackRunner:
                 self._refuse()
         self._waiting.extendleft(reversed(refused))
 
+    @property
+    def _open_full(self) -> bool:
+        """The open batch takes no further request (lock held)."""
+        return self._refused > self.lookahead or self._packer.is_full
+
     def _place(self, request: _Request) -> None:
         self._open.append(request)
         if self._refused:
             self._counts["overtakes"] += 1
         if self._packer.is_full:
-            self._open_full = True
             self._cond.notify_all()
         elif len(self._open) == 1:
             self._cond.notify_all()  # the serving thread starts the timeout clock
@@ -555,8 +558,6 @@ class PackRunner:
         always takes the oldest: no request starves, and a batch passes over at most `lookahead`
         older requests."""
         self._refused += 1
-        if self._refused > self.lookahead:
-            self._open_full = True
         self._cond.notify_all()  # an idle serving thread launches the batch now
 
     # ---------------------------------------------------------------------------------- serving
@@ -583,7 +584,7 @@ class PackRunner:
         """Wait for the open batch to be due; take it and open the next one (lock held)."""
         while True:
             if self._open:
-                if self._open_full or self._refused:
+                if self._refused or self._packer.is_full:
                     # a request that did not fit makes the batch due once the model is free:
                     # waiting for a fuller batch would leave the model idle
                     reason = "fullness"
@@ -596,7 +597,7 @@ class PackRunner:
                         continue
                     reason = "timeout"
                 requests, placements = self._open, self._packer.placements()
-                self._open, self._open_full, self._refused = [], False, 0
+                self._open, self._refused = [], 0
                 self._packer.reset()
                 self._refill()
                 return requests, placements, reason
