@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
+from poprt_lite.cli import options
 from poprt_lite.errors import PoprtError
 
 SMALL = {  # the CI preset: tiny model, tiny batches; well under a minute on 2 cores
@@ -48,24 +49,24 @@ class _RichProgress:
 
 
 def bench_command(
-    model: Optional[Path] = typer.Option(None, "--model", help="ONNX encoder to benchmark (default: export BERT-base QA with random weights; needs torch)"),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="requests = iterations x batch_size (default 40; --small 8)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch_size", help="rows per batch (default 16)"),
-    avg_seq_len: Optional[int] = typer.Option(None, "--avg_seq_len", help="mean and std of the request lengths (default 128)"),
-    max_seq_len: Optional[int] = typer.Option(None, "--max_seq_len", help="seq_len of a row and longest request (default 256)"),
-    max_valid_num: Optional[int] = typer.Option(None, "--max_valid_num", help="most requests per packed batch (default 40)"),
-    threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: one per core)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write every number to this JSON file"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="also draw speed-up and latency per mode to this PNG (needs matplotlib: pip install '.[plot]')"),
-    small: bool = typer.Option(False, "--small", help="CI preset: tiny batches (and a tiny exported model unless --model)"),
-    timeout_microseconds: Optional[int] = typer.Option(None, "--timeout_microseconds", help="PackRunner timeout (default 15000)"),
-    clients: Optional[int] = typer.Option(None, "--clients", help="concurrent clients of the online modes (default 2 x max_valid_num)"),
-    offline_algorithm: str = typer.Option("best_fit_decreasing", "--offline_algorithm", help="offline packing: best_fit_decreasing, spfhp, first_fit, next_fit"),
-    modes: Optional[str] = typer.Option(None, "--modes", help="comma-separated subset of the modes (default: all)"),
-    work_dir: Optional[Path] = typer.Option(None, "--work_dir", help="cache for the exported and compiled models (default ~/.cache/poprt-lite)"),
-    op_costs: bool = typer.Option(True, "--op_costs/--no_op_costs", help="time Unpack/Repack/AttentionMask and attention alone"),
-    ort_fusions: bool = typer.Option(False, "--ort_fusions", help="apply onnxruntime's transformer optimizer fusions to every compiled model (padded and packed)"),
-    progress: bool = typer.Option(True, "--progress/--no_progress", help="show a progress bar"),
+    model: Annotated[Optional[Path], typer.Option("--model", help="ONNX encoder to benchmark (default: export BERT-base QA with random weights; needs torch).")] = None,
+    iterations: Annotated[Optional[int], typer.Option("--iterations", help="Requests = iterations x batch_size (default 40; --small 8).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch_size", help="Rows per batch (default 16).")] = None,
+    avg_seq_len: Annotated[Optional[int], typer.Option("--avg_seq_len", help="Mean and std of the request lengths (default 128).")] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option("--max_seq_len", help="Seq_len of a row and longest request (default 256).")] = None,
+    max_valid_num: Annotated[Optional[int], typer.Option("--max_valid_num", help="Most requests per packed batch (default 40).")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="Onnxruntime intra-op threads (0: one per core).")] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write every number to this JSON file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw speed-up and latency per mode to this PNG (needs matplotlib: pip install '.[plot]').")] = None,
+    small: Annotated[bool, typer.Option("--small", help="CI preset: tiny batches (and a tiny exported model unless --model).")] = False,
+    timeout_microseconds: Annotated[Optional[int], typer.Option("--timeout_microseconds", help="PackRunner timeout (default 15000).")] = None,
+    clients: Annotated[Optional[int], typer.Option("--clients", help="Concurrent clients of the online modes (default 2 x max_valid_num).")] = None,
+    offline_algorithm: Annotated[str, typer.Option("--offline_algorithm", help="Offline packing: best_fit_decreasing, spfhp, first_fit, next_fit.")] = "best_fit_decreasing",
+    modes: Annotated[Optional[str], typer.Option("--modes", help="Comma-separated subset of the modes (default: all).")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option("--work_dir", help="Cache for the exported and compiled models (default ~/.cache/poprt-lite).")] = None,
+    op_costs: Annotated[bool, typer.Option("--op_costs/--no_op_costs", help="Time Unpack/Repack/AttentionMask and attention alone.")] = True,
+    ort_fusions: Annotated[bool, typer.Option("--ort_fusions", help="Apply onnxruntime's transformer optimizer fusions to every compiled model (padded and packed).")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no_progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Benchmark padded vs packed inference (offline and online, both packing modes) on the same requests."""
     from rich.console import Console
@@ -104,7 +105,9 @@ def bench_command(
     )
     console = Console(stderr=True, log_path=False)
     out = Console()
-    if progress:
+    quiet = options.current().quiet
+    status = Console(quiet=quiet)
+    if progress and not quiet:
         with _RichProgress(console) as bar:
             result = run_benchmark(config, bar)
     else:
@@ -112,7 +115,7 @@ def bench_command(
     print_report(result, out)
     if json_out is not None:
         write_json(result, json_out)
-        out.print(f"wrote {json_out}")
+        status.print(f"wrote {json_out}")
     if plot is not None:
         write_plot(result.to_json(), plot)
-        out.print(f"wrote {plot}")
+        status.print(f"wrote {plot}")

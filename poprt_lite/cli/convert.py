@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,10 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from poprt_lite import compiler, ir, passes, verify
-from poprt_lite.cli import listing
+from poprt_lite.cli import listing, options
 from poprt_lite.errors import PoprtError
 
 Multi = Optional[list[str]]
+log = logging.getLogger(__name__)
 
 
 def convert(
@@ -37,18 +39,14 @@ def convert(
     pass_option: Annotated[Multi, typer.Option("--pass_option", help="PASS.KEY=VALUE options for passes.")] = None,
     list_all_passes: Annotated[bool, typer.Option("--list_all_passes", help="List every registered pass and exit.")] = False,
     list_all_ops: Annotated[bool, typer.Option("--list_all_ops", help="List the custom ops and exit.")] = False,
-    plugin: Annotated[Multi, typer.Option("--plugin", help="A pass plugin: path/to/file.py or a module name.")] = None,
+    plugin: options.PluginOption = None,
     dump_after: Annotated[Multi, typer.Option("--dump_after", help="Write the model after these passes (or 'all') to --output_dir.")] = None,
     export_popef: Annotated[bool, typer.Option("--export_popef", help="Also write the artifact <output_dir>/executable.popef.")] = False,
     check: Annotated[bool, typer.Option("--check", help="Compare source and converted model on random inputs.")] = False,
     fp16_io: Annotated[bool, typer.Option("--fp16_io", help="With fp16: make float inputs/outputs float16 too.")] = False,
     fp16_skip_op_types: Annotated[Multi, typer.Option("--fp16_skip_op_types", help="With fp16: op types kept in float32.")] = None,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log progress details.")] = False,  # noqa: ARG001 - applied by main()
-    quiet: Annotated[bool, typer.Option("--quiet", help="Print errors only.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,  # noqa: ARG001 - applied by main()
 ) -> None:
-    for spec in plugin or []:
-        passes.load_plugin(spec)
+    options.load_plugins(plugin)
     if list_all_passes or list_all_ops:
         if list_all_passes:
             listing.passes_command()
@@ -59,7 +57,7 @@ def convert(
         raise PoprtError("--input_model is required (or --list_all_passes / --list_all_ops)")
     if export_popef and output_dir is None:
         raise PoprtError("--export_popef writes <output_dir>/executable.popef; give --output_dir")
-    options = compiler.CompileOptions(
+    compile_options = compiler.CompileOptions(
         precision=precision,
         input_shape=compiler.parse_input_shapes(input_shape or []),
         pack_args=compiler.parse_key_values(pack_args or [], "--pack_args"),
@@ -70,6 +68,9 @@ def convert(
         fp16_skip_op_types=[t for item in fp16_skip_op_types or [] for t in item.split(",") if t],
         dump_after=dump_after or [],
     )
+    for configured in compiler.build_pipeline(compile_options):
+        log.info("pass %s: %s", configured.name, _options_text(configured))
+    quiet = options.current().quiet
     console = Console(quiet=quiet, highlight=False)
     table = Table("pass", "changed", "time (ms)", "details", title="pipeline", title_justify="left")
     with console.status("converting...") if not quiet and console.is_terminal else contextlib.nullcontext():
@@ -78,7 +79,7 @@ def convert(
             output_model,
             output_dir=output_dir,
             export_popef=export_popef,
-            options=options,
+            options=compile_options,
         )
     for record in result.records:
         table.add_row(record.name, "yes" if record.changed else "no", f"{record.seconds * 1000:.1f}", record.message)
@@ -90,6 +91,10 @@ def convert(
         diffs = verify.max_abs_diff(ir.load_model(input_model), result.model)
         for name, diff in diffs.items():
             console.print(f"check: {name} max abs diff {diff:.3g}")
+
+
+def _options_text(configured: passes.Pass) -> str:
+    return ", ".join(f"{key}={value}" for key, value in vars(configured.options).items()) or "no options"
 
 
 def _pass_options(items: list[str]) -> dict[str, dict[str, str]]:

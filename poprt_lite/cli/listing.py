@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
-
-import typer
 from rich.console import Console
 from rich.table import Table
 
 from poprt_lite import ops, passes
+from poprt_lite.cli import options
 
 
-def passes_command(
-    plugin: Annotated[Optional[list[str]], typer.Option("--plugin", help="Load a pass plugin first.")] = None,
-) -> None:
-    for spec in plugin or []:
-        passes.load_plugin(spec)
+def passes_command(plugin: options.PluginOption = None) -> None:
+    options.load_plugins(plugin)
     table = Table("pass", "options", "description", title="passes", title_justify="left")
     for cls in passes.list_passes():
         table.add_row(cls.name, ", ".join(cls.option_names()), cls.description)

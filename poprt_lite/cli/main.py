@@ -1,9 +1,9 @@
 """The `poprt-lite` command.
 
 The flat PopRT form (`poprt-lite --input_model m.onnx --input_shape input_ids=16,256 ...`) is the
-`convert` subcommand; other subcommands (`passes`, `ops`, `inspect`, ...) sit beside it. Flags that
-take several values after one flag, as PopRT's do, are rewritten into click's repeated form before
-parsing.
+`convert` subcommand; other subcommands (`passes`, `ops`, `inspect`, ...) sit beside it. The global
+options (cli/options.py) are taken before or after a subcommand's name. Flags that take several
+values after one flag, as PopRT's do, are rewritten into click's repeated form before parsing.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import typer
 from typer.exceptions import TyperException
 
-from poprt_lite.cli import bench, convert, diff, inspect, listing
+from poprt_lite.cli import bench, convert, diff, inspect, listing, options
 from poprt_lite.errors import PoprtError
 
 app = typer.Typer(
@@ -26,14 +26,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help texts are plain: '[mode=...]' and '.[plot]' must print as written
 )
-app.command("convert", help="Convert a model (the default: `poprt-lite --input_model ...` means `poprt-lite convert ...`).")(
-    convert.convert
-)
-app.command("passes", help="List the registered passes, built-in and plugins.")(listing.passes_command)
-app.command("ops", help="List the custom ops.")(listing.ops_command)
-app.command("diff", help="Compare two models or artifacts structurally; exit 0 if equal, 1 if different, 2 on error.")(diff.diff_command)
-app.command("inspect", help="Show a model's or artifact's interface, ops, metadata and manifest.")(inspect.inspect_command)
-app.command("bench", help="Benchmark packed vs padded throughput, latency and accuracy on the same requests.")(bench.bench_command)
+COMMANDS = {
+    "convert": (convert.convert, "Convert a model (the default: `poprt-lite --input_model ...` means `poprt-lite convert ...`)."),
+    "passes": (listing.passes_command, "List the registered passes, built-in and plugins."),
+    "ops": (listing.ops_command, "List the custom ops."),
+    "diff": (diff.diff_command, "Compare two models or artifacts structurally; exit 0 if equal, 1 if different, 2 on error."),
+    "inspect": (inspect.inspect_command, "Show a model's or artifact's interface, ops, metadata and manifest."),
+    "bench": (bench.bench_command, "Benchmark packed vs padded throughput, latency and accuracy on the same requests."),
+}
+for _name, (_command, _help) in COMMANDS.items():
+    app.command(_name, help=_help)(options.global_options(_command))
+
+
+@app.callback()
+@options.global_options
+def _app() -> None:
+    """Global options go before or after the subcommand's name."""
+
 
 MULTI_VALUE_FLAGS = {"--input_shape", "--pack_args", "--plugin", "--dump_after", "--fp16_skip_op_types", "--pass_option"}
 
@@ -55,27 +64,24 @@ def expand_multi_value_flags(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("-") and argv[0] not in ("--help", "-h"):
+    first = next((token for token in argv if token not in options.GLOBAL_FLAGS), None)
+    if first is not None and first.startswith("-") and first not in ("--help", "-h"):
         argv.insert(0, "convert")
-    debug = "--debug" in argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    logger = logging.getLogger("poprt_lite")
+    logger = logging.getLogger(options.LOGGER)
     previous_level = logger.level
-    if "--quiet" in argv:
-        logger.setLevel(logging.ERROR)
-    elif "-v" in argv or "--verbose" in argv:
-        logger.setLevel(logging.INFO)
+    settings = options.Settings()
     try:
-        return _run(argv, debug)
+        return _run(argv, settings)
     finally:
         logger.setLevel(previous_level)
 
 
-def _run(argv: list[str], debug: bool) -> int:
+def _run(argv: list[str], settings: options.Settings) -> int:
     try:
-        app(expand_multi_value_flags(argv), prog_name="poprt-lite", standalone_mode=False)
+        app(expand_multi_value_flags(argv), prog_name="poprt-lite", standalone_mode=False, obj=settings)
     except PoprtError as exc:
-        if debug:
+        if settings.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -85,7 +91,7 @@ def _run(argv: list[str], debug: bool) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
     except Exception as exc:  # click usage errors and anything unexpected: one line, no traceback
-        if debug:
+        if settings.debug:
             raise
         if isinstance(exc, typer.Exit):
             return exc.exit_code

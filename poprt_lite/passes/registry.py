@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "poprt_lite.passes"
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _loaded_entry_points = False
+_registered_by_import: list[str] | None = None  # names registered while load_plugin imports a module
 
 
 def register_pass(name: str, description: str | None = None) -> Callable[[Any], Any]:
@@ -45,6 +46,8 @@ def register_pass(name: str, description: str | None = None) -> Callable[[Any], 
         if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
             raise PoprtError(f"pass name '{name}' is registered twice ({_REGISTRY[name].__module__} and {cls.__module__}); rename one")
         _REGISTRY[name] = cls
+        if _registered_by_import is not None:
+            _registered_by_import.append(name)
         return obj
 
     return decorate
@@ -72,8 +75,18 @@ def list_passes() -> list[type[Pass]]:
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 
-def load_plugin(spec: str) -> None:
-    """Import a plugin given as a path to a .py file or as a module name."""
+def load_plugin(spec: str) -> list[str]:
+    """Import a plugin given as a path to a .py file or as a module name; the pass names it registered."""
+    global _registered_by_import
+    _registered_by_import = []
+    try:
+        _import_plugin(spec)
+        return _registered_by_import
+    finally:
+        _registered_by_import = None
+
+
+def _import_plugin(spec: str) -> None:
     try:
         if spec.endswith(".py") or Path(spec).is_file():
             path = Path(spec)

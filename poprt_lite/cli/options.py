@@ -1,0 +1,112 @@
+"""Options shared by several commands, each declared once.
+
+`GLOBAL_OPTIONS` (`-v/--verbose`, `--quiet`, `--debug`) are taken by the app itself and by every
+subcommand (`@global_options` adds them to a command), before or after the subcommand's name:
+`poprt-lite -v inspect M.onnx` and `poprt-lite inspect M.onnx -v` mean the same. Their values are
+applied while the command line is parsed, into the `Settings` object `main()` passes as the click
+context's `obj`. `PluginOption` is the one `--plugin` declaration, used by `convert` and `passes`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
+
+import typer
+
+from poprt_lite import passes
+
+LOGGER = "poprt_lite"
+log = logging.getLogger(__name__)
+_CONTEXT = "_poprt_lite_context"
+
+
+@dataclass
+class Settings:
+    """What the global options say, for the whole invocation."""
+
+    verbose: bool = False
+    quiet: bool = False
+    debug: bool = False
+
+    def log_level(self) -> int:
+        if self.quiet:
+            return logging.ERROR
+        return logging.INFO if self.verbose else logging.WARNING
+
+
+_CURRENT: contextvars.ContextVar[Settings | None] = contextvars.ContextVar("poprt_lite_cli_settings", default=None)
+
+
+def current() -> Settings:
+    """The settings of the command being run (defaults outside a command line)."""
+    return _CURRENT.get() or Settings()
+
+
+def _apply(ctx: typer.Context, param: typer.CallbackParam, value: bool) -> bool:
+    settings = ctx.find_object(Settings)
+    if settings is None:  # invoked without main() (e.g. typer's test runner)
+        settings = ctx.ensure_object(Settings)
+    if value:  # a subcommand's default never undoes the flag given before it
+        setattr(settings, param.name, True)
+    logging.getLogger(LOGGER).setLevel(settings.log_level())
+    return value
+
+
+@dataclass(frozen=True)
+class _GlobalOption:
+    name: str
+    flags: tuple[str, ...]
+    help: str
+
+    def parameter(self) -> inspect.Parameter:
+        option = typer.Option(*self.flags, help=self.help, callback=_apply, is_eager=True)
+        return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, option])
+
+
+GLOBAL_OPTIONS = (
+    _GlobalOption("verbose", ("-v", "--verbose"), "Log progress details."),
+    _GlobalOption("quiet", ("--quiet",), "Print errors and the command's report only (no progress, logs or status lines)."),
+    _GlobalOption("debug", ("--debug",), "Show tracebacks."),
+)
+GLOBAL_FLAGS = frozenset(flag for option in GLOBAL_OPTIONS for flag in option.flags)
+
+
+def global_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give `command` the global options (applied while parsing; the command itself never sees them)."""
+    signature = inspect.signature(command, eval_str=True)  # typer would not resolve string annotations behind __signature__
+    names = {option.name for option in GLOBAL_OPTIONS}
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for name in names:
+            kwargs.pop(name, None)
+        ctx: typer.Context = kwargs.pop(_CONTEXT)
+        token = _CURRENT.set(ctx.find_object(Settings))
+        try:
+            return command(*args, **kwargs)
+        finally:
+            _CURRENT.reset(token)
+
+    context = inspect.Parameter(_CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+    parameters = [*signature.parameters.values(), *(option.parameter() for option in GLOBAL_OPTIONS), context]
+    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    return wrapper
+
+
+PluginOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--plugin", help="Load a pass plugin first: path/to/file.py or a module name (several after one flag)."),
+]
+
+
+def load_plugins(specs: Sequence[str] | None) -> None:
+    """Import each `--plugin`; with -v, log the passes each one registered."""
+    for spec in specs or []:
+        names = passes.load_plugin(spec)
+        log.info("plugin %s registered %s", spec, ", ".join(names) if names else "no pass")
