@@ -26,8 +26,9 @@ import onnx
 from onnx import external_data_helper
 
 import poprt_lite
-from poprt_lite import ir
-from poprt_lite.errors import ArtifactError
+from poprt_lite import ir, vocab
+from poprt_lite.errors import ArtifactError, one_line
+from poprt_lite.vocab import MetaKey
 
 FORMAT = "poprt-lite-artifact"
 FORMAT_VERSION = 1
@@ -37,16 +38,6 @@ MEMBERS = (MODEL_MEMBER, MANIFEST_MEMBER, DIGEST_MEMBER)
 # A member may expand to at most this multiple of the archive size (zip-bomb guard); members are
 # stored uncompressed, so honest artifacts expand by ~1x.
 MAX_EXPANSION = 4
-
-# Roles of inputs that poprt-lite passes understand; other inputs are "data".
-DEFAULT_ROLES = {
-    "input_ids": "dynamic_input",
-    "attention_mask": "attention_mask",
-    "token_type_ids": "token_type_ids",
-    "position_ids": "position_ids",
-    "unpack_info": "unpack_info",
-}
-
 
 @dataclass
 class Artifact:
@@ -72,7 +63,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     """Describe `model` for a runtime: interface with roles and layouts, packing, offsets."""
     meta = ir.get_metadata(model)
-    pack = json.loads(meta["pack"]) if "pack" in meta else None
+    pack = vocab.pack_spec_of(meta)
 
     def describe(value: onnx.ValueInfoProto) -> dict[str, Any]:
         tensor_type = value.type.tensor_type
@@ -87,26 +78,26 @@ def build_manifest(
     inputs = [
         {
             **describe(v),
-            "role": meta.get(f"role.{v.name}", DEFAULT_ROLES.get(v.name, "data")),
+            "role": vocab.role_of(meta, v.name).value,
             "table_rows": rows.get(v.name),
         }
         for v in model.graph.input
     ]
-    outputs = [{**describe(v), "layout": meta.get(f"layout.{v.name}", "padded")} for v in model.graph.output]
+    outputs = [{**describe(v), "layout": vocab.layout_of(meta, v.name).value} for v in model.graph.output]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "poprt_lite_version": poprt_lite.__version__,
         "source_model_sha256": source_sha256,
         "model_sha256": model_sha256,
-        "precision": precision,
+        MetaKey.precision.value: precision,
         "pipeline": pipeline,
         "inputs": inputs,
         "outputs": outputs,
-        "pack": pack,
+        MetaKey.pack.value: pack.as_dict() if pack else None,
         "custom_op_domains": sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")}),
-        "position_offset": int(meta.get("position_offset", 0)),
-        "vocab_size": int(meta["vocab_size"]) if "vocab_size" in meta else None,
+        MetaKey.position_offset.value: vocab.int_of(meta, MetaKey.position_offset),
+        MetaKey.vocab_size.value: vocab.int_of(meta, MetaKey.vocab_size) or None,
     }
 
 
@@ -179,7 +170,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise ArtifactError(f"'{path}' is not a poprt-lite artifact ({_one_line(exc)}); compile one with --export_popef") from None
+        raise ArtifactError(f"'{path}' is not a poprt-lite artifact ({one_line(exc, with_type=False)}); compile one with --export_popef") from None
     with archive:
         infos = archive.infolist()
         _check_members(path, [info.filename for info in infos])
@@ -190,7 +181,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
             data = {name: _read_bounded(archive, name, budget) for name in MEMBERS}
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError) as exc:
             # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method
-            raise ArtifactError(f"artifact '{path}' is corrupt ({_one_line(exc)}); re-export it") from None
+            raise ArtifactError(f"artifact '{path}' is corrupt ({one_line(exc, with_type=False)}); re-export it") from None
     if sha256(data[MANIFEST_MEMBER]) != data[DIGEST_MEMBER].decode(errors="replace").strip():
         raise ArtifactError(f"artifact '{path}': manifest checksum mismatch (corrupted or edited); re-export it")
     try:
@@ -238,9 +229,6 @@ def _check_model(path: Path, model_bytes: bytes) -> None:
                 f"artifact '{path}': tensor '{tensor.name}' of {MODEL_MEMBER} refers to external data; an artifact must be self-contained"
             )
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _read_bounded(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:

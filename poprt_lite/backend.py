@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from poprt_lite import artifact, ir
+from poprt_lite.vocab import MetaKey
 from poprt_lite.errors import PoprtError
 from poprt_lite.runtime.model_runner import ModelRunner
 
@@ -68,7 +69,7 @@ class Session:
         model = ir.load_model(self.model_path)
         fields = {
             "source_sha256": artifact.sha256(self.model_path.read_bytes()),
-            "precision": ir.get_metadata(model).get("precision", "fp32"),
+            "precision": ir.get_metadata(model).get(MetaKey.precision, "fp32"),
             "pipeline": [],
         }
         if self.export_popef:

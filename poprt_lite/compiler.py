@@ -10,12 +10,12 @@ from pathlib import Path
 
 import onnx
 
-from poprt_lite import artifact, ir, passes
+from poprt_lite import artifact, ir, passes, vocab
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes import Pass, PassManager, PassRecord
+from poprt_lite.vocab import MetaKey, PackMode
 
-PACK_MODES = ("unpack_repack", "attention_mask")
-PACK_PASSES = {"unpack_repack": "pack_unpack_repack", "attention_mask": "attention_mask_packing"}
+PACK_PASSES = {PackMode.unpack_repack: "pack_unpack_repack", PackMode.attention_mask: "attention_mask_packing"}
 REQUIRED_PACK_KEYS = ("max_valid_num", "segment_max_size")
 
 
@@ -84,9 +84,10 @@ def parse_pack_args(pack_args: dict[str, str]) -> dict[str, int | str]:
     missing = [k for k in REQUIRED_PACK_KEYS if k not in pack_args]
     if missing:
         raise PoprtError(f"--pack_args needs {missing[0]}=N (e.g. --pack_args max_valid_num=40 segment_max_size=256)")
-    parsed: dict[str, int | str] = {"mode": pack_args.get("mode", "unpack_repack")}
-    if parsed["mode"] not in PACK_MODES:
-        raise PoprtError(f"--pack_args mode must be one of {', '.join(PACK_MODES)}, got '{parsed['mode']}'")
+    mode = pack_args.get("mode", vocab.DEFAULT_PACK_MODE)
+    if mode not in PACK_PASSES:
+        raise PoprtError(f"--pack_args mode must be one of {', '.join(PACK_PASSES)}, got '{mode}'")
+    parsed: dict[str, int | str] = {"mode": PackMode(mode)}
     for key in REQUIRED_PACK_KEYS:
         try:
             parsed[key] = int(pack_args[key])
@@ -159,7 +160,7 @@ def compile(
     dump_dir = Path(output_dir) if output_dir is not None else None
     manager = PassManager(pipeline, dump_after=options.dump_after, dump_dir=dump_dir, on_pass_done=on_pass_done)
     model, records = manager.run(source)
-    ir.set_metadata(model, "precision", options.precision)
+    ir.set_metadata(model, MetaKey.precision, options.precision)
     result = CompileResult(model=model, records=records)
     if not save:
         return result

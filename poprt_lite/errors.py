@@ -24,3 +24,17 @@ class RequestError(PoprtError):
 
 class QueueFullError(PoprtError):
     """A PackRunner already holds `max_pending` requests; the caller should retry later."""
+
+
+def one_line(exc: BaseException | None, *, with_type: bool = True) -> str:
+    """An exception as one line for a user-facing message: its type (unless `with_type` is False)
+    and the first line of its text; a SyntaxError names its file and line."""
+    if isinstance(exc, SyntaxError):
+        from pathlib import Path
+
+        return f"SyntaxError: {exc.msg} ({Path(exc.filename or '?').name}, line {exc.lineno})"
+    lines = str(exc).strip().splitlines()
+    text = " ".join(lines[0].split()) if lines else ""
+    if not with_type:
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from poprt_lite.errors import PoprtError, RequestError
-from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, check_length, segment_ids
+from poprt_lite.runtime.layouts import BatchLayout, PaddedRows, Placement, SegmentRows, StreamAcrossRows
+from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, check_length
+from poprt_lite.vocab import INPUT_IDS, Layout, Role
 
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-TOKEN_TYPE_IDS = "token_type_ids"
-POSITION_IDS = "position_ids"
+ATTENTION_MASK = Role.attention_mask.value
+TOKEN_TYPE_IDS = Role.token_type_ids.value
+POSITION_IDS = Role.position_ids.value
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class PackedBatch:
     unpack_info: np.ndarray
     specs: list[RequestSpec]
     count: int
+    seq_len: int
 
 
 def pack_data(
@@ -105,16 +107,8 @@ def pack_data(
         lengths.append(length)
         end += 1
 
-    if across_rows:
-        starts = np.asarray(packer.placements(), dtype=np.int64)
-        mask = np.ones(len(lengths), dtype=np.int32)
-    else:
-        rows, offsets = np.asarray(packer.placements(), dtype=np.int64).T
-        starts = rows * seq_len + offsets
-        mask = segment_ids(rows, starts).astype(np.int32)
-    return _build(
-        datasets, index, lengths, starts, mask, batch_size, seq_len, max_valid_num, position_offset
-    )
+    layout = (StreamAcrossRows if across_rows else SegmentRows)(batch_size, seq_len, max_valid_num)
+    return _build(datasets, index, layout, Placement.of(lengths, packer.starts()), position_offset)
 
 
 def pad_data(
@@ -130,11 +124,8 @@ def pad_data(
     lengths = [int(datasets[i].input_len) for i in range(index, end)]
     for i, length in enumerate(lengths, index):
         check_length(length, seq_len, "seq_len", f"datasets[{i}]")
-    starts = np.arange(len(lengths), dtype=np.int64) * seq_len
-    mask = np.ones(len(lengths), dtype=np.int32)
-    return _build(
-        datasets, index, lengths, starts, mask, batch_size, seq_len, batch_size, position_offset
-    )
+    layout = PaddedRows(batch_size, seq_len)
+    return _build(datasets, index, layout, layout.placement(lengths), position_offset)
 
 
 def unpack_outputs(batch: PackedBatch, output: np.ndarray, across_rows: bool) -> list[np.ndarray]:
@@ -144,6 +135,7 @@ def unpack_outputs(batch: PackedBatch, output: np.ndarray, across_rows: bool) ->
     AttentionMask models return `[batch_size, seq_len, ...]` in the packed layout.
     """
     output = np.asarray(output)
+    placement = Placement.of([r.length for r in batch.specs], [r.row * batch.seq_len + r.offset for r in batch.specs])
     if across_rows:
         slots, longest = len(batch.unpack_info), max(s.length for s in batch.specs)
         if output.ndim < 2 or output.shape[0] != slots or output.shape[1] < longest:
@@ -151,14 +143,14 @@ def unpack_outputs(batch: PackedBatch, output: np.ndarray, across_rows: bool) ->
                 f"output has shape {list(output.shape)}; an unpack/repack model returns "
                 f"[max_valid_num={slots}, segment_max_size>={longest}, ...]"
             )
-        return [output[i, : s.length] for i, s in enumerate(batch.specs)]
+        return BatchLayout(*batch.data[INPUT_IDS].shape).split(output, Layout.unpacked, placement)
     shape = batch.data[INPUT_IDS].shape
     if output.shape[:2] != shape:
         raise RequestError(
             f"output has shape {list(output.shape)}; an AttentionMask-mode model returns "
             f"[batch_size={shape[0]}, seq_len={shape[1]}, ...]"
         )
-    return [output[s.row, s.offset : s.offset + s.length] for s in batch.specs]
+    return BatchLayout(*shape).split(output, Layout.packed, placement)
 
 
 def _check_index(datasets: Sequence, index: int) -> None:
@@ -182,27 +174,11 @@ def _tokens(request, name: str, length: int, i: int) -> np.ndarray | None:
 
 
 def _build(
-    datasets: Sequence,
-    index: int,
-    lengths: list[int],
-    starts: np.ndarray,
-    mask: np.ndarray,
-    batch_size: int,
-    seq_len: int,
-    max_valid_num: int,
-    position_offset: int,
+    datasets: Sequence, index: int, layout: BatchLayout, placement: Placement, position_offset: int
 ) -> PackedBatch:
-    """Scatter requests `datasets[index:index+len(lengths)]` to flat token offsets `starts`."""
-    n = np.asarray(lengths, dtype=np.int64)
-    first = np.cumsum(n) - n  # each request's start in the concatenated token stream
-    within = np.arange(n.sum()) - np.repeat(first, n)  # token position inside its request
-    dest = np.repeat(starts, n) + within
+    """Scatter requests `datasets[index:index+len(placement)]` to their places in `layout`."""
+    lengths = placement.lengths.tolist()
     requests = range(index, index + len(lengths))
-
-    def scatter(values: np.ndarray) -> np.ndarray:
-        flat = np.zeros(batch_size * seq_len, dtype=np.int32)
-        flat[dest] = values
-        return flat.reshape(batch_size, seq_len)
 
     def gather(name: str, default) -> np.ndarray | None:
         parts = [_tokens(datasets[i], name, m, i) for i, m in zip(requests, lengths)]
@@ -211,20 +187,19 @@ def _build(
         return np.concatenate([default(m) if p is None else p for p, m in zip(parts, lengths)])
 
     data = {
-        INPUT_IDS: scatter(gather(INPUT_IDS, None)),
-        ATTENTION_MASK: scatter(np.repeat(mask, n)),
+        INPUT_IDS: layout.scatter(placement, gather(INPUT_IDS, None), np.int32),
+        ATTENTION_MASK: layout.mask(placement, np.int32),
     }
     token_types = gather(TOKEN_TYPE_IDS, lambda m: np.zeros(m, dtype=np.int32))
     if token_types is not None:
-        data[TOKEN_TYPE_IDS] = scatter(token_types)
+        data[TOKEN_TYPE_IDS] = layout.scatter(placement, token_types, np.int32)
     positions = gather(POSITION_IDS, lambda m: np.arange(m) + position_offset)
-    data[POSITION_IDS] = scatter(within + position_offset if positions is None else positions)
-
-    unpack_info = np.zeros(max_valid_num, dtype=np.int32)
-    unpack_info[: len(lengths)] = lengths
-    rows, offsets = np.divmod(starts, seq_len)
+    if positions is None:
+        positions = layout.positions(placement, position_offset)
+    data[POSITION_IDS] = layout.scatter(placement, positions, np.int32)
+    rows, offsets = np.divmod(placement.starts, layout.seq_len)
     specs = [
         RequestSpec(i, r, o, m)
         for i, r, o, m in zip(requests, rows.tolist(), offsets.tolist(), lengths)
     ]
-    return PackedBatch(data, unpack_info, specs, index + len(lengths))
+    return PackedBatch(data, layout.unpack_info(placement), specs, index + len(lengths), layout.seq_len)

@@ -56,8 +56,12 @@ class Role(str, enum.Enum):
 ID_ROLES = (Role.dynamic_input, Role.token_type_ids, Role.position_ids)
 TOKEN_ROLES = (*ID_ROLES, Role.data)
 # The role of an input that no pass described, by its usual exporter name.
-DEFAULT_ROLES = {role.value: role for role in (Role.attention_mask, Role.token_type_ids, Role.position_ids, Role.unpack_info)}
-DEFAULT_ROLES["input_ids"] = Role.dynamic_input
+INPUT_IDS = "input_ids"
+UNPACK_INFO = Role.unpack_info.value
+DEFAULT_ROLES = {
+    INPUT_IDS: Role.dynamic_input,
+    **{role.value: role for role in (Role.attention_mask, Role.token_type_ids, Role.position_ids, Role.unpack_info)},
+}
 
 
 class Layout(str, enum.Enum):
@@ -96,8 +100,6 @@ class MetaKey(str, enum.Enum):
 
 ROLE_PREFIX = "role."
 LAYOUT_PREFIX = "layout."
-INPUT_IDS = "input_ids"
-UNPACK_INFO = "unpack_info"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from poprt_lite import ops
 from poprt_lite.artifact import Artifact
 from poprt_lite.bench.packer import ATTENTION_MASK_MODE, UNPACK_REPACK
-from poprt_lite.runtime.packing import segment_ids
+from poprt_lite.runtime.layouts import segment_ids
 
 
 def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:

@@ -23,7 +23,8 @@ import numpy as np
 
 from poprt_lite.bench.workload import ATTENTION_MASK, Workload
 from poprt_lite.errors import PoprtError
-from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, pack, segment_ids
+from poprt_lite.runtime.layouts import segment_ids
+from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, pack
 
 PADDED, UNPACK_REPACK, ATTENTION_MASK_MODE = "padded", "unpack_repack", "attention_mask"
 OFFLINE_ALGORITHMS = ("best_fit_decreasing", "spfhp", "first_fit", "next_fit")

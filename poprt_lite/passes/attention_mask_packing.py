@@ -16,11 +16,12 @@ from poprt_lite import ops
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
-from poprt_lite.patterns import packing
+from poprt_lite.vocab import Layout, PackMode
+from poprt_lite.passes import packing
 from poprt_lite.patterns.attention import apply_mask, attention_cone
 from poprt_lite.patterns.layout import MIXING, TOKENWISE, classify, is_token_major, token_dims
 
-MODE = "attention_mask"
+MODE = PackMode.attention_mask
 
 
 @register_pass("attention_mask_packing")
@@ -48,7 +49,7 @@ class AttentionMaskPacking(Pass):
         )
         for block in setup.blocks:
             apply_mask(graph, block, segment_mask)
-        layouts = {t.name: "packed" for t in graph.outputs}
+        layouts = {t.name: Layout.packed for t in graph.outputs}
         packing.record(ctx, MODE, self.options, layouts)
         return PassResult(changed=True, message=f"{len(setup.blocks)} attention blocks masked by segment")
 

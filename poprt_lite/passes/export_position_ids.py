@@ -18,10 +18,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from poprt_lite import ir
+from poprt_lite import ir, vocab
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
+from poprt_lite.vocab import MetaKey, Role
 
 PROBE_LENGTH = 8
 
@@ -42,15 +43,15 @@ class ExportPositionIds(Pass):
 
     @dataclass
     class Options:
-        input_name: str = "input_ids"
-        position_ids_name: str = "position_ids"
+        input_name: str = vocab.INPUT_IDS
+        position_ids_name: str = Role.position_ids.value
         dtype: str = "int64"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         name = self.options.position_ids_name
         embeddings = find_embeddings(graph, self.options.input_name)
-        ctx.metadata["vocab_size"] = str(embeddings.vocab_size)
-        ctx.metadata[f"role.{self.options.input_name}"] = "dynamic_input"
+        vocab.set_int(ctx.metadata, MetaKey.vocab_size, embeddings.vocab_size)
+        vocab.set_role(ctx.metadata, self.options.input_name, Role.dynamic_input)
         if any(t.name == name for t in graph.inputs):
             return PassResult(changed=False, message=f"'{name}' is already an input")
         gather = embeddings.position
@@ -62,13 +63,13 @@ class ExportPositionIds(Pass):
         position_ids = gs.Variable(name, dtype=np.dtype(self.options.dtype), shape=list(input_ids.shape))
         graph.inputs.append(position_ids)
         gather.inputs[1] = position_ids
-        ctx.metadata["position_offset"] = str(offset)
-        ctx.metadata["position_table_size"] = str(gather.inputs[0].shape[0])
-        ctx.metadata[f"role.{name}"] = "position_ids"
+        vocab.set_int(ctx.metadata, MetaKey.position_offset, offset)
+        vocab.set_int(ctx.metadata, MetaKey.position_table_size, gather.inputs[0].shape[0])
+        vocab.set_role(ctx.metadata, name, Role.position_ids)
         return PassResult(changed=True, message=f"'{indices.name}' -> input '{name}' (offset {offset})")
 
 
-def find_embeddings(graph: gs.Graph, input_name: str = "input_ids") -> Embeddings:
+def find_embeddings(graph: gs.Graph, input_name: str = vocab.INPUT_IDS) -> Embeddings:
     inputs = {t.name: t for t in graph.inputs}
     if input_name not in inputs:
         raise PoprtError(f"model has no input '{input_name}' (inputs: {', '.join(inputs)}); is this a BERT-like encoder?")

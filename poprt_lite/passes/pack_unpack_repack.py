@@ -23,15 +23,16 @@ from poprt_lite import ops
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
-from poprt_lite.patterns import packing
+from poprt_lite import vocab
+from poprt_lite.vocab import UNPACK_INFO, Layout, PackMode, Role
+from poprt_lite.passes import packing
 from poprt_lite.patterns.attention import AttentionBlock, apply_mask, attention_cone, is_constant
 from poprt_lite.patterns.layout import ELEMENTWISE, REDUCE_OPS, TOKENWISE, classify, constant_ints, is_token_major, token_dims
 
-MODE = "unpack_repack"
+MODE = PackMode.unpack_repack
 HEADS_TO_TOKENS = [0, 2, 1, 3]  # [B, h, S, d] <-> [B, S, h, d]
 KT_TO_TOKENS = [0, 3, 1, 2]  # [B, h, d, S] -> [B, S, h, d]
 TOKENS_TO_KT = [0, 2, 3, 1]  # [N, L, h, d] -> [N, h, d, L]
-UNPACK_INFO = "unpack_info"
 
 
 @register_pass("pack_unpack_repack")
@@ -50,7 +51,7 @@ class PackUnpackRepack(Pass):
         for block in setup.blocks:
             rewriter.rewrite_block(block)
         layouts = rewriter.rewrite_tail(tail, dims)
-        ctx.metadata[f"role.{UNPACK_INFO}"] = "unpack_info"
+        vocab.set_role(ctx.metadata, UNPACK_INFO, Role.unpack_info)
         packing.record(ctx, MODE, self.options, layouts)
         return PassResult(changed=True, message=f"{len(setup.blocks)} attention blocks unpacked/repacked")
 
@@ -122,7 +123,7 @@ class _Rewriter:
         scores_dtype = onnx.TensorProto.FLOAT16 if block.scores.outputs[0].dtype == np.float16 else onnx.TensorProto.FLOAT
         apply_mask(self.graph, block, self.padding_mask(scores_dtype))
 
-    def rewrite_tail(self, tail: list[gs.Node], dims: list) -> dict[str, str]:
+    def rewrite_tail(self, tail: list[gs.Node], dims: list) -> dict[str, Layout]:
         """Move sequence-level ops after the encoder onto unpacked rows; unpack token outputs.
 
         A tensor is "per request" once it comes from unpacked rows: its axis 0 indexes requests.
@@ -144,13 +145,13 @@ class _Rewriter:
         for index, output in enumerate(list(self.graph.outputs)):
             name = output.name
             if name in per_request:
-                layouts[name] = "unpacked" if _keeps_sequence(output, dims) else "per_request"
+                layouts[name] = Layout.unpacked if _keeps_sequence(output, dims) else Layout.per_request
                 output.shape = self._per_request_shape(output.shape, dims)
             elif is_token_major(output, dims):
                 self.graph.outputs[index] = self._unpack_output(output)
-                layouts[name] = "unpacked"
+                layouts[name] = Layout.unpacked
             else:
-                layouts[output.name] = "global"
+                layouts[output.name] = Layout.global_
         return layouts
 
     def _check_row_op(self, node: gs.Node, dims: list) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx_graphsurgeon as gs
 
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, one_line
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 
 ENTRY_POINT_GROUP = "poprt_lite.passes"
@@ -106,7 +106,7 @@ def _import_plugin(spec: str) -> None:
     except PoprtError:
         raise
     except Exception as exc:  # a plugin may fail in any way; report it, never hide it
-        raise PoprtError(f"plugin '{spec}' failed to import: {_one_line(exc)}") from exc
+        raise PoprtError(f"plugin '{spec}' failed to import: {one_line(exc)}") from exc
 
 
 def load_entry_point_plugins() -> None:
@@ -119,14 +119,8 @@ def load_entry_point_plugins() -> None:
             obj = entry_point.load()
         except Exception as exc:
             raise PoprtError(
-                f"plugin '{entry_point.value}' (entry point '{entry_point.name}' of group {ENTRY_POINT_GROUP}) failed to import: {_one_line(exc)}"
+                f"plugin '{entry_point.value}' (entry point '{entry_point.name}' of group {ENTRY_POINT_GROUP}) failed to import: {one_line(exc)}"
             ) from exc
         if isinstance(obj, type) and issubclass(obj, Pass) and obj.name not in _REGISTRY:
             register_pass(obj.name or entry_point.name)(obj)
 
-
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, SyntaxError):
-        return f"SyntaxError: {exc.msg} ({Path(exc.filename or '?').name}, line {exc.lineno})"
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

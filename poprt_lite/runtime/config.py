@@ -71,7 +71,7 @@ class PackRunnerConfig:
     def single_row_mode(self) -> bool:
         return bool(self.single_row_inputs)
 
-    def validated(self) -> None:
+    def validate(self) -> None:
         """Check the field types and ranges (not the agreement with an artifact)."""
         timeout = self.timeout_microseconds
         if timeout is not None and (

@@ -45,16 +45,13 @@ import numpy as np
 import onnxruntime as ort
 
 from poprt_lite.artifact import Artifact, load_artifact
-from poprt_lite.errors import PoprtError, QueueFullError, RequestError
+from poprt_lite.errors import PoprtError, QueueFullError, RequestError, one_line
 from poprt_lite.runtime.model_runner import cast_ids
 from poprt_lite.runtime.config import DEFAULT_TIMEOUT_MICROSECONDS, PackRunnerConfig
-from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, segment_ids
-
-TOKEN_ROLES = ("dynamic_input", "token_type_ids", "position_ids", "data")
-OPTIONAL_ROLES = ("token_type_ids", "position_ids", "attention_mask", "unpack_info")
-ID_ROLES = ("dynamic_input", "token_type_ids", "position_ids")
-TOKEN_LAYOUTS = ("unpacked", "packed")
-LAYOUTS = (*TOKEN_LAYOUTS, "per_request")
+from poprt_lite.runtime.interface import PackedInterface, read_packed_interface
+from poprt_lite.runtime.layouts import Placement
+from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm
+from poprt_lite.vocab import ID_ROLES, Layout, PackMode, Role
 
 
 class PackFuture(concurrent.futures.Future):
@@ -105,6 +102,55 @@ class PackRunnerStats:
         )
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How a PackRunner forms batches: the config's fields, settled against the artifact."""
+
+    algorithm: PackAlgorithm
+    lookahead: int
+    max_pending: int | None
+    timeout_microseconds: float
+
+
+def resolve_batching(config: PackRunnerConfig, interface: PackedInterface) -> Batching:
+    """Check the config against the artifact (a set field must agree with it) and settle defaults."""
+    path, inputs = interface.path, interface.input_roles
+    name = config.dynamic_input_name
+    if name is not None and name != interface.dynamic_input:
+        if name not in inputs:
+            raise PoprtError(
+                f"dynamic_input_name '{name}' is not an input of the model; its inputs are: {', '.join(inputs)}"
+            )
+        raise PoprtError(
+            f"dynamic_input_name '{name}' contradicts the artifact, whose "
+            f"dynamic input is '{interface.dynamic_input}'; leave it unset"
+        )
+    mask_name = interface.mask[0] if interface.mask else None
+    for name in config.single_row_inputs:
+        if interface.mode is not PackMode.attention_mask:
+            raise PoprtError(
+                f"enable_input_single_row_mode('{name}') asks for AttentionMask mode, but artifact "
+                f"'{path}' was compiled for {interface.mode} mode; drop that call or compile with "
+                "--pack_args mode=attention_mask"
+            )
+        if name != mask_name:
+            raise PoprtError(
+                f"enable_input_single_row_mode('{name}'): the model's attention-mask input is '{mask_name}'"
+            )
+    if config.max_valid_num is not None and config.max_valid_num != interface.max_valid_num:
+        raise PoprtError(
+            f"max_valid_num={config.max_valid_num} contradicts the artifact, compiled with "
+            f"max_valid_num={interface.max_valid_num}; leave it unset or recompile"
+        )
+    timeout = config.timeout_microseconds
+    return Batching(
+        algorithm=PackAlgorithm.parse(config.algorithm),
+        lookahead=config.lookahead,
+        max_pending=config.max_pending,
+        timeout_microseconds=DEFAULT_TIMEOUT_MICROSECONDS if timeout is None else timeout,
+    )
+
+
 class _Request:
     __slots__ = ("length", "tokens", "outputs", "future", "arrived")
 
@@ -135,13 +181,12 @@ class PackRunner:
         config = config if config is not None else PackRunnerConfig()
         if not isinstance(config, PackRunnerConfig):
             raise PoprtError(f"config must be a runtime.PackRunnerConfig, got {type(config).__name__}")
-        config.validated()
+        config.validate()
         self.artifact = source if isinstance(source, Artifact) else load_artifact(source)
-        self.manifest = self.artifact.manifest
-        self.inputs = {spec["name"]: spec for spec in self.manifest["inputs"]}
-        self.outputs = {spec["name"]: spec for spec in self.manifest["outputs"]}
-        self._resolve(config)
-        self._check_tables()
+        self.interface = read_packed_interface(self.artifact)
+        self.batching = resolve_batching(config, self.interface)
+        self.inputs = {spec["name"]: spec for spec in self.artifact.manifest["inputs"]}
+        self._layout = self.interface.layout
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -153,14 +198,15 @@ class PackRunner:
         try:
             self.session = ort.InferenceSession(self.artifact.model_bytes, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise PoprtError(f"onnxruntime cannot load artifact '{self.artifact.path}': {_one_line(exc)}") from exc
+            raise PoprtError(f"onnxruntime cannot load artifact '{self.artifact.path}': {one_line(exc)}") from exc
+        across_rows = self._layout.across_rows
         self._packer = OnlinePacker(
-            self.algorithm,
+            self.batching.algorithm,
             self.batch_size,
             self.seq_len,
             self.max_valid_num,
-            self.mode == "unpack_repack",
-            segment_max_size=self.segment_max_size if self.mode == "unpack_repack" else None,
+            across_rows,
+            segment_max_size=self.segment_max_size if across_rows else None,
         )
         self._cond = threading.Condition()
         self._open: list[_Request] = []  # requests in the batch being filled
@@ -172,160 +218,24 @@ class PackRunner:
         self._thread = threading.Thread(target=self._serve, name="poprt-lite-pack-runner", daemon=True)
         self._thread.start()
 
-    # ----------------------------------------------------------------------------- configuration
-
-    def _resolve(self, config: PackRunnerConfig) -> None:
-        """Settle the batching parameters from the manifest and check the config against them."""
-        path = self.artifact.path
-        pack = self.manifest.get("pack")
-        if not pack:
-            raise PoprtError(
-                f"artifact '{path}' is not packed (compiled without --pack_args); run it with "
-                "runtime.Runner(path) and no PackRunnerConfig"
-            )
-        self.mode = pack["mode"]
-        if self.mode not in ("unpack_repack", "attention_mask"):
-            raise PoprtError(f"artifact '{path}' has unknown pack mode '{self.mode}'; re-export it")
-        self.segment_max_size = int(pack["segment_max_size"])
-        self.position_offset = int(self.manifest.get("position_offset") or 0)
-        self.vocab_size = self.manifest.get("vocab_size")
-        inputs = self.inputs
-        by_role = collections.defaultdict(list)
-        for spec in inputs.values():
-            by_role[spec.get("role", "data")].append(spec["name"])
-
-        dynamic = by_role["dynamic_input"]
-        if len(dynamic) != 1:
-            raise PoprtError(f"artifact '{path}' has {len(dynamic)} dynamic inputs; a packed model has exactly one")
-        self.dynamic_input_name = dynamic[0]
-        if config.dynamic_input_name is not None and config.dynamic_input_name != self.dynamic_input_name:
-            if config.dynamic_input_name not in inputs:
-                raise PoprtError(
-                    f"dynamic_input_name '{config.dynamic_input_name}' is not an input of the model; "
-                    f"its inputs are: {', '.join(inputs)}"
-                )
-            raise PoprtError(
-                f"dynamic_input_name '{config.dynamic_input_name}' contradicts the artifact, whose "
-                f"dynamic input is '{self.dynamic_input_name}'; leave it unset"
-            )
-        shape = inputs[self.dynamic_input_name]["shape"]
-        if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape):
-            raise PoprtError(
-                f"input '{self.dynamic_input_name}' has shape {shape}; a packed artifact has a static "
-                "[batch, seq_len] shape (compile with --input_shape)"
-            )
-        self.batch_size, self.seq_len = shape
-
-        masks = by_role["attention_mask"]
-        self.mask_name = masks[0] if masks else None
-        for name in config.single_row_inputs:
-            if self.mode != "attention_mask":
-                raise PoprtError(
-                    f"enable_input_single_row_mode('{name}') asks for AttentionMask mode, but artifact "
-                    f"'{path}' was compiled for unpack_repack mode; drop that call or compile with "
-                    "--pack_args mode=attention_mask"
-                )
-            if name != self.mask_name:
-                raise PoprtError(
-                    f"enable_input_single_row_mode('{name}'): the model's attention-mask input is "
-                    f"'{self.mask_name}'"
-                )
-
-        self.max_valid_num = int(pack["max_valid_num"])
-        if config.max_valid_num is not None and config.max_valid_num != self.max_valid_num:
-            raise PoprtError(
-                f"max_valid_num={config.max_valid_num} contradicts the artifact, compiled with "
-                f"max_valid_num={self.max_valid_num}; leave it unset or recompile"
-            )
-        self.algorithm = PackAlgorithm.parse(config.algorithm)
-        self.lookahead = config.lookahead
-        self.max_pending = config.max_pending
-        timeout = config.timeout_microseconds
-        self.timeout_microseconds = DEFAULT_TIMEOUT_MICROSECONDS if timeout is None else timeout
-        self._timeout = self.timeout_microseconds / 1e6
-        self.max_length = min(self.segment_max_size, self.seq_len if self.mode == "attention_mask" else self.segment_max_size)
-        if self.mode == "unpack_repack" and self.segment_max_size > self.batch_size * self.seq_len:
-            raise PoprtError(
-                f"artifact '{path}': segment_max_size {self.segment_max_size} exceeds the batch of "
-                f"{self.batch_size}x{self.seq_len} tokens; recompile"
-            )
-
-        # Inputs: per-token ones ([B, S, ...]), the mask, unpack_info ([N]).
-        self._token_inputs: dict[str, tuple[str, np.dtype, tuple]] = {}  # name -> (role, dtype, trailing)
-        self._unpack_info = None
-        for name, spec in inputs.items():
-            role, dtype, dims = spec.get("role", "data"), np.dtype(spec["dtype"]), spec["shape"]
-            if role in TOKEN_ROLES:
-                if len(dims) < 2 or dims[:2] != [self.batch_size, self.seq_len] or not _static(dims[2:]):
-                    raise PoprtError(
-                        f"input '{name}' has shape {dims}; a packed model's per-token inputs are "
-                        f"[{self.batch_size}, {self.seq_len}, ...] with static dims"
-                    )
-                if role in ID_ROLES and (len(dims) != 2 or not np.issubdtype(dtype, np.integer)):
-                    raise PoprtError(f"input '{name}' ({role}) must be an integer [batch, seq_len] tensor; it is {dtype.name} {dims}")
-                self._token_inputs[name] = (role, dtype, tuple(dims[2:]))
-            elif role == "attention_mask":
-                if name != self.mask_name:
-                    raise PoprtError(f"artifact '{path}' has several attention-mask inputs; a packed model has one")
-                if dims != [self.batch_size, self.seq_len]:
-                    raise PoprtError(f"input '{name}' has shape {dims}; expected [{self.batch_size}, {self.seq_len}]")
-            elif role == "unpack_info":
-                if dims != [self.max_valid_num] or not np.issubdtype(dtype, np.integer):
-                    raise PoprtError(f"input '{name}' has shape {dims}; unpack_info is an integer [{self.max_valid_num}]")
-                self._unpack_info = (name, dtype)
-            else:
-                raise PoprtError(f"input '{name}' has role '{role}', which a PackRunner cannot fill")
-        self._optional = {
-            name
-            for name, spec in inputs.items()
-            if spec.get("role") in OPTIONAL_ROLES
-        }
-
-        # Outputs: name -> (layout, trailing dims of one token / one request).
-        self._output_specs: dict[str, tuple[str, tuple]] = {}
-        lead = {
-            "unpacked": [self.max_valid_num, self.segment_max_size],
-            "packed": [self.batch_size, self.seq_len],
-            "per_request": [self.max_valid_num],
-        }
-        for name, spec in self.outputs.items():
-            layout, dims = spec.get("layout", "padded"), spec["shape"]
-            if layout not in LAYOUTS:
-                raise PoprtError(
-                    f"output '{name}' has layout '{layout}', which a PackRunner cannot split per request; "
-                    "recompile with --pack_args"
-                )
-            head = lead[layout]
-            if len(dims) < len(head) or any(isinstance(d, int) and d != h for d, h in zip(dims, head)):
-                raise PoprtError(f"output '{name}' ({layout}) has shape {dims}; expected [{', '.join(map(str, head))}, ...]")
-            self._output_specs[name] = (layout, tuple(dims[len(head):]))
-        self._dynamic_dtype = self._token_inputs[self.dynamic_input_name][1]
-
-    def _check_tables(self) -> None:
-        """Bound the id inputs by the embedding tables they index, so that a request with an
-        out-of-table id is refused on its call instead of failing the batch it would share."""
-        rows = {
-            name: self.inputs[name]["table_rows"]
-            for name, (role, _, _) in self._token_inputs.items()
-            if role in ID_ROLES and self.inputs[name].get("table_rows")
-        }
-        if not self.vocab_size and self.dynamic_input_name in rows:
-            self.vocab_size = rows[self.dynamic_input_name]
-        self._id_rows = {name: n for name, n in rows.items() if name != self.dynamic_input_name}
-        for name, (role, _, _) in self._token_inputs.items():
-            last = self.position_offset + self.max_length - 1
-            if role == "position_ids" and name in self._id_rows and last >= self._id_rows[name]:
-                raise PoprtError(
-                    f"artifact '{self.artifact.path}': requests of up to {self.max_length} tokens need position "
-                    f"ids up to {last}, but '{name}' indexes a table of {self._id_rows[name]} rows; recompile "
-                    "with a smaller segment_max_size"
-                )
+    # The artifact's and the config's settings, under PopRT's names.
+    mode = property(lambda self: self.interface.mode)
+    max_valid_num = property(lambda self: self.interface.max_valid_num)
+    segment_max_size = property(lambda self: self.interface.segment_max_size)
+    batch_size = property(lambda self: self.interface.batch_size)
+    seq_len = property(lambda self: self.interface.seq_len)
+    dynamic_input_name = property(lambda self: self.interface.dynamic_input)
+    position_offset = property(lambda self: self.interface.position_offset)
+    algorithm = property(lambda self: self.batching.algorithm)
+    lookahead = property(lambda self: self.batching.lookahead)
+    max_pending = property(lambda self: self.batching.max_pending)
+    timeout_microseconds = property(lambda self: self.batching.timeout_microseconds)
 
     # ------------------------------------------------------------------------------- public API
 
     @property
     def output_names(self) -> list[str]:
-        return list(self._output_specs)
+        return list(self.interface.outputs)
 
     @property
     def stats(self) -> PackRunnerStats:
@@ -341,7 +251,7 @@ class PackRunner:
         request = self._prepare(feeds, outputs)
         with self._cond:
             if self._closing or self._stopped is not None:
-                reason = f" (it stopped: {_one_line(self._stopped)})" if self._stopped else ""
+                reason = f" (it stopped: {one_line(self._stopped)})" if self._stopped else ""
                 raise PoprtError(f"the PackRunner is closed{reason}; create a new one")
             if self.max_pending is not None and len(self._open) + len(self._waiting) >= self.max_pending:
                 raise QueueFullError(
@@ -402,53 +312,52 @@ class PackRunner:
             raise RequestError(
                 f"missing feed '{self.dynamic_input_name}'; a request takes: {', '.join(self._describe_feeds())}"
             )
-        ids = self._token_feed(self.dynamic_input_name, feeds[self.dynamic_input_name], None)
+        io = self.interface
+        ids = self._token_feed(io.dynamic_input, feeds[io.dynamic_input], None)
         n = len(ids)
         if n == 0:
-            raise RequestError(f"the request is empty (feed '{self.dynamic_input_name}' has 0 tokens)")
-        if n > self.max_length:
-            limit = "segment_max_size" if self.max_length == self.segment_max_size else "seq_len"
+            raise RequestError(f"the request is empty (feed '{io.dynamic_input}' has 0 tokens)")
+        if n > io.max_length:
+            limit = "segment_max_size" if io.max_length == io.segment_max_size else "seq_len"
             raise RequestError(
-                f"the request has {n} tokens, more than {limit} {self.max_length} of the artifact; "
+                f"the request has {n} tokens, more than {limit} {io.max_length} of the artifact; "
                 "truncate or split it"
             )
-        if self.vocab_size and ids.max() >= self.vocab_size:
-            raise RequestError(f"feed '{self.dynamic_input_name}' has ids >= the vocabulary size {self.vocab_size}")
-        tokens = {self.dynamic_input_name: ids}
-        for name, (role, dtype, trailing) in self._token_inputs.items():
-            if name == self.dynamic_input_name:
+        if io.vocab_size and ids.max() >= io.vocab_size:
+            raise RequestError(f"feed '{io.dynamic_input}' has ids >= the vocabulary size {io.vocab_size}")
+        tokens = {io.dynamic_input: ids}
+        for name, token_input in io.token_inputs.items():
+            if name == io.dynamic_input:
                 continue
             if name in feeds:
                 tokens[name] = self._token_feed(name, feeds[name], n)
-            elif role == "token_type_ids":
-                tokens[name] = np.zeros(n, dtype)
-            elif role == "position_ids":
-                tokens[name] = np.arange(self.position_offset, self.position_offset + n, dtype=dtype)
+            elif token_input.role is Role.token_type_ids:
+                tokens[name] = np.zeros(n, token_input.dtype)
+            elif token_input.role is Role.position_ids:
+                tokens[name] = np.arange(io.position_offset, io.position_offset + n, dtype=token_input.dtype)
             else:
                 raise RequestError(f"missing feed '{name}'; a request takes: {', '.join(self._describe_feeds())}")
-        if self.mask_name is not None and self.mask_name in feeds:
-            mask = _as_tokens(self.mask_name, feeds[self.mask_name], ())
+        if io.mask is not None and io.mask[0] in feeds:
+            mask_name, mask_dtype = io.mask
+            mask = _as_tokens(mask_name, feeds[mask_name], ())
             if not (np.issubdtype(mask.dtype, np.number) or mask.dtype == np.bool_):
-                want = np.dtype(self.inputs[self.mask_name]["dtype"]).name
-                raise RequestError(f"feed '{self.mask_name}' has dtype {mask.dtype.name}; the model expects {want}")
+                raise RequestError(f"feed '{mask_name}' has dtype {mask.dtype.name}; the model expects {mask_dtype.name}")
             if np.issubdtype(mask.dtype, np.inexact) and not np.isfinite(mask).all():
-                raise RequestError(f"feed '{self.mask_name}' has NaN or infinite values")
+                raise RequestError(f"feed '{mask_name}' has NaN or infinite values")
             if len(mask) != n:
-                raise RequestError(f"feed '{self.mask_name}' has {len(mask)} tokens; '{self.dynamic_input_name}' has {n}")
+                raise RequestError(f"feed '{mask_name}' has {len(mask)} tokens; '{io.dynamic_input}' has {n}")
             if not np.all(mask):
-                raise RequestError(
-                    f"feed '{self.mask_name}' has zeros; send each request unpadded (its real tokens only)"
-                )
-        if self._unpack_info is not None and self._unpack_info[0] in feeds:
-            info = _array(self._unpack_info[0], feeds[self._unpack_info[0]])
+                raise RequestError(f"feed '{mask_name}' has zeros; send each request unpadded (its real tokens only)")
+        if io.unpack_info is not None and io.unpack_info[0] in feeds:
+            info = _array(io.unpack_info[0], feeds[io.unpack_info[0]])
             if info.ndim > 1 or not np.issubdtype(info.dtype, np.integer):
                 raise RequestError(
-                    f"feed '{self._unpack_info[0]}' must be a 1-D integer array (it is ignored: the runner fills it)"
+                    f"feed '{io.unpack_info[0]}' must be a 1-D integer array (it is ignored: the runner fills it)"
                 )
-        return _Request(n, tokens, self._check_outputs(outputs, n), time.monotonic())
+        return _Request(n, tokens, self._output_arrays(outputs, n), time.monotonic())
 
     def _token_feed(self, name: str, value: Any, n: int | None) -> np.ndarray:
-        role, dtype, trailing = self._token_inputs[name]
+        role, dtype, trailing = (getattr(self.interface.token_inputs[name], f) for f in ("role", "dtype", "trailing"))
         array = _as_tokens(name, value, trailing)
         if n is not None and len(array) != n:
             raise RequestError(f"feed '{name}' has {len(array)} tokens; '{self.dynamic_input_name}' has {n}")
@@ -462,37 +371,38 @@ class PackRunner:
                 raise RequestError(f"feed '{name}' has dtype {array.dtype.name}; the model expects {dtype.name}")
         if role in ID_ROLES and array.size and array.min() < 0:
             raise RequestError(f"feed '{name}' has negative values")
-        if name in self._id_rows and array.size and array.max() >= self._id_rows[name]:
+        id_rows = self.interface.id_rows
+        if name in id_rows and array.size and array.max() >= id_rows[name]:
             raise RequestError(
-                f"feed '{name}' has ids >= {self._id_rows[name]}, the number of rows of the embedding table it indexes"
+                f"feed '{name}' has ids >= {id_rows[name]}, the number of rows of the embedding table it indexes"
             )
         if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
             raise RequestError(f"feed '{name}' has NaN or infinite values")
         return array
 
-    def _check_outputs(self, outputs: dict[str, np.ndarray] | None, n: int) -> dict[str, np.ndarray]:
+    def _output_arrays(self, outputs: dict[str, np.ndarray] | None, n: int) -> dict[str, np.ndarray]:
+        """The arrays a request's outputs are copied into: the caller's, checked, or (None) new
+        `[n, ...]` / `[...]` arrays for every output."""
+        specs = self.interface.outputs
         if outputs is None:
             return {
-                name: np.zeros(
-                    (n, *trailing) if layout in TOKEN_LAYOUTS else trailing,
-                    np.dtype(self.outputs[name]["dtype"]),
-                )
-                for name, (layout, trailing) in self._output_specs.items()
+                name: np.zeros((n, *out.trailing) if out.layout.per_token else out.trailing, out.dtype)
+                for name, out in specs.items()
             }
         if not isinstance(outputs, Mapping):
             raise RequestError(f"outputs must be a dict of output name -> array, got {type(outputs).__name__}")
         for name, target in outputs.items():
-            if name not in self._output_specs:
-                raise RequestError(f"model has no output '{name}'; outputs are: {', '.join(self._output_specs)}")
-            layout, trailing = self._output_specs[name]
+            if name not in specs:
+                raise RequestError(f"model has no output '{name}'; outputs are: {', '.join(specs)}")
+            out = specs[name]
+            trailing = out.trailing
             if not isinstance(target, np.ndarray):
                 raise RequestError(f"output '{name}' must be a numpy array, got {type(target).__name__}")
             if not target.flags.writeable:
                 raise RequestError(f"output array '{name}' is read-only")
-            dtype = np.dtype(self.outputs[name]["dtype"])
-            if not np.can_cast(dtype, target.dtype, casting="same_kind"):
-                raise RequestError(f"output array '{name}' has dtype {target.dtype.name}; the model gives {dtype.name}")
-            if layout in TOKEN_LAYOUTS:
+            if not np.can_cast(out.dtype, target.dtype, casting="same_kind"):
+                raise RequestError(f"output array '{name}' has dtype {target.dtype.name}; the model gives {out.dtype.name}")
+            if out.layout.per_token:
                 ok = target.ndim == 1 + len(trailing) and target.shape[0] >= n and _fits(target.shape[1:], trailing)
                 want = f"[>={n}{''.join(f', {d}' for d in trailing)}] (e.g. [max_seq_len{''.join(f', {d}' for d in trailing)}])"
             else:
@@ -504,11 +414,11 @@ class PackRunner:
 
     def _describe_feeds(self) -> list[str]:
         described = []
-        for name in self.inputs:
-            role = self.inputs[name].get("role")
-            described.append(f"{name} (optional)" if name in self._optional else name)
-            if role == "unpack_info":
-                described[-1] = f"{name} (optional, ignored)"
+        for name, role in self.interface.input_roles.items():
+            if role is Role.unpack_info:
+                described.append(f"{name} (optional, ignored)")
+            else:
+                described.append(f"{name} (optional)" if self.interface.is_optional(name) else name)
         return described
 
     def _enqueue(self, request: _Request) -> None:
@@ -577,10 +487,10 @@ class PackRunner:
                 self._stopped = exc
                 pending = (taken[0] if taken else []) + self._open + list(self._waiting)
                 self._open, self._waiting = [], collections.deque()
-            self._fail(pending, PoprtError(f"the PackRunner stopped: {_one_line(exc)}"))
+            self._fail(pending, PoprtError(f"the PackRunner stopped: {one_line(exc)}"))
             raise
 
-    def _take(self) -> tuple[list[_Request], list, str] | None:
+    def _take(self) -> tuple[list[_Request], np.ndarray, str] | None:
         """Wait for the open batch to be due; take it and open the next one (lock held)."""
         while True:
             if self._open:
@@ -591,96 +501,75 @@ class PackRunner:
                 elif self._closing:
                     reason = "close"
                 else:
-                    remaining = self._open[0].arrived + self._timeout - time.monotonic()
+                    remaining = self._open[0].arrived + self.timeout_microseconds / 1e6 - time.monotonic()
                     if remaining > 0:
                         self._cond.wait(remaining)
                         continue
                     reason = "timeout"
-                requests, placements = self._open, self._packer.placements()
+                requests, starts = self._open, self._packer.starts()
                 self._open, self._refused = [], 0
                 self._packer.reset()
                 self._refill()
-                return requests, placements, reason
+                return requests, starts, reason
             if self._closing:
                 return None
             self._cond.wait()
 
-    def _run(self, requests: list[_Request], placements: list, reason: str) -> None:
+    def _run(self, requests: list[_Request], starts: np.ndarray, reason: str) -> None:
         """Build the packed feeds, run the model and hand each request its outputs."""
-        lengths = np.fromiter((r.length for r in requests), np.int64, len(requests))
-        if self.mode == "unpack_repack":
-            starts = np.asarray(placements, np.int64)
-        else:
-            rows, offsets = np.asarray(placements, np.int64).reshape(-1, 2).T
-            starts = rows * self.seq_len + offsets
+        placement = Placement.of([r.length for r in requests], starts)
         wanted = {name for r in requests for name in r.outputs}
-        names = [name for name in self._output_specs if name in wanted]
+        names = [name for name in self.interface.outputs if name in wanted]
         failed = 0
         try:
-            feeds = self._build_feeds(requests, lengths, starts)
+            feeds = self._build_feeds(requests, placement)
             results = dict(zip(names, self.session.run(names, feeds))) if names else {}
         except BaseException as exc:
-            error = PoprtError(f"the batch of {len(requests)} requests holding this request failed: {_one_line(exc)}")
+            error = PoprtError(f"the batch of {len(requests)} requests holding this request failed: {one_line(exc)}")
             error.__cause__ = exc
             self._fail(requests, error)
             failed = len(requests)
         else:
-            failed = self._deliver(requests, lengths, starts, results)
+            failed = self._deliver(requests, placement, results)
         with self._cond:
             counts = self._counts
             counts["batches"] += 1
             counts["requests"] += len(requests)
-            counts["tokens"] += int(lengths.sum())
+            counts["tokens"] += placement.tokens
             counts["token_slots"] += self.batch_size * self.seq_len
             counts[f"batches_by_{reason}"] += 1
             counts["failed_requests"] += failed
             counts["failed_batches"] += failed == len(requests)
 
-    def _build_feeds(self, requests: list[_Request], lengths: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
-        """Scatter the requests' tokens to their flat offsets `starts` in one [B, S] batch."""
-        total, slots = int(lengths.sum()), self.batch_size * self.seq_len
-        first = np.cumsum(lengths) - lengths  # each request's start in the concatenated tokens
-        dest = np.repeat(starts - first, lengths) + np.arange(total)
-        feeds = {}
-        for name, (_, dtype, trailing) in self._token_inputs.items():
-            flat = np.zeros((slots, *trailing), dtype)
-            flat[dest] = np.concatenate([r.tokens[name] for r in requests])
-            feeds[name] = flat.reshape(self.batch_size, self.seq_len, *trailing)
-        if self.mask_name is not None:
-            dtype = np.dtype(self.inputs[self.mask_name]["dtype"])
-            flat = np.zeros(slots, dtype)
-            if self.mode == "unpack_repack":
-                flat[dest] = 1
-            else:
-                flat[dest] = np.repeat(segment_ids(starts // self.seq_len, starts), lengths)
-            feeds[self.mask_name] = flat.reshape(self.batch_size, self.seq_len)
-        if self._unpack_info is not None:
-            name, dtype = self._unpack_info
-            info = np.zeros(self.max_valid_num, dtype)
-            info[: len(lengths)] = lengths
-            feeds[name] = info
+    def _build_feeds(self, requests: list[_Request], placement: Placement) -> dict[str, np.ndarray]:
+        """Lay the requests' tokens out in one batch, as the artifact's layout says."""
+        io, layout = self.interface, self._layout
+        feeds = {
+            name: layout.scatter(placement, np.concatenate([r.tokens[name] for r in requests]), token_input.dtype)
+            for name, token_input in io.token_inputs.items()
+        }
+        if io.mask is not None:
+            feeds[io.mask[0]] = layout.mask(placement, io.mask[1])
+        if io.unpack_info is not None:
+            feeds[io.unpack_info[0]] = layout.unpack_info(placement, io.unpack_info[1])
         return feeds
 
-    def _deliver(self, requests: list[_Request], lengths: np.ndarray, starts: np.ndarray, results: dict) -> int:
-        """Copy each request's slice of every output into its arrays; complete the futures."""
-        flat = {
-            name: out.reshape(-1, *out.shape[2:])
-            for name, out in results.items()
-            if self._output_specs[name][0] == "packed"
+    def _deliver(self, requests: list[_Request], placement: Placement, results: dict) -> int:
+        """Copy each request's share of every output into its arrays; complete the futures."""
+        shares = {
+            name: self._layout.split(out, self.interface.outputs[name].layout, placement) for name, out in results.items()
         }
         failed = 0
-        for i, (request, n, start) in enumerate(zip(requests, lengths.tolist(), starts.tolist())):
+        for i, request in enumerate(requests):
             try:
                 for name, target in request.outputs.items():
-                    layout = self._output_specs[name][0]
-                    if layout == "unpacked":
-                        target[:n] = results[name][i, :n]
-                    elif layout == "packed":
-                        target[:n] = flat[name][start : start + n]
+                    share = shares[name][i]
+                    if self.interface.outputs[name].layout.per_token:
+                        target[: len(share)] = share
                     else:
-                        target[...] = results[name][i]
+                        target[...] = share
             except Exception as exc:  # the caller's array changed under us, or similar
-                error = RequestError(f"copying this request's outputs failed: {_one_line(exc)}")
+                error = RequestError(f"copying this request's outputs failed: {one_line(exc)}")
                 error.__cause__ = exc
                 request.future.set_exception(error)
                 failed += 1
@@ -717,11 +606,3 @@ def _array(name: str, value: Any) -> np.ndarray:
 def _fits(shape: tuple, dims: tuple) -> bool:
     return len(shape) == len(dims) and all(not isinstance(d, int) or d == s for s, d in zip(shape, dims))
 
-
-def _static(dims: list) -> bool:
-    return all(isinstance(d, int) and d > 0 for d in dims)
-
-
-def _one_line(exc: BaseException | None) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -324,16 +324,10 @@ class OnlinePacker:
         """Each added request's place: flat token offset (across_rows) or (row, offset)."""
         return list(self._placements)
 
+    def starts(self) -> np.ndarray:
+        """Each added request's flat token offset in the batch (`row * seq_len + offset`)."""
+        places = np.asarray(self._placements, np.int64)
+        if self.across_rows or not len(places):
+            return places.reshape(-1)
+        return places[:, 0] * self.seq_len + places[:, 1]
 
-def segment_ids(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """AttentionMask mode's segment ids: 1, 2, 3, ... for the requests of each row, in the order of
-    their flat token offsets `starts` (row * seq_len + offset)."""
-    order = np.argsort(starts, kind="stable")
-    sorted_rows = np.asarray(rows)[order]
-    k = len(sorted_rows)
-    new_row = np.ones(k, bool)
-    new_row[1:] = sorted_rows[1:] != sorted_rows[:-1]
-    first = np.maximum.accumulate(np.where(new_row, np.arange(k), 0))
-    ids = np.empty(k, np.int64)
-    ids[order] = np.arange(k) - first + 1
-    return ids

@@ -171,8 +171,8 @@ def make_request(rng, n, int32=False):
 
 def out_arrays(runner, max_len, dtype=np.float32):
     arrays = {}
-    for name, (layout, trailing) in runner._output_specs.items():
-        shape = trailing if layout == "per_request" else (max_len, *trailing)
+    for name, out in runner.interface.outputs.items():
+        shape = out.trailing if out.layout == "per_request" else (max_len, *out.trailing)
         arrays[name] = np.full(shape, np.nan, dtype)
     return arrays
 
@@ -816,15 +816,15 @@ def serve_and_check(path, config, reference, clients, per_client, max_len=64, se
                     if with_positions:  # as PopRT's example does: explicit, offset included
                         feeds["position_ids"] = np.arange(n, dtype=np.int32) + runner.position_offset
                         feeds["attention_mask"] = np.ones(n, np.int32)
-                    outputs = {name: np.zeros((max_len, *trailing) if layout != "per_request" else trailing, np.float32)
-                               for name, (layout, trailing) in runner._output_specs.items()}
+                    outputs = {name: np.zeros((max_len, *out.trailing) if out.layout != "per_request" else out.trailing, np.float32)
+                               for name, out in runner.interface.outputs.items()}
                     pending.append((runner.execute_async(feeds, outputs), feeds, outputs))
                 for future, feeds, outputs in pending:
                     future.wait(timeout=60)
                     want = reference(feeds)
                     n = len(feeds["input_ids"])
                     for name, got in outputs.items():
-                        layout = runner._output_specs[name][0]
+                        layout = runner.interface.outputs[name].layout
                         ref = want[name][0] if layout == "per_request" else want[name][0, :n]
                         diff = float(np.abs((got if layout == "per_request" else got[:n]) - ref).max())
                         worst[0] = max(worst[0], diff)

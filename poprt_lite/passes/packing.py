@@ -1,24 +1,29 @@
-"""What both packing passes share: options, preconditions and the manifest record."""
+"""What the packing passes share (not a pass itself): options, preconditions and the metadata record.
+
+Graph matching lives in `patterns/`; this module reads and writes the pass metadata that tells a
+runtime how the packed model is driven (pack spec, input roles, output layouts).
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
+from poprt_lite import vocab
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes.base import PassContext
 from poprt_lite.patterns.attention import AttentionBlock, find_attention_blocks
+from poprt_lite.vocab import Layout, MetaKey, PackMode, PackSpec, Role
 
 
 @dataclass
 class PackOptions:
     max_valid_num: int = 0
     segment_max_size: int = 0
-    input_name: str = "input_ids"
-    attention_mask_name: str = "attention_mask"
-    position_ids_name: str = "position_ids"
+    input_name: str = vocab.INPUT_IDS
+    attention_mask_name: str = Role.attention_mask.value
+    position_ids_name: str = Role.position_ids.value
 
 
 @dataclass
@@ -40,8 +45,8 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
         raise PoprtError(
             f"{pass_name} needs '{options.position_ids_name}' as a model input: run export_position_ids before it (--pack_args does), and if that finds no position-id computation, export the model with a '{options.position_ids_name}' input"
         )
-    table = int(ctx.metadata.get("position_table_size", 0))
-    offset = int(ctx.metadata.get("position_offset", 0))
+    table = vocab.int_of(ctx.metadata, MetaKey.position_table_size)
+    offset = vocab.int_of(ctx.metadata, MetaKey.position_offset)
     if table and options.segment_max_size + offset > table:
         raise PoprtError(
             f"segment_max_size={options.segment_max_size} exceeds the model's position table ({table - offset} positions); use --pack_args segment_max_size<={table - offset}"
@@ -52,12 +57,11 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
     return PackSetup(inputs[options.input_name], inputs.get(options.attention_mask_name), blocks)
 
 
-def record(ctx: PassContext, mode: str, options: PackOptions, layouts: dict[str, str]) -> None:
-    ctx.metadata["pack"] = json.dumps(
-        {"mode": mode, "max_valid_num": options.max_valid_num, "segment_max_size": options.segment_max_size}
-    )
-    ctx.metadata[f"role.{options.input_name}"] = "dynamic_input"
-    ctx.metadata[f"role.{options.position_ids_name}"] = "position_ids"
-    ctx.metadata[f"role.{options.attention_mask_name}"] = "attention_mask"
+def record(ctx: PassContext, mode: PackMode, options: PackOptions, layouts: dict[str, Layout]) -> None:
+    """Write the pack spec, the input roles and the output layouts into the pass metadata."""
+    vocab.set_pack_spec(ctx.metadata, PackSpec(mode, options.max_valid_num, options.segment_max_size))
+    vocab.set_role(ctx.metadata, options.input_name, Role.dynamic_input)
+    vocab.set_role(ctx.metadata, options.position_ids_name, Role.position_ids)
+    vocab.set_role(ctx.metadata, options.attention_mask_name, Role.attention_mask)
     for name, layout in layouts.items():
-        ctx.metadata[f"layout.{name}"] = layout
+        vocab.set_layout(ctx.metadata, name, layout)

@@ -1,0 +1,172 @@
+"""The packing core: where the requests of one batch lie, how their tokens become the model's feeds,
+and how each output is split back into one answer per request.
+
+A batch is a `Placement`: each request's length and the flat offset of its first token in the
+batch's token slots (`row * seq_len + column` for row layouts). Each way of laying requests out
+lives in one `BatchLayout` class, chosen by the artifact's pack mode (`layout_for`):
+
+- `PaddedRows` (not packed): request k fills row k from column 0; `attention_mask` 1 on tokens.
+- `StreamAcrossRows` (unpack_repack): requests one after another in the flattened `B*S` stream (a
+  request may cross rows); `attention_mask` 1 on tokens; `unpack_info` = the lengths, in order.
+- `SegmentRows` (attention_mask): each request inside one row; `attention_mask` holds segment ids
+  1, 2, ... for the requests of a row, in column order.
+
+Every runner (PackRunner, `packing_utils`, `--check`, the bench) builds feeds and splits outputs
+here, so a layout is spelled once. Outputs are split by their manifest `Layout`: per token
+(`packed`, `padded`, `stream`: at the request's flat offset; `unpacked`: row i), or per request
+(`per_request`: row i).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
+
+import numpy as np
+
+from poprt_lite.errors import PoprtError
+from poprt_lite.vocab import Layout, PackMode
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """The requests of one batch, in slot order: request i has `lengths[i]` tokens starting at flat
+    token offset `starts[i]`."""
+
+    lengths: np.ndarray  # int64 [k]
+    starts: np.ndarray  # int64 [k]
+
+    @classmethod
+    def of(cls, lengths: Sequence[int] | np.ndarray, starts: Sequence[int] | np.ndarray) -> Placement:
+        return cls(np.asarray(lengths, np.int64).reshape(-1), np.asarray(starts, np.int64).reshape(-1))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @cached_property
+    def within(self) -> np.ndarray:
+        """Each token's position inside its own request (requests concatenated in slot order)."""
+        first = np.cumsum(self.lengths) - self.lengths
+        return np.arange(self.tokens) - np.repeat(first, self.lengths)
+
+    @cached_property
+    def destinations(self) -> np.ndarray:
+        """Each token's flat slot in the batch (requests concatenated in slot order)."""
+        return np.repeat(self.starts, self.lengths) + self.within
+
+
+class BatchLayout:
+    """How the requests of a batch sit in a `[batch_size, seq_len]` model input."""
+
+    mode: ClassVar[PackMode | None] = None
+    across_rows: ClassVar[bool] = False  # may a request cross a row boundary?
+
+    def __init__(self, batch_size: int, seq_len: int, max_valid_num: int | None = None) -> None:
+        self.batch_size, self.seq_len = int(batch_size), int(seq_len)
+        self.max_valid_num = int(max_valid_num if max_valid_num is not None else batch_size)
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        return (self.batch_size, self.seq_len)
+
+    def mask_values(self, placement: Placement) -> np.ndarray:
+        """The attention-mask value of every token (requests concatenated): 1 on real tokens."""
+        return np.ones(placement.tokens, np.int64)
+
+    def scatter(self, placement: Placement, values: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
+        """Put per-token `values` (`[tokens, ...]`, requests concatenated) at their slots; 0 elsewhere."""
+        values = np.asarray(values)
+        flat = np.zeros((int(np.prod(self.token_shape)), *values.shape[1:]), dtype)
+        flat[placement.destinations] = values
+        return flat.reshape(*self.token_shape, *values.shape[1:])
+
+    def mask(self, placement: Placement, dtype: np.dtype | type) -> np.ndarray:
+        return self.scatter(placement, self.mask_values(placement), dtype)
+
+    def positions(self, placement: Placement, offset: int) -> np.ndarray:
+        """Position ids restarting at `offset` for each request (requests concatenated)."""
+        return placement.within + offset
+
+    def unpack_info(self, placement: Placement, dtype: np.dtype | type = np.int32) -> np.ndarray:
+        """`[max_valid_num]`: the request lengths in slot order, 0 for unused slots."""
+        info = np.zeros(self.max_valid_num, dtype)
+        info[: len(placement)] = placement.lengths
+        return info
+
+    def split(self, output: np.ndarray, layout: Layout | str, placement: Placement) -> list[np.ndarray]:
+        """One view of `output` per request of `placement`, by the output's layout."""
+        layout = Layout(layout)
+        if layout in (Layout.packed, Layout.padded, Layout.stream):
+            lead = len(self.token_shape) if layout is not Layout.stream else 1
+            flat = output.reshape(-1, *output.shape[lead:])
+            return [flat[s : s + n] for s, n in zip(placement.starts.tolist(), placement.lengths.tolist())]
+        if layout is Layout.unpacked:
+            return [output[i, :n] for i, n in enumerate(placement.lengths.tolist())]
+        if layout is Layout.per_request:
+            return [output[i] for i in range(len(placement))]
+        raise PoprtError(f"an output with layout '{layout}' holds no per-request answers; it cannot be split")
+
+    def gather(self, output: np.ndarray, layout: Layout | str, placement: Placement) -> np.ndarray:
+        """The per-token values of every request, concatenated in slot order (`[tokens, ...]`), with
+        one fancy index instead of a loop per request."""
+        layout = Layout(layout)
+        if layout is Layout.unpacked:
+            rows = np.repeat(np.arange(len(placement)), placement.lengths)
+            return output[rows, placement.within]
+        if layout in (Layout.packed, Layout.padded):
+            return output.reshape(-1, *output.shape[2:])[placement.destinations]
+        raise PoprtError(f"an output with layout '{layout}' has no per-token values to gather")
+
+
+class PaddedRows(BatchLayout):
+    """Not packed: one request per row, from column 0 (the padded baseline)."""
+
+    def placement(self, lengths: Sequence[int]) -> Placement:
+        return Placement.of(lengths, np.arange(len(lengths)) * self.seq_len)
+
+
+class StreamAcrossRows(BatchLayout):
+    """unpack_repack: one stream of `batch_size * seq_len` tokens, a request may cross rows."""
+
+    mode = PackMode.unpack_repack
+    across_rows = True
+
+
+class SegmentRows(BatchLayout):
+    """attention_mask: each request inside one row; segment ids 1, 2, ... per row, in column order."""
+
+    mode = PackMode.attention_mask
+
+    def mask_values(self, placement: Placement) -> np.ndarray:
+        return np.repeat(segment_ids(placement.starts // self.seq_len, placement.starts), placement.lengths)
+
+
+LAYOUTS: dict[PackMode | None, type[BatchLayout]] = {cls.mode: cls for cls in (PaddedRows, StreamAcrossRows, SegmentRows)}
+
+
+def layout_for(mode: PackMode | str | None, batch_size: int, seq_len: int, max_valid_num: int | None = None) -> BatchLayout:
+    """The batch layout of an artifact compiled for `mode` (None: not packed)."""
+    key = None if mode is None else PackMode(mode)
+    if key not in LAYOUTS:
+        raise PoprtError(f"no batch layout for pack mode '{mode}'")
+    return LAYOUTS[key](batch_size, seq_len, max_valid_num)
+
+
+def segment_ids(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """AttentionMask mode's segment ids: 1, 2, 3, ... for the requests of each row, in the order of
+    their flat token offsets `starts` (row * seq_len + offset)."""
+    order = np.argsort(starts, kind="stable")
+    sorted_rows = np.asarray(rows)[order]
+    k = len(sorted_rows)
+    new_row = np.ones(k, bool)
+    new_row[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    first = np.maximum.accumulate(np.where(new_row, np.arange(k), 0))
+    ids = np.empty(k, np.int64)
+    ids[order] = np.arange(k) - first + 1
+    return ids
