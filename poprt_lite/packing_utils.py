@@ -54,6 +54,11 @@ class PackedBatch:
     count: int
     seq_len: int
 
+    @property
+    def placement(self) -> Placement:
+        """Where the batch's requests lie (lengths and flat token offsets), in slot order."""
+        return Placement.of([s.length for s in self.specs], [s.row * self.seq_len + s.offset for s in self.specs])
+
 
 def pack_data(
     datasets: Sequence,
@@ -135,7 +140,7 @@ def unpack_outputs(batch: PackedBatch, output: np.ndarray, across_rows: bool) ->
     AttentionMask models return `[batch_size, seq_len, ...]` in the packed layout.
     """
     output = np.asarray(output)
-    placement = Placement.of([r.length for r in batch.specs], [r.row * batch.seq_len + r.offset for r in batch.specs])
+    placement = batch.placement
     if across_rows:
         slots, longest = len(batch.unpack_info), max(s.length for s in batch.specs)
         if output.ndim < 2 or output.shape[0] != slots or output.shape[1] < longest:

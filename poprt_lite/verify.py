@@ -7,15 +7,16 @@ source model run on that request alone, unpadded.
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from poprt_lite import ir
+from poprt_lite import ir, vocab
 from poprt_lite.packing_utils import PackedBatch, pack_data
+from poprt_lite.runtime.layouts import layout_for
+from poprt_lite.vocab import INPUT_IDS, UNPACK_INFO, MetaKey, Role
 
 DEFAULT_DYNAMIC = {0: 2, 1: 16}  # batch 2, sequence 16 where a dim is not fixed
 
@@ -33,8 +34,8 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
     """
     rng = np.random.default_rng(seed)
     meta = ir.get_metadata(model)
-    vocab = int(meta.get("vocab_size", 100))
-    offset = int(meta.get("position_offset", 0))
+    vocab_rows = vocab.int_of(meta, MetaKey.vocab_size, 100)
+    offset = vocab.int_of(meta, MetaKey.position_offset)
     feeds = {}
     shapes = {}
     for value in model.graph.input:
@@ -47,15 +48,16 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
         shape = shapes[value.name]
         name = value.name
-        if "mask" in name:
+        role = vocab.role_of(meta, name)
+        if role is Role.attention_mask:
             data = real.astype(dtype)
-        elif "position" in name:
+        elif role is Role.position_ids:
             data = np.where(real, np.arange(seq)[None, :] + offset, 0)
-        elif "token_type" in name:
+        elif role is Role.token_type_ids:
             data = rng.integers(0, 2, shape) * real
         elif np.issubdtype(dtype, np.integer):
             # Token ids >= 3 avoid the special ids (padding 0 or 1) that change RoBERTa's positions.
-            data = np.where(real, rng.integers(3, vocab, shape), 0)
+            data = np.where(real, rng.integers(3, vocab_rows, shape), 0)
         else:
             data = rng.standard_normal(shape)
         feeds[name] = np.asarray(data, dtype=dtype).reshape(shape)
@@ -64,13 +66,14 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
 
 def max_abs_diff(source: onnx.ModelProto, converted: onnx.ModelProto, seed: int = 0) -> dict[str, float]:
     """The largest absolute difference per output between source and converted model, over real tokens."""
-    if "pack" in ir.get_metadata(converted):
+    if vocab.pack_spec_of(ir.get_metadata(converted)) is not None:
         return _packed_max_abs_diff(source, converted, seed)
     feeds = random_feeds(converted, seed)
     source_inputs = {v.name for v in source.graph.input}
     expected = session(source).run(None, {k: v for k, v in feeds.items() if k in source_inputs})
     actual = session(converted).run(None, feeds)
-    mask = next((v for k, v in feeds.items() if "mask" in k), None)
+    meta = ir.get_metadata(converted)
+    mask = next((v for k, v in feeds.items() if vocab.role_of(meta, k) is Role.attention_mask), None)
     diffs = {}
     for value, want, got in zip(converted.graph.output, expected, actual):
         delta = np.abs(want.astype(np.float64) - got.astype(np.float64))
@@ -80,13 +83,13 @@ def max_abs_diff(source: onnx.ModelProto, converted: onnx.ModelProto, seed: int 
     return diffs
 
 
-def make_requests(rng: np.random.Generator, lengths, vocab: int) -> list[dict[str, np.ndarray]]:
+def make_requests(rng: np.random.Generator, lengths, vocab_rows: int) -> list[dict[str, np.ndarray]]:
     """Unpadded requests `[1, n]`; token ids avoid the special ids 0-2."""
     return [
         {
-            "input_ids": rng.integers(3, vocab, (1, n), dtype=np.int64),
-            "attention_mask": np.ones((1, n), np.int64),
-            "token_type_ids": rng.integers(0, 2, (1, n), dtype=np.int64),
+            INPUT_IDS: rng.integers(3, vocab_rows, (1, n), dtype=np.int64),
+            Role.attention_mask.value: np.ones((1, n), np.int64),
+            Role.token_type_ids.value: rng.integers(0, 2, (1, n), dtype=np.int64),
         }
         for n in lengths
     ]
@@ -98,56 +101,45 @@ def run_packed(
     """Pack `requests` (as many as fit, in order) for the packed model `converted`, run it, and
     return the batch and, per packed request, its outputs cut out by each output's layout."""
     meta = ir.get_metadata(converted)
-    pack = json.loads(meta["pack"])
+    pack = vocab.pack_spec_of(meta)
     inputs = {v.name: v for v in converted.graph.input}
-    batch_size, seq_len = (d.dim_value for d in inputs["input_ids"].type.tensor_type.shape.dim)
+    batch_size, seq_len = (d.dim_value for d in inputs[INPUT_IDS].type.tensor_type.shape.dim)
     dataset = [
         SimpleNamespace(
-            input_ids=r["input_ids"][0],
-            attention_mask=r["attention_mask"][0],
-            token_type_ids=r["token_type_ids"][0],
+            input_ids=r[INPUT_IDS][0],
+            token_type_ids=r[Role.token_type_ids][0],
             position_ids=None,
-            input_len=r["input_ids"].shape[1],
+            input_len=r[INPUT_IDS].shape[1],
         )
         for r in requests
     ]
-    unpack_mode = pack["mode"] == "unpack_repack"
+    layout = layout_for(pack.mode, batch_size, seq_len, pack.max_valid_num)
     batch = pack_data(
         dataset,
         0,
         batch_size,
         seq_len,
-        pack["max_valid_num"],
-        across_rows=unpack_mode,
-        position_offset=int(meta.get("position_offset", 0)),
-        segment_max_size=pack["segment_max_size"],
+        pack.max_valid_num,
+        across_rows=layout.across_rows,
+        position_offset=vocab.int_of(meta, MetaKey.position_offset),
+        segment_max_size=pack.segment_max_size,
     )
     feeds = {name: batch.data[name] for name in inputs if name in batch.data}
-    if "unpack_info" in inputs:
-        feeds["unpack_info"] = batch.unpack_info
+    if UNPACK_INFO in inputs:
+        feeds[UNPACK_INFO] = batch.unpack_info
     feeds = {k: v.astype(onnx.helper.tensor_dtype_to_np_dtype(inputs[k].type.tensor_type.elem_type)) for k, v in feeds.items()}
     outputs = (packed_session or session(converted)).run(None, feeds)
-    layouts = [meta.get(f"layout.{v.name}", "packed") for v in converted.graph.output]
-    per_request = []
-    for slot, spec in enumerate(batch.specs):
-        cut = []
-        for layout, out in zip(layouts, outputs):
-            if layout == "packed":
-                cut.append(out[spec.row, spec.offset : spec.offset + spec.length])
-            elif layout == "unpacked":
-                cut.append(out[slot, : spec.length])
-            else:
-                cut.append(out[slot])
-        per_request.append(cut)
-    return batch, per_request
+    placement = batch.placement
+    shares = [layout.split(out, vocab.layout_of(meta, v.name), placement) for v, out in zip(converted.graph.output, outputs)]
+    return batch, [list(per_output) for per_output in zip(*shares)]
 
 
 def _packed_max_abs_diff(source: onnx.ModelProto, converted: onnx.ModelProto, seed: int) -> dict[str, float]:
     meta = ir.get_metadata(converted)
-    pack = json.loads(meta["pack"])
+    pack = vocab.pack_spec_of(meta)
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, pack["segment_max_size"] + 1, pack["max_valid_num"])
-    requests = make_requests(rng, lengths, int(meta.get("vocab_size", 100)))
+    lengths = rng.integers(1, pack.segment_max_size + 1, pack.max_valid_num)
+    requests = make_requests(rng, lengths, vocab.int_of(meta, MetaKey.vocab_size, 100))
     batch, per_request = run_packed(converted, requests)
     source_session = session(source)
     source_inputs = {i.name for i in source_session.get_inputs()}

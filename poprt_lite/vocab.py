@@ -15,7 +15,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 
-class PackMode(str, enum.Enum):
+class _Word(str, enum.Enum):
+    """A vocabulary word: equal to, hashed as, formatted and serialized as its plain string value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+class PackMode(_Word):
     """How requests share a batch (`--pack_args mode=...`)."""
 
     unpack_repack = "unpack_repack"  # one token stream over [B*S]; attention on unpacked rows (PopRT's default)
@@ -31,14 +41,11 @@ class PackMode(str, enum.Enum):
         except ValueError:
             raise PoprtError(f"{what} must be one of {', '.join(m.value for m in cls)}, got '{value}'") from None
 
-    def __str__(self) -> str:
-        return self.value
-
 
 DEFAULT_PACK_MODE = PackMode.unpack_repack
 
 
-class Role(str, enum.Enum):
+class Role(_Word):
     """What a model input carries, so a runner can build it for a request."""
 
     dynamic_input = "dynamic_input"  # token ids: a request's length is this input's length
@@ -47,9 +54,6 @@ class Role(str, enum.Enum):
     position_ids = "position_ids"
     unpack_info = "unpack_info"  # request lengths in packing order, 0 for unused slots
     data = "data"  # any other per-token input, fed as given
-
-    def __str__(self) -> str:
-        return self.value
 
 
 # Integer inputs that index an embedding table, and the roles a runner may fill for a request.
@@ -64,7 +68,7 @@ DEFAULT_ROLES = {
 }
 
 
-class Layout(str, enum.Enum):
+class Layout(_Word):
     """How a model output holds the answers of the requests of one batch."""
 
     padded = "padded"  # not packed: [batch, seq, ...] with one request per row
@@ -74,9 +78,6 @@ class Layout(str, enum.Enum):
     stream = "stream"  # [T, ...]: the token stream, request i at its start offset
     global_ = "global"  # neither per token nor per request: no runner can split it
 
-    def __str__(self) -> str:
-        return self.value
-
     @property
     def per_token(self) -> bool:
         return self in (Layout.padded, Layout.packed, Layout.unpacked, Layout.stream)
@@ -85,7 +86,7 @@ class Layout(str, enum.Enum):
 DEFAULT_LAYOUT = Layout.padded
 
 
-class MetaKey(str, enum.Enum):
+class MetaKey(_Word):
     """Keys of the model metadata (`metadata_props`, prefixed `poprt_lite.`) and of the manifest."""
 
     pack = "pack"  # JSON of PackSpec
@@ -93,9 +94,6 @@ class MetaKey(str, enum.Enum):
     position_table_size = "position_table_size"  # rows of the position embedding table
     vocab_size = "vocab_size"  # rows of the token embedding table
     precision = "precision"  # fp32 | fp16
-
-    def __str__(self) -> str:
-        return self.value
 
 
 ROLE_PREFIX = "role."

@@ -10,7 +10,9 @@ import numpy as np
 import onnxruntime as ort
 
 from poprt_lite.artifact import Artifact, load_artifact
+from poprt_lite import vocab
 from poprt_lite.errors import RequestError
+from poprt_lite.vocab import ID_ROLES, MetaKey, PackMode, Role
 
 
 class ModelRunner:
@@ -70,28 +72,28 @@ class ModelRunner:
         if extra:
             raise RequestError(f"unexpected feed '{extra[0]}'; the model takes: {', '.join(self.inputs)}")
         arrays = {name: conform(name, feeds[name], spec) for name, spec in self.inputs.items()}
-        vocab_size = self.manifest.get("vocab_size")
-        pack = self.manifest.get("pack") or {}
+        vocab_size = vocab.int_of(self.manifest, MetaKey.vocab_size)
+        pack = vocab.manifest_pack_spec(self.manifest)
         for name, spec in self.inputs.items():
-            role, array = spec.get("role"), arrays[name]
+            role, array = vocab.spec_role(spec), arrays[name]
             if not np.issubdtype(array.dtype, np.integer):
                 continue
-            if role in ("dynamic_input", "token_type_ids", "position_ids", "unpack_info") and array.min() < 0:
+            if role in (*ID_ROLES, Role.unpack_info) and array.min() < 0:
                 raise RequestError(f"feed '{name}' has negative values")
-            if role == "dynamic_input" and vocab_size and array.max() >= vocab_size:
+            if role is Role.dynamic_input and vocab_size and array.max() >= vocab_size:
                 raise RequestError(f"feed '{name}' has ids >= the vocabulary size {vocab_size}")
             rows = spec.get("table_rows")
-            if role != "dynamic_input" and rows and array.max() >= rows:
+            if role is not Role.dynamic_input and rows and array.max() >= rows:
                 raise RequestError(f"feed '{name}' has ids >= {rows}, the number of rows of the embedding table it indexes")
-            if role == "unpack_info" and pack.get("mode") == "unpack_repack":
-                limit = int(pack["segment_max_size"])
+            if role is Role.unpack_info and pack is not None and pack.mode is PackMode.unpack_repack:
+                limit = pack.segment_max_size
                 if array.max() > limit:
                     i = int(np.argmax(array.reshape(-1) > limit))
                     raise RequestError(
                         f"feed '{name}' holds a request of {int(array.reshape(-1)[i])} tokens ({name}[{i}]), "
                         f"more than segment_max_size {limit} of the artifact; truncate or split it"
                     )
-                dynamic = [n for n, s in self.inputs.items() if s.get("role") == "dynamic_input"]
+                dynamic = [n for n, s in self.inputs.items() if vocab.spec_role(s) is Role.dynamic_input]
                 shape = arrays[dynamic[0]].shape if dynamic else ()
                 slots = int(np.prod(shape[:2])) if len(shape) >= 2 else None
                 if slots is not None and int(array.sum()) > slots:

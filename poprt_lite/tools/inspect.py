@@ -15,6 +15,7 @@ from rich.table import Table
 from poprt_lite.ir import METADATA_PREFIX
 from poprt_lite.tools import load_model_or_artifact
 from poprt_lite.tools.diff import dtype_name
+from poprt_lite.vocab import MetaKey
 
 
 def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
@@ -57,10 +58,7 @@ def summarize(model: onnx.ModelProto, manifest: dict[str, Any] | None = None, pa
     if manifest is not None:
         report["manifest"] = {
             "poprt_lite_version": manifest.get("poprt_lite_version"),
-            "precision": manifest.get("precision"),
-            "pack": manifest.get("pack"),
-            "position_offset": manifest.get("position_offset"),
-            "vocab_size": manifest.get("vocab_size"),
+            **{key.value: manifest.get(key.value) for key in (MetaKey.precision, MetaKey.pack, MetaKey.position_offset, MetaKey.vocab_size)},
             "pipeline": [
                 {key: step.get(key) for key in ("name", "seconds", "changed", "message")} for step in manifest.get("pipeline", [])
             ],
@@ -119,8 +117,8 @@ def print_inspection(report: dict[str, Any], console: Console | None = None) -> 
     if manifest:
         console.print(
             escape(
-                f"manifest: precision {manifest['precision']}, pack {manifest['pack'] or '-'}, "
-                f"position_offset {manifest['position_offset']}, written by poprt-lite {manifest['poprt_lite_version']}"
+                f"manifest: precision {manifest[MetaKey.precision.value]}, pack {manifest[MetaKey.pack.value] or '-'}, "
+                f"position_offset {manifest[MetaKey.position_offset.value]}, written by poprt-lite {manifest['poprt_lite_version']}"
             )
         )
         pipeline = Table("pass", "time (ms)", "changed", "message", title="pipeline", title_justify="left")
