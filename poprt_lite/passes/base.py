@@ -14,7 +14,16 @@ from poprt_lite.errors import PoprtError
 
 @dataclass
 class PassResult:
-    """What a pass did: whether the graph changed, and a short account for the pipeline report."""
+    """What a pass did, for the pipeline report: whether it changed the graph, and a short account.
+
+    The contract: a pass edits the graph it is given in place, and the pass manager keeps that
+    graph whatever `changed` says. `changed` is a report (the "changed" column of the pipeline
+    table and of the artifact manifest), never a switch: a pass that edits the graph and returns
+    `changed=False` still has its edit kept, and checked like any other. After every pass, changed
+    or not, the manager cleans up and sorts the graph and stops the pipeline with a `PassError`
+    naming the pass if the result is not a valid model. `run` must return a `PassResult` (a
+    function registered as a pass may return a bool instead).
+    """
 
     changed: bool
     message: str = ""

@@ -11,7 +11,7 @@ import onnx
 
 from poprt_lite import ir, ops
 from poprt_lite.errors import PassError, PoprtError
-from poprt_lite.passes.base import Pass, PassContext
+from poprt_lite.passes.base import Pass, PassContext, PassResult
 
 
 @dataclass
@@ -25,7 +25,8 @@ class PassRecord:
 
 
 class PassManager:
-    """Runs passes in order. After every pass the graph is cleaned up and topologically sorted,
+    """Runs passes in order. Whatever a pass leaves in the graph is kept, whether or not it reports
+    `changed` (see `PassResult`). After every pass the graph is cleaned up and topologically sorted,
     custom-op function bodies are attached, and the model is checked with `onnx.checker` and strict
     shape inference; a pass that raises or leaves an invalid model stops the pipeline with a
     `PassError` naming it.
@@ -70,9 +71,10 @@ class PassManager:
                 raise PassError(f"pass '{pass_.name}' failed: {exc}") from exc
             except Exception as exc:
                 raise PassError(f"pass '{pass_.name}' crashed: {type(exc).__name__}: {exc}") from exc
-            if result.changed:
-                graph.cleanup().toposort()
-                model = ir.to_model(graph, template=model)
+            check_result(pass_, result)
+            # The graph is kept whatever `changed` says: it reports, it does not decide (see PassResult).
+            graph.cleanup().toposort()
+            model = ir.to_model(graph, template=model)
             for key, value in ctx.metadata.items():
                 ir.set_metadata(model, key, value)
             try:
@@ -88,6 +90,12 @@ class PassManager:
             if "all" in self.dump_after or pass_.name in self.dump_after:
                 ir.save_model(model, self.dump_dir / f"{index:02d}_{pass_.name}.onnx")
         return model, records
+
+
+def check_result(pass_: Pass, result: object) -> None:
+    """A pass's `run` must return a PassResult (a function pass may return a bool)."""
+    if not isinstance(result, PassResult):
+        raise PassError(f"pass '{pass_.name}' returned {type(result).__name__}; run() must return a PassResult")
 
 
 def validate(model: onnx.ModelProto, what: str = "invalid model") -> onnx.ModelProto:
