@@ -31,7 +31,7 @@ class FoldConstants(Pass):
 def fold_until_stable(graph: gs.Graph, size_threshold_mb: int = 64) -> None:
     """Alternate shape inference and onnx-graphsurgeon's folding until the node count stops falling
     (folding a Shape can make the next Reshape's shape constant, and so on)."""
-    _split_sliced_shapes(graph)
+    splits = _split_sliced_shapes(graph)
     # Folding evaluates partitions that may fail by design; keep onnxruntime's log quiet meanwhile.
     ort.set_default_logger_severity(4)
     try:
@@ -47,27 +47,46 @@ def fold_until_stable(graph: gs.Graph, size_threshold_mb: int = 64) -> None:
                 should_exclude_node=lambda node: node.domain == ops.DOMAIN,
             ).cleanup()
             if len(graph.nodes) >= count:
-                return
+                break
     finally:
         ort.set_default_logger_severity(2)
+    _merge_unfolded_shapes(graph, splits)
 
 
-def _split_sliced_shapes(graph: gs.Graph) -> None:
+def _split_sliced_shapes(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node, dict]]:
     """Rewrite `Shape(x, start, end)` (opset 15) as `Shape(x)` + `Slice`: onnx-graphsurgeon's shape
-    folding ignores the start/end attributes and would fold the whole shape."""
+    folding ignores the start/end attributes and would fold the whole shape. Returns the
+    (Shape, Slice, original attributes) of each split, for `_merge_unfolded_shapes`."""
+    splits = []
     for node in [n for n in graph.nodes if n.op == "Shape" and ("start" in n.attrs or "end" in n.attrs)]:
+        attrs = dict(node.attrs)
         start, end = node.attrs.pop("start", 0), node.attrs.pop("end", None)
         full = gs.Variable(f"{node.outputs[0].name}_full", dtype=np.int64)
         sliced = node.outputs[0]
         node.outputs[0] = full
         bounds = [np.array([start]), np.array([end if end is not None else np.iinfo(np.int64).max])]
-        graph.nodes.append(
-            gs.Node(
-                "Slice",
-                inputs=[full, *(gs.Constant(f"{sliced.name}_{k}", b.astype(np.int64)) for k, b in zip(("start", "end"), bounds))],
-                outputs=[sliced],
-            )
+        slice_node = gs.Node(
+            "Slice",
+            inputs=[full, *(gs.Constant(f"{sliced.name}_{k}", b.astype(np.int64)) for k, b in zip(("start", "end"), bounds))],
+            outputs=[sliced],
         )
+        graph.nodes.append(slice_node)
+        splits.append((node, slice_node, attrs))
+    return splits
+
+
+def _merge_unfolded_shapes(graph: gs.Graph, splits: list[tuple[gs.Node, gs.Node, dict]]) -> None:
+    """Put back `Shape(x, start, end)` where folding left a split's Shape and Slice as they were."""
+    for shape, slice_node, attrs in splits:
+        full = shape.outputs[0] if shape.outputs else None
+        if full is None or not slice_node.inputs or slice_node.inputs[0] is not full or len(full.outputs) != 1:
+            continue
+        shape.attrs = attrs
+        shape.outputs[0] = slice_node.outputs[0]
+        slice_node.inputs.clear()
+        slice_node.outputs.clear()
+    if splits:
+        graph.cleanup()
 
 
 @register_pass("eliminate_dead_code")

@@ -57,3 +57,21 @@ def test_fold_constants_folds_constant_subgraph():
     assert [n.op_type for n in out.graph.node] == ["Add"]
     folded = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
     np.testing.assert_array_equal(folded[out.graph.node[0].input[1]], [1.0, 4.0])
+
+
+def test_fold_constants_leaves_an_unfoldable_sliced_shape_as_it_was():
+    # Shape(start=2) of a static dim folds; Shape(start=1, end=2) of a dynamic dim cannot, and the
+    # Shape + Slice the pass splits it into for folding must not be left behind.
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,M,3] x) => (int64[1] s, int64[1] t) {
+            s = Shape <start = 1, end = 2> (x)
+            t = Shape <start = 2> (x)
+        }
+    """)
+    out, records = PassManager([get_pass("fold_constants")()]).run(model)
+    assert records[0].message == "1 nodes folded"
+    assert [(n.op_type, {a.name: a.i for a in n.attribute}, list(n.input), list(n.output)) for n in out.graph.node] == [
+        ("Shape", {"start": 1, "end": 2}, ["x"], ["s"]),
+    ]
+    assert [(t.name, list(onnx.numpy_helper.to_array(t))) for t in out.graph.initializer] == [("t", [3])]
