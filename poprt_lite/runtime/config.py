@@ -15,8 +15,12 @@ created, never a silently different batching.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from poprt_lite.errors import PoprtError
+from poprt_lite.runtime.interface import PackedInterface
 from poprt_lite.runtime.packing import PackAlgorithm
+from poprt_lite.vocab import PackMode
 
 DEFAULT_TIMEOUT_MICROSECONDS = 10_000
 DEFAULT_LOOKAHEAD = 8
@@ -105,3 +109,52 @@ class PackRunnerConfig:
             f"algorithm={algorithm!r}, lookahead={self.lookahead!r}, max_pending={self.max_pending!r}, "
             f"single_row_inputs={self.single_row_inputs!r})"
         )
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a PackRunner forms batches: the config's fields, settled against the artifact."""
+
+    algorithm: PackAlgorithm
+    lookahead: int
+    max_pending: int | None
+    timeout_microseconds: float
+
+
+def resolve_batching(config: PackRunnerConfig, interface: PackedInterface) -> Batching:
+    """Check the config against the artifact (a set field must agree with it) and settle defaults."""
+    path, inputs = interface.path, interface.input_roles
+    name = config.dynamic_input_name
+    if name is not None and name != interface.dynamic_input:
+        if name not in inputs:
+            raise PoprtError(
+                f"dynamic_input_name '{name}' is not an input of the model; its inputs are: {', '.join(inputs)}"
+            )
+        raise PoprtError(
+            f"dynamic_input_name '{name}' contradicts the artifact, whose "
+            f"dynamic input is '{interface.dynamic_input}'; leave it unset"
+        )
+    mask_name = interface.mask[0] if interface.mask else None
+    for name in config.single_row_inputs:
+        if interface.mode is not PackMode.attention_mask:
+            raise PoprtError(
+                f"enable_input_single_row_mode('{name}') asks for AttentionMask mode, but artifact "
+                f"'{path}' was compiled for {interface.mode} mode; drop that call or compile with "
+                "--pack_args mode=attention_mask"
+            )
+        if name != mask_name:
+            raise PoprtError(
+                f"enable_input_single_row_mode('{name}'): the model's attention-mask input is '{mask_name}'"
+            )
+    if config.max_valid_num is not None and config.max_valid_num != interface.max_valid_num:
+        raise PoprtError(
+            f"max_valid_num={config.max_valid_num} contradicts the artifact, compiled with "
+            f"max_valid_num={interface.max_valid_num}; leave it unset or recompile"
+        )
+    timeout = config.timeout_microseconds
+    return Batching(
+        algorithm=PackAlgorithm.parse(config.algorithm),
+        lookahead=config.lookahead,
+        max_pending=config.max_pending,
+        timeout_microseconds=DEFAULT_TIMEOUT_MICROSECONDS if timeout is None else timeout,
+    )

@@ -12,22 +12,9 @@ While the previous batch still runs, later requests may fill the room a refused 
 model, copies each request's slice of every output into the caller's arrays and completes the
 futures. The next batch takes the waiting requests oldest first.
 
-Feeds of a request (1-D `[n]` or `[1, n]`, int32 or int64 for integer inputs):
-- the dynamic input (`input_ids`): required, 1 <= n <= segment_max_size (and seq_len);
-- `token_type_ids`: optional, zeros when omitted;
-- `position_ids`: optional, `position_offset + arange(n)` when omitted (the manifest's offset, e.g. 2
-  for RoBERTa-like models); used as given otherwise;
-- `attention_mask`: optional; must be numeric and all non-zero (requests are unpadded); the runner
-  builds the packed mask itself (1/0 in unpack/repack mode, segment ids 1, 2, ... per row in AttentionMask mode);
-- `unpack_info` (unpack/repack artifacts only): optional and ignored; the runner fills it.
-Any other model input ("data" role) is per token and required; float ones must be finite.
-
-Every request is checked in the caller's thread, before it is queued, so that a bad request can
-only fail its own call, never the batch it would share with others: ids must lie in `[0, rows)` of
-the embedding tables they index (the manifest's `vocab_size` for the dynamic input; the tables'
-sizes, read from the graph, for token types and positions), since an out-of-table id makes
-onnxruntime fail the whole batch; and no float value may be NaN or infinite, since attention mixes
-tokens of different requests with zero weights and 0 * NaN is NaN.
+Each request is checked in the caller's thread before it is queued (`runtime/requests.py`), so a
+bad request fails only its own call. Feeds are laid out and outputs split by the artifact's batch
+layout (`runtime/layouts.py`).
 """
 
 from __future__ import annotations
@@ -46,12 +33,11 @@ import onnxruntime as ort
 
 from poprt_lite.artifact import Artifact, load_artifact
 from poprt_lite.errors import PoprtError, QueueFullError, RequestError, one_line
-from poprt_lite.runtime.model_runner import cast_ids
-from poprt_lite.runtime.config import DEFAULT_TIMEOUT_MICROSECONDS, PackRunnerConfig
-from poprt_lite.runtime.interface import PackedInterface, read_packed_interface
+from poprt_lite.runtime.config import PackRunnerConfig, resolve_batching
+from poprt_lite.runtime.interface import read_packed_interface
 from poprt_lite.runtime.layouts import Placement
-from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm
-from poprt_lite.vocab import ID_ROLES, Layout, PackMode, Role
+from poprt_lite.runtime.packing import OnlinePacker
+from poprt_lite.runtime.requests import RequestChecker
 
 
 class PackFuture(concurrent.futures.Future):
@@ -102,55 +88,6 @@ class PackRunnerStats:
         )
 
 
-@dataclass(frozen=True)
-class Batching:
-    """How a PackRunner forms batches: the config's fields, settled against the artifact."""
-
-    algorithm: PackAlgorithm
-    lookahead: int
-    max_pending: int | None
-    timeout_microseconds: float
-
-
-def resolve_batching(config: PackRunnerConfig, interface: PackedInterface) -> Batching:
-    """Check the config against the artifact (a set field must agree with it) and settle defaults."""
-    path, inputs = interface.path, interface.input_roles
-    name = config.dynamic_input_name
-    if name is not None and name != interface.dynamic_input:
-        if name not in inputs:
-            raise PoprtError(
-                f"dynamic_input_name '{name}' is not an input of the model; its inputs are: {', '.join(inputs)}"
-            )
-        raise PoprtError(
-            f"dynamic_input_name '{name}' contradicts the artifact, whose "
-            f"dynamic input is '{interface.dynamic_input}'; leave it unset"
-        )
-    mask_name = interface.mask[0] if interface.mask else None
-    for name in config.single_row_inputs:
-        if interface.mode is not PackMode.attention_mask:
-            raise PoprtError(
-                f"enable_input_single_row_mode('{name}') asks for AttentionMask mode, but artifact "
-                f"'{path}' was compiled for {interface.mode} mode; drop that call or compile with "
-                "--pack_args mode=attention_mask"
-            )
-        if name != mask_name:
-            raise PoprtError(
-                f"enable_input_single_row_mode('{name}'): the model's attention-mask input is '{mask_name}'"
-            )
-    if config.max_valid_num is not None and config.max_valid_num != interface.max_valid_num:
-        raise PoprtError(
-            f"max_valid_num={config.max_valid_num} contradicts the artifact, compiled with "
-            f"max_valid_num={interface.max_valid_num}; leave it unset or recompile"
-        )
-    timeout = config.timeout_microseconds
-    return Batching(
-        algorithm=PackAlgorithm.parse(config.algorithm),
-        lookahead=config.lookahead,
-        max_pending=config.max_pending,
-        timeout_microseconds=DEFAULT_TIMEOUT_MICROSECONDS if timeout is None else timeout,
-    )
-
-
 class _Request:
     __slots__ = ("length", "tokens", "outputs", "future", "arrived")
 
@@ -187,6 +124,7 @@ class PackRunner:
         self.batching = resolve_batching(config, self.interface)
         self.inputs = {spec["name"]: spec for spec in self.artifact.manifest["inputs"]}
         self._layout = self.interface.layout
+        self._checker = RequestChecker(self.interface)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -248,7 +186,8 @@ class PackRunner:
         RequestError on this call and nothing is queued. With `outputs=None` the runner allocates
         `[n, ...]` arrays for every output (returned by `future.result()`). With `max_pending` set
         and that many requests waiting, raises QueueFullError and queues nothing."""
-        request = self._prepare(feeds, outputs)
+        checked = self._checker.check(feeds, outputs)
+        request = _Request(checked.length, checked.tokens, checked.outputs, time.monotonic())
         with self._cond:
             if self._closing or self._stopped is not None:
                 reason = f" (it stopped: {one_line(self._stopped)})" if self._stopped else ""
@@ -296,130 +235,6 @@ class PackRunner:
             f"algorithm={self.algorithm.value}, lookahead={self.lookahead}, "
             f"timeout_microseconds={self.timeout_microseconds})"
         )
-
-    # --------------------------------------------------------------------------------- requests
-
-    def _prepare(self, feeds: Mapping[str, Any], outputs: dict[str, np.ndarray] | None) -> _Request:
-        """Check one request and convert its feeds to the model's dtypes (in the caller's thread)."""
-        if not isinstance(feeds, Mapping):
-            raise RequestError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
-        for name in feeds:
-            if name not in self.inputs:
-                raise RequestError(
-                    f"unexpected feed '{name}'; a request takes: {', '.join(self._describe_feeds())}"
-                )
-        if self.dynamic_input_name not in feeds:
-            raise RequestError(
-                f"missing feed '{self.dynamic_input_name}'; a request takes: {', '.join(self._describe_feeds())}"
-            )
-        io = self.interface
-        ids = self._token_feed(io.dynamic_input, feeds[io.dynamic_input], None)
-        n = len(ids)
-        if n == 0:
-            raise RequestError(f"the request is empty (feed '{io.dynamic_input}' has 0 tokens)")
-        if n > io.max_length:
-            limit = "segment_max_size" if io.max_length == io.segment_max_size else "seq_len"
-            raise RequestError(
-                f"the request has {n} tokens, more than {limit} {io.max_length} of the artifact; "
-                "truncate or split it"
-            )
-        if io.vocab_size and ids.max() >= io.vocab_size:
-            raise RequestError(f"feed '{io.dynamic_input}' has ids >= the vocabulary size {io.vocab_size}")
-        tokens = {io.dynamic_input: ids}
-        for name, token_input in io.token_inputs.items():
-            if name == io.dynamic_input:
-                continue
-            if name in feeds:
-                tokens[name] = self._token_feed(name, feeds[name], n)
-            elif token_input.role is Role.token_type_ids:
-                tokens[name] = np.zeros(n, token_input.dtype)
-            elif token_input.role is Role.position_ids:
-                tokens[name] = np.arange(io.position_offset, io.position_offset + n, dtype=token_input.dtype)
-            else:
-                raise RequestError(f"missing feed '{name}'; a request takes: {', '.join(self._describe_feeds())}")
-        if io.mask is not None and io.mask[0] in feeds:
-            mask_name, mask_dtype = io.mask
-            mask = _as_tokens(mask_name, feeds[mask_name], ())
-            if not (np.issubdtype(mask.dtype, np.number) or mask.dtype == np.bool_):
-                raise RequestError(f"feed '{mask_name}' has dtype {mask.dtype.name}; the model expects {mask_dtype.name}")
-            if np.issubdtype(mask.dtype, np.inexact) and not np.isfinite(mask).all():
-                raise RequestError(f"feed '{mask_name}' has NaN or infinite values")
-            if len(mask) != n:
-                raise RequestError(f"feed '{mask_name}' has {len(mask)} tokens; '{io.dynamic_input}' has {n}")
-            if not np.all(mask):
-                raise RequestError(f"feed '{mask_name}' has zeros; send each request unpadded (its real tokens only)")
-        if io.unpack_info is not None and io.unpack_info[0] in feeds:
-            info = _array(io.unpack_info[0], feeds[io.unpack_info[0]])
-            if info.ndim > 1 or not np.issubdtype(info.dtype, np.integer):
-                raise RequestError(
-                    f"feed '{io.unpack_info[0]}' must be a 1-D integer array (it is ignored: the runner fills it)"
-                )
-        return _Request(n, tokens, self._output_arrays(outputs, n), time.monotonic())
-
-    def _token_feed(self, name: str, value: Any, n: int | None) -> np.ndarray:
-        role, dtype, trailing = (getattr(self.interface.token_inputs[name], f) for f in ("role", "dtype", "trailing"))
-        array = _as_tokens(name, value, trailing)
-        if n is not None and len(array) != n:
-            raise RequestError(f"feed '{name}' has {len(array)} tokens; '{self.dynamic_input_name}' has {n}")
-        if array.dtype != dtype:
-            if np.issubdtype(dtype, np.integer) and np.issubdtype(array.dtype, np.integer):
-                array = cast_ids(name, array, dtype)
-            elif np.issubdtype(dtype, np.floating) and np.issubdtype(array.dtype, np.floating):
-                with np.errstate(over="ignore"):  # values beyond the model's type become inf: refused below
-                    array = array.astype(dtype)
-            else:
-                raise RequestError(f"feed '{name}' has dtype {array.dtype.name}; the model expects {dtype.name}")
-        if role in ID_ROLES and array.size and array.min() < 0:
-            raise RequestError(f"feed '{name}' has negative values")
-        id_rows = self.interface.id_rows
-        if name in id_rows and array.size and array.max() >= id_rows[name]:
-            raise RequestError(
-                f"feed '{name}' has ids >= {id_rows[name]}, the number of rows of the embedding table it indexes"
-            )
-        if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
-            raise RequestError(f"feed '{name}' has NaN or infinite values")
-        return array
-
-    def _output_arrays(self, outputs: dict[str, np.ndarray] | None, n: int) -> dict[str, np.ndarray]:
-        """The arrays a request's outputs are copied into: the caller's, checked, or (None) new
-        `[n, ...]` / `[...]` arrays for every output."""
-        specs = self.interface.outputs
-        if outputs is None:
-            return {
-                name: np.zeros((n, *out.trailing) if out.layout.per_token else out.trailing, out.dtype)
-                for name, out in specs.items()
-            }
-        if not isinstance(outputs, Mapping):
-            raise RequestError(f"outputs must be a dict of output name -> array, got {type(outputs).__name__}")
-        for name, target in outputs.items():
-            if name not in specs:
-                raise RequestError(f"model has no output '{name}'; outputs are: {', '.join(specs)}")
-            out = specs[name]
-            trailing = out.trailing
-            if not isinstance(target, np.ndarray):
-                raise RequestError(f"output '{name}' must be a numpy array, got {type(target).__name__}")
-            if not target.flags.writeable:
-                raise RequestError(f"output array '{name}' is read-only")
-            if not np.can_cast(out.dtype, target.dtype, casting="same_kind"):
-                raise RequestError(f"output array '{name}' has dtype {target.dtype.name}; the model gives {out.dtype.name}")
-            if out.layout.per_token:
-                ok = target.ndim == 1 + len(trailing) and target.shape[0] >= n and _fits(target.shape[1:], trailing)
-                want = f"[>={n}{''.join(f', {d}' for d in trailing)}] (e.g. [max_seq_len{''.join(f', {d}' for d in trailing)}])"
-            else:
-                ok = target.ndim == len(trailing) and _fits(target.shape, trailing)
-                want = f"[{', '.join(map(str, trailing))}] (one per request)"
-            if not ok:
-                raise RequestError(f"output array '{name}' has shape {list(target.shape)}; it must be {want}")
-        return outputs if isinstance(outputs, dict) else dict(outputs)
-
-    def _describe_feeds(self) -> list[str]:
-        described = []
-        for name, role in self.interface.input_roles.items():
-            if role is Role.unpack_info:
-                described.append(f"{name} (optional, ignored)")
-            else:
-                described.append(f"{name} (optional)" if self.interface.is_optional(name) else name)
-        return described
 
     def _enqueue(self, request: _Request) -> None:
         """Place `request` in the open batch, or queue it for a later one (lock held)."""
@@ -582,27 +397,3 @@ class PackRunner:
         for request in requests:
             if not request.future.done():
                 request.future.set_exception(error)
-
-
-def _as_tokens(name: str, value: Any, trailing: tuple) -> np.ndarray:
-    """A request's feed as `[n, *trailing]`, accepting a leading batch axis of 1."""
-    array = _array(name, value)
-    if array.ndim == len(trailing) + 2 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != len(trailing) + 1 or not _fits(array.shape[1:], trailing):
-        want = "[n" + "".join(f", {d}" for d in trailing) + "]"
-        raise RequestError(f"feed '{name}' has shape {list(array.shape)}; a request's '{name}' is {want} or [1, {want[1:]}")
-    return array
-
-
-def _array(name: str, value: Any) -> np.ndarray:
-    try:
-        return np.asarray(value)
-    except (ValueError, TypeError):  # a ragged list, or an object numpy cannot convert
-        raise RequestError(f"feed '{name}' is a ragged or non-numeric sequence; pass a numpy array") from None
-
-
-
-def _fits(shape: tuple, dims: tuple) -> bool:
-    return len(shape) == len(dims) and all(not isinstance(d, int) or d == s for s, d in zip(shape, dims))
-
