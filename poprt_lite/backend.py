@@ -69,7 +69,7 @@ class Session:
         model = ir.load_model(self.model_path)
         fields = {
             "source_sha256": artifact.sha256(self.model_path.read_bytes()),
-            "precision": ir.get_metadata(model).get(MetaKey.precision, "fp32"),
+            MetaKey.precision.value: ir.get_metadata(model).get(MetaKey.precision.value, "fp32"),
             "pipeline": [],
         }
         if self.export_popef:

@@ -14,6 +14,7 @@ from poprt_lite.ops.base import (
     input_dims,
     tensor_type,
 )
+from poprt_lite.vocab import UNPACK_INFO
 
 DOC = """Additive padding mask [N,1,1,L] for the rows produced by Unpack, from unpack_info[N].
 
@@ -64,7 +65,7 @@ def _infer(types, attrs, data):
 OP = CustomOp(
     name="PaddingMask",
     doc=DOC,
-    inputs=[TensorSpec("unpack_info", "Tind", ("int32", "int64"), "request lengths [N]", rank=1)],
+    inputs=[TensorSpec(UNPACK_INFO, "Tind", ("int32", "int64"), "request lengths [N]", rank=1)],
     output=TensorSpec("out", "T2", ("float32", "float16"), "additive mask [N,1,1,L]"),
     attributes=[
         AttrSpec("segment_max_size", "L, the length of an unpacked row", minimum=1),

@@ -11,6 +11,7 @@ from poprt_lite.ops.base import (
     input_dims,
     tensor_type,
 )
+from poprt_lite.vocab import UNPACK_INFO
 
 DOC = """Repack per-request rows y[N,L,...] into packed rows out[B,S,...], the inverse of Unpack.
 
@@ -94,7 +95,7 @@ class Repack(ReferenceKernel):
 def _check(y, unpack_info, packed_shape):
     if len(unpack_info) != y.shape[0]:
         raise PoprtError(
-            f"Repack: input 'unpack_info' must have {y.shape[0]} elements (y.shape[0]), "
+            f"Repack: input '{UNPACK_INFO}' must have {y.shape[0]} elements (y.shape[0]), "
             f"got {len(unpack_info)}"
         )
     if (packed_shape < 1).any():
@@ -119,7 +120,7 @@ OP = CustomOp(
     inputs=[
         TensorSpec("y", "T", ("float32", "float16", "int32", "int64"), "request rows [N,L,...]",
                    min_rank=2),
-        TensorSpec("unpack_info", "Tind", ("int32", "int64"), "request lengths [N]", rank=1),
+        TensorSpec(UNPACK_INFO, "Tind", ("int32", "int64"), "request lengths [N]", rank=1),
         TensorSpec("packed_shape", "Tshape", ("int64",), "(B, S)", rank=1, length=2),
     ],
     output=TensorSpec("out", "T", ("float32", "float16", "int32", "int64"), "packed rows [B,S,...]"),

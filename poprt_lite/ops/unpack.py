@@ -12,6 +12,7 @@ from poprt_lite.ops.base import (
     input_dims,
     tensor_type,
 )
+from poprt_lite.vocab import UNPACK_INFO
 
 DOC = """Unpack packed rows x[B,S,...] into one row per request, out[N,L,...].
 
@@ -78,7 +79,7 @@ class Unpack(ReferenceKernel):
 def _check(x, unpack_info, *, max_valid_num, segment_max_size):
     if len(unpack_info) != max_valid_num:
         raise PoprtError(
-            f"Unpack: input 'unpack_info' must have max_valid_num={max_valid_num} elements, "
+            f"Unpack: input '{UNPACK_INFO}' must have max_valid_num={max_valid_num} elements, "
             f"got {len(unpack_info)}"
         )
     check_unpack_info("Unpack", unpack_info, segment_max_size, "segment_max_size", x.shape[:2], "x")
@@ -96,7 +97,7 @@ OP = CustomOp(
     inputs=[
         TensorSpec("x", "T", ("float32", "float16", "int32", "int64"), "packed rows [B,S,...]",
                    min_rank=2),
-        TensorSpec("unpack_info", "Tind", ("int32", "int64"), "request lengths [N]", rank=1),
+        TensorSpec(UNPACK_INFO, "Tind", ("int32", "int64"), "request lengths [N]", rank=1),
     ],
     output=TensorSpec("out", "T", ("float32", "float16", "int32", "int64"),
                       "one zero-padded row per request [N,L,...]"),
