@@ -14,7 +14,7 @@ from rich.table import Table
 
 from poprt_lite.ir import METADATA_PREFIX
 from poprt_lite.tools import load_model_or_artifact
-from poprt_lite.tools.diff import dtype_name
+from poprt_lite.tools.diff import dtype_name, op_name
 from poprt_lite.vocab import MetaKey
 
 
@@ -37,7 +37,7 @@ def summarize(model: onnx.ModelProto, manifest: dict[str, Any] | None = None, pa
         if v.name not in initializer_names  # IR < 4 models also list their weights as inputs
     ]
     outputs = [_describe(v) | ({"layout": layouts[v.name]} if v.name in layouts else {}) for v in graph.output]
-    ops = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}" for node in graph.node)
+    ops = Counter(op_name(node.domain, node.op_type) for node in graph.node)
     custom = Counter((node.domain, node.op_type) for node in graph.node if node.domain not in ("", "ai.onnx"))
     parameters = sum(int(np.prod(t.dims)) for t in graph.initializer)
     report: dict[str, Any] = {
