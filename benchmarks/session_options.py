@@ -20,6 +20,7 @@ import onnxruntime as ort
 from poprt_lite.bench.export import cached_bert_qa, default_cache_dir
 from poprt_lite.bench.models import prepare_artifacts
 from poprt_lite.bench.workload import synthetic_lengths
+from poprt_lite.runtime.session import create_session
 
 BATCH, SEQ = 16, 256
 LEVELS = {
@@ -30,12 +31,7 @@ LEVELS = {
 
 
 def session(model_bytes: bytes, level: ort.GraphOptimizationLevel, spinning: bool, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = level
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return create_session(model_bytes, threads, spinning=spinning, level=level)
 
 
 def feeds(kind: str, names: list[str], vocab: int) -> dict[str, np.ndarray]:

@@ -16,15 +16,14 @@ import onnxruntime as ort
 from poprt_lite import ir, vocab
 from poprt_lite.packing_utils import PackedBatch, pack_data
 from poprt_lite.runtime.layouts import layout_for
+from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import INPUT_IDS, UNPACK_INFO, MetaKey, Role
 
 DEFAULT_DYNAMIC = {0: 2, 1: 16}  # batch 2, sequence 16 where a dim is not fixed
 
 
 def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return create_session(model, threads)
 
 
 def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:

@@ -26,13 +26,11 @@ from poprt_lite import ops
 from poprt_lite.artifact import Artifact
 from poprt_lite.bench.packer import ATTENTION_MASK_MODE, UNPACK_REPACK
 from poprt_lite.runtime.layouts import segment_ids
+from poprt_lite.runtime.session import create_session
 
 
 def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return create_session(model, threads)
 
 
 def _time(session: ort.InferenceSession, feeds: dict[str, np.ndarray], budget: float = 0.5, repeats: int = 20) -> float:

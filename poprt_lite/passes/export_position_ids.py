@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from poprt_lite import ir, vocab
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
+from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import MetaKey, Role
 
 PROBE_LENGTH = 8
@@ -131,9 +131,7 @@ def _probe_offset(graph: gs.Graph, indices: gs.Tensor, embeddings: Embeddings) -
         value = token if tensor.name == embeddings.word.inputs[1].name else (1 if "mask" in tensor.name else 0)
         feeds[tensor.name] = np.full((1, PROBE_LENGTH), value, dtype=tensor.dtype)
     try:
-        session = ort.InferenceSession(
-            gs.export_onnx(probe, do_type_check=False).SerializeToString(), providers=["CPUExecutionProvider"]
-        )
+        session = create_session(gs.export_onnx(probe, do_type_check=False))
         ids = np.asarray(session.run(None, feeds)[0]).reshape(-1)
     except Exception as exc:
         raise PoprtError(f"cannot evaluate the position-id computation feeding '{indices.name}': {exc}") from exc

@@ -7,11 +7,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from poprt_lite.artifact import Artifact, load_artifact
 from poprt_lite import vocab
 from poprt_lite.errors import RequestError
+from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import ID_ROLES, MetaKey, PackMode, Role
 
 
@@ -21,10 +21,7 @@ class ModelRunner:
     def __init__(self, source: str | os.PathLike | Artifact, threads: int = 0) -> None:
         self.artifact = source if isinstance(source, Artifact) else load_artifact(source)
         self.manifest = self.artifact.manifest
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(self.artifact.model_bytes, options, providers=["CPUExecutionProvider"])
+        self.session = create_session(self.artifact.model_bytes, threads)
         self.inputs = {spec["name"]: spec for spec in self.manifest["inputs"]}
         self.outputs = {spec["name"]: spec for spec in self.manifest["outputs"]}
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from poprt_lite.artifact import Artifact, load_artifact
 from poprt_lite.errors import PoprtError, QueueFullError, RequestError, one_line
@@ -38,6 +37,7 @@ from poprt_lite.runtime.interface import read_packed_interface
 from poprt_lite.runtime.layouts import Placement
 from poprt_lite.runtime.packing import OnlinePacker
 from poprt_lite.runtime.requests import RequestChecker
+from poprt_lite.runtime.session import create_session
 
 
 class PackFuture(concurrent.futures.Future):
@@ -125,16 +125,11 @@ class PackRunner:
         self.inputs = {spec["name"]: spec for spec in self.artifact.manifest["inputs"]}
         self._layout = self.interface.layout
         self._checker = RequestChecker(self.interface)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not spinning:
+        try:
             # onnxruntime's worker threads spin after each run by default, taking the cores from the
             # client threads and the serving thread between batches (measured up to 2x slower on
             # 2 cores); a PackRunner runs its session without spinning unless asked.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(self.artifact.model_bytes, options, providers=["CPUExecutionProvider"])
+            self.session = create_session(self.artifact.model_bytes, threads, spinning=spinning)
         except Exception as exc:
             raise PoprtError(f"onnxruntime cannot load artifact '{self.artifact.path}': {one_line(exc)}") from exc
         across_rows = self._layout.across_rows
