@@ -19,7 +19,7 @@ from poprt_lite.passes.registry import register_pass
 from poprt_lite.vocab import Layout, PackMode
 from poprt_lite.passes import packing
 from poprt_lite.patterns.attention import apply_mask, attention_cone
-from poprt_lite.patterns.layout import MIXING, TOKENWISE, classify, is_token_major, token_dims
+from poprt_lite.patterns.layout import MIXING, TOKENWISE, TokenAxes, classify, is_token_major, token_dims
 
 MODE = PackMode.attention_mask
 
@@ -58,7 +58,7 @@ def _mask_dtype(scores: gs.Tensor) -> int:
     return onnx.TensorProto.FLOAT16 if scores.dtype == np.float16 else onnx.TensorProto.FLOAT
 
 
-def _refuse_token_mixing_tail(graph: gs.Graph, setup: packing.PackSetup, dims: list) -> None:
+def _refuse_token_mixing_tail(graph: gs.Graph, setup: packing.PackSetup, dims: TokenAxes) -> None:
     """Outside the encoder, an op that mixes the tokens of a row (pooling) would mix requests."""
     cone = attention_cone(graph, setup.blocks)
     for node in graph.nodes:

@@ -27,7 +27,7 @@ from poprt_lite import vocab
 from poprt_lite.vocab import UNPACK_INFO, Layout, PackMode, Role
 from poprt_lite.passes import packing
 from poprt_lite.patterns.attention import AttentionBlock, apply_mask, attention_cone, is_constant
-from poprt_lite.patterns.layout import ELEMENTWISE, REDUCE_OPS, TOKENWISE, classify, constant_ints, is_token_major, token_dims
+from poprt_lite.patterns.layout import ELEMENTWISE, REDUCE_OPS, TOKENWISE, TokenAxes, classify, constant_ints, is_token_major, token_dims
 
 MODE = PackMode.unpack_repack
 HEADS_TO_TOKENS = [0, 2, 1, 3]  # [B, h, S, d] <-> [B, S, h, d]
@@ -123,7 +123,7 @@ class _Rewriter:
         scores_dtype = onnx.TensorProto.FLOAT16 if block.scores.outputs[0].dtype == np.float16 else onnx.TensorProto.FLOAT
         apply_mask(self.graph, block, self.padding_mask(scores_dtype))
 
-    def rewrite_tail(self, tail: list[gs.Node], dims: list) -> dict[str, Layout]:
+    def rewrite_tail(self, tail: list[gs.Node], dims: TokenAxes) -> dict[str, Layout]:
         """Move sequence-level ops after the encoder onto unpacked rows; unpack token outputs.
 
         A tensor is "per request" once it comes from unpacked rows: its axis 0 indexes requests.
@@ -145,8 +145,8 @@ class _Rewriter:
         for index, output in enumerate(list(self.graph.outputs)):
             name = output.name
             if name in per_request:
-                layouts[name] = Layout.unpacked if _keeps_sequence(output, dims) else Layout.per_request
-                output.shape = self._per_request_shape(output.shape, dims)
+                layouts[name] = Layout.unpacked if dims.keeps_sequence(output) else Layout.per_request
+                output.shape = self._per_request_shape(output, dims)
             elif is_token_major(output, dims):
                 self.graph.outputs[index] = self._unpack_output(output)
                 layouts[name] = Layout.unpacked
@@ -154,7 +154,7 @@ class _Rewriter:
                 layouts[output.name] = Layout.global_
         return layouts
 
-    def _check_row_op(self, node: gs.Node, dims: list) -> None:
+    def _check_row_op(self, node: gs.Node, dims: TokenAxes) -> None:
         """Only ops whose meaning survives moving from packed to per-request rows may run there."""
         fine = node.op in ELEMENTWISE or node.op in REDUCE_OPS or node.op in ("MatMul", "Gemm", "LayerNormalization", "Softmax")
         if node.op in ("Gather", "Slice", "Squeeze", "Unsqueeze", "Split", "Concat", "Transpose", "CumSum", "ArgMax", "ArgMin"):
@@ -168,12 +168,14 @@ class _Rewriter:
                 f"pack_unpack_repack cannot place node '{node.name}' ({node.op}) after the encoder on per-request rows; use mode=attention_mask or remove it from the model"
             )
 
-    def _per_request_shape(self, shape: list | None, dims: list) -> list | None:
+    def _per_request_shape(self, output: gs.Tensor, dims: TokenAxes) -> list | None:
         """The declared packed shape of an output, with its batch axis now the request slots."""
-        if shape is None:
+        if output.shape is None:
             return None
-        seq = {dims[1]: self.options.segment_max_size}
-        return [self.options.max_valid_num, *(seq.get(d, d) for d in shape[1:])]
+        rest = list(output.shape[1:])
+        if rest and dims.keeps_sequence(output):
+            rest[0] = self.options.segment_max_size
+        return [self.options.max_valid_num, *rest]
 
     def _unpacked(self, tensor: gs.Tensor) -> gs.Tensor:
         if tensor.name not in self.unpacked:
@@ -196,7 +198,3 @@ class _Rewriter:
             )
         )
         return out
-
-
-def _keeps_sequence(tensor: gs.Tensor, dims: list) -> bool:
-    return tensor.shape is not None and len(tensor.shape) >= 2 and tensor.shape[1] == dims[1]

@@ -4,11 +4,20 @@ In a packed activation `[batch, seq, ...]` several requests share a row. An op t
 trailing axes only (the FFN, LayerNorm, a QA head) is indifferent to that; an op that reduces,
 selects or moves along the batch or sequence axis (mean pooling, CLS selection, a MatMul between
 two activations) would mix requests, and must run on per-request rows.
+
+Which tensors lead with the packed `[batch, seq]` axes is found by shape inference on a probe
+(`TokenAxes`), never from the dim names an exporter declared: exporters name the dims of outputs
+and intermediates as they like (`LayerNormalizationlast_hidden_state_dim_0`, `unk__5`), so equal
+names prove nothing and different names disprove nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from poprt_lite.patterns.attention import is_constant
@@ -34,13 +43,106 @@ REDUCE_OPS = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
 TOKENWISE, MIXING, UNKNOWN = "tokenwise", "mixing", "unknown"
 
 
-def token_dims(graph: gs.Graph, input_name: str) -> list:
-    return list(next(t for t in graph.inputs if t.name == input_name).shape[:2])
+# Concrete [batch, seq] given to symbolic token dims in the probe: values no exporter uses for
+# another axis next to each other (heads, head sizes, hidden sizes and label counts are not 3, 37).
+PROBE_DIMS = (3, 37)
+# Initializers larger than this are handed to the probe as typed inputs: shape inference needs only
+# the values of small (shape) tensors, and copying weights would cost as much as the model.
+PROBE_MAX_CONSTANT = 4096
 
 
-def is_token_major(tensor: gs.Tensor, dims: list) -> bool:
+@dataclass(frozen=True)
+class TokenAxes:
+    """Which tensors of a graph lead with the packed `[batch, seq]` axes of the token input.
+
+    Built by `token_dims`: the graph's inputs that share the token input's leading dims get
+    concrete probe sizes (`PROBE_DIMS`, or the declared sizes when static), every other shape is
+    forgotten, and onnx shape inference (with data propagation, so Reshape targets computed from
+    Shape are followed) gives each tensor its probe shape. A tensor is token-major when its probe
+    shape starts with the probe's [batch, seq]. Tensors created after the probe are not.
+    """
+
+    dims: tuple  # the token input's declared [batch, seq] (ints or names)
+    probe: tuple[int, int]
+    shapes: Mapping[str, tuple] = field(default_factory=dict)  # probe shape by tensor name
+
+    def shape(self, tensor: gs.Tensor) -> tuple | None:
+        if isinstance(tensor, gs.Constant):
+            return None
+        return self.shapes.get(tensor.name)
+
+    def token_major(self, tensor: gs.Tensor) -> bool:
+        shape = self._leading(tensor)
+        return shape is not None and shape == (self.probe[0], self.probe[1])
+
+    def keeps_sequence(self, tensor: gs.Tensor) -> bool:
+        """Is axis 1 of `tensor` the sequence axis (per token, packed or per-request rows)?"""
+        shape = self._leading(tensor)
+        return shape is not None and shape[1] == self.probe[1]
+
+    def _leading(self, tensor: gs.Tensor) -> tuple | None:
+        """The probe's first two dims of `tensor`; where inference knew nothing (ops without an
+        inference function, e.g. onnxruntime's fused ops), its declared dims against the token input's."""
+        if isinstance(tensor, gs.Constant):
+            return None
+        shape = self.shapes.get(tensor.name)
+        if shape is not None and len(shape) >= 2 and None not in shape[:2]:
+            return tuple(shape[:2])
+        declared = tensor.shape
+        if declared is not None and len(declared) >= 2:
+            return tuple(p if d == t else None for d, t, p in zip(declared[:2], self.dims, self.probe))
+        return None
+
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        shape = self.shape(tensor) if not isinstance(tensor, gs.Constant) else tensor.shape
+        if shape is None and tensor.shape is not None:
+            shape = tensor.shape
+        return None if shape is None else len(shape)
+
+
+def token_dims(graph: gs.Graph, input_name: str) -> TokenAxes:
+    """The token axes of `graph`, whose token ids come in as `input_name` ([batch, seq])."""
+    token_input = next(t for t in graph.inputs if t.name == input_name)
+    dims = tuple(token_input.shape[:2])
+    static = all(isinstance(d, int) and d > 0 for d in dims)
+    probe = tuple(int(d) for d in dims) if static else PROBE_DIMS
+    return TokenAxes(dims, probe, _probe_shapes(graph, dims, probe))
+
+
+def _probe_shapes(graph: gs.Graph, dims: tuple, probe: tuple[int, int]) -> dict[str, tuple]:
+    copy = graph.copy()
+    for tensor in copy.inputs:
+        if tensor.shape is not None and tuple(tensor.shape[:2]) == dims:
+            tensor.shape = [*probe, *tensor.shape[2:]]
+    interface = {t.name for t in copy.inputs}
+    weights: dict[str, gs.Variable] = {}
+    for node in copy.nodes:
+        for i, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and tensor.values.size > PROBE_MAX_CONSTANT:
+                if tensor.name not in weights:
+                    weights[tensor.name] = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
+                node.inputs[i] = weights[tensor.name]
+            elif isinstance(tensor, gs.Variable) and tensor.name not in interface:
+                tensor.shape = None
+        for tensor in node.outputs:
+            tensor.shape = None
+    copy.inputs = [*copy.inputs, *weights.values()]
+    try:
+        model = gs.export_onnx(copy, do_type_check=False)
+        del model.graph.value_info[:]
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # an op without inference: nothing is known to be token-major
+        return {}
+    shapes = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim)
+    return shapes
+
+
+def is_token_major(tensor: gs.Tensor, dims: TokenAxes) -> bool:
     """Does `tensor` lead with the packed [batch, seq] axes?"""
-    return tensor.shape is not None and len(tensor.shape) >= 2 and list(tensor.shape[:2]) == dims
+    return dims.token_major(tensor)
 
 
 def constant_ints(tensor: gs.Tensor | None) -> list[int] | None:
@@ -56,9 +158,9 @@ def _normalized(axes: list[int], rank: int) -> set[int]:
     return {a + rank if a < 0 else a for a in axes}
 
 
-def classify(node: gs.Node, tensor: gs.Tensor, dims: list) -> str:
+def classify(node: gs.Node, tensor: gs.Tensor, dims: TokenAxes) -> str:
     """How `node` treats its token-major input `tensor`: per token, mixing tokens, or unknown."""
-    rank = len(tensor.shape)
+    rank = dims.rank(tensor)
     token_axes = {0, 1}
     op = node.op
     if op in ELEMENTWISE:
