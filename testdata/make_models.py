@@ -16,6 +16,18 @@ next to this script:
 * ``bert_meanpool.onnx`` - BertModel (eager, no pooler) wrapped so that it
   also returns the masked mean over the sequence (``pooled``), TorchScript
   exporter, opset 17.
+* ``mpnet_qa.onnx`` / ``mpnet_qa_dynamo.onnx`` - MPNetForQuestionAnswering:
+  a relative-position bias (bucketed, one table shared by the layers) added
+  to the scores between the two attention MatMuls.  TorchScript / dynamo.
+* ``deberta_v2_cls.onnx`` / ``deberta_v2_cls_dynamo.onnx`` -
+  DebertaV2ForSequenceClassification (DeBERTa-v3 style: disentangled
+  attention c2p + p2c, log-bucketed relative positions, no absolute
+  position embedding, no token types); pooled head on the first token.
+  ``deberta_v2_qa.onnx`` - the same encoder with a per-token QA head.
+* ``xlmr_sdpa.onnx`` / ``xlmr_sdpa_dynamo.onnx`` - XLMRobertaModel (no
+  pooler) with sdpa attention; the TorchScript export names only the
+  inputs' dynamic axes (as most export snippets do), so its output dims are
+  named by the exporter (``LayerNormalizationlast_hidden_state_dim_0``).
 
 All models are tiny (2 layers, hidden 64, 4 heads, intermediate 128,
 vocab 1000) and use random weights drawn after ``torch.manual_seed(0)``; no
@@ -238,7 +250,7 @@ def _session(path: Path, optimized: bool) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def verify(module, path: Path, input_names, output_names, feeds_list) -> dict[str, float]:
+def verify(module, path: Path, input_names, output_names, feeds_list, per_request=("pooled",)) -> dict[str, float]:
     """Structural checks + numerical comparison.  Returns the max abs diffs:
 
     * ``torch``: onnxruntime (graph optimisations disabled) vs PyTorch, max over
@@ -276,7 +288,7 @@ def verify(module, path: Path, input_names, output_names, feeds_list) -> dict[st
                     single = {k: v[i : i + 1, :n] for k, v in feeds.items()}
                     souts = sess.run(output_names, single)
                     for o, so_, name in zip(outs, souts, output_names):
-                        if o.ndim >= 2 and name != "pooled":
+                        if o.ndim >= 2 and name not in per_request:
                             a = o[i : i + 1, :n]
                         else:
                             a = o[i : i + 1]
@@ -285,6 +297,83 @@ def verify(module, path: Path, input_names, output_names, feeds_list) -> dict[st
         if not v < TOL:
             raise AssertionError(f"{path.name}: {k} max abs diff {v} >= {TOL}")
     return res
+
+
+# --------------------------------------------------------------------------
+# relative-position attention (MPNet, DeBERTa-v2) and XLM-R sdpa (issue 12)
+# --------------------------------------------------------------------------
+
+
+def build_mpnet_qa() -> nn.Module:
+    from transformers import MPNetConfig, MPNetForQuestionAnswering
+
+    fields = dict(BERT_FIELDS, max_position_embeddings=MAX_POS + 2, pad_token_id=1, relative_attention_num_buckets=32)
+    del fields["type_vocab_size"]
+    return _build(MPNetConfig, MPNetForQuestionAnswering, **fields)
+
+
+def build_deberta_v2(model_cls_name: str) -> nn.Module:
+    """DeBERTa-v3-like: c2p + p2c, shared attention key, LayerNorm on the relative embeddings, no
+    absolute positions; 16 position buckets so that lengths up to 16 reach the log buckets."""
+    import transformers
+    from transformers import DebertaV2Config
+
+    fields = dict(
+        BERT_FIELDS, type_vocab_size=0, relative_attention=True, position_buckets=16, max_relative_positions=-1,
+        pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
+        pad_token_id=0, num_labels=2 if "QuestionAnswering" in model_cls_name else 3,
+    )
+    return _build(DebertaV2Config, getattr(transformers, model_cls_name), **fields)
+
+
+def build_xlmr(attn: str) -> nn.Module:
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    fields = dict(BERT_FIELDS, max_position_embeddings=MAX_POS + 2, pad_token_id=1)
+    return _build(XLMRobertaConfig, lambda cfg: XLMRobertaModel(cfg, add_pooling_layer=False), attn, **fields)
+
+
+class TwoInputs(nn.Module):
+    """(input_ids, attention_mask) -> the named fields of the model's output."""
+
+    def __init__(self, model: nn.Module, outputs: list[str]):
+        super().__init__()
+        self.model = model
+        self.outputs = outputs
+
+    def forward(self, input_ids, attention_mask):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return tuple(getattr(out, name) for name in self.outputs)
+
+
+def make_relative_position_models() -> list[tuple[Path, dict[str, float]]]:
+    """MPNet, DeBERTa-v2 and XLM-R (sdpa) exports, TorchScript and dynamo."""
+    in2 = ["input_ids", "attention_mask"]
+    qa_out = ["start_logits", "end_logits"]
+    cases = [  # file, module, pad id, outputs, per-request outputs, exporter
+        ("mpnet_qa", lambda: build_mpnet_qa(), 1, qa_out, (), "torchscript"),
+        ("mpnet_qa_dynamo", lambda: build_mpnet_qa(), 1, qa_out, (), "dynamo"),
+        ("deberta_v2_cls", lambda: build_deberta_v2("DebertaV2ForSequenceClassification"), 0, ["logits"], ("logits",), "torchscript"),
+        ("deberta_v2_cls_dynamo", lambda: build_deberta_v2("DebertaV2ForSequenceClassification"), 0, ["logits"], ("logits",), "dynamo"),
+        ("deberta_v2_qa", lambda: build_deberta_v2("DebertaV2ForQuestionAnswering"), 0, qa_out, (), "torchscript"),
+        ("xlmr_sdpa", lambda: build_xlmr("sdpa"), 1, ["last_hidden_state"], (), "torchscript_inputs_only"),
+        ("xlmr_sdpa_dynamo", lambda: build_xlmr("sdpa"), 1, ["last_hidden_state"], (), "dynamo"),
+    ]
+    results = []
+    for name, build, pad, outputs, per_request, exporter in cases:
+        path = HERE / f"{name}.onnx"
+        module = TwoInputs(build(), outputs).eval()
+        example = make_inputs([8, 5], 8, pad, seed=1, with_types=False)
+        checks = [make_inputs([16, 9], 16, pad, seed=2, with_types=False), make_inputs([7, 3, 11], 11, pad, seed=3, with_types=False)]
+        if exporter == "dynamo":
+            export_dynamo(module, example, in2, outputs, path)
+        else:
+            axes = {n: {0: "batch", 1: "sequence"} for n in in2}
+            if exporter == "torchscript":
+                axes.update({n: {0: "batch"} if n in per_request else {0: "batch", 1: "sequence"} for n in outputs})
+            export_torchscript(module, tuple(torch.from_numpy(example[n]) for n in in2), in2, outputs, axes, path)
+        results.append((path, verify(module, path, in2, outputs, checks, per_request)))
+    return results
 
 
 def main() -> int:
@@ -358,6 +447,9 @@ def main() -> int:
     d["pooled"] = {0: "batch"}
     export_torchscript(m, tensors(ex, in3), in3, mp_out, d, path)
     results.append((path, verify(m, path, in3, mp_out, checks)))
+
+    # 6-12. relative-position attention (MPNet, DeBERTa-v2) and XLM-R sdpa
+    results += make_relative_position_models()
 
     print(f"{'file':26s} {'bytes':>8s}  max|ort-torch|  (ort optimised)  max|padded-unpadded|")
     for p, r in results:

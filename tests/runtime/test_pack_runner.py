@@ -878,6 +878,18 @@ def test_bert_meanpool_per_request_output(tmp_path):
     serve_and_check(path, config, Reference("bert_meanpool"), clients=4, per_client=10)
 
 
+@pytest.mark.parametrize("mode", ["unpack_repack", "attention_mask"])
+@pytest.mark.parametrize("name", ["xlmr_sdpa", "xlmr_sdpa_dynamo"])
+def test_xlmr_sdpa_last_hidden_state_per_request(tmp_path, name, mode):
+    """XLM-R with sdpa attention; the TorchScript export names its output dims its own way
+    (`LayerNormalizationlast_hidden_state_dim_0`), which once made the layout 'global' (issue 12.3)."""
+    path = compile_packed(tmp_path, name, mode, inputs=("input_ids", "attention_mask"))
+    manifest = artifact.load_artifact(path).manifest
+    assert [(o["name"], o["layout"]) for o in manifest["outputs"]] == [("last_hidden_state", "unpacked" if mode == "unpack_repack" else "packed")]
+    config = config_for(mode, timeout_microseconds=2000)
+    serve_and_check(path, config, Reference(name), clients=4, per_client=10)
+
+
 def test_packed_bert_example_runs(capsys, monkeypatch):
     """examples/packed_bert, small: every mode's MAE against the padded baseline is below 1e-4."""
     import importlib.util

@@ -1,6 +1,7 @@
 """Host-side packing of requests: `pack_data`, `unpack_outputs`, `pad_data`."""
 
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -274,3 +275,41 @@ def test_next_fit_matches_poprt_examples_row_major_split(lengths):
         results += _split_like_poprt_example(batch.data["attention_mask"], batch.data["input_ids"])
         index = batch.count
     assert [r.tolist() for r in results] == [d.input_ids.tolist() for d in datasets]
+
+
+@pytest.mark.parametrize("across_rows", [True, False], ids=["unpack_repack", "attention_mask"])
+def test_offline_xlmr_sdpa_last_hidden_state_per_request(tmp_path, across_rows):
+    """The offline path (pack_data, a plain Runner on the artifact, unpack_outputs) on XLM-R sdpa,
+    whose exporter-named output dims once made the layout 'global' (issue 12.3)."""
+    import onnxruntime as ort
+
+    import poprt_lite
+    from poprt_lite import runtime
+
+    mode = "unpack_repack" if across_rows else "attention_mask"
+    source = Path(__file__).resolve().parents[2] / "testdata" / "xlmr_sdpa.onnx"
+    options = poprt_lite.CompileOptions(
+        input_shape={"input_ids": (3, 16), "attention_mask": (3, 16)},
+        pack_args={"max_valid_num": "6", "segment_max_size": "16", "mode": mode},
+    )
+    path = poprt_lite.compile(source, tmp_path / "m.onnx", output_dir=tmp_path, export_popef=True, options=options).artifact
+    rng = np.random.default_rng(7)
+    dataset = [
+        Request(rng.integers(3, 1000, n), np.ones(n, np.int64), None, None, n) for n in (16, 5, 1, 9, 12, 3, 7)
+    ]
+    original = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    runner = runtime.Runner(path)
+    index, checked = 0, 0
+    while index < len(dataset):
+        batch = pack_data(dataset, index, 3, 16, 6, across_rows=across_rows, position_offset=2, segment_max_size=16)
+        feeds = {k: v for k, v in batch.data.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        if across_rows:
+            feeds["unpack_info"] = batch.unpack_info
+        (hidden,) = runner.run(["last_hidden_state"], feeds)
+        for spec, got in zip(batch.specs, unpack_outputs(batch, hidden, across_rows)):
+            request = dataset[spec.index]
+            (want,) = original.run(None, {"input_ids": request.input_ids[None], "attention_mask": request.attention_mask[None]})
+            np.testing.assert_allclose(got, want[0], atol=1e-4, rtol=0)
+            checked += 1
+        index = batch.count
+    assert checked == len(dataset)
