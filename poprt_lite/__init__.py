@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 
 from poprt_lite.artifact import load_artifact  # noqa: E402
 from poprt_lite.compiler import CompileOptions, compile  # noqa: E402
+from poprt_lite.passes import Pass, get_registered_passes  # noqa: E402  (PopRT's `poprt.Pass`)
 
-__all__ = ["CompileOptions", "compile", "load_artifact", "__version__"]
+__all__ = ["CompileOptions", "Pass", "compile", "get_registered_passes", "load_artifact", "__version__"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,34 +11,61 @@ from pathlib import Path
 
 import onnx
 
-from poprt_lite import artifact, ir, passes, vocab
+from poprt_lite import artifact, ir, pack_args, passes
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes import Pass, PassManager, PassRecord
+from poprt_lite.passes.poprt_names import canonical_name
 from poprt_lite.vocab import MetaKey, PackMode
 
 PACK_PASSES = {PackMode.unpack_repack: "pack_unpack_repack", PackMode.attention_mask: "attention_mask_packing"}
-REQUIRED_PACK_KEYS = ("max_valid_num", "segment_max_size")
+# The default pipeline, in order; a stage runs when the options ask for it (see default_pipeline).
+# Passes named by `passes` that are not stages run after the last of these, before float_to_half.
+STAGES = (
+    "eliminate_identity", "remove_outputs", "export_position_ids", *PACK_PASSES.values(), "static_shape",
+    "fold_constants", "eliminate_dead_code",
+)
+LAST_STAGE = "float_to_half"
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class CompileOptions:
-    """Everything the CLI's conversion flags say, parsed."""
+    """Everything the CLI's conversion flags say, parsed (PopRT's names where PopRT has the option)."""
 
     precision: str = "fp32"
     input_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
     pack_args: dict[str, str] = field(default_factory=dict)
     export_position_ids: bool = False
-    passes: Sequence[str] | None = None  # an explicit pipeline instead of the default one
+    passes: Sequence[str] = ()  # PopRT's meaning: passes added to the default pipeline (PopRT or poprt-lite names)
+    skip_passes: Sequence[str] = ()  # passes left out of the default pipeline
+    pipeline: Sequence[str] | None = None  # exactly these passes, in this order, instead of the default pipeline
     pass_options: dict[str, dict[str, str]] = field(default_factory=dict)
     fp16_io: bool = False
     fp16_skip_op_types: Sequence[str] = ()
     dump_after: Sequence[str] = ()
+    remove_outputs: Sequence[str] = ()
+    max_tensor_size: int = -1  # bytes: constant folding leaves larger results computed at run time (-1: its default)
+    _pack: pack_args.PackArgs | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16"):
             raise PoprtError(f"--precision must be fp32 or fp16, got '{self.precision}'")
-        if self.pack_args:
-            parse_pack_args(self.pack_args)
+        if self.pipeline is not None and (self.passes or self.skip_passes):
+            raise PoprtError("pipeline gives every pass to run; add or leave out passes in it instead of passes / skip_passes")
+        if self.max_tensor_size < -1:
+            raise PoprtError(f"max_tensor_size must be -1 (no limit of its own) or a size in bytes, got {self.max_tensor_size}")
+        if LAST_STAGE in map(canonical_name, self.passes):
+            self.precision = "fp16"  # PopRT: --passes float_to_half converts to float16 like --precision fp16
+        mode = _packing_mode(self.pipeline if self.pipeline is not None else self.passes)
+        if self.pack_args or mode is not None:
+            self._pack = pack_args.parse(self.pack_args, self.input_shape, mode)
+        if self.pipeline is None:
+            default_pipeline(self, notify=True)  # unknown names are errors now, notices printed once
+
+    @property
+    def pack(self) -> pack_args.PackArgs | None:
+        """The packing these options ask for (from pack_args and a packing pass in passes), or None."""
+        return self._pack
 
 
 @dataclass
@@ -75,65 +103,73 @@ def parse_key_values(items: Sequence[str], flag: str) -> dict[str, str]:
     return pairs
 
 
-def parse_pack_args(pack_args: dict[str, str]) -> dict[str, int | str]:
-    """Validate `--pack_args` (max_valid_num, segment_max_size, optional mode)."""
-    known = (*REQUIRED_PACK_KEYS, "mode")
-    unknown = sorted(set(pack_args) - set(known))
-    if unknown:
-        raise PoprtError(f"unknown --pack_args key '{unknown[0]}'; known keys: {', '.join(known)}")
-    missing = [k for k in REQUIRED_PACK_KEYS if k not in pack_args]
-    if missing:
-        raise PoprtError(f"--pack_args needs {missing[0]}=N (e.g. --pack_args max_valid_num=40 segment_max_size=256)")
-    mode = pack_args.get("mode", vocab.DEFAULT_PACK_MODE)
-    if mode not in PACK_PASSES:
-        raise PoprtError(f"--pack_args mode must be one of {', '.join(PACK_PASSES)}, got '{mode}'")
-    parsed: dict[str, int | str] = {"mode": PackMode(mode)}
-    for key in REQUIRED_PACK_KEYS:
-        try:
-            parsed[key] = int(pack_args[key])
-        except ValueError:
-            raise PoprtError(f"--pack_args {key} must be a positive integer, got '{pack_args[key]}'") from None
-        if parsed[key] <= 0:
-            raise PoprtError(f"--pack_args {key} must be a positive integer, got {parsed[key]}")
-    return parsed
-
-
 def build_pipeline(options: CompileOptions) -> list[Pass]:
     """The passes to run, each configured from the options that concern it."""
-    names = list(options.passes) if options.passes is not None else default_pipeline(options)
-    configured = {
+    names = [canonical_name(n) for n in options.pipeline] if options.pipeline is not None else default_pipeline(options)
+    configured: dict[str, dict] = {
         "static_shape": {"input_shape": options.input_shape},
         "float_to_half": {"fp16_io": options.fp16_io, "skip_op_types": tuple(options.fp16_skip_op_types)},
+        "remove_outputs": {"outputs": tuple(options.remove_outputs)},
     }
-    if options.pack_args:
-        pack = parse_pack_args(options.pack_args)
+    if options.max_tensor_size >= 0:
+        configured["fold_constants"] = {"size_threshold_mb": options.max_tensor_size >> 20}
+    if options.pack is not None:
         for pass_name in PACK_PASSES.values():
-            configured[pass_name] = {k: pack[k] for k in REQUIRED_PACK_KEYS}
-    unknown_targets = set(options.pass_options) - set(names)
+            configured[pass_name] = {**options.pack.values, "input_name": options.pack.input_name}
+    pass_options = {canonical_name(name): values for name, values in options.pass_options.items()}
+    unknown_targets = set(pass_options) - set(names)
     if unknown_targets:
         raise PoprtError(f"--pass_option names pass '{sorted(unknown_targets)[0]}', which is not in the pipeline")
     pipeline = []
     for name in names:
         cls = passes.get_pass(name)
-        if name in options.pass_options:
-            pipeline.append(cls.from_strings(options.pass_options[name]))
+        if name in pass_options:
+            pipeline.append(cls.from_strings(pass_options[name]))
         else:
             pipeline.append(cls(**configured.get(name, {})))
     return pipeline
 
 
-def default_pipeline(options: CompileOptions) -> list[str]:
-    names = ["eliminate_identity"]
-    if options.export_position_ids or options.pack_args:
-        names.append("export_position_ids")
-    if options.pack_args:
-        names.append(PACK_PASSES[parse_pack_args(options.pack_args)["mode"]])
-    if options.input_shape:
-        names.append("static_shape")
-    names += ["fold_constants", "eliminate_dead_code"]
-    if options.precision == "fp16":
-        names.append("float_to_half")
+def default_pipeline(options: CompileOptions, notify: bool = False) -> list[str]:
+    """The default pipeline: the stages the options ask for, the extra `passes`, then float_to_half.
+
+    PopRT's order rules: a pass named in `passes` that is a stage of the default pipeline (under its
+    PopRT or poprt-lite name) switches that stage on at its place (a packing pass packs in its mode);
+    any other pass runs after the stages, in the order given, before float_to_half (so it sees the
+    float32 model with static shapes, and whatever it adds is converted too). `skip_passes` then
+    leaves passes out (with `notify`, a name not in the pipeline gets a notice).
+    """
+    pack = options.pack
+    extra = [canonical_name(n) for n in options.passes]
+    wanted = {
+        "eliminate_identity": True,
+        "remove_outputs": bool(options.remove_outputs),
+        "export_position_ids": options.export_position_ids or pack is not None,
+        "static_shape": bool(options.input_shape),
+        "fold_constants": True,
+        "eliminate_dead_code": True,
+        LAST_STAGE: options.precision == "fp16",
+    }
+    if pack is not None:
+        wanted[PACK_PASSES[pack.mode]] = True
+    names = [name for name in STAGES if wanted.get(name) or name in extra]
+    names += [name for name in extra if name not in STAGES and name != LAST_STAGE]
+    if wanted[LAST_STAGE]:
+        names.append(LAST_STAGE)
+    for name in options.skip_passes:
+        canonical = passes.get_pass(name).name  # an unknown name is an error, as in passes
+        if canonical in names:
+            names = [n for n in names if n != canonical]
+        elif notify:
+            log.warning("--skip_passes %s: not in the pipeline (%s), nothing to skip", name, ", ".join(names))
     return names
+
+
+def _packing_mode(names: Sequence[str]) -> PackMode | None:
+    modes = {mode for mode, pass_name in PACK_PASSES.items() if pass_name in map(canonical_name, names)}
+    if len(modes) > 1:
+        raise PoprtError(f"the passes name both packing passes ({', '.join(PACK_PASSES[m] for m in PACK_PASSES)}); a model packs in one mode")
+    return modes.pop() if modes else None
 
 
 def default_output_path(input_model: str | os.PathLike, output_dir: str | os.PathLike | None) -> Path:

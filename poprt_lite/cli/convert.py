@@ -1,4 +1,9 @@
-"""`poprt-lite convert` (the flat PopRT form): flags -> `poprt_lite.compile`."""
+"""`poprt-lite convert` (the flat PopRT form): PopRT's flags -> `poprt_lite.compile`.
+
+Every flag of PopRT 1.5 is taken: the ones poprt-lite implements are declared here, the others
+(IPU-only or unsupported) by `poprt_flags.poprt_only`, with a notice or a one-line refusal.
+`--config_yaml` supplies flags from a YAML file (config_yaml.py).
+"""
 
 from __future__ import annotations
 
@@ -11,42 +16,103 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import poprt_lite
 from poprt_lite import compiler, ir, passes, verify
-from poprt_lite.cli import listing, options
+from poprt_lite.cli import config_yaml as yaml_config
+from poprt_lite.cli import listing, options, poprt_flags
 from poprt_lite.errors import PoprtError
+from poprt_lite.tools.inspect import inspect_path, print_inspection
 
 Multi = Optional[list[str]]
 log = logging.getLogger(__name__)
+LOGGING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+@poprt_flags.poprt_only
 def convert(
-    input_model: Annotated[Optional[Path], typer.Option("--input_model", help="The ONNX model to convert.")] = None,
+    ctx: typer.Context,
+    input_model: Annotated[Optional[Path], typer.Option("-i", "--input_model", help="The ONNX model to convert.")] = None,
     output_model: Annotated[
-        Optional[Path], typer.Option("--output_model", help="Where to write the converted model (default: <input>.poprt-lite.onnx).")
+        Optional[Path],
+        typer.Option("--output_model", help="The converted model's file, in --output_dir when given (default: <input name>.poprt-lite.onnx)."),
     ] = None,
     output_dir: Annotated[
-        Optional[Path], typer.Option("--output_dir", help="Folder for the artifact, dumps and the default output model.")
+        Optional[Path], typer.Option("--output_dir", help="Folder for the converted model, the artifact and dumps.")
     ] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16.")] = "fp32",
     input_shape: Annotated[Multi, typer.Option("--input_shape", help="NAME=D0,D1 ... (several after one flag).")] = None,
     pack_args: Annotated[
-        Multi, typer.Option("--pack_args", help="max_valid_num=N segment_max_size=L [mode=unpack_repack|attention_mask].")
+        Multi,
+        typer.Option(
+            "--pack_args",
+            help="max_valid_num=N segment_max_size=L [mode=unpack_repack|attention_mask] [dynamic_groups=[[input_ids,]]]; "
+            "AttentionMask mode derives both numbers from --input_shape.",
+        ),
     ] = None,
     export_position_ids: Annotated[
-        bool, typer.Option("--export_position_ids", help="Make position_ids a model input (implied by --pack_args).")
+        bool, typer.Option("--export_position_ids", help="Make position_ids a model input (implied by packing).")
     ] = False,
-    passes_: Annotated[Optional[str], typer.Option("--passes", help="Explicit pipeline: a,b,c (see --list_all_passes).")] = None,
+    passes_: Annotated[
+        Multi,
+        typer.Option("--passes", help="Passes added to the default pipeline, PopRT or poprt-lite names: a,b (e.g. insert_attention_mask)."),
+    ] = None,
+    skip_passes: Annotated[Multi, typer.Option("--skip_passes", help="Passes left out of the default pipeline: a,b.")] = None,
+    pipeline: Annotated[
+        Multi, typer.Option("--pipeline", help="Exactly these passes, in this order, instead of the default pipeline: a,b,c.")
+    ] = None,
     pass_option: Annotated[Multi, typer.Option("--pass_option", help="PASS.KEY=VALUE options for passes.")] = None,
     list_all_passes: Annotated[bool, typer.Option("--list_all_passes", help="List every registered pass and exit.")] = False,
     list_all_ops: Annotated[bool, typer.Option("--list_all_ops", help="List the custom ops and exit.")] = False,
     plugin: options.PluginOption = None,
+    custom_pass_config: Annotated[
+        Multi, typer.Option("--custom_pass_config", help="Python files of passes, PopRT's pass API or poprt-lite's: a.py,b.py.")
+    ] = None,
     dump_after: Annotated[Multi, typer.Option("--dump_after", help="Write the model after these passes (or 'all') to --output_dir.")] = None,
     export_popef: Annotated[bool, typer.Option("--export_popef", help="Also write the artifact <output_dir>/executable.popef.")] = False,
     check: Annotated[bool, typer.Option("--check", help="Compare source and converted model on random inputs.")] = False,
+    run: Annotated[bool, typer.Option("--run", help="Run the converted model on random inputs (as --check).")] = False,
     fp16_io: Annotated[bool, typer.Option("--fp16_io", help="With fp16: make float inputs/outputs float16 too.")] = False,
     fp16_skip_op_types: Annotated[Multi, typer.Option("--fp16_skip_op_types", help="With fp16: op types kept in float32.")] = None,
+    remove_outputs: Annotated[Multi, typer.Option("--remove_outputs", help="Remove these outputs and what only they need: a,b.")] = None,
+    max_tensor_size: Annotated[
+        int, typer.Option("--max_tensor_size", help="Constant folding leaves results over this many bytes computed (-1: 64 MiB).")
+    ] = -1,
+    framework: Annotated[str, typer.Option("--framework", help="The input model's format: onnx.")] = "onnx",
+    logging_level: Annotated[
+        Optional[str], typer.Option("--logging_level", help=f"poprt-lite's log level: {', '.join(LOGGING_LEVELS)}.")
+    ] = None,
+    show: Annotated[bool, typer.Option("--show", help="Show the input model's inputs, outputs and ops, and exit.")] = False,
+    show_io_stat: Annotated[bool, typer.Option("--show_io_stat", help="As --show.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    config_yaml: Annotated[
+        Optional[Path], typer.Option("--config_yaml", help="Flags as a YAML mapping (flag: value); command-line flags override it.")
+    ] = None,
 ) -> None:
+    args = {name: value for name, value in locals().items() if name != "ctx"}
+    if config_yaml is not None:
+        args = yaml_config.merge(ctx, args, config_yaml)
+    _convert(**args)
+
+
+def _convert(
+    *, input_model, output_model, output_dir, precision, input_shape, pack_args, export_position_ids, passes_,
+    skip_passes, pipeline, pass_option, list_all_passes, list_all_ops, plugin, custom_pass_config, dump_after,
+    export_popef, check, run, fp16_io, fp16_skip_op_types, remove_outputs, max_tensor_size, framework, logging_level,
+    show, show_io_stat, version, config_yaml,
+) -> None:
+    if logging_level is not None:
+        if logging_level.upper() not in LOGGING_LEVELS:
+            raise PoprtError(f"--logging_level must be one of {', '.join(LOGGING_LEVELS)}, got '{logging_level}'")
+        logging.getLogger(options.LOGGER).setLevel(logging_level.upper())
+    if version:
+        print(f"poprt-lite {poprt_lite.__version__}")
+        return
+    if framework != "onnx":
+        raise PoprtError(f"--framework {framework} is not supported: poprt-lite reads ONNX models; convert yours with tf2onnx or torch.onnx first")
+    if precision in ("fp8", "fp8_weight"):
+        raise PoprtError(f"--precision {precision} is not supported: {poprt_flags.FP8}")
     options.load_plugins(plugin)
+    options.load_plugins(_names(custom_pass_config))
     if list_all_passes or list_all_ops:
         if list_all_passes:
             listing.passes_command()
@@ -55,18 +121,27 @@ def convert(
         return
     if input_model is None:
         raise PoprtError("--input_model is required (or --list_all_passes / --list_all_ops)")
+    if show or show_io_stat:
+        print_inspection(inspect_path(input_model))
+        return
     if export_popef and output_dir is None:
         raise PoprtError("--export_popef writes <output_dir>/executable.popef; give --output_dir")
+    if output_model is not None and output_dir is not None:
+        output_model = output_dir / output_model  # PopRT: the name is placed in --output_dir (an absolute path stays)
     compile_options = compiler.CompileOptions(
         precision=precision,
         input_shape=compiler.parse_input_shapes(input_shape or []),
         pack_args=compiler.parse_key_values(pack_args or [], "--pack_args"),
         export_position_ids=export_position_ids,
-        passes=[p.strip() for p in passes_.split(",") if p.strip()] if passes_ else None,
+        passes=_names(passes_),
+        skip_passes=_names(skip_passes),
+        pipeline=_names(pipeline) if pipeline else None,
         pass_options=_pass_options(pass_option or []),
         fp16_io=fp16_io,
-        fp16_skip_op_types=[t for item in fp16_skip_op_types or [] for t in item.split(",") if t],
+        fp16_skip_op_types=_names(fp16_skip_op_types),
         dump_after=dump_after or [],
+        remove_outputs=_names(remove_outputs),
+        max_tensor_size=max_tensor_size,
     )
     for configured in compiler.build_pipeline(compile_options):
         log.info("pass %s: %s", configured.name, _options_text(configured))
@@ -87,10 +162,15 @@ def convert(
     console.print(f"wrote {result.output_model}")
     if result.artifact is not None:
         console.print(f"wrote {result.artifact}")
-    if check:
+    if check or run:
         diffs = verify.max_abs_diff(ir.load_model(input_model), result.model)
         for name, diff in diffs.items():
             console.print(f"check: {name} max abs diff {diff:.3g}")
+
+
+def _names(items: list[str] | None) -> list[str]:
+    """`["a,b", "c"]` -> `["a", "b", "c"]`: names given comma-separated, several values, or both."""
+    return [name.strip() for item in items or [] for name in item.split(",") if name.strip()]
 
 
 def _options_text(configured: passes.Pass) -> str:

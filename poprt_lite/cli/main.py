@@ -8,6 +8,7 @@ values after one flag, as PopRT's do, are rewritten into click's repeated form b
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import typer
 from typer.exceptions import TyperException
 
-from poprt_lite.cli import bench, convert, diff, inspect, listing, options
+from poprt_lite.cli import bench, convert, diff, inspect, listing, options, poprt_flags
 from poprt_lite.errors import PoprtError
 
 app = typer.Typer(
@@ -33,9 +34,12 @@ COMMANDS = {
     "diff": (diff.diff_command, "Compare two models or artifacts structurally; exit 0 if equal, 1 if different, 2 on error."),
     "inspect": (inspect.inspect_command, "Show a model's or artifact's interface, ops, metadata and manifest."),
     "bench": (bench.bench_command, "Benchmark packed vs padded throughput, latency and accuracy on the same requests."),
+    "tf2onnx": (listing.tf2onnx_command, "PopRT's TensorFlow converter: not supported (use the tf2onnx package)."),
 }
+TAKES_ANYTHING = {"tf2onnx"}  # refused whatever its arguments, so they are not parsed
 for _name, (_command, _help) in COMMANDS.items():
-    app.command(_name, help=_help)(options.global_options(_command))
+    _settings = {"ignore_unknown_options": True, "allow_extra_args": True} if _name in TAKES_ANYTHING else None
+    app.command(_name, help=_help, context_settings=_settings)(options.global_options(_command))
 
 
 @app.callback()
@@ -44,7 +48,10 @@ def _app() -> None:
     """Global options go before or after the subcommand's name."""
 
 
-MULTI_VALUE_FLAGS = {"--input_shape", "--pack_args", "--plugin", "--dump_after", "--fp16_skip_op_types", "--pass_option"}
+MULTI_VALUE_FLAGS = {
+    "--input_shape", "--pack_args", "--plugin", "--dump_after", "--fp16_skip_op_types", "--pass_option", "--passes",
+    "--skip_passes", "--pipeline", "--remove_outputs", "--custom_pass_config", *poprt_flags.MULTI_VALUE,
+}
 
 
 def expand_multi_value_flags(argv: Sequence[str]) -> list[str]:
@@ -72,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_level = logger.level
     settings = options.Settings()
     try:
-        return _run(argv, settings)
+        return contextvars.copy_context().run(_run, argv, settings)  # the settings of this command line only
     finally:
         logger.setLevel(previous_level)
 

@@ -23,7 +23,6 @@ from poprt_lite import passes
 
 LOGGER = "poprt_lite"
 log = logging.getLogger(__name__)
-_CONTEXT = "_poprt_lite_context"
 
 
 @dataclass
@@ -54,6 +53,7 @@ def _apply(ctx: typer.Context, param: typer.CallbackParam, value: bool) -> bool:
         settings = ctx.ensure_object(Settings)
     if value:  # a subcommand's default never undoes the flag given before it
         setattr(settings, param.name, True)
+    _CURRENT.set(settings)  # main() runs each command line in a context of its own
     logging.getLogger(LOGGER).setLevel(settings.log_level())
     return value
 
@@ -77,26 +77,29 @@ GLOBAL_OPTIONS = (
 GLOBAL_FLAGS = frozenset(flag for option in GLOBAL_OPTIONS for flag in option.flags)
 
 
-def global_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Give `command` the global options (applied while parsing; the command itself never sees them)."""
+def with_options(
+    command: Callable[..., Any],
+    parameters: Sequence[inspect.Parameter],
+    around: Callable[[dict[str, Any], Callable[[], Any]], Any],
+) -> Callable[..., Any]:
+    """`command` with extra keyword `parameters` that it never sees: `around(values, call)` gets
+    their values and runs `call()`, the command with its own arguments."""
     signature = inspect.signature(command, eval_str=True)  # typer would not resolve string annotations behind __signature__
-    names = {option.name for option in GLOBAL_OPTIONS}
+    names = [p.name for p in parameters]
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        for name in names:
-            kwargs.pop(name, None)
-        ctx: typer.Context = kwargs.pop(_CONTEXT)
-        token = _CURRENT.set(ctx.find_object(Settings))
-        try:
-            return command(*args, **kwargs)
-        finally:
-            _CURRENT.reset(token)
+        values = {name: kwargs.pop(name, None) for name in names}
+        return around(values, lambda: command(*args, **kwargs))
 
-    context = inspect.Parameter(_CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
-    parameters = [*signature.parameters.values(), *(option.parameter() for option in GLOBAL_OPTIONS), context]
-    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *parameters])  # type: ignore[attr-defined]
     return wrapper
+
+
+def global_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give `command` the global options (applied while parsing; the command itself never sees them)."""
+
+    return with_options(command, [option.parameter() for option in GLOBAL_OPTIONS], lambda values, call: call())
 
 
 PluginOption = Annotated[

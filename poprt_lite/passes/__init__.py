@@ -5,7 +5,7 @@ Importing this package registers the built-in passes.
 
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.manager import PassManager, PassRecord
-from poprt_lite.passes.registry import get_pass, list_passes, load_plugin, register_pass
+from poprt_lite.passes.registry import get_pass, get_registered_passes, list_passes, load_plugin, register, register_pass
 
 # Built-in passes register themselves on import.
 from poprt_lite.passes import (  # noqa: E402,F401  isort: skip
@@ -14,6 +14,7 @@ from poprt_lite.passes import (  # noqa: E402,F401  isort: skip
     export_position_ids,
     float_to_half,
     pack_unpack_repack,
+    remove_outputs,
     static_shape,
 )
 
@@ -24,7 +25,9 @@ __all__ = [
     "PassRecord",
     "PassResult",
     "get_pass",
+    "get_registered_passes",
     "list_passes",
     "load_plugin",
+    "register",
     "register_pass",
 ]

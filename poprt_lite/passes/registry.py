@@ -1,8 +1,10 @@
 """The pass registry: built-in passes and plugins, by name.
 
-Plugins are Python modules that register passes with `@register_pass`. They are found through the
-entry-point group `poprt_lite.passes` of any installed distribution, or given explicitly as a file
-path or module name (`--plugin`).
+Plugins are Python modules that register passes with `@register_pass` (or PopRT's `@register`,
+for passes written against PopRT's API: see poprt_api). A PopRT pass name finds the poprt-lite pass
+doing its job (poprt_names). Plugins are found through the entry-point group `poprt_lite.passes`
+of any installed distribution, or given explicitly as a file path or module name (`--plugin`,
+`--custom_pass_config`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from poprt_lite.errors import PoprtError, one_line
+from poprt_lite.passes import poprt_api
 from poprt_lite.passes.base import Pass, PassContext, PassResult
+from poprt_lite.passes.poprt_names import canonical_name
 
 ENTRY_POINT_GROUP = "poprt_lite.passes"
 
@@ -35,7 +39,10 @@ def register_pass(name: str, description: str | None = None) -> Callable[[Any], 
 
     def decorate(obj: Any) -> Any:
         doc = description if description is not None else ((obj.__doc__ or "").strip().splitlines() or [""])[0]
-        if isinstance(obj, type) and issubclass(obj, Pass):
+        if poprt_api.is_model_level(obj):
+            cls = poprt_api.adapt(obj)
+            obj.name, obj.description = name, doc.strip()
+        elif isinstance(obj, type) and issubclass(obj, Pass):
             cls = obj
         elif callable(obj):
             cls = type(obj.__name__, (_FunctionPass,), {"function": staticmethod(obj), "__module__": obj.__module__})
@@ -61,13 +68,23 @@ class _FunctionPass(Pass):
         return result if isinstance(result, PassResult) else PassResult(changed=bool(result))
 
 
+register = register_pass  # PopRT's name: `from poprt.passes import register` ports as `from poprt_lite.passes import register`
+
+
 def get_pass(name: str) -> type[Pass]:
+    """The pass class registered as `name`, or the poprt-lite pass doing the job of PopRT pass `name`."""
     load_entry_point_plugins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    found = _REGISTRY.get(name) or _REGISTRY.get(canonical_name(name))
+    if found is None:
         known = ", ".join(sorted(_REGISTRY))
-        raise PoprtError(f"unknown pass '{name}'; known passes: {known} (add your own with --plugin)") from None
+        raise PoprtError(f"unknown pass '{name}'; known passes: {known} (add your own with --plugin)")
+    return found
+
+
+def get_registered_passes() -> dict[str, type[Pass]]:
+    """Every registered pass by name (PopRT's `get_registered_passes`)."""
+    load_entry_point_plugins()
+    return dict(sorted(_REGISTRY.items()))
 
 
 def list_passes() -> list[type[Pass]]:

@@ -32,6 +32,7 @@ class PackRunnerConfig:
     - `timeout_microseconds`: the longest a request waits for its batch to fill up before the batch
       is launched anyway (measured from the oldest request's arrival); 0 launches at once.
     - `max_valid_num`: the most requests one batch holds (the artifact's `--pack_args max_valid_num`).
+      In AttentionMask mode a lower value caps the batches below the artifact's (PopRT sets it here).
     - `dynamic_input_name`: the input whose length is the request's length (`input_ids`).
     - `lookahead`: while the previous batch runs, how many requests that do not fit the open batch
       may be overtaken by later ones that do (default 8; 0 keeps strict arrival order). Closing a
@@ -119,6 +120,7 @@ class Batching:
     lookahead: int
     max_pending: int | None
     timeout_microseconds: float
+    max_valid_num: int  # the most requests per batch: the artifact's, or lower in AttentionMask mode
 
 
 def resolve_batching(config: PackRunnerConfig, interface: PackedInterface) -> Batching:
@@ -146,7 +148,10 @@ def resolve_batching(config: PackRunnerConfig, interface: PackedInterface) -> Ba
             raise PoprtError(
                 f"enable_input_single_row_mode('{name}'): the model's attention-mask input is '{mask_name}'"
             )
-    if config.max_valid_num is not None and config.max_valid_num != interface.max_valid_num:
+    # An AttentionMask model does not depend on max_valid_num (PopRT's takes it from the config
+    # alone): there a config may lower the cap. Elsewhere it is a dimension of the model.
+    lowers_cap = interface.mode is PackMode.attention_mask and (config.max_valid_num or 0) <= interface.max_valid_num
+    if config.max_valid_num is not None and config.max_valid_num != interface.max_valid_num and not lowers_cap:
         raise PoprtError(
             f"max_valid_num={config.max_valid_num} contradicts the artifact, compiled with "
             f"max_valid_num={interface.max_valid_num}; leave it unset or recompile"
@@ -157,4 +162,5 @@ def resolve_batching(config: PackRunnerConfig, interface: PackedInterface) -> Ba
         lookahead=config.lookahead,
         max_pending=config.max_pending,
         timeout_microseconds=DEFAULT_TIMEOUT_MICROSECONDS if timeout is None else timeout,
+        max_valid_num=config.max_valid_num or interface.max_valid_num,
     )

@@ -137,7 +137,7 @@ class PackRunner:
             self.batching.algorithm,
             self.batch_size,
             self.seq_len,
-            self.max_valid_num,
+            self.batching.max_valid_num,
             across_rows,
             segment_max_size=self.segment_max_size if across_rows else None,
         )

@@ -85,10 +85,10 @@ def test_list_all_passes_includes_plugin(capsys):
 
 def test_plugin_pass_runs_end_to_end(tmp_path, capsys):
     base, scaled = tmp_path / "base.onnx", tmp_path / "scaled.onnx"
-    assert cli(capsys, "--input_model", BERT, "--output_model", str(base), "--passes", "fold_constants")[0] == 0
+    assert cli(capsys, "--input_model", BERT, "--output_model", str(base), "--pipeline", "fold_constants")[0] == 0
     code, out, err = cli(
         capsys, "--input_model", BERT, "--output_model", str(scaled), "--plugin", str(PLUGINS / "scale_outputs.py"),
-        "--passes", "fold_constants,scale_outputs,count_matmuls", "--pass_option", "scale_outputs.scale=0.5", "-v",
+        "--pipeline", "fold_constants,scale_outputs,count_matmuls", "--pass_option", "scale_outputs.scale=0.5", "-v",
     )
     assert code == 0, err
     assert "2 outputs scaled by 0.5" in out
@@ -106,13 +106,27 @@ def test_plugin_pass_runs_end_to_end(tmp_path, capsys):
     ("argv", "message"),
     [
         (["--passes", "nope"], "error: unknown pass 'nope'; known passes: "),
+        (["--pipeline", "nope"], "error: unknown pass 'nope'; known passes: "),
+        (["--skip_passes", "nope"], "error: unknown pass 'nope'; known passes: "),
+        (["--pipeline", "fold_constants", "--passes", "eliminate_identity"], "error: pipeline gives every pass to run; add or leave out passes in it instead of passes / skip_passes\n"),
+        (["--passes", "insert_attention_mask"], "error: --pack_args needs max_valid_num=N (e.g. --pack_args max_valid_num=40 segment_max_size=256), or --input_shape input_ids=B,S to derive it\n"),
+        (["--passes", "packed_transformer", "--input_shape", "input_ids=4,32"], "error: --pack_args needs max_valid_num=N (e.g. --pack_args max_valid_num=40 segment_max_size=256)\n"),
+        (["--passes", "insert_attention_mask,packed_transformer"], "error: the passes name both packing passes (pack_unpack_repack, attention_mask_packing); a model packs in one mode\n"),
+        (["--passes", "insert_attention_mask", "--pack_args", "mode=unpack_repack", "max_valid_num=4"], "error: --pack_args mode=unpack_repack contradicts the packing pass in --passes, which packs in attention_mask mode; drop one\n"),
+        (["--pack_args", "max_valid_num=4", "segment_max_size=13+51"], "error: --pack_args segment_max_size=13+51 gives several segments per request (PopRT's multi-segment packing), which poprt-lite does not do; give one size\n"),
+        (["--pack_args", "max_valid_num=4", "segment_max_size=8", "dynamic_groups=[[]]"], "error: --pack_args dynamic_groups must name the dynamic input, e.g. dynamic_groups=[[input_ids,]], got '[[]]'\n"),
+        (["--precision", "fp8"], "error: --precision fp8 is not supported: FP8 is an IPU number format and onnxruntime's CPU provider has no FP8 MatMul; use --precision fp16 or fp32\n"),
+        (["--framework", "tensorflow"], "error: --framework tensorflow is not supported: poprt-lite reads ONNX models; convert yours with tf2onnx or torch.onnx first\n"),
+        (["--remove_outputs", "nope"], "error: pass 'remove_outputs' failed: remove_outputs names 'nope', which is not a model output; outputs are: start_logits, end_logits\n"),
+        (["--remove_outputs", "start_logits,end_logits"], "error: pass 'remove_outputs' failed: remove_outputs would remove every output of the model; keep at least one\n"),
+        (["--logging_level", "LOUD"], "error: --logging_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'\n"),
         (["--input_shape", "input_ids=16,x"], "error: bad --input_shape 'input_ids=16,x': expected NAME=D0,D1,... with positive integers, e.g. input_ids=16,256"),
         (["--input_shape", "input_ids"], "error: bad --input_shape 'input_ids': expected NAME=D0,D1,..."),
         (["--input_shape", "nope=1,2"], "error: pass 'static_shape' failed: --input_shape names 'nope', which is not a model input; inputs are: input_ids, attention_mask, token_type_ids"),
         (["--plugin", str(PLUGINS / "broken_syntax.py")], f"error: plugin '{PLUGINS / 'broken_syntax.py'}' failed to import: SyntaxError: "),
         (["--precision", "int8"], "error: --precision must be fp32 or fp16, got 'int8'"),
         (["--pack_args", "max_valid_num=40"], "error: --pack_args needs segment_max_size=N"),
-        (["--pack_args", "max_valid_num=40", "segment_max_size=256", "color=red"], "error: unknown --pack_args key 'color'; known keys: max_valid_num, segment_max_size, mode"),
+        (["--pack_args", "max_valid_num=40", "segment_max_size=256", "color=red"], "error: unknown --pack_args key 'color'; known keys: mode, max_valid_num, segment_max_size, dynamic_groups, head_pattern, enable_double_batch_unpack\n"),
         (["--pack_args", "max_valid_num=forty", "segment_max_size=256"], "error: --pack_args max_valid_num must be a positive integer, got 'forty'"),
         (["--pack_args", "max_valid_num=0", "segment_max_size=256"], "error: --pack_args max_valid_num must be a positive integer, got 0"),
         (["--pack_args", "max_valid_num=4", "segment_max_size=-3"], "error: --pack_args segment_max_size must be a positive integer, got -3"),

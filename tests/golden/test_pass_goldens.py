@@ -53,6 +53,16 @@ MODELS = {
             also_dead = Sigmoid (dead)
         }
     """,
+    # Two heads on one trunk, each with a branch of its own and its own initializer.
+    "two_heads": """
+        <ir_version: 8, opset_import: ["" : 17]>
+        two_heads (float[2,3] x) => (float[2,3] start, float[2,3] end) <float[3] end_bias = {1, 2, 3}> {
+            trunk = Relu (x)
+            start = Sigmoid (trunk)
+            shifted = Add (trunk, end_bias)
+            end = Tanh (shifted)
+        }
+    """,
     # Arithmetic on constants only (initializers and a Constant node) next to a real input.
     "constant_arithmetic": """
         <ir_version: 8, opset_import: ["" : 17]>
@@ -174,6 +184,7 @@ CASES = [
     GoldenCase("float_to_half", "small_mlp"),
     GoldenCase("pack_unpack_repack", "tiny_encoder", PACK),
     GoldenCase("attention_mask_packing", "tiny_encoder", PACK),
+    GoldenCase("remove_outputs", "two_heads", {"outputs": ("end",)}),
 ]
 
 # Tensor types onnx.printer writes as readable numbers (float16 and co. come out as raw bits).

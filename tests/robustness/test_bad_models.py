@@ -342,7 +342,7 @@ def test_position_ids_already_an_input_under_another_name(capsys, src, out, tmp_
     """A real BERT whose position ids were exported as an input called `pos`."""
     renamed = src / "bert_pos.onnx"
     code = main(
-        ["--input_model", str(BERT), "--output_model", str(renamed), "--quiet", "--passes", "export_position_ids",
+        ["--input_model", str(BERT), "--output_model", str(renamed), "--quiet", "--pipeline", "export_position_ids",
          "--pass_option", "export_position_ids.position_ids_name=pos"]
     )
     capsys.readouterr()

@@ -1,0 +1,147 @@
+"""What `--pack_args` says: the keys each pack mode takes, their defaults, and PopRT's other keys.
+
+Table-driven: `MODES` says, per `vocab.PackMode`, which keys a mode needs and how a key it may
+omit is derived from the dynamic input's `--input_shape` (B, S); `KEYS` says how each key's value is
+read. A new mode is one more `MODES` row (and its keys in `KEYS`).
+
+PopRT's keys that poprt-lite does not need are accepted with a one-line notice saying why
+(`POPRT_NOTICES`), never an error and never dropped silently; `dynamic_groups` names the dynamic
+input. Defaults (documented in the README): in AttentionMask mode, which PopRT selects with
+`--passes insert_attention_mask` and no `--pack_args`, `segment_max_size` is S (a request fills at
+most one row) and `max_valid_num` is B*S (every request has at least one token: no cap beyond the
+token slots; a runtime PackRunnerConfig may set a lower one). The graph of that mode does not
+depend on either. Unpack/repack needs `max_valid_num` (the unpacked batch is a graph dimension);
+its `segment_max_size` defaults to S.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from poprt_lite import vocab
+from poprt_lite.errors import PoprtError
+from poprt_lite.vocab import PackMode
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, int]  # the dynamic input's (B, S) from --input_shape
+
+
+def positive_int(key: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise PoprtError(f"--pack_args {key} must be a positive integer, got '{text}'") from None
+    if value <= 0:
+        raise PoprtError(f"--pack_args {key} must be a positive integer, got {value}")
+    return value
+
+
+def segment_size(key: str, text: str) -> int:
+    if "+" in text:  # PopRT: segment_max_size=13+51, two segments per request
+        raise PoprtError(
+            f"--pack_args {key}={text} gives several segments per request (PopRT's multi-segment packing), which poprt-lite does not do; give one size"
+        )
+    return positive_int(key, text)
+
+
+def pack_mode(key: str, text: str) -> PackMode:
+    modes = {mode.value: mode for mode in MODES}
+    if text not in modes:
+        raise PoprtError(f"--pack_args {key} must be one of {', '.join(modes)}, got '{text}'")
+    return modes[text]
+
+
+def dynamic_groups(key: str, text: str) -> list[list[str]]:
+    """PopRT's `dynamic_groups=[[input_ids,]]`: groups of inputs sharing the packed dimension."""
+    groups = [[name for name in re.split(r"[\s,]+", inner) if name] for inner in re.findall(r"\[([^\[\]]*)\]", text)]
+    if not groups or not groups[0]:
+        raise PoprtError(f"--pack_args {key} must name the dynamic input, e.g. {key}=[[input_ids,]], got '{text}'")
+    return groups
+
+
+KEYS: dict[str, Callable[[str, str], Any]] = {
+    "mode": pack_mode,
+    "max_valid_num": positive_int,
+    "segment_max_size": segment_size,
+    "dynamic_groups": dynamic_groups,
+}
+
+
+@dataclass(frozen=True)
+class ModeKeys:
+    """The keys a pack mode needs; `defaults` derive the others from the dynamic input's (B, S)."""
+
+    needed: tuple[str, ...]
+    defaults: Mapping[str, Callable[[Shape], int]] = field(default_factory=dict)
+
+
+MODES: dict[PackMode, ModeKeys] = {
+    PackMode.unpack_repack: ModeKeys(
+        needed=("max_valid_num", "segment_max_size"), defaults={"segment_max_size": lambda shape: shape[1]}
+    ),
+    PackMode.attention_mask: ModeKeys(
+        needed=("max_valid_num", "segment_max_size"),
+        defaults={"max_valid_num": lambda shape: shape[0] * shape[1], "segment_max_size": lambda shape: shape[1]},
+    ),
+}
+
+# PopRT's keys that poprt-lite does not need, and why (printed once per conversion as a notice).
+POPRT_NOTICES = {
+    "head_pattern": "not needed: poprt-lite finds the model's head and each output's layout by the graph's structure",
+    "enable_double_batch_unpack": "not needed: it arranges the IPU's unpack in two half batches; onnxruntime unpacks in one",
+}
+
+
+@dataclass(frozen=True)
+class PackArgs:
+    """`--pack_args` resolved: the mode, every key the mode needs, and the dynamic input."""
+
+    mode: PackMode
+    values: dict[str, int]
+    input_name: str = vocab.INPUT_IDS
+
+    def spec(self) -> vocab.PackSpec:
+        return vocab.PackSpec(mode=self.mode, **self.values)
+
+
+def parse(pack_args: Mapping[str, str], input_shape: Mapping[str, tuple[int, ...]], mode: PackMode | None = None) -> PackArgs:
+    """Read `--pack_args` for `mode` (given by a packing pass in --passes) or its own `mode=` key."""
+    unknown = sorted(set(pack_args) - set(KEYS) - set(POPRT_NOTICES))
+    if unknown:
+        raise PoprtError(f"unknown --pack_args key '{unknown[0]}'; known keys: {', '.join([*KEYS, *POPRT_NOTICES])}")
+    parsed = {key: KEYS[key](key, text) for key, text in pack_args.items() if key in KEYS}
+    for key in sorted(set(pack_args) & set(POPRT_NOTICES)):
+        log.warning("--pack_args %s: %s", key, POPRT_NOTICES[key])
+    chosen = parsed.pop("mode", None)
+    if mode is not None and chosen is not None and chosen != mode:
+        raise PoprtError(f"--pack_args mode={chosen} contradicts the packing pass in --passes, which packs in {mode} mode; drop one")
+    mode = chosen or mode or vocab.DEFAULT_PACK_MODE
+    input_name = vocab.INPUT_IDS
+    groups = parsed.pop("dynamic_groups", None)
+    if groups is not None:
+        input_name = groups[0][0]
+        others = [name for group in groups for name in group][1:]
+        if others:
+            log.warning(
+                "--pack_args dynamic_groups: packs by '%s'; %s follow it by their role (no need to list them)", input_name, ", ".join(others)
+            )
+    rules = MODES[mode]
+    shape = input_shape.get(input_name)
+    values = {}
+    for key in rules.needed:
+        if key in parsed:
+            values[key] = parsed.pop(key)
+        elif key in rules.defaults and shape is not None and len(shape) >= 2:
+            values[key] = rules.defaults[key](shape[:2])
+        else:
+            derive = f", or --input_shape {input_name}=B,S to derive it" if key in rules.defaults else ""
+            raise PoprtError(f"--pack_args needs {key}=N (e.g. --pack_args max_valid_num=40 segment_max_size=256){derive}")
+    if parsed:
+        extra = sorted(parsed)[0]
+        raise PoprtError(f"--pack_args {extra} does not apply to {mode} mode; drop it")
+    return PackArgs(mode=mode, values=values, input_name=input_name)
