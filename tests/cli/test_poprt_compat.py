@@ -179,7 +179,7 @@ def test_popRT_pass_class_is_callable_on_a_model_and_registered():
 
 def test_a_popRT_pass_returning_no_model_is_one_line(tmp_path, capsys):
     plugin = tmp_path / "bad_pass.py"
-    plugin.write_text("from poprt_lite.passes import Pass, register\n\n@register('forgets_return')\nclass Forgets(Pass):\n    def run(self, onnx_model):\n        onnx_model.doc_string = 'x'\n")
+    plugin.write_text("from poprt_lite.passes import Pass, register\n\n@register('forgets_return')\nclass Forgets(Pass):\n    \"\"\"Forget to return the model.\"\"\"\n\n    def run(self, onnx_model):\n        onnx_model.doc_string = 'x'\n")
     argv = ["--input_model", str(model_path("bert_qa_torchscript")), "--output_dir", str(tmp_path / "o"), "--custom_pass_config", str(plugin), "--passes", "forgets_return"]
     assert main(argv) == 2
     assert capsys.readouterr().err == "error: pass 'forgets_return' failed: Forgets returned NoneType; a PopRT-style pass must return the onnx.ModelProto\n"
