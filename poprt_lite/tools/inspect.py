@@ -14,7 +14,7 @@ from rich.table import Table
 
 from poprt_lite.ir import METADATA_PREFIX
 from poprt_lite.tools import load_model_or_artifact
-from poprt_lite.tools.diff import dtype_name, op_name
+from poprt_lite.tools.diff.model import dtype_name, op_name
 from poprt_lite.vocab import MetaKey
 
 
@@ -32,11 +32,11 @@ def summarize(model: onnx.ModelProto, manifest: dict[str, Any] | None = None, pa
     roles = {v["name"]: v.get("role") for v in manifest["inputs"]} if manifest else {}
     layouts = {v["name"]: v.get("layout") for v in manifest["outputs"]} if manifest else {}
     inputs = [
-        _describe(v) | ({"role": roles[v.name]} if v.name in roles else {})
+        _value_entry(v) | ({"role": roles[v.name]} if v.name in roles else {})
         for v in graph.input
         if v.name not in initializer_names  # IR < 4 models also list their weights as inputs
     ]
-    outputs = [_describe(v) | ({"layout": layouts[v.name]} if v.name in layouts else {}) for v in graph.output]
+    outputs = [_value_entry(v) | ({"layout": layouts[v.name]} if v.name in layouts else {}) for v in graph.output]
     ops = Counter(op_name(node.domain, node.op_type) for node in graph.node)
     custom = Counter((node.domain, node.op_type) for node in graph.node if node.domain not in ("", "ai.onnx"))
     parameters = sum(int(np.prod(t.dims)) for t in graph.initializer)
@@ -66,7 +66,8 @@ def summarize(model: onnx.ModelProto, manifest: dict[str, Any] | None = None, pa
     return report
 
 
-def _describe(value: onnx.ValueInfoProto) -> dict[str, Any]:
+def _value_entry(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    """An input's or output's name, dtype and shape (None for an unknown rank or dim)."""
     tensor_type = value.type.tensor_type
     shape = (
         [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
