@@ -32,6 +32,7 @@ from onnx.defs import OpSchema
 from onnx.reference.op_run import OpRun
 
 from poprt_lite.errors import PoprtError
+from poprt_lite.vocab import UNPACK_INFO
 
 DOMAIN = "ai.graphcore"
 OPSET_VERSION = 1
@@ -39,6 +40,31 @@ MIN_ONNX_OPSET = 13
 # Additive mask value for masked positions: large enough to zero a softmax, finite in float16.
 MASK_VALUE = -10000.0
 MASK_DTYPES = {onnx.TensorProto.FLOAT: "FLOAT", onnx.TensorProto.FLOAT16: "FLOAT16"}
+# The `dynamic` attribute of Unpack and PaddingMask: rows of the compiled size, or of the batch's.
+ROW_SIZES = {0: "static", 1: "dynamic"}
+DYNAMIC_ROWS_DOC = (
+    "0: rows of segment_max_size, max_valid_num of them (static); 1: one row per unpack_info "
+    "entry (at most max_valid_num), as long as the longest request max(unpack_info) (dynamic)"
+)
+# The row length L in a function body: segment_max_size, or with `dynamic` the longest request.
+# onnxruntime folds the If on the constant attribute when it inlines the body, so a static op keeps
+# its constant L (and everything computed from it). Needs `lengths` (int64) in scope.
+ROW_LENGTH_BODY = """
+    dynamic_int = Constant <value_int: int = @dynamic> ()
+    static_int = Constant <value_int: int = 0> ()
+    is_dynamic = Greater (dynamic_int, static_int)
+    size = If (is_dynamic) <then_branch = longest_row () => (int64 longest) {
+        longest = ReduceMax <keepdims = 0> (lengths)
+    }, else_branch = compiled_row () => (int64 compiled) {
+        compiled = Constant <value_int: int = @segment_max_size> ()
+    }>"""
+
+
+def row_length(unpack_info: np.ndarray, segment_max_size: int, dynamic: int) -> int:
+    """L of the rows Unpack and PaddingMask make (see ROW_LENGTH_BODY)."""
+    if not dynamic:
+        return segment_max_size
+    return int(np.max(unpack_info, initial=0))
 
 
 def _join(words: Sequence[str]) -> str:
@@ -298,6 +324,14 @@ class CustomOp:
             )
         header = f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n'
         return onnx.parser.parse_function(header + self._body)
+
+
+def check_slots(op_name: str, unpack_info: np.ndarray, max_valid_num: int, dynamic: int) -> None:
+    """unpack_info has max_valid_num entries (static), or at most that many (dynamic)."""
+    count = len(unpack_info)
+    if count > max_valid_num if dynamic else count != max_valid_num:
+        want = f"at most max_valid_num={max_valid_num}" if dynamic else f"max_valid_num={max_valid_num}"
+        raise PoprtError(f"{op_name}: input '{UNPACK_INFO}' must have {want} elements, got {count}")
 
 
 def check_unpack_info(

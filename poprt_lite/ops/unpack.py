@@ -2,14 +2,18 @@
 
 import numpy as np
 
-from poprt_lite.errors import PoprtError
 from poprt_lite.ops.base import (
+    DYNAMIC_ROWS_DOC,
+    ROW_LENGTH_BODY,
+    ROW_SIZES,
     AttrSpec,
     CustomOp,
     ReferenceKernel,
     TensorSpec,
+    check_slots,
     check_unpack_info,
     input_dims,
+    row_length,
     tensor_type,
 )
 from poprt_lite.vocab import UNPACK_INFO
@@ -19,21 +23,26 @@ DOC = """Unpack packed rows x[B,S,...] into one row per request, out[N,L,...].
 Requests lie one after another in the flattened B*S token stream: request 0 starts at flat token 0,
 request i at the sum of the lengths before it, so a request may span rows. unpack_info[N] holds
 the request lengths, unused slots (length 0) after the used ones. out[i] holds request i's tokens
-followed by zeros. Attributes: max_valid_num (N), segment_max_size (L).
+followed by zeros. Attributes: max_valid_num (N), segment_max_size (L), and dynamic: with 1 the
+rows follow the batch instead, one per unpack_info entry and as long as its longest request
+(out[len(unpack_info), max(unpack_info), ...]; N and L then only bound them), for runtimes without
+static shapes.
 """
 
 # Output slot (i, j) gathers flat token start[i] + j of x viewed as [B*S, ...]; slots past a
 # request's length gather a zero row appended after the last token. (The zero row is an empty slice
 # padded with zeros: CastLike, which would make a zero of x's type directly, needs opset 15.)
-BODY = """
-Unpack <max_valid_num, segment_max_size> (x, unpack_info) => (out) {
+BODY = (
+    """
+Unpack <max_valid_num, segment_max_size, dynamic: int = 0> (x, unpack_info) => (out) {
     zero = Constant <value_int: int = 0> ()
     one = Constant <value_int: int = 1> ()
     zero_1d = Constant <value_ints: ints = [0]> ()
     ax1 = Constant <value_ints: ints = [1]> ()
     lengths = Cast <to = 7> (unpack_info)
-    starts = CumSum <exclusive = 1> (lengths, zero)
-    size = Constant <value_int: int = @segment_max_size> ()
+    starts = CumSum <exclusive = 1> (lengths, zero)"""
+    + ROW_LENGTH_BODY
+    + """
     position = Range (zero, size, one)
     length = Unsqueeze (lengths, ax1)
     real = Less (position, length)
@@ -60,15 +69,17 @@ Unpack <max_valid_num, segment_max_size> (x, unpack_info) => (out) {
     out = Gather (padded, source)
 }
 """
+)
 
 
 class Unpack(ReferenceKernel):
     """numpy reference for Unpack."""
 
     @staticmethod
-    def compute(x, unpack_info, *, max_valid_num, segment_max_size):
+    def compute(x, unpack_info, *, max_valid_num, segment_max_size, dynamic):
         tokens = x.reshape(-1, *x.shape[2:])
-        out = np.zeros((max_valid_num, segment_max_size, *x.shape[2:]), dtype=x.dtype)
+        size = row_length(unpack_info, segment_max_size, dynamic)
+        out = np.zeros((len(unpack_info), size, *x.shape[2:]), dtype=x.dtype)
         start = 0
         for i, length in enumerate(unpack_info):
             out[i, :length] = tokens[start : start + length]
@@ -76,18 +87,19 @@ class Unpack(ReferenceKernel):
         return out
 
 
-def _check(x, unpack_info, *, max_valid_num, segment_max_size):
-    if len(unpack_info) != max_valid_num:
-        raise PoprtError(
-            f"Unpack: input '{UNPACK_INFO}' must have max_valid_num={max_valid_num} elements, "
-            f"got {len(unpack_info)}"
-        )
+def _check(x, unpack_info, *, max_valid_num, segment_max_size, dynamic):
+    check_slots("Unpack", unpack_info, max_valid_num, dynamic)
     check_unpack_info("Unpack", unpack_info, segment_max_size, "segment_max_size", x.shape[:2], "x")
 
 
 def _infer(types, attrs, data):
     dims = input_dims(types[0])
-    out_dims = None if dims is None else [attrs["max_valid_num"], attrs["segment_max_size"], *dims[2:]]
+    if attrs["dynamic"]:
+        slots = input_dims(types[1])
+        rows = [slots[0] if slots else None, None]
+    else:
+        rows = [attrs["max_valid_num"], attrs["segment_max_size"]]
+    out_dims = None if dims is None else [*rows, *dims[2:]]
     return tensor_type(types[0].tensor_type.elem_type, out_dims)
 
 
@@ -104,6 +116,7 @@ OP = CustomOp(
     attributes=[
         AttrSpec("max_valid_num", "N, the number of request slots", minimum=1),
         AttrSpec("segment_max_size", "L, the longest request", minimum=1),
+        AttrSpec("dynamic", DYNAMIC_ROWS_DOC, default=0, choices=ROW_SIZES),
     ],
     reference=Unpack,
     infer=_infer,

@@ -34,10 +34,10 @@ def test_get_op_unknown_name():
 def test_make_node_writes_defaults_and_rejects_unknown_attributes():
     node = ops.make_node("PaddingMask", ["info"], ["mask"], name="pm", segment_max_size=8)
     assert (node.domain, node.name) == (ops.DOMAIN, "pm")
-    assert {a.name: a.i for a in node.attribute} == {"segment_max_size": 8, "dtype": TensorProto.FLOAT}
+    assert {a.name: a.i for a in node.attribute} == {"segment_max_size": 8, "dtype": TensorProto.FLOAT, "dynamic": 0}
     with pytest.raises(PoprtError) as err:
         ops.make_node("Unpack", ["x", "info"], ["y"], max_valid_num=2, segment_max_size=4, size=3)
-    assert str(err.value) == "Unpack: unknown attribute 'size' (known: max_valid_num, segment_max_size)"
+    assert str(err.value) == "Unpack: unknown attribute 'size' (known: max_valid_num, segment_max_size, dynamic)"
 
 
 def test_validate_inputs_counts_inputs():

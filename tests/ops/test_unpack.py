@@ -1,5 +1,6 @@
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,16 +24,17 @@ def expected_rows(x, info, size):
 
 
 @settings(max_examples=60, deadline=None)
-@given(layouts(), st.sampled_from(DATA_DTYPES), st.sampled_from(TRAILING), st.integers(0, 2**32 - 1))
-def test_ort_matches_reference(layout, dtype, trailing, seed):
+@given(layouts(), st.sampled_from(DATA_DTYPES), st.sampled_from(TRAILING), st.integers(0, 2**32 - 1), st.sampled_from([0, 1]))
+def test_ort_matches_reference(layout, dtype, trailing, seed, dynamic):
     batch, seq, size, info = layout
     x = random_array(seed, (batch, seq, *trailing), dtype)
-    attrs = dict(max_valid_num=len(info), segment_max_size=size)
+    attrs = dict(max_valid_num=len(info) + dynamic, segment_max_size=size, dynamic=dynamic)
     out = run_ort("Unpack", {"x": x, "unpack_info": info}, **attrs)
     ref = ops.get_op("Unpack").evaluate(x, info, **attrs)
-    assert out.dtype == x.dtype and out.shape == (len(info), size, *trailing)
+    rows = int(info.max()) if dynamic else size  # dynamic: as long as the longest request
+    assert out.dtype == x.dtype and out.shape == (len(info), rows, *trailing)
     np.testing.assert_array_equal(out, ref)
-    np.testing.assert_array_equal(out, expected_rows(x, info, size))
+    np.testing.assert_array_equal(out, expected_rows(x, info, rows))
 
 
 @pytest.mark.parametrize(
@@ -58,13 +60,21 @@ def test_hand_example():
     np.testing.assert_array_equal(out, [[1, 2, 3, 0], [4, 5, 6, 7], [8, 9, 0, 0], [0, 0, 0, 0]])
 
 
-def test_reference_evaluator_runs_kernel_and_function_body():
+def test_dynamic_rows_hand_example():
+    x = np.array([[1, 2, 3, 4, 5, 6, 7]], np.int64)  # one stream of 7 tokens: requests of 3, 1, 2
+    out = run_ort("Unpack", {"x": x, "unpack_info": np.array([3, 1, 2], np.int32)},
+                  max_valid_num=8, segment_max_size=16, dynamic=1)
+    np.testing.assert_array_equal(out, [[1, 2, 3], [4, 0, 0], [5, 6, 0]])
+
+
+@pytest.mark.parametrize("dynamic, rows", [(0, 5), (1, 4)])
+def test_reference_evaluator_runs_kernel_and_function_body(dynamic, rows):
     model = one_node_model(
         "Unpack", [("x", "float16", ["B", "S", 4]), ("unpack_info", "int32", [3])],
-        dict(max_valid_num=3, segment_max_size=5),
+        dict(max_valid_num=3, segment_max_size=5, dynamic=dynamic),
     )
-    feeds = {"x": random_array(0, (2, 4, 4), "float16"), "unpack_info": np.array([5, 3, 0], np.int32)}
-    expected = expected_rows(feeds["x"], feeds["unpack_info"], 5)
+    feeds = {"x": random_array(0, (2, 4, 4), "float16"), "unpack_info": np.array([4, 3, 0], np.int32)}
+    expected = expected_rows(feeds["x"], feeds["unpack_info"], rows)
     np.testing.assert_array_equal(run_reference(model, feeds)[0], expected)
     np.testing.assert_array_equal(run_reference(model, feeds, kernels=False)[0], expected)
 
@@ -79,6 +89,29 @@ def test_shape_inference(x_shape, x_type, expected):
         dict(max_valid_num=40, segment_max_size=256),
     )
     assert onnx.helper.printable_type(model.graph.output[0].type) == expected
+
+
+def test_shape_inference_dynamic_rows():
+    model = one_node_model(
+        "Unpack", [("x", "float32", [1, "T", 768]), ("unpack_info", "int32", ["N"])],
+        dict(max_valid_num=40, segment_max_size=256, dynamic=1),
+    )
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    assert (dims[0].dim_param, dims[1].HasField("dim_value"), dims[2].dim_value) == ("N", False, 768)
+
+
+def test_onnxruntime_folds_the_row_length_of_a_static_unpack(tmp_path):
+    """The body's If on the `dynamic` attribute is folded away: a static Unpack keeps a constant L."""
+    for dynamic in (0, 1):
+        model = one_node_model(
+            "Unpack", [("x", "float32", [2, 4, 3]), ("unpack_info", "int32", [3])],
+            dict(max_valid_num=3, segment_max_size=4, dynamic=dynamic),
+        )
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"optimized{dynamic}.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+        assert ("ReduceMax" in optimized) == bool(dynamic) and "If" not in optimized
 
 
 X = np.zeros((2, 4, 3), np.float32)
@@ -100,6 +133,10 @@ INFO = np.array([4, 2, 0], np.int32)
          "got float64 of shape (2, 4, 3)"),
         (X, INFO, dict(max_valid_num=4, segment_max_size=4),
          "Unpack: input 'unpack_info' must have max_valid_num=4 elements, got 3"),
+        (X, INFO, dict(max_valid_num=2, segment_max_size=4, dynamic=1),
+         "Unpack: input 'unpack_info' must have at most max_valid_num=2 elements, got 3"),
+        (X, INFO, dict(max_valid_num=3, segment_max_size=4, dynamic=2),
+         "Unpack: attribute 'dynamic' must be 0 (static) or 1 (dynamic), got 2"),
         (X, INFO, dict(max_valid_num=3, segment_max_size=3),
          "Unpack: unpack_info[0]=4 exceeds segment_max_size 3"),
         (X, np.array([4, -1, 0], np.int64), dict(max_valid_num=3, segment_max_size=4),
