@@ -17,7 +17,11 @@ from poprt_lite.passes import Pass, PassManager, PassRecord
 from poprt_lite.passes.poprt_names import canonical_name
 from poprt_lite.vocab import MetaKey, PackMode
 
-PACK_PASSES = {PackMode.unpack_repack: "pack_unpack_repack", PackMode.attention_mask: "attention_mask_packing"}
+PACK_PASSES = {
+    PackMode.unpack_repack: "pack_unpack_repack",
+    PackMode.attention_mask: "attention_mask_packing",
+    PackMode.token_stream: "token_stream_packing",
+}
 # The default pipeline, in order; a stage runs when the options ask for it (see default_pipeline).
 # Passes named by `passes` that are not stages run after the last of these, before float_to_half.
 STAGES = (
@@ -168,7 +172,8 @@ def default_pipeline(options: CompileOptions, notify: bool = False) -> list[str]
 def _packing_mode(names: Sequence[str]) -> PackMode | None:
     modes = {mode for mode, pass_name in PACK_PASSES.items() if pass_name in map(canonical_name, names)}
     if len(modes) > 1:
-        raise PoprtError(f"the passes name both packing passes ({', '.join(PACK_PASSES[m] for m in PACK_PASSES)}); a model packs in one mode")
+        named = ", ".join(PACK_PASSES[m] for m in PACK_PASSES if m in modes)
+        raise PoprtError(f"the passes name {len(modes)} packing passes ({named}); a model packs in one mode")
     return modes.pop() if modes else None
 
 

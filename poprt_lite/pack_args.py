@@ -11,7 +11,9 @@ input. Defaults (documented in the README): in AttentionMask mode, which PopRT s
 most one row) and `max_valid_num` is B*S (every request has at least one token: no cap beyond the
 token slots; a runtime PackRunnerConfig may set a lower one). The graph of that mode does not
 depend on either. Unpack/repack needs `max_valid_num` (the unpacked batch is a graph dimension);
-its `segment_max_size` defaults to S.
+its `segment_max_size` defaults to S. token_stream has no static shape (no `--input_shape`, hence no
+defaults): it needs `max_valid_num`, `segment_max_size` and `max_tokens`, the most tokens one batch
+holds.
 """
 
 from __future__ import annotations
@@ -68,16 +70,19 @@ KEYS: dict[str, Callable[[str, str], Any]] = {
     "mode": pack_mode,
     "max_valid_num": positive_int,
     "segment_max_size": segment_size,
+    "max_tokens": positive_int,
     "dynamic_groups": dynamic_groups,
 }
 
 
 @dataclass(frozen=True)
 class ModeKeys:
-    """The keys a pack mode needs; `defaults` derive the others from the dynamic input's (B, S)."""
+    """The keys a pack mode needs; `defaults` derive the others from the dynamic input's (B, S).
+    A mode that is not `static` keeps the token dimension dynamic and refuses `--input_shape`."""
 
     needed: tuple[str, ...]
     defaults: Mapping[str, Callable[[Shape], int]] = field(default_factory=dict)
+    static: bool = True
 
 
 MODES: dict[PackMode, ModeKeys] = {
@@ -88,6 +93,7 @@ MODES: dict[PackMode, ModeKeys] = {
         needed=("max_valid_num", "segment_max_size"),
         defaults={"max_valid_num": lambda shape: shape[0] * shape[1], "segment_max_size": lambda shape: shape[1]},
     ),
+    PackMode.token_stream: ModeKeys(needed=("max_valid_num", "segment_max_size", "max_tokens"), static=False),
 }
 
 # PopRT's keys that poprt-lite does not need, and why (printed once per conversion as a notice).
@@ -131,6 +137,10 @@ def parse(pack_args: Mapping[str, str], input_shape: Mapping[str, tuple[int, ...
                 "--pack_args dynamic_groups: packs by '%s'; %s follow it by their role (no need to list them)", input_name, ", ".join(others)
             )
     rules = MODES[mode]
+    if not rules.static and input_shape:
+        raise PoprtError(
+            f"--input_shape pins a static shape, but --pack_args mode={mode} keeps the token dimension dynamic; drop --input_shape"
+        )
     shape = input_shape.get(input_name)
     values = {}
     for key in rules.needed:

@@ -16,6 +16,7 @@ from poprt_lite.passes import (  # noqa: E402,F401  isort: skip
     pack_unpack_repack,
     remove_outputs,
     static_shape,
+    token_stream_packing,
 )
 
 __all__ = [

@@ -57,10 +57,15 @@ class PackUnpackRepack(Pass):
 
 
 class _Rewriter:
+    """Unpacks and repacks around attention, places the tail. Rows are static, `[max_valid_num,
+    segment_max_size]`; token_stream_packing's subclass makes them follow the batch (`dynamic`)."""
+
+    dynamic = False
+
     def __init__(self, graph: gs.Graph, options: packing.PackOptions, input_ids: gs.Variable) -> None:
         self.graph = graph
         self.options = options
-        self.unpack_info = gs.Variable(UNPACK_INFO, dtype=np.int32, shape=[options.max_valid_num])
+        self.unpack_info = gs.Variable(UNPACK_INFO, dtype=np.int32, shape=[self.rows[0]])
         graph.inputs.append(self.unpack_info)
         self.packed_shape = self._node("Shape", [input_ids], "packed_shape", np.int64)
         self.padding_masks: dict[int, gs.Variable] = {}
@@ -82,15 +87,19 @@ class _Rewriter:
     def _transpose(self, tensor: gs.Tensor, perm: list[int], name: str) -> gs.Variable:
         return self._node("Transpose", [tensor], name, tensor.dtype, {"perm": perm})
 
+    @property
+    def rows(self) -> tuple[int | str, int | str]:
+        """The leading dims of unpacked rows: request slots, row length."""
+        return self.options.max_valid_num, self.options.segment_max_size
+
+    @property
+    def row_attrs(self) -> dict[str, int]:
+        """The attributes of Unpack (and, but max_valid_num, PaddingMask) that fix the rows."""
+        attrs = {"max_valid_num": self.options.max_valid_num, "segment_max_size": self.options.segment_max_size}
+        return {**attrs, "dynamic": 1} if self.dynamic else attrs
+
     def unpack(self, tensor: gs.Tensor, name: str) -> gs.Variable:
-        return self._node(
-            "Unpack",
-            [tensor, self.unpack_info],
-            name,
-            tensor.dtype,
-            {"max_valid_num": self.options.max_valid_num, "segment_max_size": self.options.segment_max_size},
-            ops.DOMAIN,
-        )
+        return self._node("Unpack", [tensor, self.unpack_info], name, tensor.dtype, self.row_attrs, ops.DOMAIN)
 
     def repack(self, tensor: gs.Tensor, name: str) -> gs.Variable:
         return self._node("Repack", [tensor, self.unpack_info, self.packed_shape], name, tensor.dtype, domain=ops.DOMAIN)
@@ -102,7 +111,7 @@ class _Rewriter:
                 [self.unpack_info],
                 "unpacked_padding_mask",
                 onnx.helper.tensor_dtype_to_np_dtype(dtype),
-                {"segment_max_size": self.options.segment_max_size, "dtype": dtype},
+                {**{k: v for k, v in self.row_attrs.items() if k != "max_valid_num"}, "dtype": dtype},
                 ops.DOMAIN,
             )
         return self.padding_masks[dtype]
@@ -148,8 +157,7 @@ class _Rewriter:
                 layouts[name] = Layout.unpacked if dims.keeps_sequence(output) else Layout.per_request
                 output.shape = self._per_request_shape(output, dims)
             elif is_token_major(output, dims):
-                self.graph.outputs[index] = self._unpack_output(output)
-                layouts[name] = Layout.unpacked
+                layouts[name] = self.token_output(index, output)
             else:
                 layouts[output.name] = Layout.global_
         return layouts
@@ -169,13 +177,20 @@ class _Rewriter:
             )
 
     def _per_request_shape(self, output: gs.Tensor, dims: TokenAxes) -> list | None:
-        """The declared packed shape of an output, with its batch axis now the request slots."""
+        """The declared packed shape of an output, with its batch axis now the request slots (and
+        its sequence axis, if it keeps one, the rows' length)."""
         if output.shape is None:
             return None
+        slots, length = self.rows
         rest = list(output.shape[1:])
         if rest and dims.keeps_sequence(output):
-            rest[0] = self.options.segment_max_size
-        return [self.options.max_valid_num, *rest]
+            rest[0] = length
+        return [slots, *rest]
+
+    def token_output(self, index: int, output: gs.Variable) -> Layout:
+        """Make graph output `index` (per token, packed) what this mode returns; give its layout."""
+        self.graph.outputs[index] = self._unpack_output(output)
+        return Layout.unpacked
 
     def _unpacked(self, tensor: gs.Tensor) -> gs.Tensor:
         if tensor.name not in self.unpacked:
@@ -185,16 +200,8 @@ class _Rewriter:
     def _unpack_output(self, output: gs.Variable) -> gs.Variable:
         name = output.name
         output.name = self._unique(f"{name}_packed")
-        out = gs.Variable(
-            name, dtype=output.dtype, shape=[self.options.max_valid_num, self.options.segment_max_size, *output.shape[2:]]
-        )
+        out = gs.Variable(name, dtype=output.dtype, shape=[*self.rows, *output.shape[2:]])
         self.graph.nodes.append(
-            gs.Node(
-                "Unpack",
-                domain=ops.DOMAIN,
-                inputs=[output, self.unpack_info],
-                outputs=[out],
-                attrs={"max_valid_num": self.options.max_valid_num, "segment_max_size": self.options.segment_max_size},
-            )
+            gs.Node("Unpack", domain=ops.DOMAIN, inputs=[output, self.unpack_info], outputs=[out], attrs=self.row_attrs)
         )
         return out

@@ -27,6 +27,13 @@ class PackOptions:
 
 
 @dataclass
+class StreamOptions(PackOptions):
+    """token_stream's options: a batch is at most `max_tokens` real tokens."""
+
+    max_tokens: int = 0
+
+
+@dataclass
 class PackSetup:
     input_ids: gs.Variable
     attention_mask: gs.Variable | None
@@ -59,7 +66,8 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
 
 def record(ctx: PassContext, mode: PackMode, options: PackOptions, layouts: dict[str, Layout]) -> None:
     """Write the pack spec, the input roles and the output layouts into the pass metadata."""
-    vocab.set_pack_spec(ctx.metadata, PackSpec(mode, options.max_valid_num, options.segment_max_size))
+    max_tokens = getattr(options, "max_tokens", None) or None
+    vocab.set_pack_spec(ctx.metadata, PackSpec(mode, options.max_valid_num, options.segment_max_size, max_tokens))
     vocab.set_role(ctx.metadata, options.input_name, Role.dynamic_input)
     vocab.set_role(ctx.metadata, options.position_ids_name, Role.position_ids)
     vocab.set_role(ctx.metadata, options.attention_mask_name, Role.attention_mask)
