@@ -11,6 +11,9 @@ Layouts (shared with the compiled models):
   tokens; `unpack_info[i]` is the length of request i (0 for unused slots).
 - AttentionMask mode (`across_rows=False`): each request lies in one row, the requests of a row one
   after another from column 0; `attention_mask` holds segment ids 1, 2, ... for a row's requests.
+- token_stream mode (`mode="token_stream"`, with `batch_size=1, seq_len=max_tokens`): requests one
+  after another in one `[1, T]` stream of their T real tokens (no padding); `unpack_info` holds the
+  batch's lengths only.
 
 `position_ids` restart at `position_offset` for each request; a request's own `position_ids`, if it
 has them, are used as given (without the offset). A request's `attention_mask` is not read: it is
@@ -25,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from poprt_lite.errors import PoprtError, RequestError
-from poprt_lite.runtime.layouts import BatchLayout, PaddedRows, Placement, SegmentRows, StreamAcrossRows
+from poprt_lite.runtime.layouts import BatchLayout, PaddedRows, Placement, layout_for
 from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, check_length
-from poprt_lite.vocab import INPUT_IDS, Layout, Role
+from poprt_lite.vocab import INPUT_IDS, Layout, PackMode, Role
 
 ATTENTION_MASK = Role.attention_mask.value
 TOKEN_TYPE_IDS = Role.token_type_ids.value
@@ -46,13 +49,15 @@ class RequestSpec:
 
 @dataclass
 class PackedBatch:
-    """One model batch: `data` feeds, `unpack_info`, one spec per request, and the next index."""
+    """One model batch: `data` feeds, `unpack_info`, one spec per request, the next index, and the
+    batch layout its feeds follow."""
 
     data: dict[str, np.ndarray]
     unpack_info: np.ndarray
     specs: list[RequestSpec]
     count: int
     seq_len: int
+    layout: BatchLayout | None = None
 
     @property
     def placement(self) -> Placement:
@@ -72,8 +77,14 @@ def pack_data(
     *,
     algorithm: PackAlgorithm | str | None = None,
     segment_max_size: int | None = None,
+    mode: PackMode | str | None = None,
 ) -> PackedBatch:
     """Pack requests `datasets[index:]`, in order, into one batch until the next one doesn't fit.
+
+    `mode` is the artifact's pack mode; by default `across_rows` chooses unpack_repack (True) or
+    attention_mask (False). token_stream takes `batch_size=1, seq_len=max_tokens`: requests are
+    taken while their tokens fit `max_tokens` and their count `max_valid_num`, and the batch's feeds
+    are `[1, T]`, T its real tokens.
 
     AttentionMask mode: the default, `next_fit`, fills the rows in order, so the requests of the
     batch lie row by row in dataset order and code that splits the outputs row by row by segment
@@ -92,14 +103,17 @@ def pack_data(
             f"segment_num={segment_num} is not supported; poprt-lite packs with segment_num=1"
         )
     _check_index(datasets, index)
+    if mode is None:
+        mode = PackMode.unpack_repack if across_rows else PackMode.attention_mask
+    layout = layout_for(PackMode.parse(mode, "mode"), batch_size, seq_len, max_valid_num)
     if algorithm is None:
-        algorithm = PackAlgorithm.first_fit if across_rows else PackAlgorithm.next_fit
+        algorithm = PackAlgorithm.first_fit if layout.across_rows else PackAlgorithm.next_fit
     packer = OnlinePacker(
         algorithm,
         batch_size,
         seq_len,
         max_valid_num,
-        across_rows,
+        layout.across_rows,
         segment_max_size=segment_max_size,
     )
     lengths = []
@@ -111,8 +125,6 @@ def pack_data(
             break
         lengths.append(length)
         end += 1
-
-    layout = (StreamAcrossRows if across_rows else SegmentRows)(batch_size, seq_len, max_valid_num)
     return _build(datasets, index, layout, Placement.of(lengths, packer.starts()), position_offset)
 
 
@@ -133,14 +145,20 @@ def pad_data(
     return _build(datasets, index, layout, layout.placement(lengths), position_offset)
 
 
-def unpack_outputs(batch: PackedBatch, output: np.ndarray, across_rows: bool) -> list[np.ndarray]:
+def unpack_outputs(
+    batch: PackedBatch, output: np.ndarray, across_rows: bool | None = None, layout: Layout | str | None = None
+) -> list[np.ndarray]:
     """Split a model output into one array per request of `batch` (views into `output`).
 
     Unpack/repack models return `[max_valid_num, segment_max_size, ...]` with request i in row i;
-    AttentionMask models return `[batch_size, seq_len, ...]` in the packed layout.
+    AttentionMask models return `[batch_size, seq_len, ...]` in the packed layout; token_stream
+    models return the stream `[1, T, ...]`. `layout` (the output's manifest layout) overrides that
+    default, e.g. `per_request` for a pooled output `[N, ...]`.
     """
     output = np.asarray(output)
     placement = batch.placement
+    if layout is not None or (batch.layout is not None and batch.layout.mode is PackMode.token_stream):
+        return _split(batch, output, Layout(layout or Layout.stream), placement)
     if across_rows:
         slots, longest = len(batch.unpack_info), max(s.length for s in batch.specs)
         if output.ndim < 2 or output.shape[0] != slots or output.shape[1] < longest:
@@ -156,6 +174,26 @@ def unpack_outputs(batch: PackedBatch, output: np.ndarray, across_rows: bool) ->
             f"[batch_size={shape[0]}, seq_len={shape[1]}, ...]"
         )
     return BatchLayout(*shape).split(output, Layout.packed, placement)
+
+
+def _split(batch: PackedBatch, output: np.ndarray, layout: Layout, placement: Placement) -> list[np.ndarray]:
+    """Split by an explicit output layout, checking that `output` has the batch's leading dims."""
+    shape = batch.data[INPUT_IDS].shape
+    lead = {
+        Layout.per_request: (len(batch.specs),),
+        Layout.unpacked: (len(batch.specs),),
+        Layout.stream: shape,
+        Layout.packed: shape,
+        Layout.padded: shape,
+    }.get(layout)
+    if lead is None:
+        raise PoprtError(f"an output with layout '{layout}' holds no per-request answers; it cannot be split")
+    got = output.shape[: len(lead)]
+    if layout in (Layout.per_request, Layout.unpacked) and got and got[0] >= lead[0]:
+        got = lead  # request slots: at least the batch's requests (max_valid_num of them when static)
+    if got != lead:
+        raise RequestError(f"output has shape {list(output.shape)}; a {layout} output of this batch is [{', '.join(map(str, lead))}, ...]")
+    return (batch.layout or BatchLayout(*shape)).split(output, layout, placement)
 
 
 def _check_index(datasets: Sequence, index: int) -> None:
@@ -207,4 +245,4 @@ def _build(
         RequestSpec(i, r, o, m)
         for i, r, o, m in zip(requests, rows.tolist(), offsets.tolist(), lengths)
     ]
-    return PackedBatch(data, layout.unpack_info(placement), specs, index + len(lengths), layout.seq_len)
+    return PackedBatch(data, layout.unpack_info(placement), specs, index + len(lengths), layout.seq_len, layout)

@@ -15,9 +15,8 @@ import onnxruntime as ort
 
 from poprt_lite import ir, vocab
 from poprt_lite.packing_utils import PackedBatch, pack_data
-from poprt_lite.runtime.layouts import layout_for
 from poprt_lite.runtime.session import create_session
-from poprt_lite.vocab import INPUT_IDS, UNPACK_INFO, MetaKey, Role
+from poprt_lite.vocab import INPUT_IDS, UNPACK_INFO, MetaKey, PackMode, Role
 
 DEFAULT_DYNAMIC = {0: 2, 1: 16}  # batch 2, sequence 16 where a dim is not fixed
 
@@ -102,7 +101,10 @@ def run_packed(
     meta = ir.get_metadata(converted)
     pack = vocab.pack_spec_of(meta)
     inputs = {v.name: v for v in converted.graph.input}
-    batch_size, seq_len = (d.dim_value for d in inputs[INPUT_IDS].type.tensor_type.shape.dim)
+    if pack.mode is PackMode.token_stream:
+        batch_size, seq_len = 1, pack.max_tokens
+    else:
+        batch_size, seq_len = (d.dim_value for d in inputs[INPUT_IDS].type.tensor_type.shape.dim)
     dataset = [
         SimpleNamespace(
             input_ids=r[INPUT_IDS][0],
@@ -112,16 +114,15 @@ def run_packed(
         )
         for r in requests
     ]
-    layout = layout_for(pack.mode, batch_size, seq_len, pack.max_valid_num)
     batch = pack_data(
         dataset,
         0,
         batch_size,
         seq_len,
         pack.max_valid_num,
-        across_rows=layout.across_rows,
         position_offset=vocab.int_of(meta, MetaKey.position_offset),
         segment_max_size=pack.segment_max_size,
+        mode=pack.mode,
     )
     feeds = {name: batch.data[name] for name in inputs if name in batch.data}
     if UNPACK_INFO in inputs:
@@ -129,7 +130,7 @@ def run_packed(
     feeds = {k: v.astype(onnx.helper.tensor_dtype_to_np_dtype(inputs[k].type.tensor_type.elem_type)) for k, v in feeds.items()}
     outputs = (packed_session or session(converted)).run(None, feeds)
     placement = batch.placement
-    shares = [layout.split(out, vocab.layout_of(meta, v.name), placement) for v, out in zip(converted.graph.output, outputs)]
+    shares = [batch.layout.split(out, vocab.layout_of(meta, v.name), placement) for v, out in zip(converted.graph.output, outputs)]
     return batch, [list(per_output) for per_output in zip(*shares)]
 
 

@@ -75,7 +75,7 @@ class Layout(_Word):
     packed = "packed"  # [B, S, ...] packed rows: request i at its (row, offset)
     unpacked = "unpacked"  # [N, L, ...]: row i is request i, its first `length` tokens
     per_request = "per_request"  # [N, ...]: one value per request (pooled)
-    stream = "stream"  # [T, ...]: the token stream, request i at its start offset
+    stream = "stream"  # [1, T, ...]: the batch's token stream, request i at its start offset
     global_ = "global"  # neither per token nor per request: no runner can split it
 
     @property

@@ -2,6 +2,11 @@
 geometry, how each input is filled for a request, how each output is split per request, and the
 embedding-table bounds of the id inputs. Everything here is frozen; runners never re-read strings
 from the manifest.
+
+Batch geometry: the static modes' per-token inputs are `[batch_size, seq_len]` (their static shape);
+token_stream's are `[1, tokens]` with a dynamic token dim, and a batch holds at most `max_tokens`
+tokens, so its geometry is `batch_size=1, seq_len=max_tokens` (a bound, not a shape); its
+`unpack_info`, unpacked and per-request outputs have a dynamic request dim.
 """
 
 from __future__ import annotations
@@ -16,17 +21,18 @@ import numpy as np
 from poprt_lite import vocab
 from poprt_lite.artifact import Artifact
 from poprt_lite.errors import PoprtError
-from poprt_lite.runtime.layouts import BatchLayout, layout_for
+from poprt_lite.runtime.layouts import LAYOUTS, BatchLayout, layout_for
 from poprt_lite.vocab import ID_ROLES, TOKEN_ROLES, Layout, MetaKey, PackMode, PackSpec, Role
 
 # Inputs a request may leave out: the runner fills them.
 OPTIONAL_ROLES = (Role.token_type_ids, Role.position_ids, Role.attention_mask, Role.unpack_info)
-SPLITTABLE_LAYOUTS = (Layout.unpacked, Layout.packed, Layout.per_request)
+SPLITTABLE_LAYOUTS = (Layout.unpacked, Layout.packed, Layout.per_request, Layout.stream)
+DYNAMIC = None  # in an expected shape: any size (a dynamic dim)
 
 
 @dataclass(frozen=True)
 class TokenInput:
-    """A per-token input (`[batch, seq_len, *trailing]`): token ids, types, positions or data."""
+    """A per-token input (`[batch, seq, *trailing]`): token ids, types, positions or data."""
 
     name: str
     role: Role
@@ -99,18 +105,8 @@ def read_packed_interface(artifact: Artifact) -> PackedInterface:
     if len(dynamic) != 1:
         raise PoprtError(f"artifact '{path}' has {len(dynamic)} dynamic inputs; a packed model has exactly one")
     specs = {spec["name"]: spec for spec in manifest["inputs"]}
-    shape = specs[dynamic[0]]["shape"]
-    if len(shape) != 2 or not _static(shape):
-        raise PoprtError(
-            f"input '{dynamic[0]}' has shape {shape}; a packed artifact has a static "
-            "[batch, seq_len] shape (compile with --input_shape)"
-        )
-    batch_size, seq_len = shape
-    if pack.mode is PackMode.unpack_repack and pack.segment_max_size > batch_size * seq_len:
-        raise PoprtError(
-            f"artifact '{path}': segment_max_size {pack.segment_max_size} exceeds the batch of "
-            f"{batch_size}x{seq_len} tokens; recompile"
-        )
+    batch_size, seq_len, tokens = _geometry(pack, dynamic[0], specs[dynamic[0]]["shape"], path)
+    slots = [DYNAMIC if pack.mode is PackMode.token_stream else pack.max_valid_num]
     masks = by_role[Role.attention_mask]
     if len(masks) > 1:
         raise PoprtError(f"artifact '{path}' has several attention-mask inputs; a packed model has one")
@@ -118,25 +114,25 @@ def read_packed_interface(artifact: Artifact) -> PackedInterface:
     for name, spec in specs.items():
         role, dtype, dims = roles[name], np.dtype(spec["dtype"]), spec["shape"]
         if role in TOKEN_ROLES:
-            if len(dims) < 2 or dims[:2] != [batch_size, seq_len] or not _static(dims[2:]):
+            if len(dims) < 2 or not _matches(dims[:2], tokens) or not _static(dims[2:]):
                 raise PoprtError(
                     f"input '{name}' has shape {dims}; a packed model's per-token inputs are "
-                    f"[{batch_size}, {seq_len}, ...] with static dims"
+                    f"[{_fmt(tokens)}, ...] with static trailing dims"
                 )
             if role in ID_ROLES and (len(dims) != 2 or not np.issubdtype(dtype, np.integer)):
-                raise PoprtError(f"input '{name}' ({role}) must be an integer [batch, seq_len] tensor; it is {dtype.name} {dims}")
+                raise PoprtError(f"input '{name}' ({role}) must be an integer [{_fmt(tokens)}] tensor; it is {dtype.name} {dims}")
             token_inputs[name] = TokenInput(name, role, dtype, tuple(dims[2:]))
         elif role is Role.attention_mask:
-            if dims != [batch_size, seq_len]:
-                raise PoprtError(f"input '{name}' has shape {dims}; expected [{batch_size}, {seq_len}]")
+            if len(dims) != 2 or not _matches(dims, tokens):
+                raise PoprtError(f"input '{name}' has shape {dims}; expected [{_fmt(tokens)}]")
             mask = (name, dtype)
         elif role is Role.unpack_info:
-            if dims != [pack.max_valid_num] or not np.issubdtype(dtype, np.integer):
-                raise PoprtError(f"input '{name}' has shape {dims}; unpack_info is an integer [{pack.max_valid_num}]")
+            if len(dims) != 1 or not _matches(dims, slots) or not np.issubdtype(dtype, np.integer):
+                raise PoprtError(f"input '{name}' has shape {dims}; unpack_info is an integer [{_fmt(slots)}]")
             unpack_info = (name, dtype)
         else:
             raise PoprtError(f"input '{name}' has role '{role}', which a PackRunner cannot fill")
-    outputs = _read_outputs(manifest, pack, batch_size, seq_len)
+    outputs = _read_outputs(manifest, pack, tokens, slots)
     interface = PackedInterface(
         path=path,
         pack=pack,
@@ -162,17 +158,43 @@ def _read_pack_spec(manifest: dict[str, Any], path: Path) -> PackSpec:
             f"artifact '{path}' is not packed (compiled without --pack_args); run it with "
             "runtime.Runner(path) and no PackRunnerConfig"
         )
-    if pack.get("mode") not in (PackMode.unpack_repack, PackMode.attention_mask):
+    if pack.get("mode") not in [mode.value for mode in LAYOUTS if mode is not None]:
         raise PoprtError(f"artifact '{path}' has unknown pack mode '{pack.get('mode')}'; re-export it")
-    return PackSpec.from_mapping(pack)
+    spec = PackSpec.from_mapping(pack)
+    if spec.mode is PackMode.token_stream and not (spec.max_tokens or 0) >= spec.segment_max_size:
+        raise PoprtError(
+            f"artifact '{path}': a {spec.mode} batch must hold max_tokens >= segment_max_size "
+            f"{spec.segment_max_size} tokens, the manifest says {spec.max_tokens}; recompile"
+        )
+    return spec
 
 
-def _read_outputs(manifest: dict[str, Any], pack: PackSpec, batch_size: int, seq_len: int) -> dict[str, Output]:
-    lead = {
-        Layout.unpacked: [pack.max_valid_num, pack.segment_max_size],
-        Layout.packed: [batch_size, seq_len],
-        Layout.per_request: [pack.max_valid_num],
-    }
+def _geometry(pack: PackSpec, name: str, shape: list, path: Path) -> tuple[int, int, list]:
+    """(batch_size, seq_len) bounding a batch, and the `[batch, seq]` dims of its per-token inputs."""
+    if pack.mode is PackMode.token_stream:
+        if len(shape) != 2 or shape[0] != 1 or _static(shape[1:]):
+            raise PoprtError(
+                f"input '{name}' has shape {shape}; a {pack.mode} artifact takes one [1, tokens] stream "
+                f"with a dynamic token dim (compile with --pack_args mode={PackMode.token_stream}, without --input_shape)"
+            )
+        return 1, int(pack.max_tokens), [1, DYNAMIC]
+    if len(shape) != 2 or not _static(shape):
+        raise PoprtError(
+            f"input '{name}' has shape {shape}; a packed artifact has a static "
+            "[batch, seq_len] shape (compile with --input_shape)"
+        )
+    batch_size, seq_len = shape
+    if pack.mode is PackMode.unpack_repack and pack.segment_max_size > batch_size * seq_len:
+        raise PoprtError(
+            f"artifact '{path}': segment_max_size {pack.segment_max_size} exceeds the batch of "
+            f"{batch_size}x{seq_len} tokens; recompile"
+        )
+    return batch_size, seq_len, [batch_size, seq_len]
+
+
+def _read_outputs(manifest: dict[str, Any], pack: PackSpec, tokens: list, slots: list) -> dict[str, Output]:
+    rows = [*slots, DYNAMIC if slots == [DYNAMIC] else pack.segment_max_size]
+    lead = {Layout.unpacked: rows, Layout.packed: tokens, Layout.stream: tokens, Layout.per_request: slots}
     outputs = {}
     for spec in manifest["outputs"]:
         name, layout, dims = spec["name"], vocab.spec_layout(spec), spec["shape"]
@@ -182,8 +204,8 @@ def _read_outputs(manifest: dict[str, Any], pack: PackSpec, batch_size: int, seq
                 "recompile with --pack_args"
             )
         head = lead[layout]
-        if len(dims) < len(head) or any(isinstance(d, int) and d != h for d, h in zip(dims, head)):
-            raise PoprtError(f"output '{name}' ({layout}) has shape {dims}; expected [{', '.join(map(str, head))}, ...]")
+        if len(dims) < len(head) or not _matches(dims[: len(head)], head, strict=False):
+            raise PoprtError(f"output '{name}' ({layout}) has shape {dims}; expected [{_fmt(head)}, ...]")
         outputs[name] = Output(name, layout, np.dtype(spec["dtype"]), tuple(dims[len(head) :]))
     return outputs
 
@@ -214,3 +236,22 @@ def _with_table_bounds(interface: PackedInterface, specs: dict[str, dict[str, An
 
 def _static(dims: list) -> bool:
     return all(isinstance(d, int) and d > 0 for d in dims)
+
+
+def _matches(dims: list, expected: list, strict: bool = True) -> bool:
+    """Do manifest `dims` (ints, or symbol names for dynamic dims) have the `expected` sizes? An
+    expected DYNAMIC dim must be dynamic. Not `strict` (outputs, which shape inference may have left
+    symbolic): any dim passes where a DYNAMIC or a symbolic one is."""
+    if len(dims) != len(expected):
+        return False
+    for d, e in zip(dims, expected):
+        if not isinstance(d, int):
+            if e is not DYNAMIC and strict:
+                return False
+        elif e is DYNAMIC and strict or e is not DYNAMIC and d != e:
+            return False
+    return True
+
+
+def _fmt(dims: list) -> str:
+    return ", ".join("?" if d is DYNAMIC else str(d) for d in dims)

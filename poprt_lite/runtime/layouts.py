@@ -10,11 +10,15 @@ lives in one `BatchLayout` class, chosen by the artifact's pack mode (`layout_fo
   request may cross rows); `attention_mask` 1 on tokens; `unpack_info` = the lengths, in order.
 - `SegmentRows` (attention_mask): each request inside one row; `attention_mask` holds segment ids
   1, 2, ... for the requests of a row, in column order.
+- `TokenStream` (token_stream): the requests' real tokens one after another, fed as `[1, T]` with T
+  the batch's token count (the shape follows the batch: no padding); `attention_mask` 1 on tokens;
+  `unpack_info` = the lengths of the batch's requests only (no unused slots).
 
 Every runner (PackRunner, `packing_utils`, `--check`, the bench) builds feeds and splits outputs
-here, so a layout is spelled once. Outputs are split by their manifest `Layout`: per token
-(`packed`, `padded`, `stream`: at the request's flat offset; `unpacked`: row i), or per request
-(`per_request`: row i).
+here, so a layout is spelled once. A batch's feeds have the layout's `shape(placement)`:
+`[batch_size, seq_len]`, or `[1, T]` for the token stream. Outputs are split by their manifest
+`Layout`: per token (`packed`, `padded`, `stream`: at the request's flat offset; `unpacked`: row
+i), or per request (`per_request`: row i).
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ class Placement:
 
 
 class BatchLayout:
-    """How the requests of a batch sit in a `[batch_size, seq_len]` model input."""
+    """How the requests of a batch sit in a `[batch_size, seq_len]` model input (a batch holds at
+    most `batch_size * seq_len` tokens)."""
 
     mode: ClassVar[PackMode | None] = None
     across_rows: ClassVar[bool] = False  # may a request cross a row boundary?
@@ -71,8 +76,8 @@ class BatchLayout:
         self.batch_size, self.seq_len = int(batch_size), int(seq_len)
         self.max_valid_num = int(max_valid_num if max_valid_num is not None else batch_size)
 
-    @property
-    def token_shape(self) -> tuple[int, ...]:
+    def shape(self, placement: Placement) -> tuple[int, int]:
+        """The `[batch, seq]` shape of the per-token feeds of the batch holding `placement`."""
         return (self.batch_size, self.seq_len)
 
     def mask_values(self, placement: Placement) -> np.ndarray:
@@ -82,9 +87,10 @@ class BatchLayout:
     def scatter(self, placement: Placement, values: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
         """Put per-token `values` (`[tokens, ...]`, requests concatenated) at their slots; 0 elsewhere."""
         values = np.asarray(values)
-        flat = np.zeros((int(np.prod(self.token_shape)), *values.shape[1:]), dtype)
+        shape = self.shape(placement)
+        flat = np.zeros((int(np.prod(shape)), *values.shape[1:]), dtype)
         flat[placement.destinations] = values
-        return flat.reshape(*self.token_shape, *values.shape[1:])
+        return flat.reshape(*shape, *values.shape[1:])
 
     def mask(self, placement: Placement, dtype: np.dtype | type) -> np.ndarray:
         return self.scatter(placement, self.mask_values(placement), dtype)
@@ -103,8 +109,7 @@ class BatchLayout:
         """One view of `output` per request of `placement`, by the output's layout."""
         layout = Layout(layout)
         if layout in (Layout.packed, Layout.padded, Layout.stream):
-            lead = len(self.token_shape) if layout is not Layout.stream else 1
-            flat = output.reshape(-1, *output.shape[lead:])
+            flat = output.reshape(-1, *output.shape[2:])
             return [flat[s : s + n] for s, n in zip(placement.starts.tolist(), placement.lengths.tolist())]
         if layout is Layout.unpacked:
             return [output[i, :n] for i, n in enumerate(placement.lengths.tolist())]
@@ -119,7 +124,7 @@ class BatchLayout:
         if layout is Layout.unpacked:
             rows = np.repeat(np.arange(len(placement)), placement.lengths)
             return output[rows, placement.within]
-        if layout in (Layout.packed, Layout.padded):
+        if layout in (Layout.packed, Layout.padded, Layout.stream):
             return output.reshape(-1, *output.shape[2:])[placement.destinations]
         raise PoprtError(f"an output with layout '{layout}' has no per-token values to gather")
 
@@ -147,7 +152,28 @@ class SegmentRows(BatchLayout):
         return np.repeat(segment_ids(placement.starts // self.seq_len, placement.starts), placement.lengths)
 
 
-LAYOUTS: dict[PackMode | None, type[BatchLayout]] = {cls.mode: cls for cls in (PaddedRows, StreamAcrossRows, SegmentRows)}
+class TokenStream(BatchLayout):
+    """token_stream: one `[1, T]` stream of the batch's T real tokens, requests one after another;
+    `batch_size * seq_len` (1 x max_tokens) only bounds T. `unpack_info` holds the batch's lengths,
+    without unused slots (the model's rows follow it)."""
+
+    mode = PackMode.token_stream
+    across_rows = True
+
+    def placement(self, lengths: Sequence[int]) -> Placement:
+        lengths = np.asarray(lengths, np.int64)
+        return Placement.of(lengths, np.cumsum(lengths) - lengths)
+
+    def shape(self, placement: Placement) -> tuple[int, int]:
+        return (1, placement.tokens)
+
+    def unpack_info(self, placement: Placement, dtype: np.dtype | type = np.int32) -> np.ndarray:
+        return placement.lengths.astype(dtype)
+
+
+LAYOUTS: dict[PackMode | None, type[BatchLayout]] = {
+    cls.mode: cls for cls in (PaddedRows, StreamAcrossRows, SegmentRows, TokenStream)
+}
 
 
 def layout_for(mode: PackMode | str | None, batch_size: int, seq_len: int, max_valid_num: int | None = None) -> BatchLayout:

@@ -3,7 +3,8 @@
 Clients call `execute_async(feeds, outputs)` with one unpadded request (its own `input_ids`, ...)
 and get a future; `execute` blocks until the request's `outputs` arrays are filled. Requests are
 placed, in arrival order, into the open batch by an `OnlinePacker` (first_fit / next_fit over rows
-in AttentionMask mode; one stream of `batch_size * seq_len` tokens in unpack/repack mode). A
+in AttentionMask mode; one stream of `batch_size * seq_len` tokens in unpack/repack mode; in
+token_stream mode one stream of at most `max_tokens` tokens, run at its own length `[1, T]`). A
 request that does not fit waits for the next batch. A background thread launches the open batch
 when the model is free and the batch is full (a request did not fit, or it holds `max_valid_num`
 requests, or no token slot is left), or when its oldest request has waited `timeout_microseconds`.
@@ -62,7 +63,7 @@ class PackRunnerStats:
     batches: int  # batches run (including failed ones)
     requests: int  # requests in those batches
     tokens: int  # real tokens in those batches
-    token_slots: int  # batch_size * seq_len per batch
+    token_slots: int  # token slots the model ran: batch_size * seq_len per batch (token_stream: its tokens)
     batches_by_fullness: int  # launched because no further request fitted
     batches_by_timeout: int  # launched because the oldest request waited timeout_microseconds
     batches_by_close: int  # launched early to drain the runner on close()
@@ -346,7 +347,7 @@ class PackRunner:
             counts["batches"] += 1
             counts["requests"] += len(requests)
             counts["tokens"] += placement.tokens
-            counts["token_slots"] += self.batch_size * self.seq_len
+            counts["token_slots"] += int(np.prod(self._layout.shape(placement)))
             counts[f"batches_by_{reason}"] += 1
             counts["failed_requests"] += failed
             counts["failed_batches"] += failed == len(requests)

@@ -1,8 +1,9 @@
 """Packing algorithms: offline bin packing of request lengths, and the online packer of one batch.
 
 `pack` packs a list of lengths into bins of a fixed capacity (a row, or a whole batch in
-unpack/repack mode). `OnlinePacker` places requests one at a time into a `[batch_size, seq_len]`
-batch, as a serving runtime (PopRT's PackRunner) does.
+unpack/repack mode, or a token budget in token_stream mode). `OnlinePacker` places requests one at
+a time into a `[batch_size, seq_len]` batch (or a token budget), as a serving runtime (PopRT's
+PackRunner) does.
 """
 
 from __future__ import annotations
@@ -231,7 +232,8 @@ class OnlinePacker:
 
     Unpack/repack mode (`across_rows=True`): the batch is one bin of `batch_size * seq_len` tokens
     holding at most `max_valid_num` requests laid one after another; a request may cross a row
-    boundary and may have up to `segment_max_size` tokens (default `seq_len`).
+    boundary and may have up to `segment_max_size` tokens (default `seq_len`). token_stream mode
+    packs the same way into a budget of `max_tokens` tokens: `batch_size=1, seq_len=max_tokens`.
     AttentionMask mode (`across_rows=False`): every row is a bin of `seq_len` tokens and the batch
     holds at most `max_valid_num` requests; `first_fit` tries every row in order, `next_fit` only
     the current (last opened) row and then opens the next one.

@@ -131,7 +131,13 @@ def test_plugin_pass_runs_end_to_end(tmp_path, capsys):
         (["--pack_args", "max_valid_num=0", "segment_max_size=256"], "error: --pack_args max_valid_num must be a positive integer, got 0"),
         (["--pack_args", "max_valid_num=4", "segment_max_size=-3"], "error: --pack_args segment_max_size must be a positive integer, got -3"),
         (["--pack_args", "max_valid_num=4", "segment_max_size=1000"], "error: pass 'pack_unpack_repack' failed: segment_max_size=1000 exceeds the model's position table (512 positions); use --pack_args segment_max_size<=512"),
-        (["--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=magic"], "error: --pack_args mode must be one of unpack_repack, attention_mask, got 'magic'"),
+        (["--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=magic"], "error: --pack_args mode must be one of unpack_repack, attention_mask, token_stream, got 'magic'"),
+        (["--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=token_stream"], "error: --pack_args mode=token_stream needs max_tokens=N, the most tokens one batch holds (e.g. max_tokens=4096)\n"),
+        (["--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=token_stream", "max_tokens=0"], "error: --pack_args max_tokens must be a positive integer, got 0\n"),
+        (["--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=attention_mask", "max_tokens=64"], "error: --pack_args max_tokens is for mode=token_stream; mode=attention_mask batches have the static shape of --input_shape\n"),
+        (["--pack_args", "max_valid_num=4", "segment_max_size=8", "max_tokens=64"], "error: --pack_args max_tokens is for mode=token_stream; mode=unpack_repack batches have the static shape of --input_shape\n"),
+        (["--input_shape", "input_ids=1,64", "--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=token_stream", "max_tokens=64"], "error: --input_shape pins a static shape, but --pack_args mode=token_stream keeps the token dimension dynamic; drop --input_shape\n"),
+        (["--pack_args", "max_valid_num=4", "segment_max_size=16", "mode=token_stream", "max_tokens=8"], "error: pass 'token_stream_packing' failed: token_stream_packing needs max_tokens >= segment_max_size (8 < 16): a batch must hold the longest request (--pack_args max_tokens=N)\n"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):

@@ -185,6 +185,7 @@ CASES = [
     GoldenCase("pack_unpack_repack", "tiny_encoder", PACK),
     GoldenCase("attention_mask_packing", "tiny_encoder", PACK),
     GoldenCase("remove_outputs", "two_heads", {"outputs": ("end",)}),
+    GoldenCase("token_stream_packing", "tiny_encoder", {**PACK, "max_tokens": 16}),
 ]
 
 # Tensor types onnx.printer writes as readable numbers (float16 and co. come out as raw bits).

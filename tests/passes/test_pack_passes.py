@@ -13,23 +13,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import QA_MODELS, VOCAB, model_path
-from poprt_lite import compile, ir, ops, verify
+from poprt_lite import compile, ir, ops, passes, verify
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import PassError
+from poprt_lite.vocab import PackMode
 
 BATCH, SEQ, N, L = 3, 16, 6, 16
-MODES = ["unpack_repack", "attention_mask"]
+MAX_TOKENS = 40  # token_stream's budget: fewer than N requests of L tokens, so it limits some batches
+MODES = [mode.value for mode in PackMode]
+STATIC_MODES = [PackMode.unpack_repack.value, PackMode.attention_mask.value]
+STREAM = PackMode.token_stream.value
 
 
 @functools.cache
 def packed(name: str, mode: str, precision: str = "fp32") -> onnx.ModelProto:
     source = ir.load_model(model_path(name))
-    shape = {i.name: (BATCH, SEQ) for i in source.graph.input}
-    options = CompileOptions(
-        precision=precision,
-        input_shape=shape,
-        pack_args={"max_valid_num": str(N), "segment_max_size": str(L), "mode": mode},
-    )
+    pack_args = {"max_valid_num": str(N), "segment_max_size": str(L), "mode": mode}
+    if mode == STREAM:
+        shape, pack_args["max_tokens"] = {}, str(MAX_TOKENS)  # no static shape: the stream's length varies
+    else:
+        shape = {i.name: (BATCH, SEQ) for i in source.graph.input}
+    options = CompileOptions(precision=precision, input_shape=shape, pack_args=pack_args)
     return compile(model_path(name), save=False, options=options).model
 
 
@@ -76,7 +80,7 @@ def test_packed_outputs_equal_original_per_request(name, mode, lengths):
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", STATIC_MODES)
 def test_batch_with_empty_rows(mode):
     batch, results = run_packed("bert_qa_torchscript", mode, [3, 2])
     assert len(results) == 2 and batch.data["attention_mask"][2].sum() == 0
@@ -104,12 +108,25 @@ def test_mean_pooling_is_per_request_in_unpack_repack_mode():
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
 
+def test_mean_pooling_is_per_request_in_token_stream_mode():
+    model = packed("bert_meanpool", STREAM)
+    meta = ir.get_metadata(model)
+    assert meta["layout.pooled"] == "per_request" and meta["layout.last_hidden_state"] == "stream"
+    shapes = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert shapes == {"last_hidden_state": [1, "tokens", 64], "pooled": ["requests", 64]}
+    batch, results = run_packed("bert_meanpool", STREAM, [5, 16, 2, 9, 1])
+    assert batch.data["input_ids"].shape == (1, 33) and batch.unpack_info.tolist() == [5, 16, 2, 9, 1]
+    for want, got in results:
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+
+
 def test_mean_pooling_is_refused_in_attention_mask_mode():
     with pytest.raises(PassError, match=r"^pass 'attention_mask_packing' failed: attention_mask packing cannot keep node '/ReduceSum(_1)?' \(ReduceSum\) per request: it mixes the tokens of a packed row; use --pack_args mode=unpack_repack$"):
         packed("bert_meanpool", "attention_mask")
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", STATIC_MODES)
 def test_packed_interface_and_manifest_metadata(mode):
     model = packed("bert_qa_torchscript", mode)
     meta = ir.get_metadata(model)
@@ -128,10 +145,48 @@ def test_packed_interface_and_manifest_metadata(mode):
     assert not [n for n in model.graph.node if n.op_type == "Where" and "Softmax" not in n.input[2]]
 
 
-def test_reference_evaluator_runs_packed_model_with_reference_kernels():
+def test_token_stream_interface_and_manifest_metadata():
+    model = packed("bert_qa_torchscript", STREAM)
+    meta = ir.get_metadata(model)
+    assert json.loads(meta["pack"]) == {"mode": STREAM, "max_valid_num": N, "segment_max_size": L, "max_tokens": MAX_TOKENS}
+    dims = lambda value: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]  # noqa: E731
+    inputs = {i.name: dims(i) for i in model.graph.input}
+    stream = [1, "tokens"]
+    assert inputs == {"input_ids": stream, "attention_mask": stream, "token_type_ids": stream, "position_ids": stream, "unpack_info": ["requests"]}
+    assert {o.name: dims(o) for o in model.graph.output} == {"start_logits": stream, "end_logits": stream}
+    assert {meta[f"layout.{o.name}"] for o in model.graph.output} == {"stream"}
+    custom = [n for n in model.graph.node if n.domain == ops.DOMAIN]
+    assert sorted({n.op_type for n in custom}) == ["PaddingMask", "Repack", "Unpack"]
+    # every Unpack and PaddingMask makes rows that follow the batch; attention runs on them, 2 layers x Q, K, V
+    for node in custom:
+        attrs = {a.name: a.i for a in node.attribute}
+        assert attrs.get("dynamic", 1) == 1 and (node.op_type == "Repack" or attrs["segment_max_size"] == L)
+    assert [n.op_type for n in custom].count("Unpack") == 6
+
+
+@pytest.mark.parametrize("lengths", [[1], [L], [3, 1, 2], [L, L, 8]])
+def test_token_stream_batch_is_as_long_as_its_tokens(lengths):
+    batch, results = run_packed("bert_qa_torchscript", STREAM, lengths)
+    assert batch.data["input_ids"].shape == (1, sum(lengths)) and batch.unpack_info.tolist() == lengths
+    for want, got in results:
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+
+
+def test_token_stream_refuses_a_static_sequence():
+    with_positions = compile(model_path("bert_qa_torchscript"), save=False, options=CompileOptions(export_position_ids=True)).model
+    for value in with_positions.graph.input:
+        value.type.tensor_type.shape.dim[1].dim_value = 32
+    stream = passes.get_pass("token_stream_packing")(max_valid_num=4, segment_max_size=16, max_tokens=64)
+    with pytest.raises(PassError, match=r"^pass 'token_stream_packing' failed: input 'input_ids' has shape \['batch', 32\]; mode=token_stream feeds one stream of any length as \[1, tokens\]: convert the model exported with dynamic \[batch, sequence\] axes, without --input_shape$"):
+        passes.PassManager([stream]).run(with_positions)
+
+
+@pytest.mark.parametrize("mode", [PackMode.unpack_repack.value, STREAM])
+def test_reference_evaluator_runs_packed_model_with_reference_kernels(mode):
     from onnx.reference import ReferenceEvaluator
 
-    model = packed("bert_qa_torchscript", "unpack_repack")
+    model = packed("bert_qa_torchscript", mode)
     rng = np.random.default_rng(5)
     lengths = [7, 3, 16]
     requests = verify.make_requests(rng, lengths, VOCAB)

@@ -23,6 +23,7 @@ from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.ops.unpack import Unpack
 from poprt_lite.packing_utils import pack_data, unpack_outputs
 from poprt_lite.runtime.packing import PackAlgorithm, pack
+from poprt_lite.vocab import PackMode
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -106,8 +107,9 @@ class Request:
 
 @st.composite
 def datasets(draw):
-    across_rows = draw(st.booleans())
-    batch_size = draw(st.integers(1, 6))
+    mode = draw(st.sampled_from(list(PackMode)))
+    across_rows = mode is not PackMode.attention_mask
+    batch_size = 1 if mode is PackMode.token_stream else draw(st.integers(1, 6))  # token_stream: seq_len = max_tokens
     seq_len = draw(st.integers(1, 48))
     max_valid_num = draw(st.integers(1, 16))
     if across_rows:
@@ -129,7 +131,7 @@ def datasets(draw):
         requests.append(Request(ids, n, types))
     config = dict(
         batch_size=batch_size, seq_len=seq_len, max_valid_num=max_valid_num, across_rows=across_rows,
-        position_offset=position_offset, algorithm=algorithm, segment_max_size=segment_max_size,
+        position_offset=position_offset, algorithm=algorithm, segment_max_size=segment_max_size, mode=mode,
     )
     return requests, config
 
@@ -137,11 +139,11 @@ def datasets(draw):
 def fake_output(batch, packed: np.ndarray, config) -> np.ndarray:
     """What a model returning its (packed) input per token would return, with a feature axis."""
     features = np.stack([packed, -packed], axis=-1)
-    if not config["across_rows"]:
-        return features  # AttentionMask mode: outputs keep the packed [B, S, ...] layout
+    if config["mode"] is not PackMode.unpack_repack:
+        return features  # AttentionMask and token_stream modes: outputs keep the packed [B, S, ...] / [1, T, ...] layout
     longest = config["segment_max_size"] or config["seq_len"]
     # unpack/repack mode: the model's Unpack op turns the packed stream into one row per request
-    return Unpack.compute(features, batch.unpack_info, max_valid_num=config["max_valid_num"], segment_max_size=longest)
+    return Unpack.compute(features, batch.unpack_info, max_valid_num=config["max_valid_num"], segment_max_size=longest, dynamic=0)
 
 
 def check_batch(requests, config, index: int, batch) -> None:
@@ -153,15 +155,16 @@ def check_batch(requests, config, index: int, batch) -> None:
     assert 1 <= n <= max_valid_num
     assert [s.index for s in specs] == list(range(index, batch.count))
     assert [s.length for s in specs] == lengths
+    stream = config["mode"] is PackMode.token_stream
+    shape = (1, sum(lengths)) if stream else (B, S)  # a token stream is as long as its real tokens
     for name, array in batch.data.items():
-        assert array.shape == (B, S) and array.dtype == np.int32, name
-    assert batch.unpack_info.shape == (max_valid_num,)
-    assert batch.unpack_info.tolist() == lengths + [0] * (max_valid_num - n)
+        assert array.shape == shape and array.dtype == np.int32, name
+    assert batch.unpack_info.tolist() == lengths + ([] if stream else [0] * (max_valid_num - n))
 
     # where every request lies: in bounds, no overlap, and the mask marks exactly those tokens
-    occupied = np.zeros(B * S, dtype=np.int64)
+    occupied = np.zeros(shape[0] * shape[1], dtype=np.int64)
     for s in specs:
-        assert 0 <= s.row < B and 0 <= s.offset < S
+        assert 0 <= s.row < shape[0] and 0 <= s.offset < max(shape[1], S)
         start = s.row * S + s.offset
         if across_rows:
             assert s.length <= (config["segment_max_size"] or S)
