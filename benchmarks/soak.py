@@ -1,8 +1,8 @@
 """Load and soak test of the PackRunner: many client threads, every answer checked, bounded in time.
 
-For each mode (unpack_repack; attention_mask with first_fit) it converts
-testdata/bert_qa_torchscript.onnx (batch 16 x 128, max_valid_num 40, segment_max_size 128 by
-default) and runs three phases on fresh PackRunners:
+For each mode (unpack_repack; attention_mask with first_fit; token_stream, whose batches hold at most
+batch x seq tokens) it converts testdata/bert_qa_torchscript.onnx (batch 16 x 128, max_valid_num 40,
+segment_max_size 128 by default) and runs three phases on fresh PackRunners:
 
 1. soak: `--clients` threads send `--requests` requests of random lengths 1..segment_max_size
    through one online PackRunner, half of them with `execute`, half with `execute_async(...).wait`,
@@ -41,6 +41,7 @@ import onnxruntime as ort
 import poprt_lite
 from poprt_lite import runtime
 from poprt_lite.errors import PoprtError
+from poprt_lite.vocab import PackMode
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "testdata" / "bert_qa_torchscript.onnx"
@@ -48,7 +49,8 @@ OUTPUTS = ("start_logits", "end_logits")
 VOCAB = 1000
 TOLERANCE = 1e-4  # max |packed - original| per logit (fp32; observed ~1e-6)
 INJECTED = "injected failure (soak test)"
-MODES = (("unpack_repack", runtime.PackAlgorithm.first_fit), ("attention_mask", runtime.PackAlgorithm.first_fit))
+MODES = tuple((mode.value, runtime.PackAlgorithm.first_fit) for mode in PackMode)
+STREAMS = (PackMode.unpack_repack, PackMode.token_stream)  # requests one after another, lengths in unpack_info
 
 
 def rss_mb() -> float:
@@ -97,10 +99,12 @@ def make_workload(requests: int, max_len: int, seed: int, chunk: int = 64) -> Wo
 
 
 def compile_artifact(workdir: Path, mode: str, batch: int, seq: int, max_valid_num: int, segment_max_size: int) -> Path:
-    options = poprt_lite.CompileOptions(
-        input_shape={n: (batch, seq) for n in ("input_ids", "attention_mask", "token_type_ids")},
-        pack_args={"max_valid_num": str(max_valid_num), "segment_max_size": str(segment_max_size), "mode": mode},
-    )
+    pack_args = {"max_valid_num": str(max_valid_num), "segment_max_size": str(segment_max_size), "mode": mode}
+    if mode == PackMode.token_stream:  # no static shape: a batch holds up to batch x seq tokens
+        shape, pack_args["max_tokens"] = {}, str(batch * seq)
+    else:
+        shape = {n: (batch, seq) for n in ("input_ids", "attention_mask", "token_type_ids")}
+    options = poprt_lite.CompileOptions(input_shape=shape, pack_args=pack_args)
     out = workdir / mode
     return poprt_lite.compile(MODEL, out / "model.onnx", output_dir=out, export_popef=True, options=options).artifact
 
@@ -133,7 +137,7 @@ class Session:
 
     def segments(self, feeds) -> collections.Counter:
         ids = feeds["input_ids"]
-        if self.mode == "unpack_repack":
+        if self.mode in STREAMS:
             flat, lengths = ids.reshape(-1), feeds["unpack_info"][feeds["unpack_info"] > 0]
             bounds = np.concatenate([[0], np.cumsum(lengths)])
             return collections.Counter(tuple(flat[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:]))
@@ -441,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segment_max_size", type=int, default=128)
     parser.add_argument("--timeout_microseconds", type=int, default=5000)
     parser.add_argument("--time_limit", type=float, default=600, help="seconds per soak phase; clients stop sending after it")
-    parser.add_argument("--modes", nargs="+", choices=("unpack_repack", "attention_mask"), default=["unpack_repack", "attention_mask"])
+    names = [mode for mode, _ in MODES]
+    parser.add_argument("--modes", nargs="+", choices=names, default=names)
     parser.add_argument("--no_inject", action="store_true", help="do not make one batch fail midway")
     parser.add_argument("--no_close", action="store_true", help="skip the close()-under-load phases")
     parser.add_argument("--rss_growth_mb", type=float, default=100, help="allowed RSS growth after warm-up")

@@ -58,8 +58,9 @@ class ModelRunner:
         """Validate names, dtypes, shapes and values against the manifest; cast int32/int64 ids to the
         model's type. Token ids must lie in the vocabulary (`vocab_size`), no id may be negative (onnxruntime's
         Gather would silently wrap it), other ids must lie in the embedding table they index
-        (`table_rows`), float feeds must be finite, and in unpack/repack artifacts
-        every `unpack_info` length must be at most `segment_max_size` and fit the batch."""
+        (`table_rows`), float feeds must be finite, and in unpack/repack and token_stream artifacts
+        `unpack_info` may hold at most `max_valid_num` lengths (token_stream: one per request, its
+        length is dynamic), each at most `segment_max_size`, fitting the batch's tokens."""
         if not isinstance(feeds, Mapping):
             raise RequestError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
         missing = [n for n in self.inputs if n not in feeds]
@@ -82,7 +83,12 @@ class ModelRunner:
             rows = spec.get("table_rows")
             if role is not Role.dynamic_input and rows and array.max() >= rows:
                 raise RequestError(f"feed '{name}' has ids >= {rows}, the number of rows of the embedding table it indexes")
-            if role is Role.unpack_info and pack is not None and pack.mode is PackMode.unpack_repack:
+            if role is Role.unpack_info and pack is not None and pack.mode in (PackMode.unpack_repack, PackMode.token_stream):
+                if array.ndim == 1 and len(array) > pack.max_valid_num:
+                    raise RequestError(
+                        f"feed '{name}' holds {len(array)} requests, more than max_valid_num {pack.max_valid_num} "
+                        "of the artifact; send fewer per batch"
+                    )
                 limit = pack.segment_max_size
                 if array.max() > limit:
                     i = int(np.argmax(array.reshape(-1) > limit))

@@ -2,9 +2,9 @@
 the runner keeps serving (a good request after the bad one gets the original model's answer).
 
 Runners: `runtime.Runner(artifact)` (a ModelRunner on a padded artifact), `get_session(...).load()`
-on a converted model with dynamic shapes and on an unpack/repack artifact (PopRT's offline packing:
-the caller sends packed batches and `unpack_info`), and the PackRunner in both modes through
-`execute` and `execute_async`. The model is testdata/bert_qa_torchscript.onnx; a tiny hand-built
+on a converted model with dynamic shapes and on unpack/repack and token_stream artifacts (PopRT's
+offline packing: the caller sends packed batches and `unpack_info`), and the PackRunner in every mode
+through `execute` and `execute_async`. The model is testdata/bert_qa_torchscript.onnx; a tiny hand-built
 packed model with a float per-token input covers NaN / infinity.
 
 For the PackRunner every bad call sits between two good requests, A (queued before) and B (after):
@@ -29,26 +29,32 @@ from poprt_lite import artifact, compile, ir, runtime
 from poprt_lite.backend import get_session
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import PoprtError, RequestError
+from poprt_lite.vocab import PackMode
 
 BERT = model_path("bert_qa_torchscript")
 B, S, N = 2, 16, 4  # batch rows, row length (= segment_max_size), max_valid_num
 OUTPUTS = ("start_logits", "end_logits")
 PADDED_INPUTS = "input_ids, attention_mask, token_type_ids, position_ids"
+STREAM = PackMode.token_stream.value
 TAKES = {
     "unpack_repack": "input_ids, attention_mask (optional), token_type_ids (optional), position_ids (optional), "
     "unpack_info (optional, ignored)",
     "attention_mask": "input_ids, attention_mask (optional), token_type_ids (optional), position_ids (optional)",
 }
+TAKES[STREAM] = TAKES["unpack_repack"]
 
 
 # ----------------------------------------------------------------------------------------- models
 
 
 def _compile(out: Path, mode: str | None, static: bool = True) -> Path:
+    pack_args = {"max_valid_num": str(N), "segment_max_size": str(S), "mode": mode} if mode else None
+    if mode == STREAM:
+        pack_args["max_tokens"] = str(B * S)
     options = CompileOptions(
         export_position_ids=True,
-        input_shape={n: (B, S) for n in ("input_ids", "attention_mask", "token_type_ids")} if static else {},
-        pack_args={"max_valid_num": str(N), "segment_max_size": str(S), "mode": mode} if mode else None,
+        input_shape={n: (B, S) for n in ("input_ids", "attention_mask", "token_type_ids")} if static and mode != STREAM else {},
+        pack_args=pack_args,
     )
     result = compile(BERT, out / "model.onnx", output_dir=out, export_popef=static, options=options)
     return result.artifact if static else result.output_model
@@ -96,7 +102,7 @@ def float_model() -> onnx.ModelProto:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("bad_requests")
-    paths = {mode or "padded": _compile(tmp / (mode or "padded"), mode) for mode in (None, "unpack_repack", "attention_mask")}
+    paths = {mode or "padded": _compile(tmp / (mode or "padded"), mode) for mode in (None, "unpack_repack", "attention_mask", STREAM)}
     paths["dynamic"] = _compile(tmp / "dynamic", None, static=False)
     model = float_model()
     onnx.save_model(model, tmp / "float.onnx")
@@ -285,6 +291,50 @@ def test_get_session_offline_packing(built, rng, reference, case):
             np.testing.assert_allclose(got[name][i, :n], want[name], atol=1e-4, rtol=0)
 
 
+def stream_batch(rng, lengths=(5, 9)):
+    """Two requests one after another in one [1, T] stream, as pack_data lays them out for token_stream."""
+    requests = [good_request(rng, n) for n in lengths]
+    feeds = {
+        "input_ids": np.concatenate([r["input_ids"] for r in requests])[None],
+        "token_type_ids": np.concatenate([r["token_type_ids"] for r in requests])[None],
+        "position_ids": np.concatenate([np.arange(n) for n in lengths])[None],
+        "unpack_info": np.asarray(lengths, np.int32),
+    }
+    feeds["attention_mask"] = np.ones_like(feeds["input_ids"])
+    return feeds, requests
+
+
+STREAM_CASES = {
+    "too-long": (_poke("unpack_info", S + 1, 0), f"feed 'unpack_info' holds a request of {S + 1} tokens (unpack_info[0]), "
+                 f"more than segment_max_size {S} of the artifact; truncate or split it"),
+    "negative-length": (_poke("unpack_info", -3, 1), "feed 'unpack_info' has negative values"),
+    "over-the-stream": (_set("unpack_info", np.array([5, 10], np.int32)),
+                        "feed 'unpack_info' holds 15 tokens, more than the 14 token slots of the batch (1x14)"),
+    "too-many-requests": (_set("unpack_info", np.ones(N + 1, np.int32)),
+                          f"feed 'unpack_info' holds {N + 1} requests, more than max_valid_num {N} of the artifact; send fewer per batch"),
+    "rows-not-a-stream": (_set("input_ids", lambda a: a.reshape(2, 7)), "feed 'input_ids' has shape [2, 7]; the model expects [1,?]"),
+    "empty-stream": (lambda f: f.update({k: v[:, :0] for k, v in f.items() if k != "unpack_info"}), "feed 'input_ids' is empty (shape [1, 0])"),
+}
+
+
+@pytest.mark.parametrize("case", STREAM_CASES)
+def test_get_session_token_stream(built, rng, reference, case):
+    session = get_session(built[STREAM], 1, "poprt").load()
+    change, message = STREAM_CASES[case]
+    feeds, _ = stream_batch(rng)
+    change(feeds)
+    assert_refused(lambda: session.run(None, feeds), message)
+    feeds, requests = stream_batch(rng, (3, S, 1))
+    got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), feeds)))
+    start = 0
+    for request in requests:
+        want = reference(request["input_ids"], request["token_type_ids"])
+        n = len(request["input_ids"])
+        for name in OUTPUTS:
+            np.testing.assert_allclose(got[name][0, start : start + n], want[name], atol=1e-4, rtol=0)
+        start += n
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 def test_get_session_float_input(built, rng, value):
     session = get_session(built["float_onnx"], 1, "poprt").load()
@@ -310,7 +360,7 @@ def pack_config(mode: str) -> runtime.PackRunnerConfig:
 
 @pytest.fixture(scope="module")
 def pack_runners(built):
-    runners = {mode: runtime.Runner(built[mode], pack_config(mode)) for mode in ("unpack_repack", "attention_mask")}
+    runners = {mode: runtime.Runner(built[mode], pack_config(mode)) for mode in TAKES}
     runners["float"] = runtime.Runner(built["float"], pack_config("attention_mask"))
     yield runners
     for runner in runners.values():
@@ -422,6 +472,7 @@ PACK_CASES = {
 }
 PACK_ONLY = {"unpack_repack": {"unpack-info-2d": (_feeds(_set("unpack_info", np.zeros((2, 2), np.int32))),
                                                   "feed 'unpack_info' must be a 1-D integer array (it is ignored: the runner fills it)")}}
+PACK_ONLY[STREAM] = PACK_ONLY["unpack_repack"]
 
 
 @pytest.mark.parametrize("how", ["execute", "execute_async"])

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from poprt_lite.vocab import PackMode
 
 SMALL = ["--batch", "4", "--seq", "64", "--max_valid_num", "12", "--segment_max_size", "64"]
 
@@ -40,10 +41,11 @@ def run(soak, capsys, *argv: str) -> str:
     return out
 
 
-def test_soak_smoke(soak, capsys):
-    out = run(soak, capsys, "--requests", "400", "--clients", "8", *SMALL, "--modes", "attention_mask", "--no_close",
+@pytest.mark.parametrize("mode", [PackMode.attention_mask.value, PackMode.token_stream.value])
+def test_soak_smoke(soak, capsys, mode):
+    out = run(soak, capsys, "--requests", "400", "--clients", "8", *SMALL, "--modes", mode, "--no_close",
               "--time_limit", "60")
-    assert "[soak: attention_mask (first_fit)]" in out
+    assert f"[soak: {mode} (first_fit)]" in out
     assert re.search(r"lost 0, mismatched 0, failed \d+, hung threads 0", out)
     assert "next batch succeeded: True" in out
 
@@ -52,8 +54,8 @@ def test_soak_smoke(soak, capsys):
 def test_soak_both_modes_with_close_under_load(soak, capsys):
     out = run(soak, capsys, "--requests", "4000", "--clients", "32", *SMALL, "--time_limit", "120",
               "--close_slack_ms", "100")
-    for mode in ("unpack_repack", "attention_mask"):
+    for mode in PackMode:
         assert f"[soak: {mode} (first_fit)]" in out
         assert f"[close() (drain) under load: {mode} (first_fit)]" in out
         assert f"[close(cancel_pending=True) under load: {mode} (first_fit)]" in out
-    assert out.count("next batch succeeded: True") == 2
+    assert out.count("next batch succeeded: True") == len(PackMode)

@@ -24,6 +24,7 @@ import poprt_lite
 from poprt_lite import artifact, ir, runtime
 from poprt_lite.errors import PoprtError, QueueFullError, RequestError
 from poprt_lite.runtime import PackAlgorithm, PackRunner, PackRunnerConfig
+from poprt_lite.vocab import PackMode
 
 VOCAB = 1000
 TESTDATA = Path(__file__).resolve().parents[2] / "testdata"
@@ -192,6 +193,8 @@ MODES = [
     ("attention_mask", PackAlgorithm.first_fit),
     ("attention_mask", PackAlgorithm.next_fit),
 ]
+STREAM = PackMode.token_stream.value
+REAL_MODES = [*MODES, (STREAM, PackAlgorithm.first_fit)]  # compiled from the testdata exports
 
 
 def config_for(mode, algorithm=PackAlgorithm.first_fit, **kwargs):
@@ -791,10 +794,13 @@ class Reference:
 
 def compile_packed(tmp_path, name, mode, inputs=("input_ids", "attention_mask", "token_type_ids"), batch=4,
                    seq=64, max_valid_num=8):
-    options = poprt_lite.CompileOptions(
-        input_shape={n: (batch, seq) for n in inputs},
-        pack_args={"max_valid_num": str(max_valid_num), "segment_max_size": str(seq), "mode": mode},
-    )
+    """A packed artifact; token_stream's batch holds at most batch * seq tokens (no static shape)."""
+    pack_args = {"max_valid_num": str(max_valid_num), "segment_max_size": str(seq), "mode": mode}
+    if mode == STREAM:
+        shape, pack_args["max_tokens"] = {}, str(batch * seq)
+    else:
+        shape = {n: (batch, seq) for n in inputs}
+    options = poprt_lite.CompileOptions(input_shape=shape, pack_args=pack_args)
     out = tmp_path / f"{name}_{mode}"
     return poprt_lite.compile(TESTDATA / f"{name}.onnx", out / "model.onnx", output_dir=out, export_popef=True,
                               options=options).artifact
@@ -847,10 +853,10 @@ def serve_and_check(path, config, reference, clients, per_client, max_len=64, se
 @pytest.fixture(scope="module")
 def bert_artifacts(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bert")
-    return {mode: compile_packed(tmp, "bert_qa_torchscript", mode) for mode in ("unpack_repack", "attention_mask")}
+    return {mode: compile_packed(tmp, "bert_qa_torchscript", mode) for mode in ("unpack_repack", "attention_mask", STREAM)}
 
 
-@pytest.mark.parametrize("mode, algorithm", MODES)
+@pytest.mark.parametrize("mode, algorithm", REAL_MODES)
 def test_bert_qa_end_to_end(bert_artifacts, mode, algorithm):
     config = config_for(mode, algorithm, timeout_microseconds=3000)
     stats = serve_and_check(bert_artifacts[mode], config, Reference("bert_qa_torchscript"), clients=8, per_client=20,
@@ -858,36 +864,64 @@ def test_bert_qa_end_to_end(bert_artifacts, mode, algorithm):
     assert stats.mean_requests_per_batch > 1
 
 
-@pytest.mark.parametrize("mode, algorithm", MODES)
+@pytest.mark.parametrize("mode, algorithm", REAL_MODES)
 def test_bert_qa_32_clients_x_200_requests(bert_artifacts, mode, algorithm):
     config = config_for(mode, algorithm, timeout_microseconds=3000)
     serve_and_check(bert_artifacts[mode], config, Reference("bert_qa_torchscript"), clients=32, per_client=200, seed=1)
 
 
-def test_roberta_position_offset_is_added(tmp_path):
+@pytest.mark.parametrize("mode", ["attention_mask", STREAM])
+def test_roberta_position_offset_is_added(tmp_path, mode):
     """RoBERTa's position ids start at 2 (manifest position_offset); requests omit them."""
-    path = compile_packed(tmp_path, "roberta_qa", "attention_mask", inputs=("input_ids", "attention_mask"))
-    config = config_for("attention_mask", timeout_microseconds=2000)
+    path = compile_packed(tmp_path, "roberta_qa", mode, inputs=("input_ids", "attention_mask"))
+    config = config_for(mode, timeout_microseconds=2000)
     serve_and_check(path, config, Reference("roberta_qa"), clients=4, per_client=10)
 
 
-def test_bert_meanpool_per_request_output(tmp_path):
-    """Unpack/repack with a pooled vector per request and a [64]-wide token output."""
-    path = compile_packed(tmp_path, "bert_meanpool", "unpack_repack")
-    config = config_for("unpack_repack", timeout_microseconds=2000)
+@pytest.mark.parametrize("mode", ["unpack_repack", STREAM])
+def test_bert_meanpool_per_request_output(tmp_path, mode):
+    """A pooled vector per request and a [64]-wide token output."""
+    path = compile_packed(tmp_path, "bert_meanpool", mode)
+    config = config_for(mode, timeout_microseconds=2000)
     serve_and_check(path, config, Reference("bert_meanpool"), clients=4, per_client=10)
 
 
-@pytest.mark.parametrize("mode", ["unpack_repack", "attention_mask"])
+@pytest.mark.parametrize("mode", ["unpack_repack", "attention_mask", STREAM])
 @pytest.mark.parametrize("name", ["xlmr_sdpa", "xlmr_sdpa_dynamo"])
 def test_xlmr_sdpa_last_hidden_state_per_request(tmp_path, name, mode):
     """XLM-R with sdpa attention; the TorchScript export names its output dims its own way
     (`LayerNormalizationlast_hidden_state_dim_0`), which once made the layout 'global' (issue 12.3)."""
     path = compile_packed(tmp_path, name, mode, inputs=("input_ids", "attention_mask"))
     manifest = artifact.load_artifact(path).manifest
-    assert [(o["name"], o["layout"]) for o in manifest["outputs"]] == [("last_hidden_state", "unpacked" if mode == "unpack_repack" else "packed")]
+    assert [(o["name"], o["layout"]) for o in manifest["outputs"]] == [("last_hidden_state", {"unpack_repack": "unpacked", "attention_mask": "packed", STREAM: "stream"}[mode])]
     config = config_for(mode, timeout_microseconds=2000)
     serve_and_check(path, config, Reference(name), clients=4, per_client=10)
+
+
+def test_token_stream_runner_takes_its_geometry_from_the_manifest(bert_artifacts, rng):
+    """runtime.Runner(path, PackRunnerConfig(timeout, max_valid_num)): everything else from the
+    manifest; a batch is bounded by max_tokens (4 x 64 = 256) and max_valid_num (8), and runs at its
+    own length: the model sees [1, T] with T its real tokens."""
+    config = PackRunnerConfig(timeout_microseconds=60_000_000, max_valid_num=8)
+    with runtime.Runner(bert_artifacts[STREAM], config) as runner:
+        assert (runner.mode, runner.batch_size, runner.seq_len, runner.segment_max_size) == (STREAM, 1, 256, 64)
+        assert "mode=token_stream" in repr(runner)
+        seen = []
+        real_run = runner.session.run
+        runner.session.run = lambda names, feeds: seen.append((feeds["input_ids"].shape, feeds["unpack_info"].tolist())) or real_run(names, feeds)
+        with runner._cond:  # all queued before the serving thread takes a batch
+            futures = [runner.execute_async(make_request(rng, n)) for n in (64, 64, 64, 60, 5, *[1] * 8)]
+        runner.close()  # the second batch goes on close
+        for f in futures:
+            f.wait(timeout=30)
+        stats = runner.stats
+    # 64+64+64+60 = 252: the 5 does not fit, four 1s overtake it (lookahead 8) up to 256 tokens; the
+    # next batch takes the 5 first, then the remaining 1s
+    assert seen[0] == ((1, 256), [64, 64, 64, 60, 1, 1, 1, 1])
+    assert seen[1] == ((1, 9), [5, 1, 1, 1, 1])
+    assert stats.batches == 2 and stats.tokens == stats.token_slots == 265
+    with pytest.raises(RequestError, match=r"^the request has 65 tokens, more than segment_max_size 64 of the artifact; truncate or split it$"):
+        runtime.Runner(bert_artifacts[STREAM], config).execute(make_request(rng, 65))
 
 
 def test_packed_bert_example_runs(capsys, monkeypatch):
