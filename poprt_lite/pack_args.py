@@ -83,6 +83,7 @@ class ModeKeys:
     needed: tuple[str, ...]
     defaults: Mapping[str, Callable[[Shape], int]] = field(default_factory=dict)
     static: bool = True
+    example: str = "max_valid_num=40 segment_max_size=256"  # for the message of a missing key
 
 
 MODES: dict[PackMode, ModeKeys] = {
@@ -93,7 +94,11 @@ MODES: dict[PackMode, ModeKeys] = {
         needed=("max_valid_num", "segment_max_size"),
         defaults={"max_valid_num": lambda shape: shape[0] * shape[1], "segment_max_size": lambda shape: shape[1]},
     ),
-    PackMode.token_stream: ModeKeys(needed=("max_valid_num", "segment_max_size", "max_tokens"), static=False),
+    PackMode.token_stream: ModeKeys(
+        needed=("max_valid_num", "segment_max_size", "max_tokens"),
+        static=False,
+        example=f"mode={PackMode.token_stream} max_valid_num=40 segment_max_size=256 max_tokens=4096",
+    ),
 }
 
 # PopRT's keys that poprt-lite does not need, and why (printed once per conversion as a notice).
@@ -150,7 +155,7 @@ def parse(pack_args: Mapping[str, str], input_shape: Mapping[str, tuple[int, ...
             values[key] = rules.defaults[key](shape[:2])
         else:
             derive = f", or --input_shape {input_name}=B,S to derive it" if key in rules.defaults else ""
-            raise PoprtError(f"--pack_args needs {key}=N (e.g. --pack_args max_valid_num=40 segment_max_size=256){derive}")
+            raise PoprtError(f"--pack_args needs {key}=N (e.g. --pack_args {rules.example}){derive}")
     if parsed:
         extra = sorted(parsed)[0]
         raise PoprtError(f"--pack_args {extra} does not apply to {mode} mode; drop it")

@@ -86,7 +86,7 @@ FLAGS = (
     PoprtFlag("--optimize_internal_exchange_code", SWITCH, NOTICE, "it shrinks IPU exchange code; a CPU has none"),
     PoprtFlag("--output_dir", VALUE, IMPLEMENTED, "folder for the converted model, the artifact and dumps"),
     PoprtFlag("--output_model", VALUE, IMPLEMENTED, "name of the converted model, placed in --output_dir when given (as in PopRT)"),
-    PoprtFlag("--pack_args", VALUES, IMPLEMENTED, "packing: max_valid_num, segment_max_size, mode, dynamic_groups; PopRT's other keys with a notice"),
+    PoprtFlag("--pack_args", VALUES, IMPLEMENTED, "packing: max_valid_num, segment_max_size, mode, max_tokens (token_stream), dynamic_groups; PopRT's other keys with a notice"),
     PoprtFlag("--passes", VALUE, IMPLEMENTED, "passes added to the default pipeline, PopRT or poprt-lite names (--pipeline gives the whole pipeline)"),
     PoprtFlag("--perf_tuner", SWITCH, NOTICE, "it is not implemented in PopRT either"),
     PoprtFlag("--popart_options", VALUES, NOTICE, "they are PopART session options; the runtime configures onnxruntime's sessions"),

@@ -24,7 +24,7 @@ from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.pack_unpack_repack import _Rewriter
 from poprt_lite.passes.registry import register_pass
 from poprt_lite.patterns.attention import attention_cone
-from poprt_lite.patterns.layout import token_dims
+from poprt_lite.patterns.layout import TokenAxes, token_dims
 from poprt_lite.vocab import UNPACK_INFO, Layout, PackMode, Role
 
 MODE = PackMode.token_stream
@@ -74,8 +74,8 @@ class _StreamRewriter(_Rewriter):
         return Layout.stream
 
 
-def _check_dynamic(input_ids: gs.Variable, dims: list) -> None:
-    batch, seq = dims
+def _check_dynamic(input_ids: gs.Variable, dims: TokenAxes) -> None:
+    batch, seq = dims.dims
     if isinstance(seq, int) or isinstance(batch, int) and batch != 1:
         raise PoprtError(
             f"input '{input_ids.name}' has shape {list(input_ids.shape)}; mode={MODE} feeds one stream "
@@ -84,9 +84,9 @@ def _check_dynamic(input_ids: gs.Variable, dims: list) -> None:
         )
 
 
-def _pin_stream(graph: gs.Graph, dims: list, layouts: dict[str, Layout]) -> None:
+def _pin_stream(graph: gs.Graph, dims: TokenAxes, layouts: dict[str, Layout]) -> None:
     """Declare the stream: [1, tokens] inputs and [1, tokens, ...] stream outputs."""
-    stream = {dims[0]: 1, dims[1]: TOKENS}
+    stream = dict(zip(dims.dims, (1, TOKENS)))
     for tensor in graph.inputs:
         if tensor.shape is not None and tensor.name != UNPACK_INFO:
             tensor.shape = [stream.get(d, d) for d in tensor.shape]
