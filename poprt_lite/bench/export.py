@@ -1,10 +1,12 @@
-"""Export the benchmark model: BERT-base geometry with a QA head and random weights.
+"""Export the benchmark models: a BERT encoder with a QA head and random weights, at a given geometry.
 
 Same recipe as `testdata/make_models.py` (transformers config, eager attention, TorchScript
-exporter, opset 17, biases and LayerNorm parameters randomised so every path contributes), at
-BERT-base size: 12 layers, hidden 768, 12 heads, intermediate 3072, vocab 30522. Nothing is
-downloaded. The ~420 MB file goes to a cache directory (default `~/.cache/poprt-lite/`), never to
-the repository; torch / transformers are imported only here (`pip install '.[export]'`).
+exporter, opset 17, biases and LayerNorm parameters randomised so every path contributes). Geometries:
+`BERT_BASE` (12 layers, hidden 768, 12 heads, intermediate 3072, vocab 30522; ~420 MB), `MINILM`
+(all-MiniLM-L6's: 6 layers, hidden 384, 12 heads, intermediate 1536, vocab 30522; ~90 MB) and
+`TINY` (the `--small` preset's). Nothing is downloaded. The file goes to a cache directory (default
+`~/.cache/poprt-lite/`), never to the repository; torch / transformers are imported only here
+(`pip install '.[export]'`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Geometry:
 
 
 BERT_BASE = Geometry()
+MINILM = Geometry(layers=6, hidden=384, heads=12, intermediate=1536)
+TINY = Geometry(layers=2, hidden=64, heads=4, intermediate=128, vocab=1000)
 
 
 def default_cache_dir() -> Path:

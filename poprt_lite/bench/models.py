@@ -1,7 +1,7 @@
-"""Compile (and cache) the benchmark's three artifacts from one source model.
+"""Compile (and cache) the benchmark's static artifacts from one source model.
 
-`padded`: static `[batch, seq_len]` shapes and `position_ids` as an input (PopRT's
-`bert_bs16_sl256.onnx`); `unpack_repack` and `attention_mask`: the same plus `--pack_args`.
+Kinds: `None` (padded: static `[batch, seq_len]` shapes and `position_ids` as an input, PopRT's
+`bert_bs16_sl256.onnx`) and each `PackMode` (the same plus `--pack_args mode=...`).
 Artifacts are cached under `<work_dir>/compiled/`, keyed by the source model's sha256, the compile
 options and a hash of poprt-lite's compiler sources, so editing a pass never reuses a stale model.
 """
@@ -21,8 +21,9 @@ from poprt_lite.artifact import Artifact, load_artifact
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.compiler import compile as compile_model
 from poprt_lite.errors import ArtifactError, PoprtError
+from poprt_lite.vocab import INPUT_IDS, Layout, PackMode
 
-KINDS = ("padded", "unpack_repack", "attention_mask")
+KINDS: tuple[PackMode | None, ...] = (None, PackMode.unpack_repack, PackMode.attention_mask)
 _SOURCE_PARTS = ("passes", "ops", "patterns", "compiler.py", "ir.py", "artifact.py")
 
 
@@ -51,7 +52,7 @@ def token_inputs(source: Path) -> list[str]:
     """Names of the source model's `[batch, sequence]` inputs."""
     model = onnx.load(str(source), load_external_data=False)
     names = [i.name for i in model.graph.input if len(i.type.tensor_type.shape.dim) == 2]
-    if "input_ids" not in names:
+    if INPUT_IDS not in names:
         raise PoprtError(f"model '{source}' has no [batch, sequence] input 'input_ids'; the benchmark needs a BERT-like encoder")
     return names
 
@@ -64,10 +65,10 @@ def prepare_artifacts(
     seq_len: int,
     max_valid_num: int,
     segment_max_size: int,
-    kinds: tuple[str, ...] = KINDS,
+    kinds: tuple[PackMode | None, ...] = KINDS,
     ort_fusions: bool = False,
     on_step: Callable[[str], None] | None = None,
-) -> dict[str, Artifact]:
+) -> dict[PackMode | None, Artifact]:
     """The artifact of each kind, compiled on first use and loaded (verified) from the cache.
 
     `ort_fusions` also runs onnxruntime's transformer optimizer (`onnxruntime.transformers.optimizer`,
@@ -82,10 +83,11 @@ def prepare_artifacts(
     shape = None
     artifacts = {}
     for kind in kinds:
-        pack = {} if kind == "padded" else {
-            "max_valid_num": str(max_valid_num), "segment_max_size": str(segment_max_size), "mode": kind
+        name = kind_name(kind)
+        pack = {} if kind is None else {
+            "max_valid_num": str(max_valid_num), "segment_max_size": str(segment_max_size), "mode": kind.value
         }
-        folder = Path(work_dir) / "compiled" / f"{key}-{kind}-b{batch_size}s{seq_len}" / (
+        folder = Path(work_dir) / "compiled" / f"{key}-{name}-b{batch_size}s{seq_len}" / (
             f"n{max_valid_num}l{segment_max_size}" if pack else "plain"
         )
         if ort_fusions:
@@ -93,27 +95,32 @@ def prepare_artifacts(
         path = folder / "executable.popef"
         if path.is_file():
             try:
-                say(f"loading cached {kind} artifact")
+                say(f"loading cached {name} artifact")
                 artifacts[kind] = load_artifact(path)
                 continue
             except ArtifactError:
                 path.unlink()
         if shape is None:
             shape = {name: (batch_size, seq_len) for name in token_inputs(source)}
-        say(f"compiling {kind} model")
+        say(f"compiling {name} model")
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         options = CompileOptions(input_shape=shape, pack_args=pack, export_position_ids=True)
         result = compile_model(source, tmp / "model.onnx", output_dir=tmp, export_popef=True, options=options)
         Path(result.output_model).unlink()
         if ort_fusions:
-            say(f"fusing {kind} model (onnxruntime transformer optimizer)")
+            say(f"fusing {name} model (onnxruntime transformer optimizer)")
             fuse_artifact(tmp / "executable.popef")
         shutil.rmtree(folder, ignore_errors=True)
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, folder)
         artifacts[kind] = load_artifact(path)
     return artifacts
+
+
+def kind_name(kind: PackMode | None) -> str:
+    """`padded` for the padded artifact, else the pack mode."""
+    return Layout.padded.value if kind is None else kind.value
 
 
 def fuse_artifact(path: Path) -> None:
@@ -136,17 +143,22 @@ def fuse_artifact(path: Path) -> None:
     })
 
 
+def word_embedding(model: onnx.ModelProto) -> onnx.TensorProto | None:
+    """The token-embedding table (the initializer a Gather indexes with `input_ids`), if found."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[1] == INPUT_IDS and node.input[0] in inits:
+            return inits[node.input[0]]
+    return None
+
+
 def attention_geometry(model: onnx.ModelProto) -> tuple[int, int]:
     """(heads, hidden) of a BERT-like model: the word-embedding width, and the head count of the
     `[batch, heads, seq, head_dim]` attention tensors; 0 where not found (the optimizer guesses)."""
-    inits = {i.name: i for i in model.graph.initializer}
-    hidden = 0
-    for node in model.graph.node:
-        if node.op_type == "Gather" and node.input[1] == "input_ids" and node.input[0] in inits:
-            hidden = int(inits[node.input[0]].dims[-1])
-            break
-    if not hidden:
+    table = word_embedding(model)
+    if table is None:
         return 0, 0
+    hidden = int(table.dims[-1])
     if not model.graph.value_info:
         model = onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}

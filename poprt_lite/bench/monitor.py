@@ -25,6 +25,14 @@ class TimedSession:
         self.spans: list[tuple[float, float]] = []
         self._lock = threading.Lock()
 
+    @classmethod
+    def install(cls, owner) -> TimedSession:
+        """Time every later run of `owner.session` (a ModelRunner's or a PackRunner's): the proxy
+        replaces the attribute, so the runner's own calls go through it."""
+        timed = cls(owner.session)
+        owner.session = timed
+        return timed
+
     def run(self, *args, **kwargs):
         start = time.perf_counter()
         out = self._session.run(*args, **kwargs)

@@ -23,10 +23,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from poprt_lite import ops
-from poprt_lite.artifact import Artifact
-from poprt_lite.bench.packer import ATTENTION_MASK_MODE, UNPACK_REPACK
-from poprt_lite.runtime.layouts import segment_ids
 from poprt_lite.runtime.session import create_session
+from poprt_lite.vocab import PackMode
 
 
 def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
@@ -129,42 +127,35 @@ def _feeds_for(inputs: tuple, unpack_info: np.ndarray, mask: np.ndarray, rng: np
     return feeds
 
 
-def measure_op_costs(artifacts: dict[str, Artifact], runs, model_ms: dict[str, float], threads: int) -> dict[str, Any]:
-    c = runs.config
+def measure_op_costs(ctx, model_ms: dict[PackMode, dict[str, float]]) -> dict[str, Any]:
+    """Time each custom op of the packed artifacts alone (on the first offline batch of its mode)
+    and the attention core at the packed and unpacked shapes; `model_ms`: pack mode -> mode name ->
+    model ms per batch, for each op's share of the model."""
+    c, threads = ctx.config, ctx.config.n_threads
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {"ops": [], "attention": {}}
-    ur_plan = runs.plan(UNPACK_REPACK)[0] if UNPACK_REPACK in artifacts else None
-    am_plan = runs.plan(ATTENTION_MASK_MODE)[0] if ATTENTION_MASK_MODE in artifacts else None
     heads = head_dim = layers = None
-    for kind, modes in ((UNPACK_REPACK, ("offline_unpack_repack", "online_unpack_repack")),
-                        (ATTENTION_MASK_MODE, ("offline_attention_mask", "online_attention_mask_first_fit"))):
-        if kind not in artifacts:
-            continue
-        model = artifacts[kind].model()
+    for kind in (k for k in ctx.artifacts if k is not None):
+        model = ctx.artifacts[kind].model()
         opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-        plan = ur_plan if kind == UNPACK_REPACK else am_plan
-        lengths = runs.workload.lengths[plan.indices]
-        unpack_info = np.zeros(c.max_valid_num, np.int64)
-        unpack_info[: len(lengths)] = lengths
-        mask = np.zeros(c.batch_size * c.max_seq_len, np.int64)
-        first = np.cumsum(lengths) - lengths
-        dest = np.repeat(plan.starts - first, lengths) + np.arange(int(lengths.sum()))
-        mask[dest] = np.repeat(segment_ids(plan.starts // c.max_seq_len, plan.starts), lengths)
-        batch_ms = {m: model_ms[m] for m in modes if m in model_ms}
+        batch = ctx.plan(kind)[0]
+        unpack_info = batch.layout.unpack_info(batch.placement, np.int64)
+        mask = batch.layout.mask(batch.placement, np.int64).reshape(-1)
+        batch_ms = model_ms.get(kind, {})
         total = 0.0
         for (op, attrs, inputs), count in custom_op_sites(model).items():
             seconds = _time(_session(_op_model(op, attrs, inputs, opset), threads), _feeds_for(inputs, unpack_info, mask, rng))
             total += seconds * count
             if op == "Unpack" and len(inputs[0][1]) == 4:
                 _, _, heads, head_dim = inputs[0][1]
-            if op == "Repack":
-                layers = (layers or 0) + count if kind == UNPACK_REPACK else layers
+            if op == "Repack" and kind is PackMode.unpack_repack:
+                layers = (layers or 0) + count
             out["ops"].append({
-                "model": kind, "op": op, "input_shape": list(inputs[0][1]), "count_per_batch": count,
+                "model": kind.value, "op": op, "input_shape": list(inputs[0][1]), "count_per_batch": count,
                 "ms_per_call": seconds * 1e3, "ms_per_batch": seconds * count * 1e3,
                 "share_of_model": {m: seconds * count * 1e3 / v for m, v in batch_ms.items()},
             })
-        out.setdefault("total", {})[kind] = {
+        out.setdefault("total", {})[kind.value] = {
             "ms_per_batch": total * 1e3, "share_of_model": {m: total * 1e3 / v for m, v in batch_ms.items()},
         }
     if heads and layers:

@@ -1,95 +1,122 @@
-"""Host-side batching for the benchmark: batch plans, vectorised feeds, vectorised output split.
+"""Host-side batching for the benchmark: batch plans of every offline mode, feeds, output gathering.
 
-A `BatchPlan` says where each request of a batch lies: `indices` (requests of the workload) and
-`starts` (flat token offsets in the `[batch_size * seq_len]` stream). Padded batches put request k
-at row k; AttentionMask batches keep every request inside one row; unpack/repack batches lay the
-requests one after another in the stream (a request may cross rows), in slot order.
+A `Batch` is a plan: which workload requests it holds (`indices`, in slot order), the packing core's
+`BatchLayout` that lays them out and their `Placement` in it (`runtime/layouts.py`, the arithmetic
+every runner shares). Plans:
 
-Offline packing knows the whole dataset, so besides PopRT's in-order `first_fit` / `next_fit`
-(what `packing_utils.pack_data` does, batch after batch) it can bin-pack globally
-(`best_fit_decreasing`, `spfhp`): rows (AttentionMask) or whole batches (unpack/repack) are filled
-from all requests at once, then rows are dealt into batches of `batch_size` rows holding at most
-`max_valid_num` requests each.
+- `plan_padded`: `batch_size` requests per batch in dataset order, one per row of the static
+  `[batch_size, seq_len]` input (the padded baseline);
+- `plan_packed`: the whole dataset packed ahead for a pack mode. Besides PopRT's in-order
+  `first_fit` / `next_fit` (what `packing_utils.pack_data` does, batch after batch) it can bin-pack
+  globally (`best_fit_decreasing`, `spfhp`): whole batches when the layout lets a request cross rows
+  (unpack/repack), else rows, dealt into batches of `batch_size` rows holding at most
+  `max_valid_num` requests each;
+- `plan_dynamic`: the original dynamic-shape model's batches: one request each at its own length,
+  or requests sorted by length, `batch_size` per batch, padded to the batch's longest.
 
-`build_feeds` and `scatter_outputs` move a whole batch with one fancy-indexing assignment per
-tensor; no Python loop runs per request.
+`Feeder` builds a batch's feeds by input role and gathers each output's real tokens back into
+dataset order, with one fancy-indexing assignment per tensor; no Python loop runs per request.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from poprt_lite.bench.workload import ATTENTION_MASK, Workload
+from poprt_lite.bench.workload import Workload
 from poprt_lite.errors import PoprtError
-from poprt_lite.runtime.layouts import segment_ids
+from poprt_lite.runtime.layouts import BatchLayout, PaddedRows, Placement, layout_for
 from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, pack
+from poprt_lite.vocab import Layout, PackMode, Role
 
-PADDED, UNPACK_REPACK, ATTENTION_MASK_MODE = "padded", "unpack_repack", "attention_mask"
-OFFLINE_ALGORITHMS = ("best_fit_decreasing", "spfhp", "first_fit", "next_fit")
+OFFLINE_ALGORITHMS = tuple(a.value for a in PackAlgorithm)
 
 
 @dataclass
-class BatchPlan:
+class Batch:
     indices: np.ndarray  # int64 [k] workload request indices, in slot order
-    starts: np.ndarray  # int64 [k] flat token offset of each request in the batch
+    layout: BatchLayout
+    placement: Placement
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def slots(self) -> int:
+        """Token slots the model runs for this batch."""
+        return int(np.prod(self.layout.token_shape))
 
-def plan_padded(n: int, batch_size: int, seq_len: int) -> list[BatchPlan]:
+
+def _batch(layout: BatchLayout, indices, lengths: np.ndarray, starts) -> Batch:
+    indices = np.asarray(indices, dtype=np.int64)
+    return Batch(indices, layout, Placement.of(lengths[indices], starts))
+
+
+def plan_padded(lengths: np.ndarray, batch_size: int, seq_len: int) -> list[Batch]:
+    layout = PaddedRows(batch_size, seq_len)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return [
+        _batch(layout, idx, lengths, np.arange(len(idx)) * seq_len)
+        for idx in np.array_split(np.arange(len(lengths)), range(batch_size, len(lengths), batch_size))
+    ]
+
+
+def plan_dynamic(lengths: np.ndarray, batch_size: int, sort: bool) -> list[Batch]:
+    """Batches of the dynamic-shape model: `batch_size` requests (in dataset order, or sorted by
+    length), each batch `[k, longest]`."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable") if sort else np.arange(len(lengths))
     plans = []
-    for lo in range(0, n, batch_size):
-        k = min(batch_size, n - lo)
-        plans.append(BatchPlan(np.arange(lo, lo + k, dtype=np.int64), np.arange(k, dtype=np.int64) * seq_len))
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo : lo + batch_size]
+        width = int(lengths[idx].max())
+        plans.append(_batch(PaddedRows(len(idx), width), idx, lengths, np.arange(len(idx)) * width))
     return plans
 
 
-def plan_offline(
+def plan_packed(
     lengths: np.ndarray,
-    mode: str,
+    mode: PackMode,
     batch_size: int,
     seq_len: int,
     max_valid_num: int,
-    algorithm: str = "best_fit_decreasing",
-) -> list[BatchPlan]:
-    """Pack every request of `lengths` into batches for `mode` (unpack_repack or attention_mask)."""
-    if algorithm not in OFFLINE_ALGORITHMS:
-        raise PoprtError(f"unknown offline packing algorithm '{algorithm}'; choose one of {', '.join(OFFLINE_ALGORITHMS)}")
+    algorithm: PackAlgorithm | str = PackAlgorithm.best_fit_decreasing,
+) -> list[Batch]:
+    """Pack every request of `lengths` into batches of the layout of pack mode `mode`."""
+    algorithm = PackAlgorithm.parse(algorithm)
     lengths = np.asarray(lengths, dtype=np.int64)
-    across = mode == UNPACK_REPACK
-    if algorithm in ("first_fit", "next_fit"):
-        return _plan_in_order(lengths, algorithm, batch_size, seq_len, max_valid_num, across)
-    if across:
-        bins = pack(lengths, algorithm, bin_capacity=batch_size * seq_len, max_items_per_bin=max_valid_num)
-        plans = []
-        for b in bins:
-            idx = np.asarray(b, dtype=np.int64)
-            plans.append(BatchPlan(idx, np.cumsum(lengths[idx]) - lengths[idx]))
-        return _in_dataset_order(plans)
-    rows = pack(lengths, algorithm, bin_capacity=seq_len, max_items_per_bin=max_valid_num)
-    return _in_dataset_order(_deal_rows(rows, lengths, batch_size, seq_len, max_valid_num))
+    layout = layout_for(mode, batch_size, seq_len, max_valid_num)
+    if algorithm in (PackAlgorithm.first_fit, PackAlgorithm.next_fit):
+        return _plan_in_order(lengths, layout, algorithm)
+    if layout.across_rows:  # one bin per batch: the whole token stream
+        bins = pack(lengths, algorithm, bin_capacity=int(np.prod(layout.token_shape)), max_items_per_bin=max_valid_num)
+        plans = [_batch(layout, b, lengths, np.cumsum(lengths[b]) - lengths[b]) for b in bins]
+    else:
+        rows = pack(lengths, algorithm, bin_capacity=seq_len, max_items_per_bin=max_valid_num)
+        plans = _deal_rows(rows, lengths, layout)
+    return sorted(plans, key=lambda p: int(p.indices.min()))  # dataset order
 
 
-def _plan_in_order(lengths, algorithm, batch_size, seq_len, max_valid_num, across) -> list[BatchPlan]:
+def _plan_in_order(lengths: np.ndarray, layout: BatchLayout, algorithm: PackAlgorithm) -> list[Batch]:
     """PopRT's offline packing: batch after batch, requests in order until the next one does not fit."""
     plans, i, n = [], 0, len(lengths)
-    packer = OnlinePacker(algorithm, batch_size, seq_len, max_valid_num, across, segment_max_size=seq_len)
+    packer = OnlinePacker(
+        algorithm, layout.batch_size, layout.seq_len, layout.max_valid_num, layout.across_rows, segment_max_size=layout.seq_len
+    )
     while i < n:
         packer.reset()
         lo = i
         while i < n and not packer.is_full and packer.try_add(int(lengths[i])):
             i += 1
-        placed = np.asarray(packer.placements(), dtype=np.int64)
-        starts = placed if across else placed[:, 0] * seq_len + placed[:, 1]
-        plans.append(BatchPlan(np.arange(lo, i, dtype=np.int64), starts.reshape(-1)))
+        plans.append(_batch(layout, np.arange(lo, i), lengths, packer.starts()))
     return plans
 
 
-def _deal_rows(rows, lengths, batch_size, seq_len, max_valid_num) -> list[BatchPlan]:
+def _deal_rows(rows: list[list[int]], lengths: np.ndarray, layout: BatchLayout) -> list[Batch]:
     """Deal packed rows into as few batches as hold them, at most `max_valid_num` requests each."""
+    batch_size, seq_len, limit = layout.batch_size, layout.seq_len, layout.max_valid_num
     counts = np.array([len(r) for r in rows])
     order = np.argsort(-counts, kind="stable")  # most crowded rows first, each to the emptiest batch
     n_batches = -(-len(rows) // batch_size)
@@ -101,7 +128,7 @@ def _deal_rows(rows, lengths, batch_size, seq_len, max_valid_num) -> list[BatchP
             b = int(np.argmin(np.where(open_, load, np.iinfo(np.int64).max)))
             members[b].append(r)
             load[b] += counts[r]
-        if load.max() <= max_valid_num:
+        if load.max() <= limit:
             break
         n_batches += 1
     plans = []
@@ -113,66 +140,46 @@ def _deal_rows(rows, lengths, batch_size, seq_len, max_valid_num) -> list[BatchP
             items = np.asarray(rows[r], dtype=np.int64)
             idx.append(items)
             starts.append(row_slot * seq_len + np.cumsum(lengths[items]) - lengths[items])
-        plans.append(BatchPlan(np.concatenate(idx), np.concatenate(starts)))
+        plans.append(_batch(layout, np.concatenate(idx), lengths, np.concatenate(starts)))
     return plans
 
 
-def _in_dataset_order(plans: list[BatchPlan]) -> list[BatchPlan]:
-    return sorted(plans, key=lambda p: int(p.indices.min()))
+class Feeder:
+    """Builds a model's feeds for batch plans and gathers its outputs back into dataset order.
 
-
-class BatchBuilder:
-    """Builds model feeds for batch plans and scatters outputs back, for one model interface."""
+    `inputs`: model input name -> (role, dtype); `outputs`: output name -> layout.
+    """
 
     def __init__(
         self,
         workload: Workload,
-        mode: str,
-        batch_size: int,
-        seq_len: int,
-        inputs: dict[str, np.dtype],
-        max_valid_num: int | None = None,
-        segment_max_size: int | None = None,
+        inputs: Mapping[str, tuple[Role, np.dtype]],
+        outputs: Mapping[str, Layout],
     ) -> None:
-        self.workload, self.mode = workload, mode
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.inputs = inputs  # model input name -> dtype
-        self.max_valid_num, self.segment_max_size = max_valid_num, segment_max_size
+        self.workload, self.inputs, self.outputs = workload, dict(inputs), dict(outputs)
+        for name, (role, _) in self.inputs.items():
+            if role not in (Role.attention_mask, Role.unpack_info) and role not in workload.tokens:
+                raise PoprtError(
+                    f"input '{name}' has role '{role}'; the benchmark feeds token ids, token types, "
+                    "position ids, the attention mask and unpack_info only"
+                )
 
-    def _index(self, plan: BatchPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lengths = self.workload.lengths[plan.indices]
-        first = np.cumsum(lengths) - lengths
-        dest = np.repeat(plan.starts - first, lengths) + np.arange(int(lengths.sum()))
-        return lengths, dest, self.workload.gather_index(plan.indices)
-
-    def build_feeds(self, plan: BatchPlan) -> dict[str, np.ndarray]:
-        lengths, dest, src = self._index(plan)
-        slots = self.batch_size * self.seq_len
+    def feeds(self, batch: Batch) -> dict[str, np.ndarray]:
+        layout, placement = batch.layout, batch.placement
+        src = None
         feeds = {}
-        for name, dtype in self.inputs.items():
-            if name == "unpack_info":
-                info = np.zeros(self.max_valid_num, dtype)
-                info[: len(lengths)] = lengths
-                feeds[name] = info
-                continue
-            flat = np.zeros(slots, dtype)
-            if name == ATTENTION_MASK:
-                if self.mode == ATTENTION_MASK_MODE:
-                    flat[dest] = np.repeat(segment_ids(plan.starts // self.seq_len, plan.starts), lengths)
-                else:
-                    flat[dest] = 1
+        for name, (role, dtype) in self.inputs.items():
+            if role is Role.attention_mask:
+                feeds[name] = layout.mask(placement, dtype)
+            elif role is Role.unpack_info:
+                feeds[name] = layout.unpack_info(placement, dtype)
             else:
-                flat[dest] = self.workload.tokens[name][src]
-            feeds[name] = flat.reshape(self.batch_size, self.seq_len)
+                src = self.workload.gather_index(batch.indices) if src is None else src
+                feeds[name] = layout.scatter(placement, self.workload.tokens[role][src], dtype)
         return feeds
 
-    def scatter_outputs(self, plan: BatchPlan, outputs: dict[str, np.ndarray], results: dict[str, np.ndarray]) -> None:
+    def gather(self, batch: Batch, outputs: Mapping[str, np.ndarray], results: Mapping[str, np.ndarray]) -> None:
         """Copy each request's real-token outputs to `results[name][its tokens]` (dataset order)."""
-        lengths, dest, src = self._index(plan)
-        if self.mode == UNPACK_REPACK:  # [max_valid_num, segment_max_size, ...]: request i in row i
-            first = np.cumsum(lengths) - lengths
-            row_start = np.arange(len(lengths), dtype=np.int64) * self.segment_max_size
-            dest = np.repeat(row_start - first, lengths) + np.arange(int(lengths.sum()))
+        src = self.workload.gather_index(batch.indices)
         for name, out in outputs.items():
-            flat = out.reshape(-1, *out.shape[2:])
-            results[name][src] = flat[dest]
+            results[name][src] = batch.layout.gather(out, self.outputs[name], batch.placement)

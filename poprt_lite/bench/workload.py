@@ -1,26 +1,43 @@
-"""The benchmark workload: PopRT's synthetic SQuAD-like requests, kept in flat numpy arrays.
+"""The benchmark's requests, kept in flat numpy arrays, and the two workloads it knows.
 
-Request lengths are `clip(int32(Normal(avg, avg)), 1, max_seq_len)` and token ids are uniform in
-`[0, vocab)`, drawn exactly as PopRT's `packed_bert_example.py` draws them after
-`np.random.seed(2023)`: with the default avg 128 and max 256, padding every request to 256 slots
-costs 2.0x the real tokens, so 2.0x is the ideal speed-up of packing.
+Request lengths are `clip(int32(Normal(mean, std)), min, max)` and token ids uniform in
+`[0, vocab)`, drawn as PopRT's `packed_bert_example.py` draws them after `np.random.seed(seed)`.
+`seed` (the default) is PopRT's SQuAD-like workload: Normal(128, 128) clipped to 1..256, so padding
+every request to 256 slots costs 2.0x the real tokens. `queries` is short search-style requests:
+Normal(12, 6) clipped to 3..128.
 
-Requests are stored once, concatenated: `tokens[name]` holds every request's tokens one after
-another and request i occupies `offsets[i]:offsets[i] + lengths[i]`. Host-side packing then moves
-whole batches with one fancy-indexing assignment per input (no per-request Python loop).
-`Request` views exist for `packing_utils.pack_data` and the PackRunner clients.
+Requests are stored once, concatenated: `tokens[role]` holds every request's tokens one after another
+(token ids, token types, position ids) and request i occupies `offsets[i]:offsets[i] + lengths[i]`.
+Host-side batching then moves whole batches with one fancy-indexing assignment per input (no
+per-request Python loop). `Request` views exist for `packing_utils.pack_data`; `request_feeds` gives
+the online clients their unpadded feeds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-TOKEN_TYPE_IDS = "token_type_ids"
-POSITION_IDS = "position_ids"
+from poprt_lite.vocab import Role
+
+
+@dataclass(frozen=True)
+class LengthSpec:
+    """`clip(int32(Normal(mean, std)), low, high)` (std defaults to the mean, as PopRT draws them)."""
+
+    mean: int
+    high: int
+    std: int | None = None
+    low: int = 1
+
+    @property
+    def sigma(self) -> int:
+        return self.mean if self.std is None else self.std
+
+    def __str__(self) -> str:
+        return f"clip(int32(Normal({self.mean}, {self.sigma})), {self.low}, {self.high})"
 
 
 @dataclass
@@ -38,7 +55,7 @@ class Request:
 class Workload:
     lengths: np.ndarray  # int64 [n]
     offsets: np.ndarray  # int64 [n], start of each request in the concatenated token arrays
-    tokens: dict[str, np.ndarray]  # input name -> [sum(lengths)] concatenated per-token values
+    tokens: dict[Role, np.ndarray]  # role -> [sum(lengths)] concatenated per-token values
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.int64))
 
     @property
@@ -53,22 +70,23 @@ class Workload:
         lo, n = int(self.offsets[i]), int(self.lengths[i])
         view = {k: v[lo : lo + n] for k, v in self.tokens.items()}
         return Request(
-            input_ids=view[INPUT_IDS],
+            input_ids=view[Role.dynamic_input],
             attention_mask=np.ones(n, self.dtype),
-            token_type_ids=view.get(TOKEN_TYPE_IDS),
-            position_ids=view[POSITION_IDS],
+            token_type_ids=view.get(Role.token_type_ids),
+            position_ids=view[Role.position_ids],
             input_len=n,
         )
 
-    def feeds(self, i: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """Request i as PackRunner feeds: its own tokens (views), unpadded."""
+    def request_feeds(self, i: int, roles: Mapping[str, Role]) -> dict[str, np.ndarray]:
+        """Request i as feeds of an online server, `roles` mapping the model's input names to roles:
+        its own tokens (views), unpadded, and an all-ones attention mask."""
         lo, n = int(self.offsets[i]), int(self.lengths[i])
         out = {}
-        for name in names:
-            if name == ATTENTION_MASK:
+        for name, role in roles.items():
+            if role is Role.attention_mask:
                 out[name] = np.ones(n, self.dtype)
-            elif name in self.tokens:
-                out[name] = self.tokens[name][lo : lo + n]
+            elif role in self.tokens:
+                out[name] = self.tokens[role][lo : lo + n]
         return out
 
     def gather_index(self, indices: np.ndarray) -> np.ndarray:
@@ -77,17 +95,23 @@ class Workload:
         first = np.cumsum(lengths) - lengths
         return np.repeat(self.offsets[indices] - first, lengths) + np.arange(int(lengths.sum()))
 
+    def describe(self, spec: LengthSpec, seed: int) -> str:
+        return f"{self.size} requests, lengths {spec}, numpy seed {seed}"
 
-def synthetic_lengths(n: int, avg_seq_len: int, max_seq_len: int, seed: int = 2023) -> tuple[np.ndarray, np.random.RandomState]:
+
+def synthetic_lengths(
+    n: int, avg_seq_len: int, max_seq_len: int, seed: int = 2023, *, std: int | None = None, min_seq_len: int = 1
+) -> tuple[np.ndarray, np.random.RandomState]:
+    """`n` lengths `clip(int32(Normal(avg, std or avg)), min, max)` and the generator, for the ids after them."""
     rng = np.random.RandomState(seed)
-    lengths = np.clip(rng.normal(avg_seq_len, avg_seq_len, size=n).astype(np.int32), 1, max_seq_len)
+    sigma = avg_seq_len if std is None else std
+    lengths = np.clip(rng.normal(avg_seq_len, sigma, size=n).astype(np.int32), min_seq_len, max_seq_len)
     return lengths.astype(np.int64), rng
 
 
 def make_workload(
     n: int,
-    avg_seq_len: int = 128,
-    max_seq_len: int = 256,
+    spec: LengthSpec,
     vocab_size: int = 30522,
     *,
     with_token_types: bool = True,
@@ -96,14 +120,14 @@ def make_workload(
     dtype=np.int64,
 ) -> Workload:
     """`n` requests; lengths and ids as PopRT's example draws them (same seed, same order)."""
-    lengths, rng = synthetic_lengths(n, avg_seq_len, max_seq_len, seed)
+    lengths, rng = synthetic_lengths(n, spec.mean, spec.high, seed, std=spec.std, min_seq_len=spec.low)
     total = int(lengths.sum())
     offsets = np.cumsum(lengths) - lengths
     # PopRT draws ids and token types request by request from the same stream; one draw of the
     # concatenation is statistically identical and vectorised.
-    tokens = {INPUT_IDS: rng.randint(0, vocab_size, total).astype(dtype)}
+    tokens = {Role.dynamic_input: rng.randint(0, vocab_size, total).astype(dtype)}
     if with_token_types:
-        tokens[TOKEN_TYPE_IDS] = rng.randint(0, 2, total).astype(dtype)
+        tokens[Role.token_type_ids] = rng.randint(0, 2, total).astype(dtype)
     within = np.arange(total) - np.repeat(offsets, lengths)
-    tokens[POSITION_IDS] = (within + position_offset).astype(dtype)
+    tokens[Role.position_ids] = (within + position_offset).astype(dtype)
     return Workload(lengths=lengths, offsets=offsets, tokens=tokens, dtype=np.dtype(dtype))

@@ -1,4 +1,4 @@
-"""`poprt-lite bench`: packed vs padded throughput, latency and accuracy on one set of requests."""
+"""`poprt-lite bench`: packed vs padded vs dynamic-shape throughput, latency and accuracy on one set of requests."""
 
 from __future__ import annotations
 
@@ -9,14 +9,6 @@ import typer
 
 from poprt_lite.cli import options
 from poprt_lite.errors import PoprtError
-
-SMALL = {  # the CI preset: tiny model, tiny batches; well under a minute on 2 cores
-    "iterations": 8, "batch_size": 4, "avg_seq_len": 32, "max_seq_len": 64, "max_valid_num": 10,
-    "timeout_microseconds": 2000,
-}
-FULL = {"iterations": 40, "batch_size": 16, "avg_seq_len": 128, "max_seq_len": 256, "max_valid_num": 40,
-        "timeout_microseconds": 15000}
-
 
 class _RichProgress:
     def __init__(self, console) -> None:
@@ -49,18 +41,21 @@ class _RichProgress:
 
 
 def bench_command(
+    workload: Annotated[str, typer.Option("--workload", help="Requests and model: seed (PopRT's BERT-base example, default) or queries (short requests, MiniLM geometry).")] = "seed",
     model: Annotated[Optional[Path], typer.Option("--model", help="ONNX encoder to benchmark (default: export BERT-base QA with random weights; needs torch).")] = None,
-    iterations: Annotated[Optional[int], typer.Option("--iterations", help="Requests = iterations x batch_size (default 40; --small 8).")] = None,
+    iterations: Annotated[Optional[int], typer.Option("--iterations", help="Requests = iterations x batch_size (default: seed 40, queries 250; --small 8, 16).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch_size", help="Rows per batch (default 16).")] = None,
-    avg_seq_len: Annotated[Optional[int], typer.Option("--avg_seq_len", help="Mean and std of the request lengths (default 128).")] = None,
-    max_seq_len: Annotated[Optional[int], typer.Option("--max_seq_len", help="Seq_len of a row and longest request (default 256).")] = None,
-    max_valid_num: Annotated[Optional[int], typer.Option("--max_valid_num", help="Most requests per packed batch (default 40).")] = None,
+    avg_seq_len: Annotated[Optional[int], typer.Option("--avg_seq_len", help="Mean of the request lengths (default: seed 128, queries 12).")] = None,
+    std_seq_len: Annotated[Optional[int], typer.Option("--std_seq_len", help="Standard deviation of the request lengths (default: seed the mean, queries 6).")] = None,
+    min_seq_len: Annotated[Optional[int], typer.Option("--min_seq_len", help="Shortest request (default: seed 1, queries 3).")] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option("--max_seq_len", help="Seq_len of a row and longest request (default: seed 256, queries 128).")] = None,
+    max_valid_num: Annotated[Optional[int], typer.Option("--max_valid_num", help="Most requests per packed batch (default: seed 40, queries 256).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="Onnxruntime intra-op threads (0: one per core).")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write every number to this JSON file.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw speed-up and latency per mode to this PNG (needs matplotlib: pip install '.[plot]').")] = None,
     small: Annotated[bool, typer.Option("--small", help="CI preset: tiny batches (and a tiny exported model unless --model).")] = False,
-    timeout_microseconds: Annotated[Optional[int], typer.Option("--timeout_microseconds", help="PackRunner timeout (default 15000).")] = None,
-    clients: Annotated[Optional[int], typer.Option("--clients", help="Concurrent clients of the online modes (default 2 x max_valid_num).")] = None,
+    timeout_microseconds: Annotated[Optional[int], typer.Option("--timeout_microseconds", help="Batching timeout of the PackRunner and the dynamic batcher (default 15000).")] = None,
+    clients: Annotated[Optional[int], typer.Option("--clients", help="Concurrent clients of the online modes (default: seed 2 x max_valid_num, queries 384).")] = None,
     offline_algorithm: Annotated[str, typer.Option("--offline_algorithm", help="Offline packing: best_fit_decreasing, spfhp, first_fit, next_fit.")] = "best_fit_decreasing",
     modes: Annotated[Optional[str], typer.Option("--modes", help="Comma-separated subset of the modes (default: all).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option("--work_dir", help="Cache for the exported and compiled models (default ~/.cache/poprt-lite).")] = None,
@@ -68,25 +63,25 @@ def bench_command(
     ort_fusions: Annotated[bool, typer.Option("--ort_fusions", help="Apply onnxruntime's transformer optimizer fusions to every compiled model (padded and packed).")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no_progress", help="Show a progress bar.")] = True,
 ) -> None:
-    """Benchmark padded vs packed inference (offline and online, both packing modes) on the same requests."""
+    """Benchmark packed vs padded vs dynamic-shape inference (offline and online) on the same requests."""
     from rich.console import Console
 
-    from poprt_lite.bench.measure import MODE_NAMES, BenchConfig, Progress, run_benchmark
+    from poprt_lite.bench.config import WORKLOADS, BenchConfig, Progress
+    from poprt_lite.bench.measure import run_benchmark
     from poprt_lite.bench.report import print_report, write_json, write_plot
 
-    preset = SMALL if small else FULL
+    if workload not in WORKLOADS:
+        raise PoprtError(f"--workload must be one of {', '.join(WORKLOADS)}, got '{workload}'")
     values = {
-        "iterations": iterations, "batch_size": batch_size, "avg_seq_len": avg_seq_len, "max_seq_len": max_seq_len,
-        "max_valid_num": max_valid_num, "timeout_microseconds": timeout_microseconds,
+        "iterations": iterations, "batch_size": batch_size, "avg_seq_len": avg_seq_len, "std_seq_len": std_seq_len,
+        "min_seq_len": min_seq_len, "max_seq_len": max_seq_len, "max_valid_num": max_valid_num,
+        "timeout_microseconds": timeout_microseconds, "clients": clients,
     }
-    resolved = {k: (preset[k] if v is None else v) for k, v in values.items()}
-    for k, v in resolved.items():
-        if v < (0 if k == "timeout_microseconds" else 1):
+    for k, v in values.items():
+        if v is not None and v < (0 if k == "timeout_microseconds" else 1):
             raise PoprtError(f"--{k} must be a positive integer, got {v}")
-    if resolved["avg_seq_len"] > resolved["max_seq_len"]:
-        raise PoprtError(f"--avg_seq_len {resolved['avg_seq_len']} exceeds --max_seq_len {resolved['max_seq_len']}")
-    if threads < 0 or (clients is not None and clients < 1):
-        raise PoprtError("--threads must be >= 0 and --clients >= 1")
+    if threads < 0:
+        raise PoprtError(f"--threads must be >= 0, got {threads}")
     if model is not None and not model.is_file():
         raise PoprtError(f"model '{model}' does not exist")
     from poprt_lite.bench.packer import OFFLINE_ALGORITHMS
@@ -98,11 +93,16 @@ def bench_command(
             import matplotlib  # noqa: F401  (checked before a long run, not after it)
         except ImportError:
             raise PoprtError("--plot needs matplotlib; pip install 'poprt-lite[plot]' or drop --plot") from None
-    selected = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else MODE_NAMES
-    config = BenchConfig(
-        model=model, work_dir=work_dir, threads=threads, clients=clients, offline_algorithm=offline_algorithm,
-        modes=selected, op_costs=op_costs, small=small, ort_fusions=ort_fusions, **resolved,
+    selected = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else None
+    config = BenchConfig.preset(
+        workload, small, model=model, work_dir=work_dir, threads=threads, offline_algorithm=offline_algorithm,
+        modes=selected, op_costs=op_costs, ort_fusions=ort_fusions, **values,
     )
+    lengths = config.lengths
+    if not lengths.low <= lengths.mean <= lengths.high:
+        raise PoprtError(
+            f"--avg_seq_len {lengths.mean} must lie between --min_seq_len {lengths.low} and --max_seq_len {lengths.high}"
+        )
     console = Console(stderr=True, log_path=False)
     out = Console()
     quiet = options.current().quiet

@@ -1,0 +1,134 @@
+"""onnxruntime's MatMulAddFusion on the benchmark's models: one batch per model, fusion on vs off.
+
+poprt-lite's sessions (`poprt_lite/runtime/session.py`) turn the fusion off. This script shows why:
+for each model of a `poprt-lite bench` workload (the padded, unpack/repack and AttentionMask
+artifacts, and the original dynamic-shape model as a control the fusion cannot touch) it times the
+first batch the bench itself runs, with the fusion on (onnxruntime's default) and off, at several
+intra-op thread counts. Within a thread count the models and settings run interleaved, round after
+round (the order of on/off alternates), so that all see the same machine; it prints the median and
+the range over the rounds, and the median of the per-round ratios on/off. It also counts the
+optimized graph's Gemm / MatMul / BiasGelu nodes, and with `--profile` sums onnxruntime's own
+per-node profile by op type for one model, on and off.
+
+Run from the repository root (the models are exported / compiled on first use, like the bench's):
+    python benchmarks/matmul_add_fusion.py [--workload seed|queries] [--threads 1,2] [--rounds 5] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from poprt_lite.bench.config import BenchConfig, Progress
+from poprt_lite.bench.measure import prepare_models
+from poprt_lite.bench.modes import Context
+from poprt_lite.bench.models import KINDS, kind_name
+from poprt_lite.bench.packer import plan_dynamic
+from poprt_lite.runtime.session import create_session, session_options
+
+SETTINGS = {"on": (), "off": ("MatMulAddFusion",)}  # disabled optimizers; "off" is poprt-lite's
+
+
+def cases(ctx: Context) -> dict[str, tuple[bytes | str, dict[str, np.ndarray]]]:
+    """Model name -> (model, feeds of the first batch the bench runs on it)."""
+    out = {}
+    for kind, artifact in ctx.artifacts.items():
+        batch = ctx.plan(kind)[0]
+        out[kind_name(kind)] = (artifact.model_bytes, ctx.artifact_feeder(kind).feeds(batch))
+    session = create_session(ctx.original)
+    batch = plan_dynamic(ctx.workload.lengths, ctx.config.batch_size, sort=True)[len(ctx.workload.lengths) // ctx.config.batch_size // 2]
+    out["original (sorted batch)"] = (str(ctx.original), ctx.original_feeder(session).feeds(batch))
+    return out
+
+
+def optimized_ops(model, disabled: tuple[str, ...]) -> collections.Counter:
+    with tempfile.TemporaryDirectory() as tmp:
+        options = session_options()
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        create_session(model, options=options, disabled_optimizers=disabled)
+        return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def profile(model, feeds, threads: int, disabled: tuple[str, ...], runs: int = 3) -> dict[str, float]:
+    """Milliseconds per run by op type, from onnxruntime's profiler (after one warm-up run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = session_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        session = create_session(model, options=options, disabled_optimizers=disabled)
+        for _ in range(runs + 1):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    model_runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    warm_end = model_runs[0][1]  # the first run is a warm-up
+    by_op: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] > warm_end:
+            by_op[e["args"]["op_name"]] += e["dur"]
+    return {op: total / runs / 1e3 for op, total in by_op.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="seed", choices=["seed", "queries"])
+    parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="also profile the AttentionMask model by op type")
+    args = parser.parse_args()
+    config = BenchConfig.preset(args.workload)
+    original, artifacts = prepare_models(config, KINDS, Progress())
+    ctx = Context(config, original, artifacts, Progress())
+    models = cases(ctx)
+    print(f"workload {args.workload}: {config.geometry.tag}, batch {config.batch_size}x{config.max_seq_len}; "
+          f"{os.cpu_count()} CPUs; {args.rounds} interleaved rounds per thread count")
+    print("\noptimized graphs (ORT_ENABLE_ALL), Gemm / MatMul / Add / BiasGelu / Gelu / Reshape nodes:")
+    for name, (model, _) in models.items():
+        for setting, disabled in SETTINGS.items():
+            ops = optimized_ops(model, disabled)
+            print(f"  {name:24s} fusion {setting:3s}: " + " / ".join(str(ops[o]) for o in ("Gemm", "MatMul", "Add", "BiasGelu", "Gelu", "Reshape")))
+    print(f"\n{'threads':>7s}  {'model':24s} {'fusion on ms (min-max)':>24s} {'fusion off ms (min-max)':>24s} {'on/off (range)':>18s}")
+    for threads in (int(t) for t in args.threads.split(",")):
+        sessions = {
+            (name, setting): create_session(model, threads, disabled_optimizers=disabled)
+            for name, (model, _) in models.items() for setting, disabled in SETTINGS.items()
+        }
+        for (name, _), session in sessions.items():
+            session.run(None, models[name][1])  # warm-up
+        times = collections.defaultdict(list)
+        for r in range(args.rounds):
+            for name, (_, feeds) in models.items():
+                for setting in (("on", "off") if r % 2 == 0 else ("off", "on")):
+                    start = time.perf_counter()
+                    sessions[name, setting].run(None, feeds)
+                    times[name, setting].append((time.perf_counter() - start) * 1e3)
+        for name in models:
+            on, off = np.array(times[name, "on"]), np.array(times[name, "off"])
+            ratio = on / off
+            print(
+                f"{threads:7d}  {name:24s} {np.median(on):9.1f} ({on.min():6.1f}-{on.max():6.1f}) "
+                f"{np.median(off):9.1f} ({off.min():6.1f}-{off.max():6.1f}) {np.median(ratio):7.3f} ({ratio.min():.2f}-{ratio.max():.2f})"
+            )
+        del sessions
+    if args.profile:
+        name = kind_name(KINDS[-1])
+        model, feeds = models[name]
+        threads = int(args.threads.split(",")[-1])
+        result = {setting: profile(model, feeds, threads, disabled) for setting, disabled in SETTINGS.items()}
+        ops = sorted(set(result["on"]) | set(result["off"]), key=lambda o: -max(result["on"].get(o, 0), result["off"].get(o, 0)))
+        print(f"\nonnxruntime profile of the {name} model, {threads} threads, ms per batch by op type:")
+        print(f"  {'op':28s} {'fusion on':>10s} {'fusion off':>10s}")
+        for op in ops:
+            print(f"  {op:28s} {result['on'].get(op, 0):10.1f} {result['off'].get(op, 0):10.1f}")
+        print(f"  {'total':28s} {sum(result['on'].values()):10.1f} {sum(result['off'].values()):10.1f}")
+
+
+if __name__ == "__main__":
+    main()

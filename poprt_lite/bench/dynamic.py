@@ -1,0 +1,164 @@
+"""The online dynamic-shape baseline: a dynamic batcher serving the original (unconverted) model.
+
+This is what a CPU user runs without poprt-lite: the exported model with dynamic `[batch, sequence]`
+inputs behind a server that batches concurrent requests the way Triton's dynamic batcher does. One
+serving thread runs one batch at a time. When the model is free it takes up to `max_batch` waiting
+requests, oldest first: at once when that many wait, else when the oldest has waited
+`timeout_microseconds` (Triton's `max_queue_delay_microseconds`). The batch is padded to its longest
+request (`[k, longest]`, attention mask 1 on real tokens and 0 on padding), run, and each request's
+real tokens of every output are copied into its arrays. `max_batch=1` serves each request alone in
+arrival order (a server without batching).
+
+It serves the benchmark's well-formed requests only: it checks nothing a PackRunner checks.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from poprt_lite.errors import PoprtError, one_line
+from poprt_lite.runtime.layouts import PaddedRows
+from poprt_lite.vocab import Layout, Role
+
+
+@dataclass(frozen=True)
+class DynamicBatcherStats:
+    batches: int
+    requests: int
+    tokens: int  # real tokens of the batches run
+    token_slots: int  # k x longest per batch
+    batches_by_timeout: int  # launched with fewer than max_batch requests
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.tokens / self.token_slots if self.token_slots else 0.0
+
+
+class _Request:
+    __slots__ = ("feeds", "outputs", "length", "arrived", "future")
+
+    def __init__(self, feeds: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray], length: int) -> None:
+        self.feeds, self.outputs, self.length = feeds, outputs, length
+        self.arrived = time.monotonic()
+        self.future: Future = Future()
+
+
+class DynamicBatcher:
+    """Batches single unpadded requests onto a dynamic-shape onnxruntime session (see the module).
+
+    `inputs`: the model's input name -> (role, dtype); every input but the attention mask is taken
+    from the request's feeds (1-D, its own length). `outputs`: the per-token outputs to fill.
+    """
+
+    def __init__(
+        self,
+        session,
+        inputs: Mapping[str, tuple[Role, np.dtype]],
+        outputs: Sequence[str],
+        max_batch: int,
+        timeout_microseconds: int,
+    ) -> None:
+        if max_batch < 1 or timeout_microseconds < 0:
+            raise PoprtError(f"max_batch must be >= 1 and timeout_microseconds >= 0, got {max_batch} and {timeout_microseconds}")
+        self.session, self.inputs, self.output_names = session, dict(inputs), list(outputs)
+        self.max_batch, self.timeout = int(max_batch), timeout_microseconds / 1e6
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._counts: collections.Counter = collections.Counter()
+        self._thread = threading.Thread(target=self._serve, name="poprt-lite-dynamic-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def stats(self) -> DynamicBatcherStats:
+        with self._cond:
+            counts = dict(self._counts)
+        return DynamicBatcherStats(**{f: counts.get(f, 0) for f in DynamicBatcherStats.__dataclass_fields__})
+
+    def execute_async(self, feeds: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray]) -> Future:
+        length = len(next(v for name, v in feeds.items() if self.inputs[name][0] is Role.dynamic_input))
+        request = _Request(feeds, outputs, length)
+        with self._cond:
+            if self._closing:
+                raise PoprtError("the DynamicBatcher is closed; create a new one")
+            self._queue.append(request)
+            if len(self._queue) == 1 or len(self._queue) == self.max_batch:
+                self._cond.notify_all()
+        return request.future
+
+    def close(self) -> None:
+        """Run what is queued, then stop the serving thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def __enter__(self) -> DynamicBatcher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------- serving
+
+    def _take(self) -> tuple[list[_Request], bool] | None:
+        """Wait until a batch is due and take it (lock held): (requests, launched by timeout)."""
+        while True:
+            if len(self._queue) >= self.max_batch:
+                return [self._queue.popleft() for _ in range(self.max_batch)], False
+            if self._queue:
+                remaining = self._queue[0].arrived + self.timeout - time.monotonic()
+                if remaining <= 0 or self._closing:
+                    return [self._queue.popleft() for _ in range(len(self._queue))], True
+                self._cond.wait(remaining)
+            elif self._closing:
+                return None
+            else:
+                self._cond.wait()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                taken = self._take()
+            if taken is None:
+                return
+            requests, by_timeout = taken
+            try:
+                slots = self._run(requests)
+            except BaseException as exc:
+                error = PoprtError(f"the batch of {len(requests)} requests holding this request failed: {one_line(exc)}")
+                for request in requests:
+                    if not request.future.done():
+                        request.future.set_exception(error)
+                continue
+            with self._cond:  # counted before the futures complete, so a finished client sees its batch
+                self._counts["batches"] += 1
+                self._counts["requests"] += len(requests)
+                self._counts["tokens"] += sum(r.length for r in requests)
+                self._counts["token_slots"] += slots
+                self._counts["batches_by_timeout"] += by_timeout
+            for request in requests:
+                request.future.set_result(request.outputs)
+
+    def _run(self, requests: list[_Request]) -> int:
+        lengths = [r.length for r in requests]
+        layout = PaddedRows(len(requests), max(lengths))
+        placement = layout.placement(lengths)
+        feeds = {}
+        for name, (role, dtype) in self.inputs.items():
+            if role is Role.attention_mask:
+                feeds[name] = layout.mask(placement, dtype)
+            else:
+                feeds[name] = layout.scatter(placement, np.concatenate([r.feeds[name] for r in requests]), dtype)
+        results = self.session.run(self.output_names, feeds)
+        for name, out in zip(self.output_names, results):
+            for request, share in zip(requests, layout.split(out, Layout.padded, placement)):
+                request.outputs[name][: len(share)] = share
+        return len(requests) * max(lengths)
