@@ -45,9 +45,9 @@ def convert(
         Multi,
         typer.Option(
             "--pack_args",
-            help="max_valid_num=N segment_max_size=L [mode=unpack_repack|attention_mask|token_stream] "
-            "[max_tokens=T (token_stream)] [dynamic_groups=[[input_ids,]]]; "
-            "AttentionMask mode derives both numbers from --input_shape; token_stream takes no --input_shape.",
+            help="max_valid_num=N segment_max_size=L [mode=M] [max_tokens=T] [dynamic_groups=[[input_ids,]]]; "
+            "M: unpack_repack, attention_mask or token_stream (which takes max_tokens=T, a batch's most tokens, "
+            "and no --input_shape). AttentionMask mode derives both numbers from --input_shape.",
         ),
     ] = None,
     export_position_ids: Annotated[

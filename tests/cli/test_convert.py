@@ -32,7 +32,7 @@ def test_multi_value_flags_are_expanded():
 @pytest.mark.parametrize(
     "command, text",
     [
-        (["convert", "--help"], "max_valid_num=N segment_max_size=L [mode=unpack_repack|attention_mask|token_stream]"),
+        (["convert", "--help"], "max_valid_num=N segment_max_size=L [mode=M] [max_tokens=T] [dynamic_groups=[[input_ids,]]]"),
         (["bench", "--help"], "pip install '.[plot]'"),
     ],
 )
