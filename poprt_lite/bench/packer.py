@@ -46,7 +46,7 @@ class Batch:
     @property
     def slots(self) -> int:
         """Token slots the model runs for this batch."""
-        return int(np.prod(self.layout.token_shape))
+        return int(np.prod(self.layout.shape(self.placement)))
 
 
 def _batch(layout: BatchLayout, indices, lengths: np.ndarray, starts) -> Batch:
@@ -91,7 +91,7 @@ def plan_packed(
     if algorithm in (PackAlgorithm.first_fit, PackAlgorithm.next_fit):
         return _plan_in_order(lengths, layout, algorithm)
     if layout.across_rows:  # one bin per batch: the whole token stream
-        bins = pack(lengths, algorithm, bin_capacity=int(np.prod(layout.token_shape)), max_items_per_bin=max_valid_num)
+        bins = pack(lengths, algorithm, bin_capacity=layout.batch_size * layout.seq_len, max_items_per_bin=max_valid_num)
         plans = [_batch(layout, b, lengths, np.cumsum(lengths[b]) - lengths[b]) for b in bins]
     else:
         rows = pack(lengths, algorithm, bin_capacity=seq_len, max_items_per_bin=max_valid_num)

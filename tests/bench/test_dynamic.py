@@ -80,7 +80,7 @@ def test_plan_dynamic():
     lengths = np.array([5, 2, 7, 2, 3])
     sorted_plans = plan_dynamic(lengths, 2, sort=True)
     assert [p.indices.tolist() for p in sorted_plans] == [[1, 3], [4, 0], [2]]
-    assert [p.layout.token_shape for p in sorted_plans] == [(2, 2), (2, 5), (1, 7)]
+    assert [p.layout.shape(p.placement) for p in sorted_plans] == [(2, 2), (2, 5), (1, 7)]
     assert sorted_plans[1].placement.starts.tolist() == [0, 5]
     alone = plan_dynamic(lengths, 1, sort=False)
     assert [(p.indices.tolist(), p.slots) for p in alone] == [([0], 5), ([1], 2), ([2], 7), ([3], 2), ([4], 3)]
