@@ -129,6 +129,22 @@ def embedding_table_rows(model: onnx.ModelProto, names: list[str]) -> dict[str, 
     return found
 
 
+def converted_fields(model: onnx.ModelProto, source_bytes: bytes) -> dict[str, Any]:
+    """Manifest fields of a model converted earlier, whose pipeline is not known any more."""
+    return {
+        "source_sha256": sha256(source_bytes),
+        MetaKey.precision.value: ir.get_metadata(model).get(MetaKey.precision.value, "fp32"),
+        "pipeline": [],
+    }
+
+
+def in_memory(path: str | os.PathLike, model: onnx.ModelProto, manifest_fields: dict[str, Any]) -> Artifact:
+    """The artifact `write_artifact` would write, without writing it (`path` names its source)."""
+    model_bytes = model.SerializeToString()
+    manifest = build_manifest(model, model_sha256=sha256(model_bytes), **manifest_fields)
+    return Artifact(Path(path), manifest, model_bytes)
+
+
 def write_artifact(path: str | os.PathLike, model: onnx.ModelProto, manifest_fields: dict[str, Any]) -> Path:
     """Write the artifact atomically; `manifest_fields` are passed to `build_manifest`."""
     path = Path(path)

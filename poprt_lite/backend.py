@@ -22,7 +22,6 @@ import zipfile
 from pathlib import Path
 
 from poprt_lite import artifact, ir
-from poprt_lite.vocab import MetaKey
 from poprt_lite.errors import PoprtError
 from poprt_lite.runtime.model_runner import ModelRunner
 
@@ -67,17 +66,11 @@ class Session:
                 self.artifact_path = target
             return ModelRunner(loaded, threads=self.threads)
         model = ir.load_model(self.model_path)
-        fields = {
-            "source_sha256": artifact.sha256(self.model_path.read_bytes()),
-            MetaKey.precision.value: ir.get_metadata(model).get(MetaKey.precision.value, "fp32"),
-            "pipeline": [],
-        }
+        fields = artifact.converted_fields(model, self.model_path.read_bytes())
         if self.export_popef:
             self.artifact_path = artifact.write_artifact(self._target(), model, fields)
             return ModelRunner(self.artifact_path, threads=self.threads)
-        model_bytes = model.SerializeToString()
-        manifest = artifact.build_manifest(model, model_sha256=artifact.sha256(model_bytes), **fields)
-        return ModelRunner(artifact.Artifact(self.model_path, manifest, model_bytes), threads=self.threads)
+        return ModelRunner(artifact.in_memory(self.model_path, model, fields), threads=self.threads)
 
     def _target(self) -> Path:
         if self.output_dir is None:

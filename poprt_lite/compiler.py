@@ -229,3 +229,48 @@ def compile(
 
 def _jsonable(value):
     return json.loads(json.dumps(value, default=list))
+
+
+class CompilerOptions:
+    """PopRT's `poprt.compiler.CompilerOptions`. Its fields configure the IPU compiler (batches per
+    step, IPUs, I/O tiles, ...): poprt-lite takes any of them and uses none (a notice names them)."""
+
+    def __init__(self, **fields: object) -> None:
+        vars(self).update(fields)
+
+
+class Compiler:
+    """PopRT's `poprt.compiler.Compiler`: a converted model to an executable, poprt-lite's artifact
+    (the model with its manifest), in memory or exported to a file (`executable.popef`)."""
+
+    @staticmethod
+    def compile(model: str | os.PathLike | onnx.ModelProto, outputs: Sequence[str] | None = None, options: CompilerOptions | None = None) -> artifact.Artifact:
+        source, path = _compiler_input(model, outputs, options)
+        return artifact.in_memory(path, source, artifact.converted_fields(source, _source_bytes(model)))
+
+    @staticmethod
+    def compile_and_export(
+        model: str | os.PathLike | onnx.ModelProto, outputs: Sequence[str] | None, filename: str | os.PathLike, options: CompilerOptions | None = None
+    ) -> None:
+        source, _ = _compiler_input(model, outputs, options)
+        artifact.write_artifact(filename, source, artifact.converted_fields(source, _source_bytes(model)))
+
+
+def _compiler_input(model, outputs, options) -> tuple[onnx.ModelProto, Path]:
+    if options is not None and vars(options):
+        log.warning("CompilerOptions %s do not apply, ignored: they configure the IPU compiler", ", ".join(sorted(vars(options))))
+    if isinstance(model, onnx.ModelProto):
+        source, path = model, Path("<ModelProto>")
+    else:
+        source, path = ir.load_model(model), Path(model)
+    present = [o.name for o in source.graph.output]
+    if outputs is not None and list(outputs) != present:
+        missing = [name for name in outputs if name not in present]
+        if missing:
+            raise PoprtError(f"outputs names '{missing[0]}', which is not a model output; outputs are: {', '.join(present)}")
+        source = passes.get_pass("remove_outputs")(outputs=tuple(name for name in present if name not in outputs))(source)
+    return source, path
+
+
+def _source_bytes(model) -> bytes:
+    return model.SerializeToString() if isinstance(model, onnx.ModelProto) else Path(model).read_bytes()

@@ -60,7 +60,7 @@ def pack_mode(key: str, text: str) -> PackMode:
 
 def dynamic_groups(key: str, text: str) -> list[list[str]]:
     """PopRT's `dynamic_groups=[[input_ids,]]`: groups of inputs sharing the packed dimension."""
-    groups = [[name for name in re.split(r"[\s,]+", inner) if name] for inner in re.findall(r"\[([^\[\]]*)\]", text)]
+    groups = [[name for name in re.split(r"[\s,'\"]+", inner) if name] for inner in re.findall(r"\[([^\[\]]*)\]", text)]
     if not groups or not groups[0]:
         raise PoprtError(f"--pack_args {key} must name the dynamic input, e.g. {key}=[[input_ids,]], got '{text}'")
     return groups
