@@ -31,6 +31,7 @@ __all__ = [
     "get_op",
     "list_ops",
     "make_node",
+    "normalize_poprt_forms",
     "reference_ops",
     "validate_inputs",
 ]
@@ -85,12 +86,23 @@ def _graph_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                 yield from _graph_nodes(sub)
 
 
+def normalize_poprt_forms(model: onnx.ModelProto) -> int:
+    """Rewrite nodes written in PopRT's op signatures (e.g. `AttentionMask(mask, scores)` with
+    `dataType`, `Unpack` with `segment_max_size=[L]`) into poprt-lite's, whose function bodies run
+    them; the number of nodes rewritten."""
+    return sum(
+        REGISTRY[n.op_type].normalize(n) for n in _graph_nodes(model.graph) if n.domain == DOMAIN and n.op_type in REGISTRY
+    )
+
+
 def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Add the function bodies and the DOMAIN opset import for the custom ops the model uses.
+    """Add the function bodies and the DOMAIN opset import for the custom ops the model uses,
+    after rewriting nodes in PopRT's signatures into poprt-lite's (normalize_poprt_forms).
 
     Bodies are rendered for the model's ONNX opset (>= MIN_ONNX_OPSET). Idempotent; mutates and
     returns `model`.
     """
+    normalize_poprt_forms(model)
     used = sorted({n.op_type for n in _graph_nodes(model.graph) if n.domain == DOMAIN})
     if not used:
         return model

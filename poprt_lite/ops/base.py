@@ -93,10 +93,14 @@ class TensorSpec:
     rank: int | None = None
     min_rank: int = 0
     length: int | None = None
+    optional: bool = False  # PopRT's signatures: an extra input poprt-lite's form leaves out
+    ranks: tuple[int, ...] | None = None  # several allowed ranks (PopRT's signatures), instead of `rank`
 
     def expected(self) -> str:
         dtypes = _join(self.dtypes)
-        if self.rank is None:
+        if self.ranks is not None:
+            text = f"a {_join([f'{r}-D' for r in self.ranks])} {dtypes} tensor"
+        elif self.rank is None:
             text = f"a {dtypes} tensor of rank >= {self.min_rank}"
         else:
             text = f"a {self.rank}-D {dtypes} tensor"
@@ -107,7 +111,10 @@ class TensorSpec:
         bad = dtype is not None and dtype not in self.dtypes
         if shape is not None:
             rank = len(shape)
-            bad |= rank < self.min_rank if self.rank is None else rank != self.rank
+            if self.ranks is not None:
+                bad |= rank not in self.ranks
+            else:
+                bad |= rank < self.min_rank if self.rank is None else rank != self.rank
             bad |= (
                 self.length is not None and rank == 1 and isinstance(shape[0], int)
                 and shape[0] != self.length
@@ -122,23 +129,35 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class AttrSpec:
-    """An int attribute: required when `default` is None; `choices` maps allowed values to names."""
+    """An int attribute: required when `default` is None; `choices` maps allowed values to names.
+
+    `string=True`: a string attribute from PopRT's signatures, optional (None when absent), one of
+    `choices`' names."""
 
     name: str
     doc: str
     default: int | None = None
     minimum: int | None = None
     choices: dict[int, str] | None = None
+    string: bool = False
 
     def schema_attribute(self) -> OpSchema.Attribute:
+        if self.string:
+            return OpSchema.Attribute(self.name, OpSchema.AttrType.STRING, self.doc, required=False)
         if self.default is None:
             return OpSchema.Attribute(self.name, OpSchema.AttrType.INT, self.doc, required=True)
         return OpSchema.Attribute(
             self.name, onnx.helper.make_attribute(self.name, self.default), self.doc
         )
 
-    def resolve(self, op_name: str, value: Any) -> int:
+    def resolve(self, op_name: str, value: Any) -> int | str | None:
         """The attribute's value (default when None), checked."""
+        if self.string:
+            text = value.decode() if isinstance(value, bytes) else value
+            if text is not None and text not in (self.choices or {}).values():
+                allowed = _join(list((self.choices or {}).values()))
+                raise PoprtError(f"{op_name}: attribute '{self.name}' must be {allowed}, got {text!r}")
+            return text
         if value is None:
             if self.default is None:
                 raise PoprtError(f"{op_name}: attribute '{self.name}' is required")
@@ -220,6 +239,7 @@ class CustomOp:
         infer: InferFn,
         body: str,
         check: CheckFn | None = None,
+        poprt_form: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ):
         if reference.__name__ != name:
             raise ValueError(f"reference kernel {reference.__name__} must be named {name}")
@@ -233,6 +253,7 @@ class CustomOp:
         self._infer = infer
         self._body = body
         self._check = check
+        self._poprt_form = poprt_form
         self.schema = self._make_schema(doc)
         self.reference = reference
         reference.op = self
@@ -252,7 +273,13 @@ class CustomOp:
             DOMAIN,
             OPSET_VERSION,
             doc,
-            inputs=[OpSchema.FormalParameter(s.name, s.type_param, s.doc) for s in self.inputs],
+            inputs=[
+                OpSchema.FormalParameter(
+                    s.name, s.type_param, s.doc,
+                    param_option=OpSchema.FormalParameterOption.Optional if s.optional else OpSchema.FormalParameterOption.Single,
+                )
+                for s in self.inputs
+            ],
             outputs=[OpSchema.FormalParameter(self.output.name, self.output.type_param, self.output.doc)],
             type_constraints=[
                 (param, [_onnx_type_str(d) for d in dtypes], "") for param, dtypes in constraints.items()
@@ -262,20 +289,40 @@ class CustomOp:
         schema.set_type_and_shape_inference_function(self._infer_node)
         return schema
 
+    def canonical_attributes(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """`attrs` in poprt-lite's form: PopRT's spellings (poprt_form) rewritten."""
+        return self._poprt_form(dict(attrs)) if self._poprt_form is not None else dict(attrs)
+
+    def normalize(self, node: onnx.NodeProto) -> bool:
+        """Rewrite a node written in PopRT's signature into poprt-lite's in place (attributes as
+        `canonical_attributes` says, optional inputs dropped); whether anything changed."""
+        given = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        canonical = self.canonical_attributes(given)
+        required = sum(not spec.optional for spec in self.inputs)
+        if canonical == given and len(node.input) <= required:
+            return False
+        del node.attribute[:]
+        node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in canonical.items() if v is not None)
+        del node.input[required:]
+        return True
+
     def resolve_attributes(self, attrs: dict[str, Any]) -> dict[str, int]:
         """Checked attribute values with defaults filled in; PoprtError for unknown names."""
+        attrs = self.canonical_attributes(attrs)
         unknown = sorted(set(attrs) - set(self.attributes))
         if unknown:
             raise PoprtError(
                 f"{self.name}: unknown attribute '{unknown[0]}' "
                 f"(known: {', '.join(self.attributes)})"
             )
-        return {n: a.resolve(self.name, attrs.get(n)) for n, a in self.attributes.items()}
+        resolved = {n: a.resolve(self.name, attrs.get(n)) for n, a in self.attributes.items()}
+        return {n: v for n, v in resolved.items() if v is not None}
 
     def _check_input_count(self, count: int) -> None:
-        if count != len(self.inputs):
-            names = ", ".join(s.name for s in self.inputs)
-            raise PoprtError(f"{self.name}: expected {len(self.inputs)} inputs ({names}), got {count}")
+        required = sum(not spec.optional for spec in self.inputs)
+        if not required <= count <= len(self.inputs):
+            names = ", ".join(s.name for s in self.inputs[:required])
+            raise PoprtError(f"{self.name}: expected {required} inputs ({names}), got {count}")
 
     def _validated(self, arrays: Sequence[Any], attrs: dict[str, Any]):
         self._check_input_count(len(arrays))
@@ -305,7 +352,7 @@ class CustomOp:
         resolved = self.resolve_attributes(attrs)
         self._check_input_count(ctx.get_num_inputs())
         types, data = [], []
-        for i, spec in enumerate(self.inputs):
+        for i, spec in enumerate(self.inputs[: ctx.get_num_inputs()]):
             t = ctx.get_input_type(i)
             t = onnx.TypeProto() if t is None else t
             elem = t.tensor_type.elem_type

@@ -122,9 +122,9 @@ INFO = np.array([4, 2, 0], np.int32)
     "x, info, attrs, message",
     [
         (X, np.zeros((3, 2), np.float32), dict(max_valid_num=3, segment_max_size=4),
-         "Unpack: input 'unpack_info' must be a 1-D int32 or int64 tensor, got float32 of shape (3, 2)"),
+         "Unpack: input 'unpack_info' must be a 1-D or 2-D int32 or int64 tensor, got float32 of shape (3, 2)"),
         (X, INFO.astype(np.float32), dict(max_valid_num=3, segment_max_size=4),
-         "Unpack: input 'unpack_info' must be a 1-D int32 or int64 tensor, got float32 of shape (3,)"),
+         "Unpack: input 'unpack_info' must be a 1-D or 2-D int32 or int64 tensor, got float32 of shape (3,)"),
         (np.zeros(8, np.float32), INFO, dict(max_valid_num=3, segment_max_size=4),
          "Unpack: input 'x' must be a float32, float16, int32 or int64 tensor of rank >= 2, "
          "got float32 of shape (8,)"),
@@ -168,9 +168,9 @@ def test_reference_evaluator_reports_bad_input():
 def test_shape_inference_rejects_wrong_rank():
     with pytest.raises(PoprtError) as err:
         one_node_model(
-            "Unpack", [("x", "float32", ["B", "S", 3]), ("unpack_info", "int32", [3, 2])],
+            "Unpack", [("x", "float32", ["B", "S", 3]), ("unpack_info", "int32", [3, 1, 1])],
             dict(max_valid_num=3, segment_max_size=4),
         )
     assert str(err.value) == (
-        "Unpack: input 'unpack_info' must be a 1-D int32 or int64 tensor, got int32 of shape (3, 2)"
+        "Unpack: input 'unpack_info' must be a 1-D or 2-D int32 or int64 tensor, got int32 of shape (3, 1, 1)"
     )
