@@ -86,6 +86,14 @@ class Layout(_Word):
 DEFAULT_LAYOUT = Layout.padded
 
 
+class Dim(_Word):
+    """Names of the dynamic dims of a token_stream model (its inputs, outputs and manifest)."""
+
+    tokens = "tokens"  # T: the batch's real tokens, one stream [1, T]
+    requests = "requests"  # k: the batch's requests (unpack_info [k], per-request outputs [k, ...])
+    longest = "longest"  # the batch's longest request (unpacked outputs [k, longest, ...])
+
+
 class MetaKey(_Word):
     """Keys of the model metadata (`metadata_props`, prefixed `poprt_lite.`) and of the manifest."""
 

@@ -37,7 +37,7 @@ from poprt_lite.bench.modes import (
     run_online,
     select_modes,
 )
-from poprt_lite.vocab import PackMode
+from poprt_lite.vocab import Dim, PackMode
 
 __all__ = ["BenchConfig", "BenchResult", "ModeResult", "Progress", "run_benchmark"]
 
@@ -133,10 +133,10 @@ def host_packing(ctx: Context) -> dict[str, Any]:
         feeds = [feeder.feeds(p) for p in plans]
         build = time.perf_counter() - start
         del feeds
-        fake = {s["name"]: np.zeros(s["shape"], np.float32) for s in ctx.artifacts[kind].manifest["outputs"]}
+        fakes = [_fake_outputs(ctx.artifacts[kind].manifest, p) for p in plans]
         sink = ctx.buffers()
         start = time.perf_counter()
-        for p in plans:
+        for p, fake in zip(plans, fakes):
             feeder.gather(p, fake, sink)
         split = time.perf_counter() - start
         requests = [w.request(i) for i in range(w.size)]
@@ -145,7 +145,7 @@ def host_packing(ctx: Context) -> dict[str, Any]:
         while index < w.size:
             index = packing_utils.pack_data(
                 requests, index, c.batch_size, c.max_seq_len, c.max_valid_num, 1,
-                across_rows=plans[0].layout.across_rows, position_offset=ctx.position_offset,
+                position_offset=ctx.position_offset, mode=kind,
             ).count
         pack_data = time.perf_counter() - start
         out[kind.value] = {
@@ -156,6 +156,16 @@ def host_packing(ctx: Context) -> dict[str, Any]:
             "offline_algorithm": c.offline_algorithm,
         }
     return out
+
+
+def _fake_outputs(manifest: dict[str, Any], batch) -> dict[str, np.ndarray]:
+    """Zero outputs of an artifact's shapes for `batch` (a dynamic dim: the batch's tokens,
+    requests or longest request)."""
+    dims = {Dim.tokens: batch.placement.tokens, Dim.requests: len(batch), Dim.longest: int(batch.placement.lengths.max())}
+    return {
+        s["name"]: np.zeros([d if isinstance(d, int) else dims[Dim(d)] for d in s["shape"]], np.float32)
+        for s in manifest["outputs"]
+    }
 
 
 # -------------------------------------------------------------------------------------- run

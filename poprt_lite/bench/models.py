@@ -1,7 +1,9 @@
-"""Compile (and cache) the benchmark's static artifacts from one source model.
+"""Compile (and cache) the benchmark's compiled artifacts from one source model.
 
 Kinds: `None` (padded: static `[batch, seq_len]` shapes and `position_ids` as an input, PopRT's
-`bert_bs16_sl256.onnx`) and each `PackMode` (the same plus `--pack_args mode=...`).
+`bert_bs16_sl256.onnx`) and each `PackMode` (the same plus `--pack_args mode=...`; a mode without a
+static shape, token_stream, takes no `--input_shape` and `max_tokens=batch*seq_len`, the static
+batch's token slots).
 Artifacts are cached under `<work_dir>/compiled/`, keyed by the source model's sha256, the compile
 options and a hash of poprt-lite's compiler sources, so editing a pass never reuses a stale model.
 """
@@ -17,13 +19,14 @@ from pathlib import Path
 import onnx
 
 import poprt_lite
+from poprt_lite import pack_args
 from poprt_lite.artifact import Artifact, load_artifact
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.compiler import compile as compile_model
 from poprt_lite.errors import ArtifactError, PoprtError
 from poprt_lite.vocab import INPUT_IDS, Layout, PackMode
 
-KINDS: tuple[PackMode | None, ...] = (None, PackMode.unpack_repack, PackMode.attention_mask)
+KINDS: tuple[PackMode | None, ...] = (None, *PackMode)
 _SOURCE_PARTS = ("passes", "ops", "patterns", "compiler.py", "ir.py", "artifact.py")
 
 
@@ -87,6 +90,9 @@ def prepare_artifacts(
         pack = {} if kind is None else {
             "max_valid_num": str(max_valid_num), "segment_max_size": str(segment_max_size), "mode": kind.value
         }
+        static = kind is None or pack_args.MODES[kind].static
+        if not static:
+            pack["max_tokens"] = str(batch_size * seq_len)
         folder = Path(work_dir) / "compiled" / f"{key}-{name}-b{batch_size}s{seq_len}" / (
             f"n{max_valid_num}l{segment_max_size}" if pack else "plain"
         )
@@ -105,7 +111,7 @@ def prepare_artifacts(
         say(f"compiling {name} model")
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        options = CompileOptions(input_shape=shape, pack_args=pack, export_position_ids=True)
+        options = CompileOptions(input_shape=shape if static else {}, pack_args=pack, export_position_ids=True)
         result = compile_model(source, tmp / "model.onnx", output_dir=tmp, export_popef=True, options=options)
         Path(result.output_model).unlink()
         if ort_fusions:

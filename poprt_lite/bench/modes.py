@@ -327,11 +327,13 @@ MODES = (
     Mode("offline_dynamic_sorted", "offline dynamic, sorted batches", DynamicOffline),
     Mode("offline_unpack_repack", "offline unpack/repack", StaticOffline, PackMode.unpack_repack),
     Mode("offline_attention_mask", "offline AttentionMask", StaticOffline, PackMode.attention_mask),
+    Mode("offline_token_stream", "offline token stream", StaticOffline, PackMode.token_stream),
     Mode("online_dynamic_per_request", "online dynamic, each request alone", DynamicOnline, per_request=True),
     Mode("online_dynamic_batching", "online dynamic batching", DynamicOnline),
     Mode("online_unpack_repack", "online unpack/repack", PackedOnline, PackMode.unpack_repack),
     Mode("online_attention_mask_first_fit", "online AttentionMask first_fit", PackedOnline, PackMode.attention_mask),
     Mode("online_attention_mask_next_fit", "online AttentionMask next_fit", PackedOnline, PackMode.attention_mask, PackAlgorithm.next_fit),
+    Mode("online_token_stream", "online token stream", PackedOnline, PackMode.token_stream),
 )
 MODE_NAMES = tuple(m.name for m in MODES)
 REFERENCE_MODE = "offline_dynamic_per_request"  # its outputs are the original model run on each request alone

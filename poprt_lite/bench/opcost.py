@@ -1,7 +1,7 @@
 """What the packing ops and the unpacked attention cost, timed alone at the model's shapes.
 
-For every `ai.graphcore` node of the packed models (Unpack, Repack, PaddingMask, AttentionMask) the
-op is run alone in onnxruntime, with the same thread count, on inputs of the node's static shape
+For every `ai.graphcore` node of the static packed models (Unpack, Repack, PaddingMask, AttentionMask;
+token_stream models, whose shapes follow each batch, are left out) the op is run alone in onnxruntime, with the same thread count, on inputs of the node's static shape
 (and the lengths of a real batch of the benchmark); the time per call times the number of calls
 per batch, divided by the mode's model time per batch, is the op's share of the model.
 
@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from poprt_lite import ops
+from poprt_lite import ops, pack_args
 from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import PackMode
 
@@ -135,7 +135,7 @@ def measure_op_costs(ctx, model_ms: dict[PackMode, dict[str, float]]) -> dict[st
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {"ops": [], "attention": {}}
     heads = head_dim = layers = None
-    for kind in (k for k in ctx.artifacts if k is not None):
+    for kind in (k for k in ctx.artifacts if k is not None and pack_args.MODES[k].static):
         model = ctx.artifacts[kind].model()
         opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         batch = ctx.plan(kind)[0]

@@ -25,11 +25,9 @@ from poprt_lite.passes.pack_unpack_repack import _Rewriter
 from poprt_lite.passes.registry import register_pass
 from poprt_lite.patterns.attention import attention_cone
 from poprt_lite.patterns.layout import TokenAxes, token_dims
-from poprt_lite.vocab import UNPACK_INFO, Layout, PackMode, Role
+from poprt_lite.vocab import UNPACK_INFO, Dim, Layout, PackMode, Role
 
 MODE = PackMode.token_stream
-# Symbolic dims of the packed model: the stream's tokens, the requests, the longest request.
-TOKENS, REQUESTS, LONGEST = "tokens", "requests", "longest"
 
 
 @register_pass("token_stream_packing")
@@ -68,7 +66,7 @@ class _StreamRewriter(_Rewriter):
 
     @property
     def rows(self) -> tuple[str, str]:
-        return REQUESTS, LONGEST
+        return Dim.requests.value, Dim.longest.value
 
     def token_output(self, index: int, output: gs.Variable) -> Layout:
         return Layout.stream
@@ -86,10 +84,10 @@ def _check_dynamic(input_ids: gs.Variable, dims: TokenAxes) -> None:
 
 def _pin_stream(graph: gs.Graph, dims: TokenAxes, layouts: dict[str, Layout]) -> None:
     """Declare the stream: [1, tokens] inputs and [1, tokens, ...] stream outputs."""
-    stream = dict(zip(dims.dims, (1, TOKENS)))
+    stream = dict(zip(dims.dims, (1, Dim.tokens.value)))
     for tensor in graph.inputs:
         if tensor.shape is not None and tensor.name != UNPACK_INFO:
             tensor.shape = [stream.get(d, d) for d in tensor.shape]
     for tensor in graph.outputs:
         if layouts.get(tensor.name) is Layout.stream:
-            tensor.shape = [1, TOKENS, *tensor.shape[2:]]
+            tensor.shape = [1, Dim.tokens.value, *tensor.shape[2:]]

@@ -15,14 +15,16 @@ MODES = [
     "offline_dynamic_sorted",
     "offline_unpack_repack",
     "offline_attention_mask",
+    "offline_token_stream",
     "online_dynamic_per_request",
     "online_dynamic_batching",
     "online_unpack_repack",
     "online_attention_mask_first_fit",
     "online_attention_mask_next_fit",
+    "online_token_stream",
 ]
 DYNAMIC = [m for m in MODES if "_dynamic_" in m]
-PACKED_ONLINE = ["online_unpack_repack", "online_attention_mask_first_fit", "online_attention_mask_next_fit"]
+PACKED_ONLINE = ["online_unpack_repack", "online_attention_mask_first_fit", "online_attention_mask_next_fit", "online_token_stream"]
 
 
 def check_run(data: dict, requests: int) -> dict:
@@ -55,6 +57,10 @@ def check_run(data: dict, requests: int) -> dict:
     assert modes["offline_dynamic_sorted"]["packing_efficiency"] > modes["padded"]["packing_efficiency"]
     # packed batches hold more requests than padded ones
     assert modes["offline_attention_mask"]["requests_per_batch"] > modes["padded"]["requests_per_batch"]
+    assert modes["offline_token_stream"]["requests_per_batch"] > modes["padded"]["requests_per_batch"]
+    # a token stream runs its real tokens only
+    for name in ("offline_token_stream", "online_token_stream"):
+        assert modes[name]["packing_efficiency"] == 1.0
     for name in PACKED_ONLINE + ["online_dynamic_batching"]:
         assert 0 <= modes[name]["batches_by_timeout"] <= modes[name]["batches"]
     for name in PACKED_ONLINE:
@@ -82,7 +88,7 @@ def test_bench_small_preset(tmp_path, capsys):
     modes = check_run(data, 8 * 4)
     assert modes["online_dynamic_batching"]["requests_per_batch"] <= 4  # batch_size of the --small preset
     host = data["host_packing"]
-    assert set(host) == {"unpack_repack", "attention_mask"}
+    assert set(host) == {"unpack_repack", "attention_mask", "token_stream"}
     ops = {(o["model"], o["op"]) for o in data["op_costs"]["ops"]}
     assert {("unpack_repack", "Unpack"), ("unpack_repack", "Repack"), ("attention_mask", "AttentionMask")} <= ops
     assert "| offline AttentionMask |" in data["markdown_table"]
