@@ -8,7 +8,7 @@ from conftest import model_path
 from poprt_lite import compile, load_artifact
 from poprt_lite.artifact import FORMAT_VERSION, sha256
 from poprt_lite.compiler import CompileOptions
-from poprt_lite.errors import ArtifactError
+from poprt_lite.errors import RequestError, ArtifactError
 from poprt_lite.runtime import ModelRunner
 
 
@@ -54,8 +54,8 @@ def test_runner_validates_feeds_against_the_manifest(packed_artifact):
     feeds = {
         "input_ids": np.full((2, 32), 5, np.int32),  # int32 accepted and cast
         "attention_mask": np.ones((2, 32), np.int64),
-        "position_ids": np.tile(np.arange(32) + 2, (2, 1)),
-        "unpack_info": np.array([32, 20, 12, 0], np.int32),
+        "position_ids": np.concatenate([np.arange(32), np.arange(20), np.arange(12)]).reshape(2, 32) + 2,
+        "unpack_info": np.array([32, 20, 12, 0], np.int32),  # request 2 starts at row 1, column 20
     }
     start, end = runner.run(None, feeds)
     assert start.shape == (4, 32) and not start[3].any()
@@ -69,6 +69,8 @@ def test_runner_validates_feeds_against_the_manifest(packed_artifact):
         runner.execute(feeds, {"start_logits": np.zeros((4, 32), np.int32)})
     with pytest.raises(Exception, match=r"^feed 'attention_mask' has dtype float32; the model expects int64$"):
         runner.run(None, {**feeds, "attention_mask": np.ones((2, 32), np.float32)})
+    with pytest.raises(RequestError, match=r"^feed 'position_ids' starts request 2 \(at row 1, column 20\) at 22; the artifact's position ids start at 2"):
+        runner.run(None, {**feeds, "position_ids": np.tile(np.arange(32) + 2, (2, 1))})
 
 
 def test_corrupted_model_member_is_refused(packed_artifact, tmp_path):

@@ -28,7 +28,8 @@ import numpy as np
 from poprt_lite.bench.workload import Workload
 from poprt_lite.errors import PoprtError
 from poprt_lite.runtime.layouts import BatchLayout, PaddedRows, Placement, layout_for
-from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, pack
+from poprt_lite.runtime.offline import plan_batches
+from poprt_lite.runtime.packing import PackAlgorithm
 from poprt_lite.vocab import Layout, PackMode, Role
 
 OFFLINE_ALGORITHMS = tuple(a.value for a in PackAlgorithm)
@@ -84,64 +85,10 @@ def plan_packed(
     max_valid_num: int,
     algorithm: PackAlgorithm | str = PackAlgorithm.best_fit_decreasing,
 ) -> list[Batch]:
-    """Pack every request of `lengths` into batches of the layout of pack mode `mode`."""
-    algorithm = PackAlgorithm.parse(algorithm)
-    lengths = np.asarray(lengths, dtype=np.int64)
+    """Pack every request of `lengths` into batches of the layout of pack mode `mode`
+    (`runtime.offline.plan_batches`, the planner of `ModelRunner.run_requests`)."""
     layout = layout_for(mode, batch_size, seq_len, max_valid_num)
-    if algorithm in (PackAlgorithm.first_fit, PackAlgorithm.next_fit):
-        return _plan_in_order(lengths, layout, algorithm)
-    if layout.across_rows:  # one bin per batch: the whole token stream
-        bins = pack(lengths, algorithm, bin_capacity=layout.batch_size * layout.seq_len, max_items_per_bin=max_valid_num)
-        plans = [_batch(layout, b, lengths, np.cumsum(lengths[b]) - lengths[b]) for b in bins]
-    else:
-        rows = pack(lengths, algorithm, bin_capacity=seq_len, max_items_per_bin=max_valid_num)
-        plans = _deal_rows(rows, lengths, layout)
-    return sorted(plans, key=lambda p: int(p.indices.min()))  # dataset order
-
-
-def _plan_in_order(lengths: np.ndarray, layout: BatchLayout, algorithm: PackAlgorithm) -> list[Batch]:
-    """PopRT's offline packing: batch after batch, requests in order until the next one does not fit."""
-    plans, i, n = [], 0, len(lengths)
-    packer = OnlinePacker(
-        algorithm, layout.batch_size, layout.seq_len, layout.max_valid_num, layout.across_rows, segment_max_size=layout.seq_len
-    )
-    while i < n:
-        packer.reset()
-        lo = i
-        while i < n and not packer.is_full and packer.try_add(int(lengths[i])):
-            i += 1
-        plans.append(_batch(layout, np.arange(lo, i), lengths, packer.starts()))
-    return plans
-
-
-def _deal_rows(rows: list[list[int]], lengths: np.ndarray, layout: BatchLayout) -> list[Batch]:
-    """Deal packed rows into as few batches as hold them, at most `max_valid_num` requests each."""
-    batch_size, seq_len, limit = layout.batch_size, layout.seq_len, layout.max_valid_num
-    counts = np.array([len(r) for r in rows])
-    order = np.argsort(-counts, kind="stable")  # most crowded rows first, each to the emptiest batch
-    n_batches = -(-len(rows) // batch_size)
-    while True:
-        members: list[list[int]] = [[] for _ in range(n_batches)]
-        load = np.zeros(n_batches, dtype=np.int64)
-        for r in order.tolist():
-            open_ = np.array([len(m) < batch_size for m in members])
-            b = int(np.argmin(np.where(open_, load, np.iinfo(np.int64).max)))
-            members[b].append(r)
-            load[b] += counts[r]
-        if load.max() <= limit:
-            break
-        n_batches += 1
-    plans = []
-    for batch_rows in members:
-        if not batch_rows:
-            continue
-        idx, starts = [], []
-        for row_slot, r in enumerate(sorted(batch_rows, key=lambda r: min(rows[r]))):
-            items = np.asarray(rows[r], dtype=np.int64)
-            idx.append(items)
-            starts.append(row_slot * seq_len + np.cumsum(lengths[items]) - lengths[items])
-        plans.append(_batch(layout, np.concatenate(idx), lengths, np.concatenate(starts)))
-    return plans
+    return [Batch(idx, layout, placement) for idx, placement in plan_batches(layout, lengths, algorithm, seq_len)]
 
 
 class Feeder:

@@ -18,7 +18,10 @@ Every runner (PackRunner, `packing_utils`, `--check`, the bench) builds feeds an
 here, so a layout is spelled once. A batch's feeds have the layout's `shape(placement)`:
 `[batch_size, seq_len]`, or `[1, T]` for the token stream. Outputs are split by their manifest
 `Layout`: per token (`packed`, `padded`, `stream`: at the request's flat offset; `unpacked`: row
-i), or per request (`per_request`: row i).
+i), or per request (`per_request`: row i). `read_placement` is the inverse of building feeds: it
+reads where the requests of packed feeds lie back from their attention mask (and `unpack_info`),
+refusing feeds that the layout would not have built, so that the plain runner can check feeds
+packed by hand.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.vocab import Layout, PackMode
 
 
@@ -71,6 +74,10 @@ class BatchLayout:
 
     mode: ClassVar[PackMode | None] = None
     across_rows: ClassVar[bool] = False  # may a request cross a row boundary?
+    # For messages about packed feeds: what marks the requests, and the likely mistake when a
+    # request's position ids jump inside it.
+    delimited_by: ClassVar[str] = "the rows"
+    misplaced: ClassVar[str] = "one request per row, from column 0"
 
     def __init__(self, batch_size: int, seq_len: int, max_valid_num: int | None = None) -> None:
         self.batch_size, self.seq_len = int(batch_size), int(seq_len)
@@ -104,6 +111,18 @@ class BatchLayout:
         info = np.zeros(self.max_valid_num, dtype)
         info[: len(placement)] = placement.lengths
         return info
+
+    def read_placement(self, mask: np.ndarray | None, unpack_info: np.ndarray | None, names: tuple[str, str]) -> Placement:
+        """Where the requests of packed feeds lie, read back from their attention mask `mask`
+        (`token_shape`) and `unpack_info`: the inverse of `mask` and `unpack_info`. Feeds that this
+        layout would not have built raise RequestError naming the disagreement; `names` are the
+        mask's and unpack_info's input names, for the messages."""
+        raise PoprtError(f"{type(self).__name__} cannot read requests back from packed feeds")
+
+    def locate(self, flat: int) -> str:
+        """A flat token slot, for messages: `row r, column c`."""
+        row, column = divmod(int(flat), self.seq_len)
+        return f"row {row}, column {column}"
 
     def split(self, output: np.ndarray, layout: Layout | str, placement: Placement) -> list[np.ndarray]:
         """One view of `output` per request of `placement`, by the output's layout."""
@@ -141,24 +160,88 @@ class StreamAcrossRows(BatchLayout):
 
     mode = PackMode.unpack_repack
     across_rows = True
+    delimited_by = "the lengths in unpack_info"
+    misplaced = "unpack_info must hold the requests' lengths in the order they lie in the batch, as pack_data(..., across_rows=True) builds it"
+
+    def read_placement(self, mask: np.ndarray | None, unpack_info: np.ndarray | None, names: tuple[str, str]) -> Placement:
+        mask_name, info_name = names
+        if unpack_info is None:
+            raise RequestError(f"missing feed '{info_name}': the lengths of the requests, in the order they lie in the batch")
+        info = np.asarray(unpack_info, np.int64).reshape(-1)
+        used = int(np.argmin(info != 0)) if (info == 0).any() else len(info)
+        if (info[used:] != 0).any():
+            late = used + int(np.argmax(info[used:] != 0))
+            raise RequestError(
+                f"feed '{info_name}' has {int(info[late])} in slot {late} after an unused slot ({info_name}[{used}] = 0); "
+                "the lengths of the requests come first, 0 only for the unused slots after them"
+            )
+        lengths = info[:used]
+        placement = Placement.of(lengths, np.cumsum(lengths) - lengths)
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.max(initial=0) > 1:
+                raise RequestError(
+                    f"feed '{mask_name}' holds segment ids up to {int(mask.max())}, but this artifact was compiled for "
+                    f"{self.mode} mode, whose {mask_name} is 1 on tokens and 0 on padding: pack for this mode "
+                    "(across_rows=True, or pack_data(..., artifact=...))"
+                )
+            want = self.mask(placement, mask.dtype)
+            if mask.shape != want.shape:
+                raise RequestError(
+                    f"feed '{mask_name}' has shape {list(mask.shape)}, but '{info_name}' places {placement.tokens} tokens "
+                    f"in a batch of shape {list(want.shape)}"
+                )
+            if not np.array_equal(mask != 0, want != 0):
+                first = int(np.argmax((mask != 0).reshape(-1) != (want != 0).reshape(-1)))
+                raise RequestError(
+                    f"feed '{mask_name}' disagrees with '{info_name}' at {self.locate(first)}: {info_name} places "
+                    f"{placement.tokens} tokens one after another from the start of the batch, {mask_name} has "
+                    f"{int(np.count_nonzero(mask))} non-zero values"
+                )
+        return placement
 
 
 class SegmentRows(BatchLayout):
     """attention_mask: each request inside one row; segment ids 1, 2, ... per row, in column order."""
 
     mode = PackMode.attention_mask
+    delimited_by = "the segment ids of attention_mask"
+    misplaced = (
+        "several requests share one segment id; this artifact (attention_mask mode) takes each request inside one row "
+        "with its own segment id: pack with across_rows=False, or with pack_data(..., artifact=...)"
+    )
 
     def mask_values(self, placement: Placement) -> np.ndarray:
         return np.repeat(segment_ids(placement.starts // self.seq_len, placement.starts), placement.lengths)
 
+    def read_placement(self, mask: np.ndarray | None, unpack_info: np.ndarray | None, names: tuple[str, str]) -> Placement:
+        mask_name = names[0]
+        if mask is None:
+            raise RequestError(f"missing feed '{mask_name}': the segment id of every token")
+        rows = np.asarray(mask).reshape(self.token_shape).astype(np.int64)
+        edge = np.ones((rows.shape[0], 1), bool)
+        changes = rows[:, 1:] != rows[:, :-1]
+        first = np.flatnonzero((rows != 0) & np.concatenate([edge, changes], axis=1))
+        last = np.flatnonzero((rows != 0) & np.concatenate([changes, edge], axis=1))
+        placement = Placement.of(last - first + 1, first)
+        want = self.mask(placement, np.int64)
+        if not np.array_equal(rows, want):
+            at = int(np.argmax(rows.reshape(-1) != want.reshape(-1)))
+            row = at // self.seq_len
+            raise RequestError(
+                f"feed '{mask_name}' holds segment ids {_runs(rows[row])} in row {row}; {self.mode} mode numbers the "
+                f"requests of a row 1, 2, 3, ... in column order, each request one run of its id, 0 on padding"
+            )
+        return placement
 
-class TokenStream(BatchLayout):
+
+class TokenStream(StreamAcrossRows):
     """token_stream: one `[1, T]` stream of the batch's T real tokens, requests one after another;
     `batch_size * seq_len` (1 x max_tokens) only bounds T. `unpack_info` holds the batch's lengths,
     without unused slots (the model's rows follow it)."""
 
     mode = PackMode.token_stream
-    across_rows = True
+    misplaced = "unpack_info must hold the requests' lengths in the order they lie in the stream"
 
     def placement(self, lengths: Sequence[int]) -> Placement:
         lengths = np.asarray(lengths, np.int64)
@@ -196,3 +279,10 @@ def segment_ids(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
     ids = np.empty(k, np.int64)
     ids[order] = np.arange(k) - first + 1
     return ids
+
+
+def _runs(row: np.ndarray) -> str:
+    """A row of segment ids as its runs, for messages: `1x5, 2x3, 0x8`."""
+    bounds = np.flatnonzero(np.diff(row)) + 1
+    parts = [f"{int(part[0])}x{len(part)}" for part in np.split(row, bounds)]
+    return ", ".join(parts[:8]) + (", ..." if len(parts) > 8 else "")

@@ -37,7 +37,7 @@ from poprt_lite.runtime.config import PackRunnerConfig, resolve_batching
 from poprt_lite.runtime.interface import read_packed_interface
 from poprt_lite.runtime.layouts import Placement
 from poprt_lite.runtime.packing import OnlinePacker
-from poprt_lite.runtime.requests import RequestChecker
+from poprt_lite.runtime.requests import RequestChecker, build_feeds, split_outputs
 from poprt_lite.runtime.session import create_session
 
 
@@ -333,7 +333,7 @@ class PackRunner:
         names = [name for name in self.interface.outputs if name in wanted]
         failed = 0
         try:
-            feeds = self._build_feeds(requests, placement)
+            feeds = build_feeds(self.interface, self._layout, [r.tokens for r in requests], placement)
             results = dict(zip(names, self.session.run(names, feeds))) if names else {}
         except BaseException as exc:
             error = PoprtError(f"the batch of {len(requests)} requests holding this request failed: {one_line(exc)}")
@@ -352,33 +352,17 @@ class PackRunner:
             counts["failed_requests"] += failed
             counts["failed_batches"] += failed == len(requests)
 
-    def _build_feeds(self, requests: list[_Request], placement: Placement) -> dict[str, np.ndarray]:
-        """Lay the requests' tokens out in one batch, as the artifact's layout says."""
-        io, layout = self.interface, self._layout
-        feeds = {
-            name: layout.scatter(placement, np.concatenate([r.tokens[name] for r in requests]), token_input.dtype)
-            for name, token_input in io.token_inputs.items()
-        }
-        if io.mask is not None:
-            feeds[io.mask[0]] = layout.mask(placement, io.mask[1])
-        if io.unpack_info is not None:
-            feeds[io.unpack_info[0]] = layout.unpack_info(placement, io.unpack_info[1])
-        return feeds
-
     def _deliver(self, requests: list[_Request], placement: Placement, results: dict) -> int:
         """Copy each request's share of every output into its arrays; complete the futures."""
-        shares = {
-            name: self._layout.split(out, self.interface.outputs[name].layout, placement) for name, out in results.items()
-        }
+        shares = split_outputs(self.interface, self._layout, results, placement)
         failed = 0
-        for i, request in enumerate(requests):
+        for request, share in zip(requests, shares):
             try:
                 for name, target in request.outputs.items():
-                    share = shares[name][i]
                     if self.interface.outputs[name].layout.per_token:
-                        target[: len(share)] = share
+                        target[: len(share[name])] = share[name]
                     else:
-                        target[...] = share
+                        target[...] = share[name]
             except Exception as exc:  # the caller's array changed under us, or similar
                 error = RequestError(f"copying this request's outputs failed: {one_line(exc)}")
                 error.__cause__ = exc

@@ -222,13 +222,20 @@ def test_single_requests_give_the_models_result(tmp_path, rng, mode, algorithm):
                 assert np.isnan(outputs["start_logits"][n:]).all()
 
 
-def test_given_position_ids_are_used_as_given(tmp_path, rng):
+def test_given_position_ids_must_restart_at_the_offset(tmp_path, rng):
     path = write_fake(tmp_path, "unpack_repack", position_offset=2)
     with runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=0)) as runner:
-        feeds = {**make_request(rng, 5), "position_ids": np.arange(5) * 3, "unpack_info": np.zeros(4, np.int32)}
+        feeds = {**make_request(rng, 5), "position_ids": np.arange(5) + 2, "unpack_info": np.zeros(4, np.int32)}
         result = runner.execute_async(feeds).result(timeout=10)
-        np.testing.assert_array_equal(result["start_logits"], expected(feeds["input_ids"], feeds["token_type_ids"], np.arange(5) * 3)["start_logits"])
+        np.testing.assert_array_equal(result["start_logits"], expected(feeds["input_ids"], feeds["token_type_ids"], np.arange(5) + 2)["start_logits"])
         assert result["start_logits"].shape == (5,) and result["pooled"].shape == (2,)
+        for positions, token in ((np.arange(5), 0), (np.array([2, 3, 9, 5, 6]), 2)):
+            with pytest.raises(RequestError) as info:
+                runner.execute_async({**feeds, "position_ids": positions})
+            assert str(info.value) == (
+                f"feed 'position_ids' has {positions[token]} at token {token}; a request's position ids are 2, 3, ... "
+                "(the artifact's position offset is 2); leave them out and they are filled"
+            )
 
 
 def test_missing_token_type_ids_default_to_zero(tmp_path, rng):
