@@ -114,7 +114,7 @@ class BatchLayout:
 
     def read_placement(self, mask: np.ndarray | None, unpack_info: np.ndarray | None, names: tuple[str, str]) -> Placement:
         """Where the requests of packed feeds lie, read back from their attention mask `mask`
-        (`token_shape`) and `unpack_info`: the inverse of `mask` and `unpack_info`. Feeds that this
+        (`shape(placement)`) and `unpack_info`: the inverse of `mask` and `unpack_info`. Feeds that this
         layout would not have built raise RequestError naming the disagreement; `names` are the
         mask's and unpack_info's input names, for the messages."""
         raise PoprtError(f"{type(self).__name__} cannot read requests back from packed feeds")
@@ -218,7 +218,7 @@ class SegmentRows(BatchLayout):
         mask_name = names[0]
         if mask is None:
             raise RequestError(f"missing feed '{mask_name}': the segment id of every token")
-        rows = np.asarray(mask).reshape(self.token_shape).astype(np.int64)
+        rows = np.asarray(mask).reshape(self.batch_size, self.seq_len).astype(np.int64)
         edge = np.ones((rows.shape[0], 1), bool)
         changes = rows[:, 1:] != rows[:, :-1]
         first = np.flatnonzero((rows != 0) & np.concatenate([edge, changes], axis=1))

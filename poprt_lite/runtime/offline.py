@@ -56,7 +56,7 @@ def plan_batches(
     if algorithm in ONLINE_ALGORITHMS:
         return _in_order(layout, lengths, algorithm, max_length)
     if layout.across_rows:
-        capacity = int(np.prod(layout.token_shape))
+        capacity = layout.batch_size * layout.seq_len
         if max_length is not None and lengths.max() > max_length:
             i = int(np.argmax(lengths > max_length))
             raise PoprtError(f"request {i} has {int(lengths[i])} tokens, more than segment_max_size {max_length}")
