@@ -20,6 +20,10 @@ these commands would:
         --pack_args max_valid_num=40 segment_max_size=256
     poprt-lite ... --pack_args max_valid_num=40 segment_max_size=256 mode=attention_mask
 
+PopRT's own commands (its run.sh: the model with a position_ids input, then `--pack_args ...
+head_pattern=... dynamic_groups=[[input_ids,]]` and `--passes insert_attention_mask`) run verbatim
+with `poprt` replaced by `poprt-lite`; tests/cli/test_poprt_compat.py runs this script on them.
+
 Pass `--model_without_packing`, `--model_with_packing_unpack_repack` and
 `--model_with_packing_attention_mask` to use models converted beforehand (then `--batch_size` and
 `--max_seq_len` must match their input shape).
