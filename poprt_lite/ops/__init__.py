@@ -18,7 +18,7 @@ import onnx
 from onnx.reference.op_run import OpRun
 
 from poprt_lite.errors import PoprtError
-from poprt_lite.ops import attention_mask, padding_mask, repack, unpack
+from poprt_lite.ops import attention_mask, padding_mask, repack, segment_pool, unpack
 from poprt_lite.ops.base import DOMAIN, MIN_ONNX_OPSET, OPSET_VERSION, CustomOp
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 REGISTRY: dict[str, CustomOp] = {
-    op.name: op for op in (attention_mask.OP, unpack.OP, repack.OP, padding_mask.OP)
+    op.name: op for op in (attention_mask.OP, unpack.OP, repack.OP, padding_mask.OP, segment_pool.OP)
 }
 
 for _op in REGISTRY.values():

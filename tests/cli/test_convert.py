@@ -183,7 +183,7 @@ def test_check_on_packed_model_compares_each_request_with_the_original(tmp_path,
 def test_list_all_ops(capsys):
     code, out, _ = cli(capsys, "--list_all_ops")
     assert code == 0
-    for name in ("AttentionMask", "Unpack", "Repack", "PaddingMask"):
+    for name in ("AttentionMask", "Unpack", "Repack", "PaddingMask", "SegmentPool"):
         assert name in out
     assert "ai.graphcore" in out
 

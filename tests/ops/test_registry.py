@@ -8,7 +8,7 @@ from poprt_lite.errors import PoprtError
 
 from .helpers import model_of, run_reference, session
 
-NAMES = ["AttentionMask", "Unpack", "Repack", "PaddingMask"]
+NAMES = ["AttentionMask", "Unpack", "Repack", "PaddingMask", "SegmentPool"]
 
 
 def test_registry_lists_ops_with_registered_schemas():
@@ -27,7 +27,7 @@ def test_get_op_unknown_name():
     with pytest.raises(PoprtError) as err:
         ops.get_op("Pack")
     assert str(err.value) == (
-        "unknown ai.graphcore op 'Pack' (known: AttentionMask, Unpack, Repack, PaddingMask)"
+        "unknown ai.graphcore op 'Pack' (known: AttentionMask, Unpack, Repack, PaddingMask, SegmentPool)"
     )
 
 
@@ -47,19 +47,22 @@ def test_validate_inputs_counts_inputs():
 
 
 def packing_model(opset=17, attach=True):
-    """All four ops: Unpack -> Repack on x, PaddingMask from unpack_info, AttentionMask from mask."""
+    """Every op: Unpack -> Repack on x, PaddingMask from unpack_info, AttentionMask from mask,
+    SegmentPool of x by segments."""
     nodes = [
         ops.make_node("Unpack", ["x", "unpack_info"], ["rows"], max_valid_num=3, segment_max_size=4),
         ops.make_node("Repack", ["rows", "unpack_info", "packed_shape"], ["packed"]),
         ops.make_node("PaddingMask", ["unpack_info"], ["row_mask"], segment_max_size=4),
         ops.make_node("AttentionMask", ["mask"], ["attention"], dtype=TensorProto.FLOAT16),
+        ops.make_node("SegmentPool", ["x", "segments"], ["pooled"], max_valid_num=4, mode=1),
     ]
     graph = helper.make_graph(
         nodes, "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 2]),
          helper.make_tensor_value_info("unpack_info", TensorProto.INT32, [3]),
-         helper.make_tensor_value_info("mask", TensorProto.INT64, ["B", "S"])],
-        [onnx.ValueInfoProto(name=n) for n in ("rows", "packed", "row_mask", "attention")],
+         helper.make_tensor_value_info("mask", TensorProto.INT64, ["B", "S"]),
+         helper.make_tensor_value_info("segments", TensorProto.INT32, ["B", "S"])],
+        [onnx.ValueInfoProto(name=n) for n in ("rows", "packed", "row_mask", "attention", "pooled")],
         initializer=[onnx.numpy_helper.from_array(np.array([2, 4], np.int64), "packed_shape")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -70,6 +73,7 @@ FEEDS = {
     "x": np.arange(16, dtype=np.float32).reshape(2, 4, 2),
     "unpack_info": np.array([3, 4, 0], np.int32),
     "mask": np.array([[1, 1, 1, 2], [2, 2, 2, 0]], np.int64),
+    "segments": np.array([[1, 1, 1, 2], [1, 1, 2, 0]], np.int32),
 }
 
 
@@ -128,8 +132,9 @@ def test_functions_follow_model_opset_and_run_everywhere(opset):
         np.testing.assert_array_equal(got, body)
     np.testing.assert_array_equal(ort_out[1].reshape(-1, 2)[:7], FEEDS["x"].reshape(-1, 2)[:7])
     assert [helper.printable_type(o.type) for o in model.graph.output] == [
-        "FLOAT, 3x4x2", "FLOAT, 2x4x2", "FLOAT, 3x1x1x4", "FLOAT16, Bx1xSxS",
+        "FLOAT, 3x4x2", "FLOAT, 2x4x2", "FLOAT, 3x1x1x4", "FLOAT16, Bx1xSxS", "FLOAT, 4x2",
     ]
+    np.testing.assert_array_equal(ort_out[4], [[4, 5], [6, 7], [10, 11], [12, 13]])
 
 
 def test_attach_functions_rejects_old_opset_and_other_domain_version():
