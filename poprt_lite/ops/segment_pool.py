@@ -26,7 +26,8 @@ for half-precision models (Cast it for a float16 graph).
 # gathered as a window of the longest request's length [N,L,H], positions past its length
 # repeating its first token (so they change neither the maximum nor, being weighted 0, the mean).
 # Every mode is computed and the attribute picks one: the body has no branches, and the pooling is
-# small next to the encoder. TopK(k=1) takes the maximum: ReduceMax's axes moved from attribute to
+# small next to the encoder. Float constants are Casts of int ones: onnx-graphsurgeon turns a
+# function's value_float Constant into a double tensor when it re-exports the model. TopK(k=1) takes the maximum: ReduceMax's axes moved from attribute to
 # input at opset 18, and a body serves every opset from 13.
 BODY = """
 SegmentPool <max_valid_num, mode: int = 0> (x, segment_ids) => (out) {
@@ -79,7 +80,7 @@ SegmentPool <max_valid_num, mode: int = 0> (x, segment_ids) => (out) {
     weighted = Mul (windows, weight)
     sums = ReduceSum <keepdims = 0> (weighted, one_1d)
     count_f = Cast <to = 1> (count_col)
-    one_f = Constant <value_float: float = 1.0> ()
+    one_f = Cast <to = 1> (one)
     divisor = Max (count_f, one_f)
     mean = Div (sums, divisor)
     top, top_index = TopK <axis = 1> (windows, one_1d)
@@ -91,7 +92,7 @@ SegmentPool <max_valid_num, mode: int = 0> (x, segment_ids) => (out) {
     not_max = Where (is_first, firsts, mean)
     picked = Where (is_max, maxima, not_max)
     used = Greater (count_col, zero)
-    zero_f = Constant <value_float: float = 0.0> ()
+    zero_f = Cast <to = 1> (zero)
     out = Where (used, picked, zero_f)
 }
 """

@@ -2,8 +2,11 @@
 
 The host fills `attention_mask` with a segment id per token (1, 2, 3, ... for the requests of a
 row, 0 for padding); `AttentionMask(attention_mask)` turns it into the additive `[B,1,S,S]` mask
-that replaces whatever padding mask the exporter built, in every attention block. Outputs stay
-packed: the host splits them by segment.
+that replaces whatever padding mask the exporter built, in every attention block. Per-token outputs
+stay packed: the host splits them by segment. Pooling heads after the encoder become
+`SegmentPool(hidden, attention_mask)`: one row per request, `[max_valid_num, ...]` in row-major
+request order (`pack_tail`). The tail's other readers of the mask (an output echoing it, say) get
+its 0/1 view `Min(attention_mask, 1)`, the padding mask the model was written for.
 """
 
 from __future__ import annotations
@@ -14,14 +17,18 @@ import onnx_graphsurgeon as gs
 
 from poprt_lite import ops
 from poprt_lite.errors import PoprtError
+from poprt_lite.ops.segment_pool import FIRST, MAX, MEAN
+from poprt_lite.passes import pack_tail
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
-from poprt_lite.vocab import Layout, PackMode
 from poprt_lite.passes import packing
 from poprt_lite.patterns.attention import apply_mask, attention_cone
-from poprt_lite.patterns.layout import MIXING, TOKENWISE, TokenAxes, classify, is_token_major, token_dims
+from poprt_lite.patterns.layout import token_dims
+from poprt_lite.patterns.pooling import PoolingHead, PoolKind
+from poprt_lite.vocab import Layout, PackMode
 
 MODE = PackMode.attention_mask
+SEGMENT_POOL_MODES = {PoolKind.mean: MEAN, PoolKind.max: MAX, PoolKind.first: FIRST}
 
 
 @register_pass("attention_mask_packing")
@@ -35,7 +42,8 @@ class AttentionMaskPacking(Pass):
         if setup.attention_mask is None:
             raise PoprtError(f"{self.name} needs an '{self.options.attention_mask_name}' input to carry the segment ids")
         dims = token_dims(graph, self.options.input_name)
-        _refuse_token_mixing_tail(graph, setup, dims)
+        cone = attention_cone(graph, setup.blocks)
+        tail = {id(n) for n in graph.nodes if id(n) not in cone}
         mask_dtype = _mask_dtype(setup.blocks[0].scores.outputs[0])
         segment_mask = gs.Variable("segment_attention_mask", dtype=onnx.helper.tensor_dtype_to_np_dtype(mask_dtype))
         graph.nodes.append(
@@ -49,27 +57,48 @@ class AttentionMaskPacking(Pass):
         )
         for block in setup.blocks:
             apply_mask(graph, block, segment_mask)
-        layouts = {t.name: Layout.packed for t in graph.outputs}
+        placement = _Placement(graph, self.options.max_valid_num, self.options.segment_max_size, setup.attention_mask)
+        layouts = pack_tail.place_tail(graph, tail, dims, setup.attention_mask, placement)
+        placement.zero_one_mask_in(tail)
         packing.record(ctx, MODE, self.options, layouts)
         return PassResult(changed=True, message=f"{len(setup.blocks)} attention blocks masked by segment")
 
 
+class _Placement(pack_tail.TailPlacement):
+    mode = MODE
+
+    def __init__(self, graph: gs.Graph, max_valid_num: int, segment_max_size: int, mask: gs.Tensor) -> None:
+        super().__init__(graph, max_valid_num, segment_max_size)
+        self.mask = mask
+
+    def pool(self, head: PoolingHead) -> gs.Tensor:
+        return self.node(
+            "SegmentPool",
+            [head.hidden, self.mask],
+            f"{head.output.name}_segment_pool",
+            np.float32,
+            {"max_valid_num": self.max_valid_num, "mode": SEGMENT_POOL_MODES[head.kind]},
+            ops.DOMAIN,
+        )
+
+    def token_output(self, index: int, output: gs.Tensor) -> Layout:
+        return Layout.packed
+
+    def refusal(self, node: gs.Node, why: str) -> str:
+        return f"{self.mode} packing cannot keep node '{node.name}' ({node.op}) per request: it {why}; use mode=unpack_repack"
+
+    def zero_one_mask_in(self, tail: set[int]) -> None:
+        """Give the tail's remaining readers of the mask (segment ids) its 0/1 view."""
+        readers = [n for n in self.mask.outputs if id(n) in tail]
+        if not readers:
+            return
+        one = self.const("attention_mask_one", np.ones((), np.dtype(self.mask.dtype)))
+        padding = self.node("Min", [self.mask, one], "attention_mask_zero_one", self.mask.dtype)
+        for node in readers:
+            for i, tensor in enumerate(node.inputs):
+                if tensor is self.mask:
+                    node.inputs[i] = padding
+
+
 def _mask_dtype(scores: gs.Tensor) -> int:
     return onnx.TensorProto.FLOAT16 if scores.dtype == np.float16 else onnx.TensorProto.FLOAT
-
-
-def _refuse_token_mixing_tail(graph: gs.Graph, setup: packing.PackSetup, dims: TokenAxes) -> None:
-    """Outside the encoder, an op that mixes the tokens of a row (pooling) would mix requests."""
-    cone = attention_cone(graph, setup.blocks)
-    for node in graph.nodes:
-        if id(node) in cone:
-            continue
-        for tensor in node.inputs:
-            if not is_token_major(tensor, dims):
-                continue
-            kind = classify(node, tensor, dims)
-            if kind != TOKENWISE:
-                why = "mixes the tokens of a packed row" if kind == MIXING else "is not known to act per token"
-                raise PoprtError(
-                    f"{MODE} packing cannot keep node '{node.name}' ({node.op}) per request: it {why}; use --pack_args mode=unpack_repack"
-                )

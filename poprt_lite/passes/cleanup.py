@@ -43,8 +43,10 @@ def fold_until_stable(graph: gs.Graph, size_threshold_mb: int = 64) -> None:
                 fold_shapes=True,
                 partitioning="basic",
                 size_threshold=size_threshold_mb << 20,
-                # Custom ops are not in onnxruntime's schema set when folding, so they are left alone.
+                # Custom ops are not in onnxruntime's schema set when folding, so they are left alone,
+                # and so are their function bodies (onnx-graphsurgeon cannot fold inside functions).
                 should_exclude_node=lambda node: node.domain == ops.DOMAIN,
+                recurse_functions=False,
             ).cleanup()
             if len(graph.nodes) >= count:
                 break

@@ -21,13 +21,15 @@ import onnx_graphsurgeon as gs
 
 from poprt_lite import ops
 from poprt_lite.errors import PoprtError
+from poprt_lite.passes import pack_tail
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
 from poprt_lite import vocab
 from poprt_lite.vocab import UNPACK_INFO, Layout, PackMode, Role
 from poprt_lite.passes import packing
-from poprt_lite.patterns.attention import AttentionBlock, apply_mask, attention_cone, is_constant
-from poprt_lite.patterns.layout import ELEMENTWISE, REDUCE_OPS, TOKENWISE, TokenAxes, classify, constant_ints, is_token_major, token_dims
+from poprt_lite.patterns.attention import AttentionBlock, apply_mask, attention_cone
+from poprt_lite.patterns.layout import TokenAxes, token_dims
+from poprt_lite.patterns.pooling import PoolingHead
 
 MODE = PackMode.unpack_repack
 HEADS_TO_TOKENS = [0, 2, 1, 3]  # [B, h, S, d] <-> [B, S, h, d]
@@ -56,14 +58,17 @@ class PackUnpackRepack(Pass):
         return PassResult(changed=True, message=f"{len(setup.blocks)} attention blocks unpacked/repacked")
 
 
-class _Rewriter:
-    """Unpacks and repacks around attention, places the tail. Rows are static, `[max_valid_num,
-    segment_max_size]`; token_stream_packing's subclass makes them follow the batch (`dynamic`)."""
+class _Rewriter(pack_tail.TailPlacement):
+    """Unpacks and repacks around attention, places the tail (`pack_tail`, on unpacked rows). Rows
+    are static, `[max_valid_num, segment_max_size]`; token_stream_packing's subclass makes them
+    follow the batch (`dynamic`)."""
 
+    mode = MODE
+    can_unpack = True
     dynamic = False
 
     def __init__(self, graph: gs.Graph, options: packing.PackOptions, input_ids: gs.Variable) -> None:
-        self.graph = graph
+        super().__init__(graph, options.max_valid_num, options.segment_max_size)
         self.options = options
         self.unpack_info = gs.Variable(UNPACK_INFO, dtype=np.int32, shape=[self.rows[0]])
         graph.inputs.append(self.unpack_info)
@@ -72,17 +77,10 @@ class _Rewriter:
         self.unpacked: dict[str, gs.Tensor] = {}  # packed tensor name -> its unpacked twin
 
     def _node(self, op: str, inputs: list, name: str, dtype=None, attrs=None, domain: str = "") -> gs.Variable:
-        out = gs.Variable(self._unique(name), dtype=dtype)
-        self.graph.nodes.append(gs.Node(op, inputs=inputs, outputs=[out], attrs=attrs or {}, domain=domain))
-        return out
+        return self.node(op, inputs, name, dtype, attrs, domain)
 
     def _unique(self, name: str) -> str:
-        tensors = self.graph.tensors()
-        candidate, i = name, 0
-        while candidate in tensors:
-            i += 1
-            candidate = f"{name}_{i}"
-        return candidate
+        return pack_tail.unique_name(self.graph, name)
 
     def _transpose(self, tensor: gs.Tensor, perm: list[int], name: str) -> gs.Variable:
         return self._node("Transpose", [tensor], name, tensor.dtype, {"perm": perm})
@@ -98,7 +96,7 @@ class _Rewriter:
         attrs = {"max_valid_num": self.options.max_valid_num, "segment_max_size": self.options.segment_max_size}
         return {**attrs, "dynamic": 1} if self.dynamic else attrs
 
-    def unpack(self, tensor: gs.Tensor, name: str) -> gs.Variable:
+    def _unpack_node(self, tensor: gs.Tensor, name: str) -> gs.Variable:
         return self._node("Unpack", [tensor, self.unpack_info], name, tensor.dtype, self.row_attrs, ops.DOMAIN)
 
     def repack(self, tensor: gs.Tensor, name: str) -> gs.Variable:
@@ -119,7 +117,7 @@ class _Rewriter:
     def rewrite_block(self, block: AttentionBlock) -> None:
         def unpacked_heads(tensor: gs.Tensor, to_tokens: list[int], from_tokens: list[int], tag: str) -> gs.Variable:
             tokens = self._transpose(tensor, to_tokens, f"{tensor.name}_{tag}_tokens")
-            return self._transpose(self.unpack(tokens, f"{tensor.name}_{tag}_unpacked"), from_tokens, f"{tensor.name}_{tag}_rows")
+            return self._transpose(self._unpack_node(tokens, f"{tensor.name}_{tag}_unpacked"), from_tokens, f"{tensor.name}_{tag}_rows")
 
         block.scores.inputs[0] = unpacked_heads(block.query, HEADS_TO_TOKENS, HEADS_TO_TOKENS, "q")
         block.scores.inputs[1] = unpacked_heads(block.key_transposed, KT_TO_TOKENS, TOKENS_TO_KT, "kt")
@@ -133,69 +131,28 @@ class _Rewriter:
         apply_mask(self.graph, block, self.padding_mask(scores_dtype))
 
     def rewrite_tail(self, tail: list[gs.Node], dims: TokenAxes) -> dict[str, Layout]:
-        """Move sequence-level ops after the encoder onto unpacked rows; unpack token outputs.
+        """Place the ops after the encoder (`tail`, listed before the blocks were rewritten) on
+        unpacked rows (`pack_tail.place_tail`); give every output's layout."""
+        mask = next((t for t in self.graph.inputs if t.name == self.options.attention_mask_name), None)
+        return pack_tail.place_tail(self.graph, [], dims, mask, self, {id(n) for n in tail})
 
-        A tensor is "per request" once it comes from unpacked rows: its axis 0 indexes requests.
-        """
-        per_request: set[str] = set()
-        for node in tail:
-            packed_inputs = [t for t in node.inputs if is_token_major(t, dims) and t.name not in per_request]
-            row_inputs = [t for t in node.inputs if t.name in per_request]
-            mixing = [t for t in packed_inputs if classify(node, t, dims) != TOKENWISE]
-            if not row_inputs and not mixing:
-                continue
-            self._check_row_op(node, dims)
-            for tensor in packed_inputs:
-                for i, current in enumerate(node.inputs):
-                    if current is tensor:
-                        node.inputs[i] = self._unpacked(tensor)
-            per_request.update(t.name for t in node.outputs)
-        layouts = {}
-        for index, output in enumerate(list(self.graph.outputs)):
-            name = output.name
-            if name in per_request:
-                layouts[name] = Layout.unpacked if dims.keeps_sequence(output) else Layout.per_request
-                output.shape = self._per_request_shape(output, dims)
-            elif is_token_major(output, dims):
-                layouts[name] = self.token_output(index, output)
-            else:
-                layouts[output.name] = Layout.global_
-        return layouts
+    # ------------------------------------------------------------------ TailPlacement (pack_tail)
 
-    def _check_row_op(self, node: gs.Node, dims: TokenAxes) -> None:
-        """Only ops whose meaning survives moving from packed to per-request rows may run there."""
-        fine = node.op in ELEMENTWISE or node.op in REDUCE_OPS or node.op in ("MatMul", "Gemm", "LayerNormalization", "Softmax")
-        if node.op in ("Gather", "Slice", "Squeeze", "Unsqueeze", "Split", "Concat", "Transpose", "CumSum", "ArgMax", "ArgMin"):
-            # Selections along an axis: fine when their parameters are constants (CLS = Gather(x, 0, axis=1)).
-            fine = all(is_constant(t) for t in node.inputs[1:]) and node.attrs.get("axis", 1) != 0
-        if node.op in REDUCE_OPS:
-            axes = node.attrs.get("axes") or (constant_ints(node.inputs[1]) if len(node.inputs) > 1 else None)
-            fine = axes is not None and 0 not in axes
-        if not fine:
-            raise PoprtError(
-                f"pack_unpack_repack cannot place node '{node.name}' ({node.op}) after the encoder on per-request rows; use mode=attention_mask or remove it from the model"
-            )
+    def pool(self, head: PoolingHead) -> gs.Tensor:
+        return pack_tail.pool_rows(self, head, self.unpack(head.hidden), self.unpack_info)
 
-    def _per_request_shape(self, output: gs.Tensor, dims: TokenAxes) -> list | None:
-        """The declared packed shape of an output, with its batch axis now the request slots (and
-        its sequence axis, if it keeps one, the rows' length)."""
-        if output.shape is None:
-            return None
-        slots, length = self.rows
-        rest = list(output.shape[1:])
-        if rest and dims.keeps_sequence(output):
-            rest[0] = length
-        return [slots, *rest]
+    def unpack(self, tensor: gs.Tensor) -> gs.Tensor:
+        if tensor.name not in self.unpacked:
+            self.unpacked[tensor.name] = self._unpack_node(tensor, f"{tensor.name}_unpacked")
+        return self.unpacked[tensor.name]
+
+    def refusal(self, node: gs.Node, why: str) -> str:
+        return f"{self.mode} cannot place node '{node.name}' ({node.op}) after the encoder on per-request rows: it {why}; remove it from the model"
 
     def token_output(self, index: int, output: gs.Variable) -> Layout:
         """Make graph output `index` (per token, packed) what this mode returns; give its layout."""
         self.graph.outputs[index] = self._unpack_output(output)
         return Layout.unpacked
-
-    def _unpacked(self, tensor: gs.Tensor) -> gs.Tensor:
-        if tensor.name not in self.unpacked:
-            self.unpacked[tensor.name] = self.unpack(tensor, f"{tensor.name}_unpacked")
-        return self.unpacked[tensor.name]
 
     def _unpack_output(self, output: gs.Variable) -> gs.Variable:
         name = output.name

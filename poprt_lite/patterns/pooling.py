@@ -34,7 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from poprt_lite.patterns.attention import is_constant
-from poprt_lite.patterns.layout import constant_ints, is_token_major
+from poprt_lite.patterns.layout import TokenAxes, constant_ints, is_token_major
 
 
 class PoolKind(str, enum.Enum):
@@ -129,7 +129,7 @@ def _scalar(tensor: gs.Tensor) -> float | None:
 
 
 class _Matcher:
-    def __init__(self, graph: gs.Graph, mask: gs.Tensor | None, dims: list) -> None:
+    def __init__(self, graph: gs.Graph, mask: gs.Tensor | None, dims: TokenAxes) -> None:
         self.graph = graph
         self.mask = mask
         self.dims = dims
@@ -137,7 +137,7 @@ class _Matcher:
     def hidden(self, tensor: gs.Tensor) -> gs.Tensor | None:
         """`tensor` (through Casts) if it is a per-token float activation [batch, seq, hidden]."""
         tensor = origin(tensor, CASTS)
-        ok = is_token_major(tensor, self.dims) and len(tensor.shape) == 3 and _is_float(tensor)
+        ok = is_token_major(tensor, self.dims) and self.dims.rank(tensor) == 3 and _is_float(tensor)
         return tensor if ok else None
 
     def is_mask(self, tensor: gs.Tensor) -> bool:
@@ -282,9 +282,9 @@ def _is_float(tensor: gs.Tensor) -> bool:
     return tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.floating)
 
 
-def find_pooling_heads(graph: gs.Graph, mask: gs.Tensor | None, dims: list, nodes: Iterable[gs.Node] | None = None) -> list[PoolingHead]:
-    """The pooling heads among `nodes` (default: the whole graph) over activations led by `dims`
-    ([batch, seq] of the token ids), reading the attention-mask input `mask` if masked."""
+def find_pooling_heads(graph: gs.Graph, mask: gs.Tensor | None, dims: TokenAxes, nodes: Iterable[gs.Node] | None = None) -> list[PoolingHead]:
+    """The pooling heads among `nodes` (default: the whole graph) over activations led by the
+    token axes `dims`, reading the attention-mask input `mask` if masked."""
     matcher = _Matcher(graph, mask, dims)
     nodes = list(graph.nodes if nodes is None else nodes)
     heads: list[PoolingHead] = []
