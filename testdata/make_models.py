@@ -165,6 +165,71 @@ class MeanPool(nn.Module):
         return h, pooled
 
 
+class SentenceTransformerLike(nn.Module):
+    """BertModel + sentence-transformers' own `Pooling` (and `Normalize`) modules, returning
+    (token_embeddings, sentence_embedding) as `SentenceTransformer.forward` computes them."""
+
+    def __init__(self, model: nn.Module, pooling_mode: str, normalize: bool):
+        super().__init__()
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+        self.model = model
+        self.pooling = Pooling(model.config.hidden_size, pooling_mode=pooling_mode)
+        self.normalize = Normalize() if normalize else None
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        h = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
+        ).last_hidden_state
+        features = self.pooling({"token_embeddings": h, "attention_mask": attention_mask})
+        if self.normalize is not None:
+            features = self.normalize(features)
+        return h, features["sentence_embedding"]
+
+
+class ModelCardMeanPooling(nn.Module):
+    """The all-MiniLM-L6-v2 model card's recipe: `mean_pooling` in its Expand form
+    (`attention_mask.unsqueeze(-1).expand(token_embeddings.size()).float()`, sum / clamp(count)),
+    then `F.normalize`; the inputs are returned too, as exports of a SentenceTransformer's
+    feature dict do (torch.onnx echoes them through Identity)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        token_embeddings = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
+        ).last_hidden_state
+        input_mask_expanded = attention_mask.unsqueeze(-1).expand(token_embeddings.size()).float()
+        pooled = torch.sum(token_embeddings * input_mask_expanded, 1) / torch.clamp(input_mask_expanded.sum(1), min=1e-9)
+        embedding = nn.functional.normalize(pooled, p=2, dim=1)
+        return input_ids, attention_mask, token_type_ids, token_embeddings, embedding
+
+
+class PoolingVariants(nn.Module):
+    """One encoder, the other pooling spellings as separate outputs: first token by index
+    (Gather) with x / sqrt(sum(x*x)), first token by slice (keepdims), masked mean with ReduceMean,
+    plain mean (no mask: pools padding too), masked max as where(mask, h, -1e4)."""
+
+    OUTPUTS = ["token_embeddings", "cls_gather_sqrt_norm", "cls_slice", "mean_reducemean", "mean_unmasked", "max_where"]
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        h = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
+        ).last_hidden_state
+        m = attention_mask.to(h.dtype).unsqueeze(-1)
+        first = h[:, 0]
+        first = first / torch.sqrt((first * first).sum(-1, keepdim=True))
+        mean = (h * m).mean(1) / m.mean(1)
+        maximum = torch.where(m.bool(), h, torch.tensor(-1e4)).amax(1)
+        return h, first, h[:, :1], mean, h.mean(1), maximum
+
+
 # --------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------
@@ -250,15 +315,16 @@ def _session(path: Path, optimized: bool) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def verify(module, path: Path, input_names, output_names, feeds_list, per_request=("pooled",)) -> dict[str, float]:
+def verify(module, path: Path, input_names, output_names, feeds_list, per_request=("pooled",), unmasked=()) -> dict[str, float]:
     """Structural checks + numerical comparison.  Returns the max abs diffs:
 
     * ``torch``: onnxruntime (graph optimisations disabled) vs PyTorch, max over
       all outputs and all verification batches;
     * ``torch_ort_opt``: same with onnxruntime graph optimisations enabled;
     * ``pad``: padded batch vs each row run alone without padding (valid
-      positions of per-token outputs, and the pooled output) - i.e. the mask
-      really isolates the padding.
+      positions of per-token outputs, and the `pooled` outputs, one row per
+      sequence) - i.e. the mask really isolates the padding. Outputs in
+      `unmasked` pool padding too (an unpadded request is their use): skipped.
     """
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
@@ -288,6 +354,8 @@ def verify(module, path: Path, input_names, output_names, feeds_list, per_reques
                     single = {k: v[i : i + 1, :n] for k, v in feeds.items()}
                     souts = sess.run(output_names, single)
                     for o, so_, name in zip(outs, souts, output_names):
+                        if name in unmasked:
+                            continue
                         if o.ndim >= 2 and name not in per_request:
                             a = o[i : i + 1, :n]
                         else:
@@ -376,6 +444,42 @@ def make_relative_position_models() -> list[tuple[Path, dict[str, float]]]:
     return results
 
 
+def export_sentence_models() -> list:
+    """The sentence-embedding test models (tiny BertModel, eager attention, random weights).
+    `python -c "import make_models; make_models.export_sentence_models()"` (in testdata/)
+    regenerates only these."""
+    in3 = ["input_ids", "attention_mask", "token_type_ids"]
+    te_se = ["token_embeddings", "sentence_embedding"]
+    ex = make_inputs([8, 5], 8, 0, seed=1, with_types=True)
+    checks = [make_inputs([16, 9], 16, 0, seed=2, with_types=True), make_inputs([7, 3, 11], 11, 0, seed=3, with_types=True)]
+    results = []
+
+    def export(module, name, outputs, pooled, dynamo=False, unmasked=()):
+        path = HERE / name
+        if dynamo:
+            export_dynamo(module, ex, in3, outputs, path)
+        else:
+            axes = {n: {0: "batch", 1: "sequence"} for n in [*in3, *outputs] if n not in pooled}
+            axes.update({n: {0: "batch"} for n in pooled})
+            export_torchscript(module, tuple(torch.from_numpy(ex[n]) for n in in3), in3, outputs, axes, path)
+        results.append((path, verify(module, path, in3, outputs, checks, per_request=pooled, unmasked=unmasked)))
+
+    def st(mode, normalize):
+        return SentenceTransformerLike(build_bert_model(), mode, normalize).eval()
+
+    export(st("mean", True), "st_mean_norm_torchscript.onnx", te_se, ("sentence_embedding",))
+    export(st("mean", True), "st_mean_norm_dynamo.onnx", te_se, ("sentence_embedding",), dynamo=True)
+    export(st("cls", True), "st_cls_norm_torchscript.onnx", te_se, ("sentence_embedding",))
+    export(st("max", False), "st_max_torchscript.onnx", te_se, ("sentence_embedding",))
+    card = ModelCardMeanPooling(build_bert_model()).eval()
+    echoes = [f"{n}_out" for n in in3]  # an output may not share its input's name
+    export(card, "st_card_mean_echo.onnx", [*echoes, *te_se], ("sentence_embedding",))
+    variants = PoolingVariants(build_bert_model()).eval()
+    outputs = PoolingVariants.OUTPUTS
+    export(variants, "pooling_variants.onnx", outputs, tuple(outputs[1:]), unmasked=("mean_unmasked",))
+    return results
+
+
 def main() -> int:
     # the dynamo exporter logs one warning per missing torchvision op; not relevant here
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -450,6 +554,8 @@ def main() -> int:
 
     # 6-12. relative-position attention (MPNet, DeBERTa-v2) and XLM-R sdpa
     results += make_relative_position_models()
+    # 13-18. sentence-embedding heads (sentence-transformers' modules, the model card's recipe, variants)
+    results += export_sentence_models()
 
     print(f"{'file':26s} {'bytes':>8s}  max|ort-torch|  (ort optimised)  max|padded-unpadded|")
     for p, r in results:

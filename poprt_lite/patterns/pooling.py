@@ -138,7 +138,7 @@ class _Matcher:
         """`tensor` (through Casts) if it is a per-token float activation [batch, seq, hidden]."""
         tensor = origin(tensor, CASTS)
         ok = is_token_major(tensor, self.dims) and self.dims.rank(tensor) == 3 and _is_float(tensor)
-        return tensor if ok else None
+        return tensor if ok and not self.is_mask(tensor) else None
 
     def is_mask(self, tensor: gs.Tensor) -> bool:
         return self.mask is not None and origin(tensor, MASK_PATH) is self.mask
@@ -172,7 +172,7 @@ class _Matcher:
         denominator = producer(count)
         if not self.over_sequence(denominator, (numerator.op,)) or not self.is_mask(denominator.inputs[0]):
             return None
-        return PoolingHead(PoolKind.mean, hidden, div.outputs[0], _keepdims(numerator), True, [div, numerator, mul])
+        return PoolingHead(PoolKind.mean, hidden, div.outputs[0], _keepdims(numerator), True, [div, numerator, mul, denominator])
 
     def plain(self, node: gs.Node, ops: tuple[str, ...], kind: PoolKind) -> PoolingHead | None:
         if not self.over_sequence(node, ops) or (hidden := self.hidden(node.inputs[0])) is None:
