@@ -217,6 +217,8 @@ class _Walker:
         if op in SELECTIONS:
             # Selections along an axis: fine when their parameters are constants (CLS = Gather(x, 0, axis=1)).
             fine = all(is_constant(t) for t in node.inputs[1:] if t.name) and node.attrs.get("axis", 1) != 0
+        if op == "Transpose":
+            fine = list(node.attrs.get("perm", [-1]))[:1] == [0]
         if op in REDUCE_OPS:
             axes = node.attrs.get("axes") or (constant_ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None)
             fine = axes is not None and 0 not in axes

@@ -18,7 +18,7 @@ Every runner (PackRunner, `packing_utils`, `--check`, the bench) builds feeds an
 here, so a layout is spelled once. A batch's feeds have the layout's `shape(placement)`:
 `[batch_size, seq_len]`, or `[1, T]` for the token stream. Outputs are split by their manifest
 `Layout`: per token (`packed`, `padded`, `stream`: at the request's flat offset; `unpacked`: row
-i), or per request (`per_request`: row i). `read_placement` is the inverse of building feeds: it
+i), or per request (`per_request`: one row per request slot, see `Placement.slots`). `read_placement` is the inverse of building feeds: it
 reads where the requests of packed feeds lie back from their attention mask (and `unpack_info`),
 refusing feeds that the layout would not have built, so that the plain runner can check feeds
 packed by hand.
@@ -61,6 +61,18 @@ class Placement:
         """Each token's position inside its own request (requests concatenated in slot order)."""
         first = np.cumsum(self.lengths) - self.lengths
         return np.arange(self.tokens) - np.repeat(first, self.lengths)
+
+    @cached_property
+    def slots(self) -> np.ndarray:
+        """Each request's row in the outputs with one row per request slot (`unpacked`,
+        `per_request`). The packed models number the slots in the order of the requests' first
+        tokens in the flattened batch (`passes/pack_tail.py`): unpack_info's order, or row-major in
+        AttentionMask mode, whatever order the requests were placed in (first_fit may put a later
+        request in an earlier row)."""
+        order = np.argsort(self.starts, kind="stable")
+        slots = np.empty(len(order), np.int64)
+        slots[order] = np.arange(len(order))
+        return slots
 
     @cached_property
     def destinations(self) -> np.ndarray:
@@ -131,9 +143,9 @@ class BatchLayout:
             flat = output.reshape(-1, *output.shape[2:])
             return [flat[s : s + n] for s, n in zip(placement.starts.tolist(), placement.lengths.tolist())]
         if layout is Layout.unpacked:
-            return [output[i, :n] for i, n in enumerate(placement.lengths.tolist())]
+            return [output[i, :n] for i, n in zip(placement.slots.tolist(), placement.lengths.tolist())]
         if layout is Layout.per_request:
-            return [output[i] for i in range(len(placement))]
+            return [output[i] for i in placement.slots.tolist()]
         raise PoprtError(f"an output with layout '{layout}' holds no per-request answers; it cannot be split")
 
     def gather(self, output: np.ndarray, layout: Layout | str, placement: Placement) -> np.ndarray:
@@ -141,7 +153,7 @@ class BatchLayout:
         one fancy index instead of a loop per request."""
         layout = Layout(layout)
         if layout is Layout.unpacked:
-            rows = np.repeat(np.arange(len(placement)), placement.lengths)
+            rows = np.repeat(placement.slots, placement.lengths)
             return output[rows, placement.within]
         if layout in (Layout.packed, Layout.padded, Layout.stream):
             return output.reshape(-1, *output.shape[2:])[placement.destinations]
