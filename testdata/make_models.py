@@ -165,6 +165,12 @@ class MeanPool(nn.Module):
         return h, pooled
 
 
+def _last_hidden_state(model, input_ids, attention_mask, token_type_ids):
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
+    ).last_hidden_state
+
+
 class SentenceTransformerLike(nn.Module):
     """BertModel + sentence-transformers' own `Pooling` (and `Normalize`) modules, returning
     (token_embeddings, sentence_embedding) as `SentenceTransformer.forward` computes them."""
@@ -178,9 +184,7 @@ class SentenceTransformerLike(nn.Module):
         self.normalize = Normalize() if normalize else None
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        h = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
-        ).last_hidden_state
+        h = _last_hidden_state(self.model, input_ids, attention_mask, token_type_ids)
         features = self.pooling({"token_embeddings": h, "attention_mask": attention_mask})
         if self.normalize is not None:
             features = self.normalize(features)
@@ -198,9 +202,7 @@ class ModelCardMeanPooling(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        token_embeddings = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
-        ).last_hidden_state
+        token_embeddings = _last_hidden_state(self.model, input_ids, attention_mask, token_type_ids)
         input_mask_expanded = attention_mask.unsqueeze(-1).expand(token_embeddings.size()).float()
         pooled = torch.sum(token_embeddings * input_mask_expanded, 1) / torch.clamp(input_mask_expanded.sum(1), min=1e-9)
         embedding = nn.functional.normalize(pooled, p=2, dim=1)
@@ -219,9 +221,7 @@ class PoolingVariants(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        h = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
-        ).last_hidden_state
+        h = _last_hidden_state(self.model, input_ids, attention_mask, token_type_ids)
         m = attention_mask.to(h.dtype).unsqueeze(-1)
         first = h[:, 0]
         first = first / torch.sqrt((first * first).sum(-1, keepdim=True))
