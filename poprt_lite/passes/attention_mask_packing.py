@@ -92,8 +92,8 @@ class _Placement(pack_tail.TailPlacement):
         readers = [n for n in self.mask.outputs if id(n) in tail]
         if not readers:
             return
-        one = self.const("attention_mask_one", np.ones((), np.dtype(self.mask.dtype)))
-        padding = self.node("Min", [self.mask, one], "attention_mask_zero_one", self.mask.dtype)
+        one = self.const(f"{self.mask.name}_one", np.ones((), np.dtype(self.mask.dtype)))
+        padding = self.node("Min", [self.mask, one], f"{self.mask.name}_zero_one", self.mask.dtype)
         for node in readers:
             for i, tensor in enumerate(node.inputs):
                 if tensor is self.mask:

@@ -121,11 +121,6 @@ def test_mean_pooling_is_per_request_in_token_stream_mode():
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
 
-def test_mean_pooling_is_refused_in_attention_mask_mode():
-    with pytest.raises(PassError, match=r"^pass 'attention_mask_packing' failed: attention_mask packing cannot keep node '/ReduceSum(_1)?' \(ReduceSum\) per request: it mixes the tokens of a packed row; use --pack_args mode=unpack_repack$"):
-        packed("bert_meanpool", "attention_mask")
-
-
 @pytest.mark.parametrize("mode", STATIC_MODES)
 def test_packed_interface_and_manifest_metadata(mode):
     model = packed("bert_qa_torchscript", mode)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from conftest import VOCAB, model_path
-from poprt_lite import compile, ir, ops, verify
+from poprt_lite import compile, ir, ops, verify, vocab
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import PassError
 from poprt_lite.ops.segment_pool import FIRST, MAX, MEAN
@@ -69,10 +69,10 @@ def test_layouts_shapes_and_ops(name, mode):
     token_shape = [N, L] if mode == "unpack_repack" else [BATCH, SEQ]
     for output, shape in outputs.items():
         if output in POOLED[name]:
-            assert meta[f"layout.{output}"] == Layout.per_request
+            assert vocab.layout_of(meta, output) is Layout.per_request
             assert shape == ([N, 1, 64] if output == "cls_slice" else [N, 64])
         else:
-            assert meta[f"layout.{output}"] == token_layout
+            assert vocab.layout_of(meta, output) is token_layout
             assert shape[:2] == token_shape
     pools = [n for n in model.graph.node if n.op_type == "SegmentPool"]
     if mode == "attention_mask":
