@@ -322,7 +322,7 @@ def verify(module, path: Path, input_names, output_names, feeds_list, per_reques
       all outputs and all verification batches;
     * ``torch_ort_opt``: same with onnxruntime graph optimisations enabled;
     * ``pad``: padded batch vs each row run alone without padding (valid
-      positions of per-token outputs, and the `pooled` outputs, one row per
+      positions of per-token outputs, and the `per_request` outputs, one row per
       sequence) - i.e. the mask really isolates the padding. Outputs in
       `unmasked` pool padding too (an unpadded request is their use): skipped.
     """
