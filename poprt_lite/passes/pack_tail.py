@@ -2,27 +2,29 @@
 
 Not a pass: `place_tail` is called by each packing pass once its attention blocks are rewritten,
 with a `TailPlacement` saying how that mode pools a head (`pool`), whether it can bring a packed
-per-token tensor to one row per request (`unpack`), and what it does with the per-token outputs
-(`token_output`).
+per-token tensor to one row per request (`unpack`), what it does with the per-token outputs
+(`token_output`), and its rows' leading dims (`rows`: request slots and row length,
+`[max_valid_num, segment_max_size]`, or the batch's requests and longest request in token_stream).
 
 1. Pooling heads (`patterns.pooling`) in the tail are replaced by the mode's per-request pooling:
-   their output becomes `[max_valid_num, hidden]` (or `[max_valid_num, 1, hidden]` with keepdims),
-   row i the pooling of request slot i's tokens. The exporter's `Expand(norm, shape)` of an L2
-   normalization after it is bypassed (its shape may come from the padded batch; Div broadcasts).
+   their output becomes `[slots, hidden]` (or `[slots, 1, hidden]` with keepdims), row i the
+   pooling of request slot i's tokens. The exporter's `Expand(norm, shape)` of an L2 normalization
+   after it is bypassed (its shape may come from the padded batch; Div broadcasts).
 2. The tail is walked in order. Values indexed by request slot on axis 0 ("rows") propagate
    through the ops that keep that meaning (`check_row_op`); a packed per-token input of such an op
-   is unpacked if the mode can (unpack_repack), and refused otherwise. An op that mixes the tokens
-   of a packed row and is not a recognized head is run on unpacked rows if the mode can, and
-   refused naming the node otherwise. Shape arithmetic on rows (Shape -> Gather -> Concat) is
-   followed, so an Expand or Reshape to a shape read from rows stays correct.
+   is unpacked if the mode can (unpack_repack, token_stream), and refused otherwise. An op that
+   mixes the tokens of a packed row and is not a recognized head is run on unpacked rows if the
+   mode can, and refused naming the node otherwise. Shape arithmetic on rows (Shape -> Gather ->
+   Concat) is followed, so an Expand or Reshape to a shape read from rows stays correct; an input
+   computed from the packed batch (its shape, say) is refused.
 3. Outputs: rows are `per_request` (or `unpacked` if they keep the sequence axis), with their
-   leading dim set to max_valid_num; per-token outputs are whatever `token_output` makes of them;
+   leading dims set to the rows'; per-token outputs are whatever `token_output` makes of them;
    anything else is `global`.
 
 Request slot order of `per_request` outputs: slot i is the i-th request in the order of their first
-tokens in the flattened `B*S` token stream. In unpack_repack mode that is unpack_info's order; in
-AttentionMask mode it is row-major (row 0's requests by segment id, then row 1's, ...), since the
-host numbers a row's requests in the order they lie in it.
+tokens in the flattened batch. In unpack_repack and token_stream modes that is unpack_info's order;
+in AttentionMask mode it is row-major (row 0's requests by segment id, then row 1's, ...), since the
+host numbers a row's requests in the order they lie in it (`runtime/layouts.py`, `Placement.slots`).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class TailPlacement(abc.ABC):
 
     @abc.abstractmethod
     def pool(self, head: PoolingHead) -> gs.Tensor:
-        """A new tensor [max_valid_num, hidden] pooling `head.hidden` per request slot."""
+        """A new tensor [slots, hidden] pooling `head.hidden` per request slot."""
 
     def unpack(self, tensor: gs.Tensor) -> gs.Tensor:
         """`tensor` (packed, per token) as one row per request [N, L, ...] (if `can_unpack`)."""

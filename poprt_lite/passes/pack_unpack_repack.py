@@ -134,7 +134,7 @@ class _Rewriter(pack_tail.TailPlacement):
         """Place the ops after the encoder (`tail`, listed before the blocks were rewritten) on
         unpacked rows (`pack_tail.place_tail`); give every output's layout."""
         mask = next((t for t in self.graph.inputs if t.name == self.options.attention_mask_name), None)
-        return pack_tail.place_tail(self.graph, [], dims, mask, self, {id(n) for n in tail})
+        return pack_tail.place_tail(self.graph, {id(n) for n in tail}, dims, mask, self)
 
     # ------------------------------------------------------------------ TailPlacement (pack_tail)
 

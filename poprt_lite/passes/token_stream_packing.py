@@ -62,6 +62,7 @@ class TokenStreamPacking(Pass):
 class _StreamRewriter(_Rewriter):
     """Rows follow the batch: one per request, as long as the longest; token outputs stay on the stream."""
 
+    mode = MODE
     dynamic = True
 
     @property

@@ -25,15 +25,19 @@ STATIC_MODES = [PackMode.unpack_repack.value, PackMode.attention_mask.value]
 STREAM = PackMode.token_stream.value
 
 
-@functools.cache
-def packed(name: str, mode: str, precision: str = "fp32") -> onnx.ModelProto:
-    source = ir.load_model(model_path(name))
+def pack_options(source: onnx.ModelProto, mode: str, precision: str = "fp32") -> CompileOptions:
+    """The test geometry's options for `mode`: batch [BATCH, SEQ], or a stream of MAX_TOKENS."""
     pack_args = {"max_valid_num": str(N), "segment_max_size": str(L), "mode": mode}
     if mode == STREAM:
         shape, pack_args["max_tokens"] = {}, str(MAX_TOKENS)  # no static shape: the stream's length varies
     else:
         shape = {i.name: (BATCH, SEQ) for i in source.graph.input}
-    options = CompileOptions(precision=precision, input_shape=shape, pack_args=pack_args)
+    return CompileOptions(precision=precision, input_shape=shape, pack_args=pack_args)
+
+
+@functools.cache
+def packed(name: str, mode: str, precision: str = "fp32") -> onnx.ModelProto:
+    options = pack_options(ir.load_model(model_path(name)), mode, precision)
     return compile(model_path(name), save=False, options=options).model
 
 

@@ -13,12 +13,11 @@ from hypothesis import HealthCheck, given, settings
 
 from conftest import VOCAB, model_path
 from poprt_lite import compile, ir, ops, verify, vocab
-from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import PassError
 from poprt_lite.ops.segment_pool import FIRST, MAX, MEAN
 from poprt_lite.vocab import Layout
 
-from .test_pack_passes import BATCH, MODES, SEQ, N, L, lengths_strategy, packed, run_packed
+from .test_pack_passes import BATCH, MODES, SEQ, STATIC_MODES, STREAM, N, L, lengths_strategy, pack_options, packed, run_packed
 
 SENTENCE_MODELS = [
     "st_mean_norm_torchscript",
@@ -65,12 +64,13 @@ def test_layouts_shapes_and_ops(name, mode):
     model = packed(name, mode)
     meta = ir.get_metadata(model)
     outputs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
-    token_layout = Layout.unpacked if mode == "unpack_repack" else Layout.packed
-    token_shape = [N, L] if mode == "unpack_repack" else [BATCH, SEQ]
+    token_layout = {"unpack_repack": Layout.unpacked, "attention_mask": Layout.packed, STREAM: Layout.stream}[mode]
+    token_shape = {"unpack_repack": [N, L], "attention_mask": [BATCH, SEQ], STREAM: [1, 0]}[mode]  # 0: symbolic
+    slots = 0 if mode == STREAM else N
     for output, shape in outputs.items():
         if output in POOLED[name]:
             assert vocab.layout_of(meta, output) is Layout.per_request
-            assert shape == ([N, 1, 64] if output == "cls_slice" else [N, 64])
+            assert shape == ([slots, 1, 64] if output == "cls_slice" else [slots, 64])
         else:
             assert vocab.layout_of(meta, output) is token_layout
             assert shape[:2] == token_shape
@@ -83,13 +83,12 @@ def test_layouts_shapes_and_ops(name, mode):
         assert not pools
     # every reduction left reads one row per request slot ([N, ...]), none a packed [B, S, ...] tensor
     inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
-    reductions = [n for n in model.graph.node if n.op_type.startswith("Reduce")]
-    for node in reductions:
-        assert shapes[node.input[0]][0] == N, (node.name, shapes[node.input[0]])
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+    for node in [n for n in model.graph.node if n.op_type.startswith("Reduce")]:
+        assert shapes[node.input[0]][0] == (N if mode != STREAM else "requests"), (node.name, shapes[node.input[0]])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", STATIC_MODES)
 def test_first_fit_puts_a_later_request_in_an_earlier_row(mode):
     """Slot order is the order of the requests' first tokens: with first_fit, request 2 lands in
     row 0 before request 1 (row 1), and each still gets its own pooled row."""
@@ -173,14 +172,10 @@ def edited_model(variant: str) -> onnx.ModelProto:
 def compile_edited(variant: str, mode: str, tmp_path) -> onnx.ModelProto:
     path = tmp_path / f"{variant}.onnx"
     onnx.save(edited_model(variant), path)
-    options = CompileOptions(
-        input_shape={"input_ids": (BATCH, SEQ), "attention_mask": (BATCH, SEQ), "token_type_ids": (BATCH, SEQ)},
-        pack_args={"max_valid_num": str(N), "segment_max_size": str(L), "mode": mode},
-    )
-    return compile(path, save=False, options=options).model
+    return compile(path, save=False, options=pack_options(edited_model(variant), mode)).model
 
 
-def check_edited(variant: str, model: onnx.ModelProto, lengths=(16, 3, 9, 1, 12)) -> None:
+def check_edited(variant: str, model: onnx.ModelProto, lengths=(16, 3, 9, 1, 10)) -> None:
     requests = verify.make_requests(np.random.default_rng(1), list(lengths), VOCAB)
     batch, per_request = verify.run_packed(model, requests)
     original = verify.session(edited_model(variant))
@@ -199,9 +194,10 @@ def test_lp_normalization(mode, tmp_path):
     check_edited("lp_normalization", model)
 
 
-def test_unrecognized_pooling_runs_on_unpacked_rows_in_unpack_repack_mode(tmp_path):
+@pytest.mark.parametrize("mode", ["unpack_repack", STREAM])
+def test_unrecognized_pooling_runs_on_unpacked_rows(mode, tmp_path):
     for variant in ("sum_pooling", "centered"):
-        model = compile_edited(variant, "unpack_repack", tmp_path)
+        model = compile_edited(variant, mode, tmp_path)
         check_edited(variant, model)
 
 
@@ -219,8 +215,9 @@ def test_attention_mask_mode_refuses_what_it_cannot_place(variant, node, op, why
 
 @pytest.mark.parametrize("mode", MODES)
 def test_an_op_moving_the_request_axis_is_refused(mode, tmp_path):
-    if mode == "unpack_repack":
-        message = r"^pass 'pack_unpack_repack' failed: unpack_repack cannot place node 'flip' \(Transpose\) after the encoder on per-request rows: it does not keep one row per request; remove it from the model$"
+    if mode != "attention_mask":
+        pass_name = "pack_unpack_repack" if mode == "unpack_repack" else "token_stream_packing"
+        message = rf"^pass '{pass_name}' failed: {mode} cannot place node 'flip' \(Transpose\) after the encoder on per-request rows: it does not keep one row per request; remove it from the model$"
     else:
         message = r"^pass 'attention_mask_packing' failed: attention_mask packing cannot keep node 'flip' \(Transpose\) per request: it does not keep one row per request; use mode=unpack_repack$"
     with pytest.raises(PassError, match=message):
