@@ -18,10 +18,10 @@ Every runner (PackRunner, `packing_utils`, `--check`, the bench) builds feeds an
 here, so a layout is spelled once. A batch's feeds have the layout's `shape(placement)`:
 `[batch_size, seq_len]`, or `[1, T]` for the token stream. Outputs are split by their manifest
 `Layout`: per token (`packed`, `padded`, `stream`: at the request's flat offset; `unpacked`: row
-i), or per request (`per_request`: one row per request slot, see `Placement.slots`). `read_placement` is the inverse of building feeds: it
-reads where the requests of packed feeds lie back from their attention mask (and `unpack_info`),
-refusing feeds that the layout would not have built, so that the plain runner can check feeds
-packed by hand.
+i), or per request (`per_request`: one row per request slot, see `Placement.slots`).
+`read_placement` is the inverse of building feeds: it reads where the requests of packed feeds lie
+back from their attention mask (and `unpack_info`), refusing feeds that the layout would not have
+built, so that the plain runner can check feeds packed by hand.
 """
 
 from __future__ import annotations
