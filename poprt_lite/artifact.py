@@ -7,8 +7,14 @@ scripts) with exactly three members:
 - `manifest.json`: everything a runtime needs to drive the model (see `build_manifest`);
 - `manifest.sha256`: the sha256 of `manifest.json`, so an edited manifest is detected.
 
-Loading verifies both checksums and the format version before anything is parsed further, reads
-members into memory (nothing is extracted to disk) and never imports or unpickles anything.
+A model over protobuf's 2 GB limit adds a fourth, `model.onnx.data`: its weights, stored
+uncompressed, which the tensors of `model.onnx` refer to as external data (that member, and
+nothing else) and whose sha256 the manifest holds (`weights_sha256`).
+
+Loading verifies the checksums and the format version before anything is parsed further, reads
+the small members into memory and maps the weights member (nothing is extracted to disk), and
+never imports or unpickles anything. `Artifact.session` gives the model its weights from the
+mapping.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import mmap
 import os
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +34,7 @@ import onnx
 from onnx import external_data_helper
 
 import poprt_lite
-from poprt_lite import ir, vocab
+from poprt_lite import ir, vocab, wire
 from poprt_lite.errors import ArtifactError, one_line
 from poprt_lite.vocab import MetaKey
 
@@ -35,6 +43,8 @@ FORMAT_VERSION = 1
 DEFAULT_NAME = "executable.popef"
 MODEL_MEMBER, MANIFEST_MEMBER, DIGEST_MEMBER = "model.onnx", "manifest.json", "manifest.sha256"
 MEMBERS = (MODEL_MEMBER, MANIFEST_MEMBER, DIGEST_MEMBER)
+WEIGHTS_MEMBER = "model.onnx.data"  # only in artifacts of models over protobuf's 2 GB limit
+EXTERNAL_DATA_KEYS = {"location", "offset", "length"}
 # A member may expand to at most this multiple of the archive size (zip-bomb guard); members are
 # stored uncompressed, so honest artifacts expand by ~1x.
 MAX_EXPANSION = 4
@@ -44,13 +54,30 @@ class Artifact:
     path: Path
     manifest: dict[str, Any]
     model_bytes: bytes
+    weights: memoryview | None = None  # the mapped weights member, when the model is over 2 GB
 
     def model(self) -> onnx.ModelProto:
+        """The model member; with a weights member its large tensors refer to that member."""
         return onnx.load_from_string(self.model_bytes)
+
+    def session(self, threads: int = 0, *, spinning: bool = True) -> Any:
+        """An onnxruntime session of the model (see `runtime.session`), given its weights from the mapping."""
+        from poprt_lite.runtime.session import create_session, session_options
+
+        options = session_options(threads, spinning=spinning)
+        if self.weights is not None:
+            options.add_external_initializers_from_files_in_memory([WEIGHTS_MEMBER], [self.weights], [self.weights.nbytes])
+        return create_session(self.model_bytes, options=options)
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read in blocks (the file is never held in memory)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def build_manifest(
@@ -60,8 +87,10 @@ def build_manifest(
     model_sha256: str,
     precision: str,
     pipeline: list[dict[str, Any]],
+    weights_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """Describe `model` for a runtime: interface with roles and layouts, packing, offsets."""
+    """Describe `model` for a runtime: interface with roles and layouts, packing, offsets (and the
+    checksum of the weights member, when the artifact has one)."""
     meta = ir.get_metadata(model)
     pack = vocab.pack_spec_of(meta)
 
@@ -98,7 +127,7 @@ def build_manifest(
         "custom_op_domains": sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")}),
         MetaKey.position_offset.value: vocab.int_of(meta, MetaKey.position_offset),
         MetaKey.vocab_size.value: vocab.int_of(meta, MetaKey.vocab_size) or None,
-    }
+    } | ({"weights_sha256": weights_sha256} if weights_sha256 is not None else {})
 
 
 def embedding_table_rows(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
@@ -145,23 +174,29 @@ def in_memory(path: str | os.PathLike, model: onnx.ModelProto, manifest_fields: 
     return Artifact(Path(path), manifest, model_bytes)
 
 
-def write_artifact(path: str | os.PathLike, model: onnx.ModelProto, manifest_fields: dict[str, Any]) -> Path:
-    """Write the artifact atomically; `manifest_fields` are passed to `build_manifest`."""
+def write_artifact(path: str | os.PathLike, model: onnx.ModelProto | ir.Model, manifest_fields: dict[str, Any]) -> Path:
+    """Write the artifact atomically, each weight streamed into it; `manifest_fields` are passed
+    to `build_manifest`. A model over protobuf's 2 GB limit keeps its weights in WEIGHTS_MEMBER."""
     path = Path(path)
-    size = model.ByteSize()
-    if size > ir.PROTOBUF_LIMIT:
-        raise ArtifactError(
-            f"the model is {size} bytes, over protobuf's {ir.PROTOBUF_LIMIT}-byte (2 GB) limit; an artifact cannot hold it, use the .onnx file and its external data"
-        )
-    model_bytes = model.SerializeToString()
-    manifest = build_manifest(model, model_sha256=sha256(model_bytes), **manifest_fields)
-    manifest_bytes = json.dumps(manifest, indent=2).encode()
+    working = model if isinstance(model, ir.Model) else ir.Model.from_proto(model)
+    proto, apart = working.layout()
+    single = wire.model_size(proto, apart) <= ir.PROTOBUF_LIMIT
+    described = ir.external_form(proto, apart, WEIGHTS_MEMBER)  # every initializer's name, type and shape
 
     def write(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            checksums = {}
+            if single:
+                checksums["model_sha256"] = _write_member(archive, MODEL_MEMBER, lambda f: ir.write_model(proto, apart, f))
+            else:
+                model_bytes = described.SerializeToString()
+                archive.writestr(MODEL_MEMBER, model_bytes)
+                checksums["model_sha256"] = sha256(model_bytes)
+                checksums["weights_sha256"] = _write_member(archive, WEIGHTS_MEMBER, lambda f: ir.write_external_data(apart, f))
+            manifest = build_manifest(described, **checksums, **manifest_fields)
+            manifest_bytes = json.dumps(manifest, indent=2).encode()
             archive.writestr(MANIFEST_MEMBER, manifest_bytes)
             archive.writestr(DIGEST_MEMBER, sha256(manifest_bytes))
-            archive.writestr(MODEL_MEMBER, model_bytes)
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +206,25 @@ def write_artifact(path: str | os.PathLike, model: onnx.ModelProto, manifest_fie
     return path
 
 
+def _write_member(archive: zipfile.ZipFile, name: str, write) -> str:
+    """Stream a member (stored, zip64 when large) through `write(stream)`; returns its sha256."""
+    digest = hashlib.sha256()
+    with archive.open(zipfile.ZipInfo(name), "w", force_zip64=True) as member:
+        write(_Hashing(member, digest))
+    return digest.hexdigest()
+
+
+class _Hashing:
+    """A writable stream that hashes what goes through it."""
+
+    def __init__(self, stream, digest) -> None:
+        self.stream, self.digest = stream, digest
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.stream.write(data)
+
+
 def load_artifact(path: str | os.PathLike) -> Artifact:
     """Read and verify an artifact; any inconsistency raises `ArtifactError`.
 
@@ -178,7 +232,9 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     absolute or `..` paths, no duplicates, nothing extra); their declared sizes fit the expansion
     budget; each is read into memory, at most the budget whatever its header says; the manifest
     checksum, the manifest's format and version, and the model checksum match; the model parses and
-    is self-contained (no external data). Nothing is extracted to disk, imported or unpickled.
+    is self-contained: no external data, except, with a weights member (stored, not compressed,
+    mapped read-only and checked against `weights_sha256`), initializers lying inside that member
+    and nothing else. Nothing is extracted to disk, imported or unpickled.
     """
     path = Path(path)
     if not path.is_file():
@@ -198,6 +254,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError) as exc:
             # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method
             raise ArtifactError(f"artifact '{path}' is corrupt ({one_line(exc, with_type=False)}); re-export it") from None
+        weights_info = next((info for info in infos if info.filename == WEIGHTS_MEMBER), None)
     if sha256(data[MANIFEST_MEMBER]) != data[DIGEST_MEMBER].decode(errors="replace").strip():
         raise ArtifactError(f"artifact '{path}': manifest checksum mismatch (corrupted or edited); re-export it")
     try:
@@ -214,8 +271,13 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
         )
     if sha256(data[MODEL_MEMBER]) != manifest.get("model_sha256"):
         raise ArtifactError(f"artifact '{path}': model checksum mismatch (corrupted or tampered); re-export it")
-    _check_model(path, data[MODEL_MEMBER])
-    return Artifact(path=path, manifest=manifest, model_bytes=data[MODEL_MEMBER])
+    weights = None
+    if weights_info is not None:
+        weights = _map_member(path, weights_info)
+        if sha256(weights) != manifest.get("weights_sha256"):
+            raise ArtifactError(f"artifact '{path}': weights checksum mismatch (corrupted or tampered); re-export it")
+    _check_model(path, data[MODEL_MEMBER], weights)
+    return Artifact(path=path, manifest=manifest, model_bytes=data[MODEL_MEMBER], weights=weights)
 
 
 def _check_members(path: Path, names: list[str]) -> None:
@@ -225,26 +287,71 @@ def _check_members(path: Path, names: list[str]) -> None:
     duplicates = sorted(n for n, count in collections.Counter(names).items() if count > 1)
     if duplicates:
         raise ArtifactError(f"artifact '{path}' holds member {duplicates[0]!r} more than once; refusing it")
-    extra, missing = sorted(set(names) - set(MEMBERS)), sorted(set(MEMBERS) - set(names))
+    extra, missing = sorted(set(names) - {*MEMBERS, WEIGHTS_MEMBER}), sorted(set(MEMBERS) - set(names))
     if extra:
         raise ArtifactError(f"artifact '{path}' has unexpected members {extra}; it was not written by poprt-lite")
     if missing:
         raise ArtifactError(f"artifact '{path}' is missing members {missing}; it was not written by poprt-lite")
 
 
-def _check_model(path: Path, model_bytes: bytes) -> None:
-    """The model member must parse and hold all its weights: external data would make a runtime
+def _check_model(path: Path, model_bytes: bytes, weights: memoryview | None) -> None:
+    """The model member must parse and hold all its weights, or, with a weights member, have its
+    initializers' external data inside that member: any other external data would make a runtime
     read files named by the artifact."""
     try:
         model = onnx.load_from_string(model_bytes)
     except Exception:  # protobuf raises DecodeError or RuntimeError depending on the backend
         raise ArtifactError(f"artifact '{path}': {MODEL_MEMBER} is not a valid ONNX model; re-export it") from None
-    for tensor in external_data_helper._get_all_tensors(model):
-        if external_data_helper.uses_external_data(tensor):
+    uses = external_data_helper.uses_external_data
+    external = [t for t in model.graph.initializer if uses(t)]
+    elsewhere = [t for t in external_data_helper._get_all_tensors(model) if uses(t) and t.name not in {e.name for e in external}]
+    for tensor in [*elsewhere, *external]:
+        if weights is None or tensor in elsewhere:
             raise ArtifactError(
                 f"artifact '{path}': tensor '{tensor.name}' of {MODEL_MEMBER} refers to external data; an artifact must be self-contained"
             )
+        entries = {e.key: e.value for e in tensor.external_data}
+        if set(entries) - EXTERNAL_DATA_KEYS or entries.get("location") != WEIGHTS_MEMBER:
+            raise ArtifactError(
+                f"artifact '{path}': tensor '{tensor.name}' of {MODEL_MEMBER} refers to external data other than the member {WEIGHTS_MEMBER}; refusing it"
+            )
+        offset, length = _non_negative(entries.get("offset", "0")), _non_negative(entries.get("length", ""))
+        if offset is None or length is None or length != ir._expected_bytes(tensor) or offset + length > weights.nbytes:
+            raise ArtifactError(
+                f"artifact '{path}': tensor '{tensor.name}' of {MODEL_MEMBER} does not lie inside {WEIGHTS_MEMBER} at the size of its type and shape; re-export it"
+            )
+    if weights is not None and not external:
+        raise ArtifactError(f"artifact '{path}' has a member {WEIGHTS_MEMBER} that {MODEL_MEMBER} does not use; it was not written by poprt-lite")
 
+
+def _non_negative(text: str) -> int | None:
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+# The local file header of a zip member: its file name and extra field lengths are the last two of
+# zipfile.structFileHeader's fields, and its data follows them.
+_LOCAL_HEADER = struct.Struct(zipfile.structFileHeader)
+
+
+def _map_member(path: Path, info: zipfile.ZipInfo) -> memoryview:
+    """A stored (uncompressed, unencrypted) member's bytes, mapped read-only from the archive."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or info.compress_size != info.file_size:
+        raise ArtifactError(f"artifact '{path}': member {info.filename} is compressed or encrypted; poprt-lite stores it plain, re-export it")
+    with open(path, "rb") as file:
+        file.seek(info.header_offset)
+        header = file.read(_LOCAL_HEADER.size)
+        fields = _LOCAL_HEADER.unpack(header) if len(header) == _LOCAL_HEADER.size else None
+        if fields is None or fields[0] != zipfile.stringFileHeader:
+            raise ArtifactError(f"artifact '{path}' is corrupt (bad local header of {info.filename}); re-export it")
+        name_length, extra_length = fields[-2], fields[-1]
+        if file.read(name_length) != info.filename.encode():
+            raise ArtifactError(f"artifact '{path}' is corrupt (local header of {info.filename} names another file); re-export it")
+        start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        size = os.fstat(file.fileno()).st_size
+        if start + info.file_size > size or info.file_size == 0:
+            raise ArtifactError(f"artifact '{path}' is corrupt ({info.filename} runs past the end of the file); re-export it")
+        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    return memoryview(mapping)[start : start + info.file_size]
 
 
 def _read_bounded(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:

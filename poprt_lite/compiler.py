@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -74,10 +75,16 @@ class CompileOptions:
 
 @dataclass
 class CompileResult:
-    model: onnx.ModelProto
+    converted: ir.Model  # the converted graph, its weights where they were loaded
     records: list[PassRecord]
     output_model: Path | None = None
     artifact: Path | None = None
+
+    @functools.cached_property
+    def model(self) -> onnx.ModelProto:
+        """The converted model as one ModelProto, weights included (built on first use: a copy of
+        the weights in memory; `output_model` is the file)."""
+        return self.converted.to_proto()
 
 
 def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -195,19 +202,16 @@ def compile(
 ) -> CompileResult:
     """Convert `input_model`; write the model (and with `export_popef`, `output_dir/executable.popef`)."""
     options = options or CompileOptions()
-    source = ir.load_model(input_model)
-    source_sha = artifact.sha256(Path(input_model).read_bytes())
+    model = ir.open_model(input_model)
     pipeline = build_pipeline(options)
     dump_dir = Path(output_dir) if output_dir is not None else None
     manager = PassManager(pipeline, dump_after=options.dump_after, dump_dir=dump_dir, on_pass_done=on_pass_done)
-    model, records = manager.run(source)
-    ir.set_metadata(model, MetaKey.precision, options.precision)
-    result = CompileResult(model=model, records=records)
+    records = manager.run_model(model)
+    model.set_metadata(MetaKey.precision, options.precision)
+    result = CompileResult(converted=model, records=records)
     if not save:
         return result
-    if export_popef and model.ByteSize() > ir.PROTOBUF_LIMIT:
-        raise PoprtError("the converted model is over 2 GB, which an artifact cannot hold; drop --export_popef and use the .onnx with its .data file")
-    result.output_model = ir.save_model(model, output_model or default_output_path(input_model, output_dir))
+    result.output_model = model.save(output_model or default_output_path(input_model, output_dir))
     if export_popef:
         pipeline_info = [
             {

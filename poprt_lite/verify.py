@@ -7,6 +7,7 @@ source model run on that request alone, unpadded.
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,8 +22,13 @@ from poprt_lite.vocab import INPUT_IDS, UNPACK_INFO, MetaKey, PackMode, Role
 DEFAULT_DYNAMIC = {0: 2, 1: 16}  # batch 2, sequence 16 where a dim is not fixed
 
 
-def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0) -> ort.InferenceSession:
     return create_session(model, threads)
+
+
+def _graph_of(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """The model itself, or the model file read without its external data (interface and metadata)."""
+    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
 
 
 def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
@@ -62,18 +68,22 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
     return feeds
 
 
-def max_abs_diff(source: onnx.ModelProto, converted: onnx.ModelProto, seed: int = 0) -> dict[str, float]:
-    """The largest absolute difference per output between source and converted model, over real tokens."""
-    if vocab.pack_spec_of(ir.get_metadata(converted)) is not None:
-        return _packed_max_abs_diff(source, converted, seed)
-    feeds = random_feeds(converted, seed)
-    source_inputs = {v.name for v in source.graph.input}
+def max_abs_diff(
+    source: onnx.ModelProto | str | os.PathLike, converted: onnx.ModelProto | str | os.PathLike, seed: int = 0
+) -> dict[str, float]:
+    """The largest absolute difference per output between source and converted model, over real
+    tokens. Either may be a path, e.g. for models whose weights are external data (over 2 GB)."""
+    converted_graph = _graph_of(converted)
+    if vocab.pack_spec_of(ir.get_metadata(converted_graph)) is not None:
+        return _packed_max_abs_diff(source, converted, converted_graph, seed)
+    feeds = random_feeds(converted_graph, seed)
+    source_inputs = {v.name for v in _graph_of(source).graph.input}
     expected = session(source).run(None, {k: v for k, v in feeds.items() if k in source_inputs})
     actual = session(converted).run(None, feeds)
-    meta = ir.get_metadata(converted)
+    meta = ir.get_metadata(converted_graph)
     mask = next((v for k, v in feeds.items() if vocab.role_of(meta, k) is Role.attention_mask), None)
     diffs = {}
-    for value, want, got in zip(converted.graph.output, expected, actual):
+    for value, want, got in zip(converted_graph.graph.output, expected, actual):
         delta = np.abs(want.astype(np.float64) - got.astype(np.float64))
         if mask is not None and delta.shape[:2] == mask.shape:
             delta = delta[mask.astype(bool)]
@@ -134,16 +144,16 @@ def run_packed(
     return batch, [list(per_output) for per_output in zip(*shares)]
 
 
-def _packed_max_abs_diff(source: onnx.ModelProto, converted: onnx.ModelProto, seed: int) -> dict[str, float]:
-    meta = ir.get_metadata(converted)
+def _packed_max_abs_diff(source, converted, converted_graph: onnx.ModelProto, seed: int) -> dict[str, float]:
+    meta = ir.get_metadata(converted_graph)
     pack = vocab.pack_spec_of(meta)
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, pack.segment_max_size + 1, pack.max_valid_num)
     requests = make_requests(rng, lengths, vocab.int_of(meta, MetaKey.vocab_size, 100))
-    batch, per_request = run_packed(converted, requests)
+    batch, per_request = run_packed(converted_graph, requests, session(converted))
     source_session = session(source)
     source_inputs = {i.name for i in source_session.get_inputs()}
-    diffs = {v.name: 0.0 for v in converted.graph.output}
+    diffs = {v.name: 0.0 for v in converted_graph.graph.output}
     for spec, got in zip(batch.specs, per_request):
         want = source_session.run(None, {k: v for k, v in requests[spec.index].items() if k in source_inputs})
         for name, w, g in zip(diffs, want, got):

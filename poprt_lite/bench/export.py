@@ -4,7 +4,9 @@ Same recipe as `testdata/make_models.py` (transformers config, eager attention, 
 exporter, opset 17, biases and LayerNorm parameters randomised so every path contributes). Geometries:
 `BERT_BASE` (12 layers, hidden 768, 12 heads, intermediate 3072, vocab 30522; ~420 MB), `MINILM`
 (all-MiniLM-L6's: 6 layers, hidden 384, 12 heads, intermediate 1536, vocab 30522; ~90 MB) and
-`TINY` (the `--small` preset's). Nothing is downloaded. The file goes to a cache directory (default
+`TINY` (the `--small` preset's), and for `benchmarks/compile_time.py` `BERT_LARGE` (24 layers, hidden
+1024, 16 heads; ~1.3 GB) and `BERT_2_5GB` (48 such layers; ~2.5 GB, over protobuf's limit, so saved
+with its weights in `<name>.onnx.data`). Nothing is downloaded. The file goes to a cache directory (default
 `~/.cache/poprt-lite/`), never to the repository; torch / transformers are imported only here
 (`pip install '.[export]'`).
 """
@@ -12,6 +14,7 @@ exporter, opset 17, biases and LayerNorm parameters randomised so every path con
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,9 @@ class Geometry:
 BERT_BASE = Geometry()
 MINILM = Geometry(layers=6, hidden=384, heads=12, intermediate=1536)
 TINY = Geometry(layers=2, hidden=64, heads=4, intermediate=128, vocab=1000)
+BERT_LARGE = Geometry(layers=24, hidden=1024, heads=16, intermediate=4096)  # ~1.3 GB
+# ~2.5 GB of fp32 weights, over protobuf's 2 GB: saved with its weights in `<name>.onnx.data`.
+BERT_2_5GB = Geometry(layers=48, hidden=1024, heads=16, intermediate=4096)
 
 
 def default_cache_dir() -> Path:
@@ -80,10 +86,19 @@ def export_bert_qa(path: str | os.PathLike, geometry: Geometry = BERT_BASE, seed
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     axes = {n: {0: "batch", 1: "sequence"} for n in names + outputs}
-    export_torchscript(QAWithTypes(model.eval()).eval(), example, names, outputs, axes, tmp)
-    os.replace(tmp, path)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as folder:
+        # Over 2 GB the exporter writes one external data file per tensor beside the model: the
+        # weights are then gathered into one `<name>.data` file (poprt-lite's own writer).
+        tmp = Path(folder) / path.name
+        export_torchscript(QAWithTypes(model.eval()).eval(), example, names, outputs, axes, tmp)
+        del model
+        if len(list(Path(folder).iterdir())) == 1:
+            os.replace(tmp, path)
+        else:
+            from poprt_lite import ir
+
+            ir.open_model(tmp).save(path)
     return path
 
 

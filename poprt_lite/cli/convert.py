@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 import poprt_lite
-from poprt_lite import compiler, ir, passes, verify
+from poprt_lite import compiler, passes, verify
 from poprt_lite.cli import config_yaml as yaml_config
 from poprt_lite.cli import listing, options, poprt_flags
 from poprt_lite.errors import PoprtError
@@ -164,7 +164,7 @@ def _convert(
     if result.artifact is not None:
         console.print(f"wrote {result.artifact}")
     if check or run:
-        diffs = verify.max_abs_diff(ir.load_model(input_model), result.model)
+        diffs = verify.max_abs_diff(input_model, result.output_model)
         for name, diff in diffs.items():
             console.print(f"check: {name} max abs diff {diff:.3g}")
 

@@ -25,11 +25,12 @@ class PassRecord:
 
 
 class PassManager:
-    """Runs passes in order. Whatever a pass leaves in the graph is kept, whether or not it reports
-    `changed` (see `PassResult`). After every pass the graph is cleaned up and topologically sorted,
-    custom-op function bodies are attached, and the model is checked with `onnx.checker` and strict
-    shape inference; a pass that raises or leaves an invalid model stops the pipeline with a
-    `PassError` naming it.
+    """Runs passes in order on one graph (`ir.Model`), which every pass edits in place. Whatever a
+    pass leaves in the graph is kept, whether or not it reports `changed` (see `PassResult`). After
+    every pass the graph is cleaned up and topologically sorted, and its structure (custom-op
+    function bodies attached, large weights declared rather than copied) is checked with
+    `onnx.checker` and strict shape inference, whose types the graph then takes; a pass that raises
+    or leaves an invalid model stops the pipeline with a `PassError` naming it.
 
     `dump_after` names passes (or `"all"`) whose output model is written to `dump_dir` as
     `NN_<pass>.onnx`, so a user can see what each pass did.
@@ -57,28 +58,36 @@ class PassManager:
             )
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, list[PassRecord]]:
-        ctx = ctx if ctx is not None else PassContext(metadata=ir.get_metadata(model))
+        """Convert a ModelProto in memory: the returned model is a new ModelProto with the weights."""
         ir.check_graph(model, "the input model")
-        source = onnx.ModelProto()
-        source.CopyFrom(model)
+        working = ir.Model.from_proto(model)
+        records = self.run_model(working, ctx)
+        return working.to_proto(), records
+
+    def run_model(self, model: ir.Model, ctx: PassContext | None = None) -> list[PassRecord]:
+        """Run the pipeline on `model`'s graph, in place: one graph from the first pass to the last."""
+        ctx = ctx if ctx is not None else PassContext(metadata=model.metadata())
+        source = model.structure()  # checked only to blame the input if the first pass leaves an invalid model
         records = []
+        checked = None
         for index, pass_ in enumerate(self.passes):
             start = time.perf_counter()
-            graph = ir.to_graph(model)
+            if checked is not None:
+                model.adopt_functions(checked)  # the custom-op bodies attached for the check stay
             try:
-                result = pass_.run(graph, ctx)
+                result = pass_.run(model.graph, ctx)
             except PoprtError as exc:
                 raise PassError(f"pass '{pass_.name}' failed: {exc}") from exc
             except Exception as exc:
                 raise PassError(f"pass '{pass_.name}' crashed: {type(exc).__name__}: {exc}") from exc
             check_result(pass_, result)
             # The graph is kept whatever `changed` says: it reports, it does not decide (see PassResult).
-            graph.cleanup().toposort()
-            model = ir.to_model(graph, template=model)
+            model.graph.cleanup().toposort()
             for key, value in ctx.metadata.items():
-                ir.set_metadata(model, key, value)
+                model.set_metadata(key, value)
             try:
-                model = validate(model, f"pass '{pass_.name}' left an invalid model")
+                checked = validate(model.structure(), f"pass '{pass_.name}' left an invalid model")
+                ir.apply_types(model.graph, checked)
             except PassError:
                 if index == 0:  # nothing validated the model before: blame the input if it is invalid
                     validate(source, "the input model is invalid (no pass has run on it)")
@@ -88,8 +97,8 @@ class PassManager:
             if self.on_pass_done is not None:
                 self.on_pass_done(record)
             if "all" in self.dump_after or pass_.name in self.dump_after:
-                ir.save_model(model, self.dump_dir / f"{index:02d}_{pass_.name}.onnx")
-        return model, records
+                model.save(self.dump_dir / f"{index:02d}_{pass_.name}.onnx")
+        return records
 
 
 def check_result(pass_: Pass, result: object) -> None:
@@ -99,7 +108,8 @@ def check_result(pass_: Pass, result: object) -> None:
 
 
 def validate(model: onnx.ModelProto, what: str = "invalid model") -> onnx.ModelProto:
-    """Attach custom-op bodies, check the model and infer shapes afresh (stale value_info dropped)."""
+    """Attach custom-op bodies, check the model and infer shapes afresh (stale value_info dropped);
+    returns the model with the inferred types."""
     ops.attach_functions(model)
     del model.graph.value_info[:]
     try:

@@ -37,8 +37,12 @@ from poprt_lite.runtime.config import PackRunnerConfig, resolve_batching
 from poprt_lite.runtime.interface import read_packed_interface
 from poprt_lite.runtime.layouts import Placement
 from poprt_lite.runtime.packing import OnlinePacker
+<<<<<<< HEAD
 from poprt_lite.runtime.requests import RequestChecker, build_feeds, split_outputs
 from poprt_lite.runtime.session import create_session
+=======
+from poprt_lite.runtime.requests import RequestChecker
+>>>>>>> cede210 (One graph through the pipeline: ir.Model (weights memory-mapped, checks on the structure, written once, streamed); artifacts over 2 GB keep their weights in a stored member; --check on files (issue 14))
 
 
 class PackFuture(concurrent.futures.Future):
@@ -130,7 +134,7 @@ class PackRunner:
             # onnxruntime's worker threads spin after each run by default, taking the cores from the
             # client threads and the serving thread between batches (measured up to 2x slower on
             # 2 cores); a PackRunner runs its session without spinning unless asked.
-            self.session = create_session(self.artifact.model_bytes, threads, spinning=spinning)
+            self.session = self.artifact.session(threads, spinning=spinning)
         except Exception as exc:
             raise PoprtError(f"onnxruntime cannot load artifact '{self.artifact.path}': {one_line(exc)}") from exc
         across_rows = self._layout.across_rows

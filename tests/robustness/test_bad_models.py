@@ -11,6 +11,7 @@ import errno
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,11 @@ import onnxruntime as ort
 import pytest
 
 from conftest import model_path
-from poprt_lite import artifact, compile, ir
+from poprt_lite import artifact, compile, ir, verify
 from poprt_lite.cli.main import main
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import ArtifactError
+from poprt_lite.runtime import ModelRunner
 
 from . import models
 
@@ -190,7 +192,7 @@ def test_invalid_input_is_blamed_on_the_input_not_on_a_pass(capsys, src, out):
     model = models.tiny()
     model.graph.input[0].type.Clear()
     path = save(model, src / "untyped.onnx")
-    message = "the input model is invalid (no pass has run on it): Unrecognized type value case (value_info name: x): 0"
+    message = "the input model is invalid (no pass has run on it): Field 'type' of 'value_info' is required but missing."
     assert_refused(capsys, path, out, message)
 
 
@@ -220,8 +222,8 @@ def test_truncated_external_data_file(capsys, src, out):
     data = src / "weights.bin"
     data.write_bytes(data.read_bytes()[:100])
     message = (
-        f"cannot read the external data of '{path}': External data length ({models.VOCAB * models.HIDDEN * 4}) exceeds "
-        "available data (100 bytes from offset 0) for tensor 'word_table'"
+        f"external data of '{path}' is truncated: tensor 'word_table' needs {models.VOCAB * models.HIDDEN * 4} bytes "
+        f"from offset 0, '{data}' holds 100"
     )
     assert_refused(capsys, path, out, message)
 
@@ -285,29 +287,41 @@ def test_compile_over_the_limit_keeps_weights_in_the_result(src, out, small_prot
     assert result.model.ByteSize() > 4 * models.VOCAB * models.HIDDEN
 
 
-def test_artifact_over_the_limit_is_refused(tmp_path, small_protobuf_limit):
-    model = models.encoder()
-    with pytest.raises(ArtifactError) as info:
-        artifact.write_artifact(tmp_path / "executable.popef", model, {"source_sha256": "", "precision": "fp32", "pipeline": []})
-    assert str(info.value) == (
-        f"the model is {model.ByteSize()} bytes, over protobuf's 1000-byte (2 GB) limit; an artifact cannot hold it, use the .onnx file and its external data"
-    )
-    assert list(tmp_path.iterdir()) == []
+def test_artifact_over_the_limit_holds_the_weights_beside_the_model(capsys, src, out, small_protobuf_limit):
+    """Over the limit the artifact keeps the weights in a stored member its model refers to; it
+    loads, and runs like the converted model."""
+    path = save_external(models.encoder(), src / "ext.onnx")
+    code, _, err = convert(capsys, path, out, *PACK, "--input_shape", "input_ids=2,8", "attention_mask=2,8")
+    assert (code, err) == (0, "")
+    with zipfile.ZipFile(out / "executable.popef") as archive:
+        infos = {info.filename: info for info in archive.infolist()}
+    assert sorted(infos) == sorted([*artifact.MEMBERS, artifact.WEIGHTS_MEMBER])
+    assert infos[artifact.WEIGHTS_MEMBER].compress_type == zipfile.ZIP_STORED
+    loaded = artifact.load_artifact(out / "executable.popef")
+    assert loaded.weights.nbytes == infos[artifact.WEIGHTS_MEMBER].file_size
+    external = [t.name for t in loaded.model().graph.initializer if onnx.external_data_helper.uses_external_data(t)]
+    assert "word_table" in external
+    converted = out / "ext.poprt-lite.onnx"
+    graph = onnx.load(converted, load_external_data=False)
+    requests = verify.make_requests(np.random.default_rng(0), [3, 8, 5], models.VOCAB)
+    _, want = verify.run_packed(graph, requests, verify.session(converted))
+    _, got = verify.run_packed(graph, requests, ModelRunner(loaded).session)
+    assert len(got) == len(want) == 3
+    for mine, theirs in zip(got, want):
+        np.testing.assert_array_equal(mine[0], theirs[0])
 
 
 def test_failed_write_leaves_nothing(capsys, monkeypatch, src, out):
     """A write that fails half-way (disk full) is one line, and the half-written file is removed."""
-    real_save = onnx.save_model
-
-    def disk_full(model, f, *args, **kwargs):
-        Path(f).write_bytes(model.SerializeToString()[:100])
+    def disk_full(model, apart, stream):
+        stream.write(model.SerializeToString()[:100])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(onnx, "save_model", disk_full)
     path = src / "m.onnx"
     path.write_bytes(models.encoder().SerializeToString())
-    code, _, err = convert(capsys, path, out)
-    monkeypatch.setattr(onnx, "save_model", real_save)
+    with monkeypatch.context() as patched:
+        patched.setattr(ir, "write_model", disk_full)
+        code, _, err = convert(capsys, path, out)
     target = out / "m.poprt-lite.onnx"
     assert err == f"error: cannot write '{target}' (No space left on device); check the output path and free space\n"
     assert code == 2

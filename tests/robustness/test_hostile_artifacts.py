@@ -31,8 +31,8 @@ import onnx
 import onnxruntime
 import pytest
 
-from poprt_lite import compile
-from poprt_lite.artifact import DIGEST_MEMBER, MANIFEST_MEMBER, MODEL_MEMBER, load_artifact, sha256
+from poprt_lite import compile, ir
+from poprt_lite.artifact import DIGEST_MEMBER, MANIFEST_MEMBER, MODEL_MEMBER, WEIGHTS_MEMBER, load_artifact, sha256
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import ArtifactError
 from poprt_lite.runtime import ModelRunner
@@ -405,3 +405,126 @@ def test_many_members_are_refused_quickly(load_refused, tmp_path, good_members):
     start = time.perf_counter()
     assert load_refused(path) == f"artifact '{path}' holds member 'x' more than once; refusing it"
     assert time.perf_counter() - start < 5
+
+
+# --- the weights member of models over 2 GB ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_big(tmp_path_factory) -> Path:
+    """A real packed artifact of the small encoder, written as if it were over 2 GB: its weights
+    in the stored member WEIGHTS_MEMBER."""
+    folder = tmp_path_factory.mktemp("good_big")
+    source = folder / "encoder.onnx"
+    onnx.save_model(models.encoder(), source)
+    options = CompileOptions(
+        input_shape={"input_ids": (2, 16), "attention_mask": (2, 16)},
+        pack_args={"max_valid_num": "4", "segment_max_size": "16"},
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ir, "PROTOBUF_LIMIT", 1000)
+        return compile(source, folder / "m.onnx", output_dir=folder, export_popef=True, options=options).artifact
+
+
+@pytest.fixture(scope="module")
+def big_members(good_big) -> dict[str, bytes]:
+    with zipfile.ZipFile(good_big) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def resigned_big(members: dict[str, bytes], *, model: onnx.ModelProto | None = None, weights: bytes | None = None) -> Entries:
+    """`resigned` for an artifact with a weights member: model and weights replaced, every
+    checksum recomputed."""
+    weights = members[WEIGHTS_MEMBER] if weights is None else weights
+    model_bytes = members[MODEL_MEMBER] if model is None else model.SerializeToString()
+    manifest = {**json.loads(members[MANIFEST_MEMBER]), "weights_sha256": sha256(weights)}
+    return [*resigned(members, manifest, model=model_bytes), (WEIGHTS_MEMBER, weights)]
+
+
+def external_tensor(model: onnx.ModelProto) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if onnx.external_data_helper.uses_external_data(t))
+
+
+def test_artifact_with_weights_loads_in_the_sandbox_and_runs(monkeypatch, tmp_path, good_big, big_members):
+    assert sorted(big_members) == sorted([MODEL_MEMBER, MANIFEST_MEMBER, DIGEST_MEMBER, WEIGHTS_MEMBER])
+    load_artifact(good_big)
+    with sandbox(monkeypatch, tmp_path, good_big.parent):
+        loaded = load_artifact(good_big)
+    assert bytes(loaded.weights) == big_members[WEIGHTS_MEMBER]
+    assert json.loads(big_members[MANIFEST_MEMBER])["weights_sha256"] == sha256(big_members[WEIGHTS_MEMBER])
+    # the same answers as the converted model file with its external data
+    feeds = {
+        "input_ids": np.array([[5, 6, 7, 8, 9, 3, 4] + [0] * 9, [0] * 16], np.int64),
+        "attention_mask": np.array([[1, 1, 1, 2, 2, 2, 2] + [0] * 9, [0] * 16], np.int64),
+        "position_ids": np.array([[0, 1, 2, 0, 1, 2, 3] + [0] * 9, [0] * 16], np.int64),
+        "unpack_info": np.array([3, 4, 0, 0], np.int32),
+    }
+    names = [i.name for i in onnxruntime.InferenceSession(str(good_big.parent / "m.onnx")).get_inputs()]
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    want = onnxruntime.InferenceSession(str(good_big.parent / "m.onnx")).run(None, feeds)
+    got = ModelRunner(loaded).session.run(None, feeds)
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_tampered_weights(load_refused, tmp_path, big_members):
+    weights = bytearray(big_members[WEIGHTS_MEMBER])
+    weights[len(weights) // 2] ^= 0xFF
+    path = write_zip(tmp_path / "a.popef", [*{**big_members, WEIGHTS_MEMBER: bytes(weights)}.items()])
+    assert load_refused(path) == f"artifact '{path}': weights checksum mismatch (corrupted or tampered); re-export it"
+
+
+def test_compressed_weights_member(load_refused, tmp_path, big_members):
+    entries = resigned_big(big_members)
+    path = tmp_path / "a.popef"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries:
+            archive.writestr(zipfile.ZipInfo(name), data, compress_type=zipfile.ZIP_DEFLATED if name == WEIGHTS_MEMBER else zipfile.ZIP_STORED)
+    message = f"artifact '{path}': member {WEIGHTS_MEMBER} is compressed or encrypted; poprt-lite stores it plain, re-export it"
+    assert load_refused(path) == message
+
+
+@pytest.mark.parametrize("location", ["/etc/passwd", "../model.onnx.data", "weights.bin", MODEL_MEMBER])
+def test_external_data_outside_the_weights_member(load_refused, tmp_path, big_members, location):
+    model = onnx.load_from_string(big_members[MODEL_MEMBER])
+    tensor = external_tensor(model)
+    next(e for e in tensor.external_data if e.key == "location").value = location
+    path = write_zip(tmp_path / "a.popef", resigned_big(big_members, model=model))
+    message = f"artifact '{path}': tensor '{tensor.name}' of {MODEL_MEMBER} refers to external data other than the member {WEIGHTS_MEMBER}; refusing it"
+    assert load_refused(path) == message
+
+
+@pytest.mark.parametrize(("key", "value"), [("offset", "999999999"), ("length", "4"), ("offset", "-1"), ("length", "1e3")])
+def test_tensor_not_inside_the_weights_member(load_refused, tmp_path, big_members, key, value):
+    model = onnx.load_from_string(big_members[MODEL_MEMBER])
+    tensor = external_tensor(model)
+    next(e for e in tensor.external_data if e.key == key).value = value
+    path = write_zip(tmp_path / "a.popef", resigned_big(big_members, model=model))
+    message = f"artifact '{path}': tensor '{tensor.name}' of {MODEL_MEMBER} does not lie inside {WEIGHTS_MEMBER} at the size of its type and shape; re-export it"
+    assert load_refused(path) == message
+
+
+def test_unknown_external_data_key(load_refused, tmp_path, big_members):
+    model = onnx.load_from_string(big_members[MODEL_MEMBER])
+    tensor = external_tensor(model)
+    tensor.external_data.add(key="basepath", value="/etc")
+    path = write_zip(tmp_path / "a.popef", resigned_big(big_members, model=model))
+    message = f"artifact '{path}': tensor '{tensor.name}' of {MODEL_MEMBER} refers to external data other than the member {WEIGHTS_MEMBER}; refusing it"
+    assert load_refused(path) == message
+
+
+def test_weights_member_nobody_uses(load_refused, tmp_path, good_members):
+    """An artifact of a small model with a weights member added: refused, not ignored."""
+    weights = b"\0" * 64
+    manifest = {**json.loads(good_members[MANIFEST_MEMBER]), "weights_sha256": sha256(weights)}
+    path = write_zip(tmp_path / "a.popef", [*resigned(good_members, manifest), (WEIGHTS_MEMBER, weights)])
+    message = f"artifact '{path}' has a member {WEIGHTS_MEMBER} that {MODEL_MEMBER} does not use; it was not written by poprt-lite"
+    assert load_refused(path) == message
+
+
+def test_external_data_without_the_weights_member(load_refused, tmp_path, big_members):
+    """The model of a weights artifact with the weights member taken away."""
+    entries = [(name, data) for name, data in resigned_big(big_members) if name != WEIGHTS_MEMBER]
+    path = write_zip(tmp_path / "a.popef", entries)
+    tensor = external_tensor(onnx.load_from_string(big_members[MODEL_MEMBER]))
+    message = f"artifact '{path}': tensor '{tensor.name}' of {MODEL_MEMBER} refers to external data; an artifact must be self-contained"
+    assert load_refused(path) == message
