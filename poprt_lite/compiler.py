@@ -226,7 +226,7 @@ def compile(
         result.artifact = artifact.write_artifact(
             Path(output_dir or ".") / artifact.DEFAULT_NAME,
             model,
-            {"source_sha256": source_sha, MetaKey.precision.value: options.precision, "pipeline": pipeline_info},
+            {"source_sha256": artifact.sha256_file(input_model), MetaKey.precision.value: options.precision, "pipeline": pipeline_info},
         )
     return result
 
