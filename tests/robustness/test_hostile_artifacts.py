@@ -42,10 +42,8 @@ from . import models
 Entries = list[tuple[str, bytes]]
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory) -> Path:
-    """A real packed artifact of the small encoder."""
-    folder = tmp_path_factory.mktemp("good")
+def packed_artifact(folder: Path) -> Path:
+    """Compile the small encoder, packed, into `folder` (model m.onnx and the artifact)."""
     source = folder / "encoder.onnx"
     onnx.save_model(models.encoder(), source)
     options = CompileOptions(
@@ -53,6 +51,12 @@ def good(tmp_path_factory) -> Path:
         pack_args={"max_valid_num": "4", "segment_max_size": "16"},
     )
     return compile(source, folder / "m.onnx", output_dir=folder, export_popef=True, options=options).artifact
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    """A real packed artifact of the small encoder."""
+    return packed_artifact(tmp_path_factory.mktemp("good"))
 
 
 @pytest.fixture(scope="module")
@@ -414,16 +418,9 @@ def test_many_members_are_refused_quickly(load_refused, tmp_path, good_members):
 def good_big(tmp_path_factory) -> Path:
     """A real packed artifact of the small encoder, written as if it were over 2 GB: its weights
     in the stored member WEIGHTS_MEMBER."""
-    folder = tmp_path_factory.mktemp("good_big")
-    source = folder / "encoder.onnx"
-    onnx.save_model(models.encoder(), source)
-    options = CompileOptions(
-        input_shape={"input_ids": (2, 16), "attention_mask": (2, 16)},
-        pack_args={"max_valid_num": "4", "segment_max_size": "16"},
-    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ir, "PROTOBUF_LIMIT", 1000)
-        return compile(source, folder / "m.onnx", output_dir=folder, export_popef=True, options=options).artifact
+        return packed_artifact(tmp_path_factory.mktemp("good_big"))
 
 
 @pytest.fixture(scope="module")
