@@ -17,19 +17,13 @@ from typing import Any
 import numpy as np
 
 from poprt_lite import vocab
-<<<<<<< HEAD
 from poprt_lite.artifact import Artifact, load_artifact
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.runtime import offline
 from poprt_lite.runtime.interface import PackedInterface, read_packed_interface
 from poprt_lite.runtime.packing import PackAlgorithm
 from poprt_lite.runtime.requests import cast_ids
-from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import ID_ROLES, MetaKey, Role
-=======
-from poprt_lite.errors import RequestError
-from poprt_lite.vocab import ID_ROLES, MetaKey, PackMode, Role
->>>>>>> cede210 (One graph through the pipeline: ir.Model (weights memory-mapped, checks on the structure, written once, streamed); artifacts over 2 GB keep their weights in a stored member; --check on files (issue 14))
 
 
 class ModelRunner:
@@ -38,13 +32,9 @@ class ModelRunner:
     def __init__(self, source: str | os.PathLike | Artifact, threads: int = 0) -> None:
         self.artifact = source if isinstance(source, Artifact) else load_artifact(source)
         self.manifest = self.artifact.manifest
-<<<<<<< HEAD
         packed = vocab.manifest_pack_spec(self.manifest) is not None
         self.interface: PackedInterface | None = read_packed_interface(self.artifact) if packed else None
-        self.session = create_session(self.artifact.model_bytes, threads)
-=======
         self.session = self.artifact.session(threads)
->>>>>>> cede210 (One graph through the pipeline: ir.Model (weights memory-mapped, checks on the structure, written once, streamed); artifacts over 2 GB keep their weights in a stored member; --check on files (issue 14))
         self.inputs = {spec["name"]: spec for spec in self.manifest["inputs"]}
         self.outputs = {spec["name"]: spec for spec in self.manifest["outputs"]}
 

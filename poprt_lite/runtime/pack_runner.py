@@ -37,12 +37,7 @@ from poprt_lite.runtime.config import PackRunnerConfig, resolve_batching
 from poprt_lite.runtime.interface import read_packed_interface
 from poprt_lite.runtime.layouts import Placement
 from poprt_lite.runtime.packing import OnlinePacker
-<<<<<<< HEAD
 from poprt_lite.runtime.requests import RequestChecker, build_feeds, split_outputs
-from poprt_lite.runtime.session import create_session
-=======
-from poprt_lite.runtime.requests import RequestChecker
->>>>>>> cede210 (One graph through the pipeline: ir.Model (weights memory-mapped, checks on the structure, written once, streamed); artifacts over 2 GB keep their weights in a stored member; --check on files (issue 14))
 
 
 class PackFuture(concurrent.futures.Future):
