@@ -26,7 +26,7 @@ PACK_PASSES = {
 # The default pipeline, in order; a stage runs when the options ask for it (see default_pipeline).
 # Passes named by `passes` that are not stages run after the last of these, before float_to_half.
 STAGES = (
-    "eliminate_identity", "remove_outputs", "export_position_ids", *PACK_PASSES.values(), "static_shape",
+    "add_checkpoints", "eliminate_identity", "remove_outputs", "export_position_ids", *PACK_PASSES.values(), "static_shape",
     "fold_constants", "eliminate_dead_code",
 )
 LAST_STAGE = "float_to_half"
@@ -49,6 +49,7 @@ class CompileOptions:
     fp16_skip_op_types: Sequence[str] = ()
     dump_after: Sequence[str] = ()
     remove_outputs: Sequence[str] = ()
+    checkpoints: Sequence[str] = ()  # intermediate tensors to add to the outputs (not with packing)
     max_tensor_size: int = -1  # bytes: constant folding leaves larger results computed at run time (-1: its default)
     _pack: pack_args.PackArgs | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -64,6 +65,10 @@ class CompileOptions:
         mode = _packing_mode(self.pipeline if self.pipeline is not None else self.passes)
         if self.pack_args or mode is not None:
             self._pack = pack_args.parse(self.pack_args, self.input_shape, mode)
+        if self.checkpoints and self._pack is not None:
+            raise PoprtError(
+                "checkpoints: intermediate tensors of a packed model could not be split per request; convert without packing to compare them"
+            )
         if self.pipeline is None:
             default_pipeline(self, notify=True)  # unknown names are errors now, notices printed once
 
@@ -121,6 +126,7 @@ def build_pipeline(options: CompileOptions) -> list[Pass]:
         "static_shape": {"input_shape": options.input_shape},
         "float_to_half": {"fp16_io": options.fp16_io, "skip_op_types": tuple(options.fp16_skip_op_types)},
         "remove_outputs": {"outputs": tuple(options.remove_outputs)},
+        "add_checkpoints": {"tensors": tuple(options.checkpoints)},
     }
     if options.max_tensor_size >= 0:
         configured["fold_constants"] = {"size_threshold_mb": options.max_tensor_size >> 20}
@@ -153,6 +159,7 @@ def default_pipeline(options: CompileOptions, notify: bool = False) -> list[str]
     pack = options.pack
     extra = [canonical_name(n) for n in options.passes]
     wanted = {
+        "add_checkpoints": bool(options.checkpoints),
         "eliminate_identity": True,
         "remove_outputs": bool(options.remove_outputs),
         "export_position_ids": options.export_position_ids or pack is not None,

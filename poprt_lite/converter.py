@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 FLAG_OF = {"disable_progress_bar": "disable_compilation_progress_bar"}
 # PopRT's defaults of the keywords poprt-lite ignores or refuses (a notice only when one is changed).
 IGNORED_DEFAULTS: dict[str, Any] = {
-    "convert_version": 11, "checkpoints": None, "eightbitsio": False, "disable_fast_norm": False, "fp8_skip_op_names": None,
+    "convert_version": 11, "eightbitsio": False, "disable_fast_norm": False, "fp8_skip_op_names": None,
     "fp8_params": "F143,F143,0,0", "quantize": False, "enable_insert_remap": False, "enable_erf_gelu": False,
     "serialize_matmul": None, "serialize_matmul_add": None, "merge_matmul": None, "merge_matmul_add": None, "merge_moe": None,
     "remap_mode": ["after_matmul"], "infer_shape_ahead": False, "enable_avoid_overflow_patterns": False,
@@ -49,6 +49,7 @@ class Converter:
         pack_args: Mapping[str, Any] | None = None,
         max_tensor_size: int = -1,
         remove_outputs: Sequence[str] = (),
+        checkpoints: str | Sequence[str] | None = None,
         logger: logging.Logger | None = None,
         **ipu_settings: Any,
     ) -> None:
@@ -72,6 +73,7 @@ class Converter:
             skip_passes=_names(skip_passes),
             fp16_skip_op_types=_names(fp16_skip_op_types),
             remove_outputs=_names(remove_outputs),
+            checkpoints=_names(checkpoints),
             max_tensor_size=max_tensor_size,
         )
         self.check = check

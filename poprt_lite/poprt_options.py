@@ -46,7 +46,7 @@ TABLE = """
 --calibration_with_data            | switch | refused     | calibrates FP8: {FP8}
 --calibration_loss_type            | value  | refused     | calibrates FP8: {FP8}
 --check                            | switch | implemented | runs source and converted model on random inputs and prints the max abs difference per output
---checkpoints                      | value  | refused     | intermediate tensors of a packed model could not be split per request; add them as graph outputs before converting
+--checkpoints                      | value  | implemented | adds these intermediate tensors to the outputs, comma-separated (refused with packing: they could not be split per request)
 --compiler_options                 | values | notice      | they are options of PopRT's Poplar compiler; onnxruntime compiles nothing ahead
 --config_yaml                      | value  | implemented | the flags as a YAML mapping (flag name: value); flags on the command line override it
 --convert_version                  | value  | notice      | poprt-lite keeps the model's opset (onnxruntime runs ONNX opset 13 and newer; PopRT converts for PopART)

@@ -1,7 +1,8 @@
 """`--config_yaml FILE`: PopRT's flags as a YAML mapping, merged under the command line's.
 
 Keys are flag names without dashes (`input_model: bert.onnx`, `input_shape: [input_ids=16,256]`,
-`export_popef: true`), as in PopRT's YAML files. A flag given on the command line overrides the
+`export_popef: true`), as in PopRT's YAML files; a mapping value means KEY=VALUE items
+(`input_shape: {input_ids: [16, 256]}`, `pack_args: {max_valid_num: 40}`). A flag given on the command line overrides the
 file. PopRT flags that poprt-lite ignores get their notice, refused ones their error; `model_fusion`
 (several models fused into one IPU executable) is refused.
 """
@@ -53,13 +54,20 @@ def merge(ctx: typer.Context, args: dict[str, Any], path: Path) -> dict[str, Any
         if ctx.get_parameter_source(name).name != "DEFAULT":
             continue  # the command line says otherwise
         param = params[name]
+        if isinstance(value, dict):  # input_shape: {input_ids: [16, 256]}, pack_args: {max_valid_num: 40}
+            value = [f"{k}={_text(v)}" for k, v in value.items()]
         if param.multiple and not isinstance(value, list):
             value = [value]
         if isinstance(value, list):
-            value = [str(v) for v in value]
+            value = [_text(v) for v in value]
         try:
             merged[name] = param.process_value(ctx, value)
         except Exception as exc:
             raise PoprtError(f"config file '{path}': bad value for {key}: {' '.join(str(exc).split())}") from None
     poprt_flags.apply(ignored)
     return merged
+
+
+def _text(value: Any) -> str:
+    """A YAML value as the command line spells it: lists comma-separated."""
+    return ",".join(_text(v) for v in value) if isinstance(value, list) else str(value)

@@ -75,6 +75,7 @@ def convert(
     fp16_io: Annotated[bool, typer.Option("--fp16_io", help="With fp16: make float inputs/outputs float16 too.")] = False,
     fp16_skip_op_types: Annotated[Multi, typer.Option("--fp16_skip_op_types", help="With fp16: op types kept in float32.")] = None,
     remove_outputs: Annotated[Multi, typer.Option("--remove_outputs", help="Remove these outputs and what only they need: a,b.")] = None,
+    checkpoints: Annotated[Multi, typer.Option("--checkpoints", help="Add these intermediate tensors to the outputs: a,b (not with packing).")] = None,
     max_tensor_size: Annotated[
         int, typer.Option("--max_tensor_size", help="Constant folding leaves results over this many bytes computed (-1: 64 MiB).")
     ] = -1,
@@ -98,7 +99,7 @@ def convert(
 def _convert(
     *, input_model, output_model, output_dir, precision, input_shape, pack_args, export_position_ids, passes_,
     skip_passes, pipeline, pass_option, list_all_passes, list_all_ops, plugin, custom_pass_config, dump_after,
-    export_popef, check, run, fp16_io, fp16_skip_op_types, remove_outputs, max_tensor_size, framework, logging_level,
+    export_popef, check, run, fp16_io, fp16_skip_op_types, remove_outputs, checkpoints, max_tensor_size, framework, logging_level,
     show, show_io_stat, version, config_yaml,
 ) -> None:
     if logging_level is not None:
@@ -142,6 +143,7 @@ def _convert(
         fp16_skip_op_types=_names(fp16_skip_op_types),
         dump_after=dump_after or [],
         remove_outputs=_names(remove_outputs),
+        checkpoints=_names(checkpoints),
         max_tensor_size=max_tensor_size,
     )
     for configured in compiler.build_pipeline(compile_options):

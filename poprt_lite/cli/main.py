@@ -50,7 +50,7 @@ def _app() -> None:
 
 MULTI_VALUE_FLAGS = {
     "--input_shape", "--pack_args", "--plugin", "--dump_after", "--fp16_skip_op_types", "--pass_option", "--passes",
-    "--skip_passes", "--pipeline", "--remove_outputs", "--custom_pass_config", *poprt_flags.MULTI_VALUE,
+    "--skip_passes", "--pipeline", "--remove_outputs", "--checkpoints", "--custom_pass_config", *poprt_flags.MULTI_VALUE,
 }
 
 

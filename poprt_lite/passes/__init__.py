@@ -9,6 +9,7 @@ from poprt_lite.passes.registry import get_pass, get_registered_passes, list_pas
 
 # Built-in passes register themselves on import.
 from poprt_lite.passes import (  # noqa: E402,F401  isort: skip
+    add_checkpoints,
     attention_mask_packing,
     cleanup,
     export_position_ids,

@@ -18,6 +18,7 @@ POPRT_NAMES: dict[str, str] = {
     "eliminate_identity": "eliminate_identity",
     "float_to_half": "float_to_half",
     "remove_outputs": "remove_outputs",
+    "add_checkpoints": "add_checkpoints",
 }
 
 

@@ -213,7 +213,8 @@ def test_config_yaml_gives_the_flags_and_the_command_line_overrides_it(tmp_path,
     config.write_text(
         f"input_model: '{model_path('bert_qa_torchscript')}'\noutput_dir: '{tmp_path / 'out'}'\noutput_model: m.onnx\n"
         "export_popef: True\nprecision: fp16\nipu_version: ipu21\n"
-        "input_shape: ['input_ids=2,16', 'attention_mask=2,16', 'token_type_ids=2,16']\npasses: insert_attention_mask\n"
+        "input_shape: {input_ids: [2, 16], attention_mask: [2, 16], token_type_ids: [2, 16]}\npasses: insert_attention_mask\n"
+        "pack_args: {max_valid_num: 8}\n"
     )
     with caplog.at_level(logging.WARNING):
         assert main(["--config_yaml", str(config), "--precision", "fp32"]) == 0
@@ -221,7 +222,7 @@ def test_config_yaml_gives_the_flags_and_the_command_line_overrides_it(tmp_path,
 
     manifest = load_artifact(tmp_path / "out" / "executable.popef").manifest
     assert manifest["precision"] == "fp32"
-    assert manifest["pack"] == {"mode": "attention_mask", "max_valid_num": 32, "segment_max_size": 16}
+    assert manifest["pack"] == {"mode": "attention_mask", "max_valid_num": 8, "segment_max_size": 16}
     assert (tmp_path / "out" / "m.onnx").is_file()
     assert "--ipu_version does not apply, ignored: it selects the IPU generation; poprt-lite runs on onnxruntime's CPU provider" in [r.getMessage() for r in caplog.records]
 
@@ -243,3 +244,36 @@ def test_bad_config_yaml_is_one_line(tmp_path, capsys, text, message):
     err = capsys.readouterr().err
     expected = f"error: --eightbitsio is not supported: {poprt_flags.BY_NAME['eightbitsio'].why}" if message is None else f"error: config file '{config}'"
     assert err.startswith(expected) and (message is None or message in err) and err.count("\n") == 1, err
+
+
+def test_checkpoints_add_intermediate_tensors_to_the_outputs(tmp_path, capsys):
+    from poprt_lite.verify import max_abs_diff
+
+    source = ir.load_model(model_path("bert_qa_torchscript"))
+    add = next(n for n in source.graph.node if n.op_type == "Add")
+    layer_norm = next(n for n in source.graph.node if n.op_type == "LayerNormalization")
+    out = tmp_path / "m.onnx"
+    argv = ["--input_model", str(model_path("bert_qa_torchscript")), "--output_model", str(out), "--checkpoints",
+            f"{add.output[0]},{layer_norm.output[0]}", "--precision", "fp16", "--quiet"]
+    assert main(argv) == 0
+    model = ir.load_model(out)
+    outputs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    assert outputs == {"start_logits": 1, "end_logits": 1, add.output[0]: 1, layer_norm.output[0]: 1}
+    with_checkpoints = onnx.ModelProto()
+    with_checkpoints.CopyFrom(source)
+    with_checkpoints.graph.output.extend(onnx.helper.make_tensor_value_info(n, 1, None) for n in (add.output[0], layer_norm.output[0]))
+    diffs = max_abs_diff(with_checkpoints, model)
+    assert set(diffs) == set(outputs) and max(diffs.values()) < 0.05  # fp16 against fp32, per checkpoint
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--checkpoints", "nope"], "error: pass 'add_checkpoints' failed: add_checkpoints names 'nope', which is no tensor of the model; name a tensor a node computes\n"),
+        (["--checkpoints", "x", "--pack_args", "max_valid_num=4", "segment_max_size=32"],
+         "error: checkpoints: intermediate tensors of a packed model could not be split per request; convert without packing to compare them\n"),
+    ],
+)
+def test_bad_checkpoints_are_one_line(tmp_path, capsys, argv, message):
+    assert main(["--input_model", str(model_path("bert_qa_torchscript")), "--output_dir", str(tmp_path), *argv]) == 2
+    assert capsys.readouterr().err == message

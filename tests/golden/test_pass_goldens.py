@@ -185,6 +185,7 @@ CASES = [
     GoldenCase("pack_unpack_repack", "tiny_encoder", PACK),
     GoldenCase("attention_mask_packing", "tiny_encoder", PACK),
     GoldenCase("remove_outputs", "two_heads", {"outputs": ("end",)}),
+    GoldenCase("add_checkpoints", "two_heads", {"tensors": ("trunk", "shifted")}),
     GoldenCase("token_stream_packing", "tiny_encoder", {**PACK, "max_tokens": 16}),
 ]
 
