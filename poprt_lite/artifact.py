@@ -127,6 +127,7 @@ def build_manifest(
         "custom_op_domains": sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")}),
         MetaKey.position_offset.value: vocab.int_of(meta, MetaKey.position_offset),
         MetaKey.vocab_size.value: vocab.int_of(meta, MetaKey.vocab_size) or None,
+        MetaKey.rows.value: vocab.int_of(meta, MetaKey.rows) or None,
     } | ({"weights_sha256": weights_sha256} if weights_sha256 is not None else {})
 
 

@@ -51,6 +51,7 @@ class CompileOptions:
     remove_outputs: Sequence[str] = ()
     checkpoints: Sequence[str] = ()  # intermediate tensors to add to the outputs (not with packing)
     max_tensor_size: int = -1  # bytes: constant folding leaves larger results computed at run time (-1: its default)
+    dynamic_rows: bool = False  # --input_shape's first dim stays dynamic, up to its value (runtimes without static shapes)
     _pack: pack_args.PackArgs | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +70,8 @@ class CompileOptions:
             raise PoprtError(
                 "checkpoints: intermediate tensors of a packed model could not be split per request; convert without packing to compare them"
             )
+        if self.dynamic_rows and not self.input_shape:
+            raise PoprtError("--dynamic_rows keeps the first dim of --input_shape dynamic; give --input_shape")
         if self.pipeline is None:
             default_pipeline(self, notify=True)  # unknown names are errors now, notices printed once
 
@@ -123,7 +126,7 @@ def build_pipeline(options: CompileOptions) -> list[Pass]:
     """The passes to run, each configured from the options that concern it."""
     names = [canonical_name(n) for n in options.pipeline] if options.pipeline is not None else default_pipeline(options)
     configured: dict[str, dict] = {
-        "static_shape": {"input_shape": options.input_shape},
+        "static_shape": {"input_shape": options.input_shape, "dynamic_rows": options.dynamic_rows},
         "float_to_half": {"fp16_io": options.fp16_io, "skip_op_types": tuple(options.fp16_skip_op_types)},
         "remove_outputs": {"outputs": tuple(options.remove_outputs)},
         "add_checkpoints": {"tensors": tuple(options.checkpoints)},

@@ -15,6 +15,9 @@ Layouts (shared with the compiled models):
   after another in one `[1, T]` stream of their T real tokens (no padding); `unpack_info` holds the
   batch's lengths only.
 
+With `dynamic_rows=True` (artifacts compiled with `--dynamic_rows`) a batch's feeds hold only the
+rows its requests use (`[rows, seq_len]`, at most `batch_size` rows), not every row.
+
 `position_ids` restart at `position_offset` for each request; a request's own `position_ids`, if it
 has them, are used as given (without the offset). A request's `attention_mask` is not read: it is
 rebuilt from the lengths. Padding is 0 in every input.
@@ -78,13 +81,14 @@ def pack_data(
     algorithm: PackAlgorithm | str | None = None,
     segment_max_size: int | None = None,
     mode: PackMode | str | None = None,
+    dynamic_rows: bool = False,
 ) -> PackedBatch:
     """Pack requests `datasets[index:]`, in order, into one batch until the next one doesn't fit.
 
     `mode` is the artifact's pack mode; by default `across_rows` chooses unpack_repack (True) or
     attention_mask (False). token_stream takes `batch_size=1, seq_len=max_tokens`: requests are
     taken while their tokens fit `max_tokens` and their count `max_valid_num`, and the batch's feeds
-    are `[1, T]`, T its real tokens.
+    are `[1, T]`, T its real tokens. `dynamic_rows`: the feeds hold only the rows the batch uses.
 
     AttentionMask mode: the default, `next_fit`, fills the rows in order, so the requests of the
     batch lie row by row in dataset order and code that splits the outputs row by row by segment
@@ -105,7 +109,7 @@ def pack_data(
     _check_index(datasets, index)
     if mode is None:
         mode = PackMode.unpack_repack if across_rows else PackMode.attention_mask
-    layout = layout_for(PackMode.parse(mode, "mode"), batch_size, seq_len, max_valid_num)
+    layout = layout_for(PackMode.parse(mode, "mode"), batch_size, seq_len, max_valid_num, dynamic_rows)
     if algorithm is None:
         algorithm = PackAlgorithm.first_fit if layout.across_rows else PackAlgorithm.next_fit
     packer = OnlinePacker(
@@ -129,19 +133,20 @@ def pack_data(
 
 
 def pad_data(
-    datasets: Sequence, index: int, batch_size: int, seq_len: int, position_offset: int = 0
+    datasets: Sequence, index: int, batch_size: int, seq_len: int, position_offset: int = 0, *, dynamic_rows: bool = False
 ) -> PackedBatch:
     """The padded baseline: one request per row from `datasets[index:]`, padded to `seq_len`.
 
-    Takes `batch_size` requests (fewer at the end of `datasets`); `unpack_info` holds each row's
-    length, and `unpack_outputs(batch, output, across_rows=False)` splits the padded model's output.
+    Takes `batch_size` requests (fewer at the end of `datasets`: with `dynamic_rows` the last batch
+    then has fewer rows, else empty ones); `unpack_info` holds each row's length, and
+    `unpack_outputs(batch, output, across_rows=False)` splits the padded model's output.
     """
     _check_index(datasets, index)
     end = min(index + batch_size, len(datasets))
     lengths = [int(datasets[i].input_len) for i in range(index, end)]
     for i, length in enumerate(lengths, index):
         check_length(length, seq_len, "seq_len", f"datasets[{i}]")
-    layout = PaddedRows(batch_size, seq_len)
+    layout = PaddedRows(batch_size, seq_len, dynamic_rows=dynamic_rows)
     return _build(datasets, index, layout, layout.placement(lengths), position_offset)
 
 

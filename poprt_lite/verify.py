@@ -111,10 +111,12 @@ def run_packed(
     meta = ir.get_metadata(converted)
     pack = vocab.pack_spec_of(meta)
     inputs = {v.name: v for v in converted.graph.input}
+    rows = vocab.int_of(meta, MetaKey.rows)  # --dynamic_rows: the bound of the dynamic row dim
     if pack.mode is PackMode.token_stream:
         batch_size, seq_len = 1, pack.max_tokens
     else:
         batch_size, seq_len = (d.dim_value for d in inputs[INPUT_IDS].type.tensor_type.shape.dim)
+        batch_size = batch_size or rows
     dataset = [
         SimpleNamespace(
             input_ids=r[INPUT_IDS][0],
@@ -133,6 +135,7 @@ def run_packed(
         position_offset=vocab.int_of(meta, MetaKey.position_offset),
         segment_max_size=pack.segment_max_size,
         mode=pack.mode,
+        dynamic_rows=bool(rows) and pack.mode is not PackMode.token_stream,
     )
     feeds = {name: batch.data[name] for name in inputs if name in batch.data}
     if UNPACK_INFO in inputs:

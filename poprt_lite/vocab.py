@@ -102,6 +102,7 @@ class MetaKey(_Word):
     position_table_size = "position_table_size"  # rows of the position embedding table
     vocab_size = "vocab_size"  # rows of the token embedding table
     precision = "precision"  # fp32 | fp16
+    rows = "rows"  # the most rows of a batch whose row dim is dynamic (--dynamic_rows: --input_shape's B)
 
 
 ROLE_PREFIX = "role."

@@ -79,6 +79,13 @@ def convert(
     max_tensor_size: Annotated[
         int, typer.Option("--max_tensor_size", help="Constant folding leaves results over this many bytes computed (-1: 64 MiB).")
     ] = -1,
+    dynamic_rows: Annotated[
+        bool,
+        typer.Option(
+            "--dynamic_rows",
+            help="Keep the first (row) dim of --input_shape dynamic, up to its value, so runners on onnxruntime run only the rows a batch uses.",
+        ),
+    ] = False,
     framework: Annotated[str, typer.Option("--framework", help="The input model's format: onnx.")] = "onnx",
     logging_level: Annotated[
         Optional[str], typer.Option("--logging_level", help=f"poprt-lite's log level: {', '.join(LOGGING_LEVELS)}.")
@@ -99,7 +106,7 @@ def convert(
 def _convert(
     *, input_model, output_model, output_dir, precision, input_shape, pack_args, export_position_ids, passes_,
     skip_passes, pipeline, pass_option, list_all_passes, list_all_ops, plugin, custom_pass_config, dump_after,
-    export_popef, check, run, fp16_io, fp16_skip_op_types, remove_outputs, checkpoints, max_tensor_size, framework, logging_level,
+    export_popef, check, run, fp16_io, fp16_skip_op_types, remove_outputs, checkpoints, max_tensor_size, dynamic_rows, framework, logging_level,
     show, show_io_stat, version, config_yaml,
 ) -> None:
     if logging_level is not None:
@@ -145,6 +152,7 @@ def _convert(
         remove_outputs=_names(remove_outputs),
         checkpoints=_names(checkpoints),
         max_tensor_size=max_tensor_size,
+        dynamic_rows=dynamic_rows,
     )
     for configured in compiler.build_pipeline(compile_options):
         log.info("pass %s: %s", configured.name, _options_text(configured))

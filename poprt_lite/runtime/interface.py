@@ -4,6 +4,7 @@ embedding-table bounds of the id inputs. Everything here is frozen; runners neve
 from the manifest.
 
 Batch geometry: the static modes' per-token inputs are `[batch_size, seq_len]` (their static shape);
+with `--dynamic_rows` their row dim is dynamic and the manifest's `rows` bounds it (`batch_size`);
 token_stream's are `[1, tokens]` with a dynamic token dim, and a batch holds at most `max_tokens`
 tokens, so its geometry is `batch_size=1, seq_len=max_tokens` (a bound, not a shape); its
 `unpack_info`, unpacked and per-request outputs have a dynamic request dim.
@@ -65,6 +66,7 @@ class PackedInterface:
     outputs: dict[str, Output]
     id_rows: dict[str, int]  # rows of the table each non-token id input indexes
     input_roles: dict[str, Role]
+    dynamic_rows: bool = False  # a batch runs on the rows it uses (at most batch_size)
 
     @property
     def mode(self) -> PackMode:
@@ -87,7 +89,7 @@ class PackedInterface:
 
     @property
     def layout(self) -> BatchLayout:
-        return layout_for(self.mode, self.batch_size, self.seq_len, self.max_valid_num)
+        return layout_for(self.mode, self.batch_size, self.seq_len, self.max_valid_num, self.dynamic_rows)
 
     def is_optional(self, name: str) -> bool:
         return self.input_roles[name] in OPTIONAL_ROLES
@@ -105,7 +107,9 @@ def read_packed_interface(artifact: Artifact) -> PackedInterface:
     if len(dynamic) != 1:
         raise PoprtError(f"artifact '{path}' has {len(dynamic)} dynamic inputs; a packed model has exactly one")
     specs = {spec["name"]: spec for spec in manifest["inputs"]}
-    batch_size, seq_len, tokens = _geometry(pack, dynamic[0], specs[dynamic[0]]["shape"], path)
+    rows = vocab.int_of(manifest, MetaKey.rows) or None
+    batch_size, seq_len, tokens = _geometry(pack, dynamic[0], specs[dynamic[0]]["shape"], path, rows)
+    dynamic_rows = pack.mode is not PackMode.token_stream and tokens[0] is DYNAMIC
     slots = [DYNAMIC if pack.mode is PackMode.token_stream else pack.max_valid_num]
     masks = by_role[Role.attention_mask]
     if len(masks) > 1:
@@ -147,6 +151,7 @@ def read_packed_interface(artifact: Artifact) -> PackedInterface:
         outputs=outputs,
         id_rows={},
         input_roles=roles,
+        dynamic_rows=dynamic_rows,
     )
     return _with_table_bounds(interface, specs)
 
@@ -169,8 +174,9 @@ def _read_pack_spec(manifest: dict[str, Any], path: Path) -> PackSpec:
     return spec
 
 
-def _geometry(pack: PackSpec, name: str, shape: list, path: Path) -> tuple[int, int, list]:
-    """(batch_size, seq_len) bounding a batch, and the `[batch, seq]` dims of its per-token inputs."""
+def _geometry(pack: PackSpec, name: str, shape: list, path: Path, rows: int | None) -> tuple[int, int, list]:
+    """(batch_size, seq_len) bounding a batch, and the `[batch, seq]` dims of its per-token inputs;
+    `rows`: the manifest's bound of a dynamic row dim (--dynamic_rows)."""
     if pack.mode is PackMode.token_stream:
         if len(shape) != 2 or shape[0] != 1 or _static(shape[1:]):
             raise PoprtError(
@@ -178,7 +184,10 @@ def _geometry(pack: PackSpec, name: str, shape: list, path: Path) -> tuple[int, 
                 f"with a dynamic token dim (compile with --pack_args mode={PackMode.token_stream}, without --input_shape)"
             )
         return 1, int(pack.max_tokens), [1, DYNAMIC]
-    if len(shape) != 2 or not _static(shape):
+    dynamic_rows = bool(rows) and len(shape) == 2 and not _static(shape[:1]) and _static(shape[1:])
+    if dynamic_rows:
+        shape = [rows, shape[1]]  # --dynamic_rows: up to `rows` rows
+    elif len(shape) != 2 or not _static(shape):
         raise PoprtError(
             f"input '{name}' has shape {shape}; a packed artifact has a static "
             "[batch, seq_len] shape (compile with --input_shape)"
@@ -189,7 +198,7 @@ def _geometry(pack: PackSpec, name: str, shape: list, path: Path) -> tuple[int, 
             f"artifact '{path}': segment_max_size {pack.segment_max_size} exceeds the batch of "
             f"{batch_size}x{seq_len} tokens; recompile"
         )
-    return batch_size, seq_len, [batch_size, seq_len]
+    return batch_size, seq_len, [DYNAMIC if dynamic_rows else batch_size, seq_len]
 
 
 def _read_outputs(manifest: dict[str, Any], pack: PackSpec, tokens: list, slots: list) -> dict[str, Output]:

@@ -16,7 +16,8 @@ lives in one `BatchLayout` class, chosen by the artifact's pack mode (`layout_fo
 
 Every runner (PackRunner, `packing_utils`, `--check`, the bench) builds feeds and splits outputs
 here, so a layout is spelled once. A batch's feeds have the layout's `shape(placement)`:
-`[batch_size, seq_len]`, or `[1, T]` for the token stream. Outputs are split by their manifest
+`[batch_size, seq_len]`; with `dynamic_rows` (an artifact compiled with `--dynamic_rows`) only the
+rows the batch uses, `[rows, seq_len]`; `[1, T]` for the token stream. Outputs are split by their manifest
 `Layout`: per token (`packed`, `padded`, `stream`: at the request's flat offset; `unpacked`: row
 i), or per request (`per_request`: one row per request slot, see `Placement.slots`).
 `read_placement` is the inverse of building feeds: it reads where the requests of packed feeds lie
@@ -91,13 +92,20 @@ class BatchLayout:
     delimited_by: ClassVar[str] = "the rows"
     misplaced: ClassVar[str] = "one request per row, from column 0"
 
-    def __init__(self, batch_size: int, seq_len: int, max_valid_num: int | None = None) -> None:
+    def __init__(
+        self, batch_size: int, seq_len: int, max_valid_num: int | None = None, dynamic_rows: bool = False
+    ) -> None:
         self.batch_size, self.seq_len = int(batch_size), int(seq_len)
         self.max_valid_num = int(max_valid_num if max_valid_num is not None else batch_size)
+        self.dynamic_rows = bool(dynamic_rows)
 
     def shape(self, placement: Placement) -> tuple[int, int]:
-        """The `[batch, seq]` shape of the per-token feeds of the batch holding `placement`."""
-        return (self.batch_size, self.seq_len)
+        """The `[batch, seq]` shape of the per-token feeds of the batch holding `placement`: every
+        row, or with `dynamic_rows` the rows up to the last one a request uses (at least one)."""
+        if not self.dynamic_rows:
+            return (self.batch_size, self.seq_len)
+        end = int((placement.starts + placement.lengths).max(initial=1))
+        return (-(-end // self.seq_len), self.seq_len)
 
     def mask_values(self, placement: Placement) -> np.ndarray:
         """The attention-mask value of every token (requests concatenated): 1 on real tokens."""
@@ -113,6 +121,15 @@ class BatchLayout:
 
     def mask(self, placement: Placement, dtype: np.dtype | type) -> np.ndarray:
         return self.scatter(placement, self.mask_values(placement), dtype)
+
+    def mask_like(self, placement: Placement, given: np.ndarray) -> np.ndarray:
+        """The mask this layout builds for `placement`, for comparing with a `given` one: with
+        dynamic rows a caller may send more (empty) rows than the batch uses, so it gets as many."""
+        want = self.mask(placement, given.dtype)
+        extra = given.shape[0] - want.shape[0] if given.ndim == 2 and given.shape[1:] == want.shape[1:] else 0
+        if self.dynamic_rows and extra > 0:
+            want = np.concatenate([want, np.zeros((extra, want.shape[1]), want.dtype)])
+        return want
 
     def positions(self, placement: Placement, offset: int) -> np.ndarray:
         """Position ids restarting at `offset` for each request (requests concatenated)."""
@@ -197,7 +214,7 @@ class StreamAcrossRows(BatchLayout):
                     f"{self.mode} mode, whose {mask_name} is 1 on tokens and 0 on padding: pack for this mode "
                     "(across_rows=True, or pack_data(..., artifact=...))"
                 )
-            want = self.mask(placement, mask.dtype)
+            want = self.mask_like(placement, mask)
             if mask.shape != want.shape:
                 raise RequestError(
                     f"feed '{mask_name}' has shape {list(mask.shape)}, but '{info_name}' places {placement.tokens} tokens "
@@ -230,13 +247,13 @@ class SegmentRows(BatchLayout):
         mask_name = names[0]
         if mask is None:
             raise RequestError(f"missing feed '{mask_name}': the segment id of every token")
-        rows = np.asarray(mask).reshape(self.batch_size, self.seq_len).astype(np.int64)
+        rows = np.asarray(mask).reshape(-1, self.seq_len).astype(np.int64)
         edge = np.ones((rows.shape[0], 1), bool)
         changes = rows[:, 1:] != rows[:, :-1]
         first = np.flatnonzero((rows != 0) & np.concatenate([edge, changes], axis=1))
         last = np.flatnonzero((rows != 0) & np.concatenate([changes, edge], axis=1))
         placement = Placement.of(last - first + 1, first)
-        want = self.mask(placement, np.int64)
+        want = self.mask_like(placement, rows)
         if not np.array_equal(rows, want):
             at = int(np.argmax(rows.reshape(-1) != want.reshape(-1)))
             row = at // self.seq_len
@@ -271,12 +288,15 @@ LAYOUTS: dict[PackMode | None, type[BatchLayout]] = {
 }
 
 
-def layout_for(mode: PackMode | str | None, batch_size: int, seq_len: int, max_valid_num: int | None = None) -> BatchLayout:
-    """The batch layout of an artifact compiled for `mode` (None: not packed)."""
+def layout_for(
+    mode: PackMode | str | None, batch_size: int, seq_len: int, max_valid_num: int | None = None, dynamic_rows: bool = False
+) -> BatchLayout:
+    """The batch layout of an artifact compiled for `mode` (None: not packed), with rows that follow
+    the batch if it was compiled with `--dynamic_rows`."""
     key = None if mode is None else PackMode(mode)
     if key not in LAYOUTS:
         raise PoprtError(f"no batch layout for pack mode '{mode}'")
-    return LAYOUTS[key](batch_size, seq_len, max_valid_num)
+    return LAYOUTS[key](batch_size, seq_len, max_valid_num, dynamic_rows)
 
 
 def segment_ids(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:

@@ -148,6 +148,12 @@ def check_packed_feeds(interface: PackedInterface, arrays: Mapping[str, np.ndarr
     attention mask (and unpack_info), each must fit (`segment_max_size`, `max_valid_num`, the batch),
     and its position ids must be the manifest's offset, offset + 1, ... Raises a one-line RequestError."""
     layout = interface.layout
+    rows = arrays[interface.dynamic_input].shape[0]
+    if interface.dynamic_rows and rows > interface.batch_size:
+        raise RequestError(
+            f"feed '{interface.dynamic_input}' has {rows} rows, more than the {interface.batch_size} rows of the "
+            "artifact (--input_shape); send at most that many"
+        )
     mask_name = interface.mask[0] if interface.mask else vocab.Role.attention_mask.value
     info_name = interface.unpack_info[0] if interface.unpack_info else vocab.UNPACK_INFO
     info = arrays.get(info_name) if interface.unpack_info else None

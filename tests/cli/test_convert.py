@@ -137,6 +137,7 @@ def test_plugin_pass_runs_end_to_end(tmp_path, capsys):
         (["--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=attention_mask", "max_tokens=64"], "error: --pack_args max_tokens does not apply to attention_mask mode; drop it\n"),
         (["--pack_args", "max_valid_num=4", "segment_max_size=8", "max_tokens=64"], "error: --pack_args max_tokens does not apply to unpack_repack mode; drop it\n"),
         (["--input_shape", "input_ids=1,64", "--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=token_stream", "max_tokens=64"], "error: --input_shape pins a static shape, but --pack_args mode=token_stream keeps the token dimension dynamic; drop --input_shape\n"),
+        (["--dynamic_rows"], "error: --dynamic_rows keeps the first dim of --input_shape dynamic; give --input_shape\n"),
         (["--pack_args", "max_valid_num=4", "segment_max_size=16", "mode=token_stream", "max_tokens=8"], "error: pass 'token_stream_packing' failed: token_stream_packing needs max_tokens >= segment_max_size (8 < 16): a batch must hold the longest request (--pack_args max_tokens=N)\n"),
     ],
 )

@@ -165,10 +165,11 @@ class GoldenCase:
     pass_name: str
     model: str  # a key of MODELS
     options: dict[str, Any] = field(default_factory=dict)
+    variant: str = ""  # names a second case of the same pass and model
 
     @property
     def id(self) -> str:
-        return f"{self.pass_name}__{self.model}"
+        return f"{self.pass_name}__{self.model}" + (f"__{self.variant}" if self.variant else "")
 
     @property
     def path(self) -> Path:
@@ -180,6 +181,7 @@ CASES = [
     GoldenCase("eliminate_dead_code", "dead_branch"),
     GoldenCase("fold_constants", "constant_arithmetic"),
     GoldenCase("static_shape", "shape_arithmetic", {"input_shape": {"x": (2, 3)}}),
+    GoldenCase("static_shape", "shape_arithmetic", {"input_shape": {"x": (2, 3)}, "dynamic_rows": True}, "dynamic_rows"),
     GoldenCase("export_position_ids", "embeddings"),
     GoldenCase("float_to_half", "small_mlp"),
     GoldenCase("pack_unpack_repack", "tiny_encoder", PACK),

@@ -129,9 +129,11 @@ def datasets(draw):
         ids = rng.integers(1, 30_000, n + extra)
         types = rng.integers(1, 3, n + extra) if with_types else None
         requests.append(Request(ids, n, types))
+    dynamic_rows = mode is not PackMode.token_stream and draw(st.booleans())  # --dynamic_rows artifacts
     config = dict(
         batch_size=batch_size, seq_len=seq_len, max_valid_num=max_valid_num, across_rows=across_rows,
         position_offset=position_offset, algorithm=algorithm, segment_max_size=segment_max_size, mode=mode,
+        dynamic_rows=dynamic_rows,
     )
     return requests, config
 
@@ -157,6 +159,8 @@ def check_batch(requests, config, index: int, batch) -> None:
     assert [s.length for s in specs] == lengths
     stream = config["mode"] is PackMode.token_stream
     shape = (1, sum(lengths)) if stream else (B, S)  # a token stream is as long as its real tokens
+    if config["dynamic_rows"]:  # only the rows up to the last one a request uses
+        shape = (max((s.row * S + s.offset + s.length - 1) // S for s in batch.specs) + 1, S)
     for name, array in batch.data.items():
         assert array.shape == shape and array.dtype == np.int32, name
     assert batch.unpack_info.tolist() == lengths + ([] if stream else [0] * (max_valid_num - n))
@@ -182,7 +186,7 @@ def check_batch(requests, config, index: int, batch) -> None:
         assert set(mask.tolist()) <= {0, 1}
     else:
         # segment ids 1, 2, ... per row, in column order, packed from column 0
-        for row in range(B):
+        for row in range(shape[0]):
             in_row = sorted((s for s in specs if s.row == row), key=lambda s: s.offset)
             expected = np.zeros(S, dtype=np.int32)
             column = 0

@@ -800,15 +800,15 @@ class Reference:
 
 
 def compile_packed(tmp_path, name, mode, inputs=("input_ids", "attention_mask", "token_type_ids"), batch=4,
-                   seq=64, max_valid_num=8):
+                   seq=64, max_valid_num=8, dynamic_rows=False):
     """A packed artifact; token_stream's batch holds at most batch * seq tokens (no static shape)."""
     pack_args = {"max_valid_num": str(max_valid_num), "segment_max_size": str(seq), "mode": mode}
     if mode == STREAM:
         shape, pack_args["max_tokens"] = {}, str(batch * seq)
     else:
         shape = {n: (batch, seq) for n in inputs}
-    options = poprt_lite.CompileOptions(input_shape=shape, pack_args=pack_args)
-    out = tmp_path / f"{name}_{mode}"
+    options = poprt_lite.CompileOptions(input_shape=shape, pack_args=pack_args, dynamic_rows=dynamic_rows)
+    out = tmp_path / f"{name}_{mode}{'_rows' if dynamic_rows else ''}"
     return poprt_lite.compile(TESTDATA / f"{name}.onnx", out / "model.onnx", output_dir=out, export_popef=True,
                               options=options).artifact
 
@@ -929,6 +929,40 @@ def test_token_stream_runner_takes_its_geometry_from_the_manifest(bert_artifacts
     assert stats.batches == 2 and stats.tokens == stats.token_slots == 265
     with pytest.raises(RequestError, match=r"^the request has 65 tokens, more than segment_max_size 64 of the artifact; truncate or split it$"):
         runtime.Runner(bert_artifacts[STREAM], config).execute(make_request(rng, 65))
+
+
+@pytest.mark.parametrize("mode", ["unpack_repack", "attention_mask"])
+def test_dynamic_rows_run_the_rows_a_batch_uses(tmp_path, rng, mode):
+    """An artifact compiled with --dynamic_rows (up to 4 rows of 64): a PackRunner runs each batch on
+    the rows its requests use. One request at a time: every batch goes by timeout, on one row."""
+    path = compile_packed(tmp_path, "bert_qa_torchscript", mode, dynamic_rows=True)
+    reference = Reference("bert_qa_torchscript")
+    with runtime.Runner(path, config_for(mode, timeout_microseconds=1000)) as runner:
+        assert runner.interface.dynamic_rows and runner.batch_size == 4
+        shapes = []
+        real = runner.session.run
+        runner.session.run = lambda names, feeds: shapes.append(feeds["input_ids"].shape) or real(names, feeds)
+        for n in (1, 64, 30):
+            feeds = make_request(rng, n)
+            got = runner.execute(feeds)
+            for name, want in reference(feeds).items():
+                np.testing.assert_allclose(got[name], want[0], atol=1e-4, rtol=0)
+        stats = runner.stats
+    assert shapes == [(1, 64)] * 3 and stats.batches_by_timeout == 3
+    assert stats.token_slots == 3 * 64 and stats.packing_efficiency == 95 / 192
+    runner = runtime.Runner(path)  # a ModelRunner takes the rows a batch uses, or all of them, not more
+    feeds = {"input_ids": np.full((5, 64), 7), "attention_mask": np.ones((5, 64), np.int64),
+             "token_type_ids": np.zeros((5, 64), np.int64), "position_ids": np.tile(np.arange(64), (5, 1))}
+    if mode == "unpack_repack":
+        feeds["unpack_info"] = np.array([64] * 5 + [0] * 3, np.int32)
+    with pytest.raises(RequestError, match=r"^feed 'input_ids' has 5 rows, more than the 4 rows of the artifact \(--input_shape\); send at most that many$"):
+        runner.run(None, feeds)
+    two = {name: value[:2] for name, value in feeds.items() if name != "unpack_info"}
+    four = {name: np.concatenate([value[:2], np.zeros_like(value[:2])]) for name, value in two.items()}
+    if mode == "unpack_repack":
+        two["unpack_info"] = four["unpack_info"] = np.array([64, 64, 0, 0, 0, 0, 0, 0], np.int32)
+    for got, want in zip(runner.run(None, two), runner.run(None, four)):
+        np.testing.assert_allclose(got[:2], want[:2], atol=1e-5, rtol=0)  # the requests of rows 0-1
 
 
 def test_packed_bert_example_runs(capsys, monkeypatch):
