@@ -70,9 +70,12 @@ def prepare_artifacts(
     segment_max_size: int,
     kinds: tuple[PackMode | None, ...] = KINDS,
     ort_fusions: bool = False,
+    dynamic_rows: bool = False,
     on_step: Callable[[str], None] | None = None,
 ) -> dict[PackMode | None, Artifact]:
     """The artifact of each kind, compiled on first use and loaded (verified) from the cache.
+
+    `dynamic_rows` compiles the static kinds with `--dynamic_rows` (a batch runs on the rows it uses).
 
     `ort_fusions` also runs onnxruntime's transformer optimizer (`onnxruntime.transformers.optimizer`,
     model type bert) on every compiled model, padded and packed alike.
@@ -98,6 +101,8 @@ def prepare_artifacts(
         )
         if ort_fusions:
             folder = folder.with_name(folder.name + "-ortfused")
+        if dynamic_rows and static:
+            folder = folder.with_name(folder.name + "-rows")
         path = folder / "executable.popef"
         if path.is_file():
             try:
@@ -111,7 +116,9 @@ def prepare_artifacts(
         say(f"compiling {name} model")
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        options = CompileOptions(input_shape=shape if static else {}, pack_args=pack, export_position_ids=True)
+        options = CompileOptions(
+            input_shape=shape if static else {}, pack_args=pack, export_position_ids=True, dynamic_rows=dynamic_rows and static
+        )
         result = compile_model(source, tmp / "model.onnx", output_dir=tmp, export_popef=True, options=options)
         Path(result.output_model).unlink()
         if ort_fusions:
