@@ -48,7 +48,8 @@ class PackUnpackRepack(Pass):
         if any(t.name == UNPACK_INFO for t in graph.inputs):
             raise PoprtError(f"model already has an '{UNPACK_INFO}' input; it is packed already")
         dims = token_dims(graph, self.options.input_name)
-        tail = [n for n in graph.nodes if id(n) not in attention_cone(graph, setup.blocks)]
+        cone = attention_cone(graph, setup.blocks)  # once: it walks the whole graph
+        tail = [n for n in graph.nodes if id(n) not in cone]
         rewriter = _Rewriter(graph, self.options, setup.input_ids)
         for block in setup.blocks:
             rewriter.rewrite_block(block)

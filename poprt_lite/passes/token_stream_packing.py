@@ -48,7 +48,8 @@ class TokenStreamPacking(Pass):
             raise PoprtError(f"model already has an '{UNPACK_INFO}' input; it is packed already")
         dims = token_dims(graph, self.options.input_name)
         _check_dynamic(setup.input_ids, dims)
-        tail = [n for n in graph.nodes if id(n) not in attention_cone(graph, setup.blocks)]
+        cone = attention_cone(graph, setup.blocks)  # once: it walks the whole graph
+        tail = [n for n in graph.nodes if id(n) not in cone]
         rewriter = _StreamRewriter(graph, self.options, setup.input_ids)
         for block in setup.blocks:
             rewriter.rewrite_block(block)
