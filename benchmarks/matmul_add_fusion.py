@@ -6,7 +6,9 @@ artifacts, and the original dynamic-shape model as a control the fusion cannot t
 first batch the bench itself runs, with the fusion on (onnxruntime's default) and off, at several
 intra-op thread counts. Within a thread count the models and settings run interleaved, round after
 round (the order of on/off alternates), so that all see the same machine; it prints the median and
-the range over the rounds, and the median of the per-round ratios on/off. It also counts the
+the range over the rounds of the wall time and of this process's CPU time per batch (sessions run
+without spinning, so CPU time is work done: on a machine shared with other processes it moves far
+less than wall time), and the medians of the per-round ratios on/off. It also counts the
 optimized graph's Gemm / MatMul / BiasGelu nodes, and with `--profile` sums onnxruntime's own
 per-node profile by op type for one model, on and off.
 
@@ -21,6 +23,7 @@ import collections
 import json
 import os
 import tempfile
+import resource
 import time
 from pathlib import Path
 
@@ -76,6 +79,11 @@ def profile(model, feeds, threads: int, disabled: tuple[str, ...], runs: int = 3
     return {op: total / runs / 1e3 for op, total in by_op.items()}
 
 
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="seed", choices=["seed", "queries"])
@@ -94,27 +102,31 @@ def main() -> None:
         for setting, disabled in SETTINGS.items():
             ops = optimized_ops(model, disabled)
             print(f"  {name:24s} fusion {setting:3s}: " + " / ".join(str(ops[o]) for o in ("Gemm", "MatMul", "Add", "BiasGelu", "Gelu", "Reshape")))
-    print(f"\n{'threads':>7s}  {'model':24s} {'fusion on ms (min-max)':>24s} {'fusion off ms (min-max)':>24s} {'on/off (range)':>18s}")
+    print(f"\n{'threads':>7s}  {'model':24s} {'fusion on ms (min-max)':>24s} {'fusion off ms (min-max)':>24s} "
+          f"{'on/off (range)':>18s} {'CPU ms on':>10s} {'CPU ms off':>10s} {'CPU on/off':>10s}")
     for threads in (int(t) for t in args.threads.split(",")):
         sessions = {
-            (name, setting): create_session(model, threads, disabled_optimizers=disabled)
+            (name, setting): create_session(model, threads, spinning=False, disabled_optimizers=disabled)
             for name, (model, _) in models.items() for setting, disabled in SETTINGS.items()
         }
         for (name, _), session in sessions.items():
             session.run(None, models[name][1])  # warm-up
-        times = collections.defaultdict(list)
+        times, cpu = collections.defaultdict(list), collections.defaultdict(list)
         for r in range(args.rounds):
             for name, (_, feeds) in models.items():
                 for setting in (("on", "off") if r % 2 == 0 else ("off", "on")):
-                    start = time.perf_counter()
+                    cpu0, start = _cpu(), time.perf_counter()
                     sessions[name, setting].run(None, feeds)
                     times[name, setting].append((time.perf_counter() - start) * 1e3)
+                    cpu[name, setting].append((_cpu() - cpu0) * 1e3)
         for name in models:
             on, off = np.array(times[name, "on"]), np.array(times[name, "off"])
             ratio = on / off
+            cpu_on, cpu_off = np.array(cpu[name, "on"]), np.array(cpu[name, "off"])
             print(
                 f"{threads:7d}  {name:24s} {np.median(on):9.1f} ({on.min():6.1f}-{on.max():6.1f}) "
-                f"{np.median(off):9.1f} ({off.min():6.1f}-{off.max():6.1f}) {np.median(ratio):7.3f} ({ratio.min():.2f}-{ratio.max():.2f})"
+                f"{np.median(off):9.1f} ({off.min():6.1f}-{off.max():6.1f}) {np.median(ratio):7.3f} ({ratio.min():.2f}-{ratio.max():.2f}) "
+                f"{np.median(cpu_on):10.1f} {np.median(cpu_off):10.1f} {np.median(cpu_on / cpu_off):10.3f}"
             )
         del sessions
     if args.profile:

@@ -18,7 +18,7 @@ own batches' wall times (build feeds, run, gather outputs); a request's latency 
 unpadded request at a time; latency is per request, from `execute_async` to filled outputs.
 
 A new packed mode is one `Mode` entry per family (its `PackMode` names the artifact and the core's
-batch layout); nothing else here names a pack mode.
+batch layout); nothing else here names a pack mode but PopRT's single-row switch for AttentionMask.
 """
 
 from __future__ import annotations

@@ -3,11 +3,14 @@
 Every session runs on the CPU provider with `ORT_ENABLE_ALL` and `threads` intra-op threads (0: one
 per core), and with onnxruntime's `MatMulAddFusion` turned off. That fusion rewrites `MatMul` + `Add`
 into `Gemm` (with a `Reshape` to 2-D on each side) wherever the shapes are static, which is every
-model `--input_shape` compiles, and the Gemm form is slower there: the bias no longer reaches
-`BiasGelu` (the GELU runs unfused) and each layer gains Reshapes around its Gemms
+model `--input_shape` compiles, and the Gemm form is slower there: onnxruntime's CPU Gemm first
+copies the bias into every row of the `[M, N]` output (`GemmBroadcastBias`, an Eigen assignment
+outside the thread pool, so on one thread) and then runs the product with beta=1 on top of it,
+while `MatMul` + `Add` runs the product and adds the bias in parallel, or fuses it into `BiasGelu`
+and `SkipLayerNormalization`. The serial copy weighs more the more threads share the product
 (`benchmarks/matmul_add_fusion.py` measures it per batch and profiles it by op type). Dynamic-shape
-models, which the fusion cannot touch, keep `MatMul` + `Add` anyway, so static and dynamic models run
-the same kernels.
+models, which the fusion cannot touch, keep `MatMul` + `Add` anyway, so static and dynamic models
+run the same kernels.
 
 `spinning=False` stops onnxruntime's worker threads from busy-waiting after each run (the
 PackRunner's default: between batches the cores belong to its serving and client threads).
