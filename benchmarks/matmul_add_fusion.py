@@ -36,6 +36,7 @@ from poprt_lite.bench.modes import Context
 from poprt_lite.bench.models import KINDS, kind_name
 from poprt_lite.bench.packer import plan_dynamic
 from poprt_lite.runtime.session import create_session, session_options
+from poprt_lite.vocab import PackMode
 
 SETTINGS = {"on": (), "off": ("MatMulAddFusion",)}  # disabled optimizers; "off" is poprt-lite's
 
@@ -130,7 +131,7 @@ def main() -> None:
             )
         del sessions
     if args.profile:
-        name = kind_name(KINDS[-1])
+        name = kind_name(PackMode.attention_mask)
         model, feeds = models[name]
         threads = int(args.threads.split(",")[-1])
         result = {setting: profile(model, feeds, threads, disabled) for setting, disabled in SETTINGS.items()}

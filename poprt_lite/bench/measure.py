@@ -109,8 +109,11 @@ def compare(results: list[ModeResult], outputs: dict[str, dict[str, np.ndarray]]
             if r.cpu.get("own_seconds") and padded.cpu.get("own_seconds"):
                 r.cpu_speedup = padded.cpu["own_seconds"] / r.cpu["own_seconds"]
         if r.online in best:
-            r.vs_dynamic = r.samples_per_s / best[r.online].samples_per_s
-            r.vs_dynamic_mode = best[r.online].name
+            ref = best[r.online]
+            r.vs_dynamic = r.samples_per_s / ref.samples_per_s
+            r.vs_dynamic_mode = ref.name
+            if r.cpu.get("own_seconds") and ref.cpu.get("own_seconds"):
+                r.cpu_vs_dynamic = ref.cpu["own_seconds"] / r.cpu["own_seconds"]
         r.mae, r.mae_max = {}, {}
         for name, ref in reference.items():
             diff = np.abs(outputs[r.name][name].astype(np.float64) - ref)

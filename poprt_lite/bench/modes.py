@@ -77,6 +77,7 @@ class ModeResult:
     cpu_speedup: float | None = None  # padded CPU-seconds / this mode's: robust to other processes
     vs_dynamic: float | None = None  # samples/s over the best dynamic mode of its kind (offline, online)
     vs_dynamic_mode: str | None = None  # that mode
+    cpu_vs_dynamic: float | None = None  # that mode's CPU-seconds / this mode's
     model_ms_series: list[float] = field(default_factory=list)  # every batch's model time, in run order
     mae: dict[str, float] | None = None  # output -> mean over requests of the per-request MAE vs the original
     mae_max: dict[str, float] | None = None  # output -> worst request

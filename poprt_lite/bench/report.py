@@ -126,6 +126,9 @@ def print_report(result: BenchResult, console=None) -> None:
     cpu = [f"{r.label} {r.cpu_speedup:.2f}x" for r in result.modes if r.cpu_speedup is not None and r.name != "padded"]
     if cpu:
         console.print("speed-up in CPU time of this process (insensitive to other processes): " + ", ".join(cpu))
+    cpu = [f"{r.label} {r.cpu_vs_dynamic:.2f}x" for r in result.modes if r.cpu_vs_dynamic is not None and not r.dynamic]
+    if cpu:
+        console.print("vs dynamic in CPU time of this process (the best dynamic mode's CPU-seconds / the mode's): " + ", ".join(cpu))
     online = [r for r in result.modes if r.submit_us_per_request is not None]
     for r in online:
         console.print(
