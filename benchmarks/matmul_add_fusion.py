@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import tempfile
 import resource
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 
-from poprt_lite.bench.config import BenchConfig, Progress
-from poprt_lite.bench.measure import prepare_models
+from poprt_lite.bench.measure import workload_context
 from poprt_lite.bench.modes import Context
 from poprt_lite.bench.models import KINDS, kind_name
+from poprt_lite.bench.opcost import profile_by_op_type
 from poprt_lite.bench.packer import plan_dynamic
 from poprt_lite.runtime.session import create_session, session_options
 from poprt_lite.vocab import PackMode
@@ -61,25 +59,6 @@ def optimized_ops(model, disabled: tuple[str, ...]) -> collections.Counter:
         return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
 
 
-def profile(model, feeds, threads: int, disabled: tuple[str, ...], runs: int = 3) -> dict[str, float]:
-    """Milliseconds per run by op type, from onnxruntime's profiler (after one warm-up run)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        options = session_options(threads)
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tmp, "profile")
-        session = create_session(model, options=options, disabled_optimizers=disabled)
-        for _ in range(runs + 1):
-            session.run(None, feeds)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    model_runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
-    warm_end = model_runs[0][1]  # the first run is a warm-up
-    by_op: dict[str, float] = collections.defaultdict(float)
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] > warm_end:
-            by_op[e["args"]["op_name"]] += e["dur"]
-    return {op: total / runs / 1e3 for op, total in by_op.items()}
-
-
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -92,9 +71,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="also profile the AttentionMask model by op type")
     args = parser.parse_args()
-    config = BenchConfig.preset(args.workload)
-    original, artifacts = prepare_models(config, KINDS, Progress())
-    ctx = Context(config, original, artifacts, Progress())
+    ctx = workload_context(args.workload, KINDS)
+    config = ctx.config
     models = cases(ctx)
     print(f"workload {args.workload}: {config.geometry.tag}, batch {config.batch_size}x{config.max_seq_len}; "
           f"{os.cpu_count()} CPUs; {args.rounds} interleaved rounds per thread count")
@@ -134,7 +112,7 @@ def main() -> None:
         name = kind_name(PackMode.attention_mask)
         model, feeds = models[name]
         threads = int(args.threads.split(",")[-1])
-        result = {setting: profile(model, feeds, threads, disabled) for setting, disabled in SETTINGS.items()}
+        result = {setting: profile_by_op_type(model, [feeds], threads, 3, disabled) for setting, disabled in SETTINGS.items()}
         ops = sorted(set(result["on"]) | set(result["off"]), key=lambda o: -max(result["on"].get(o, 0), result["off"].get(o, 0)))
         print(f"\nonnxruntime profile of the {name} model, {threads} threads, ms per batch by op type:")
         print(f"  {'op':28s} {'fusion on':>10s} {'fusion off':>10s}")

@@ -12,44 +12,16 @@ Run from the repository root: python benchmarks/profile_packed_vs_dynamic.py [--
 from __future__ import annotations
 
 import argparse
-import collections
-import json
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from poprt_lite.bench.config import BenchConfig, Progress
-from poprt_lite.bench.measure import prepare_models
-from poprt_lite.bench.modes import Context
+from poprt_lite.bench.measure import workload_context
+from poprt_lite.bench.opcost import profile_by_op_type
 from poprt_lite.bench.packer import Batch, plan_dynamic
 from poprt_lite.runtime.interface import read_packed_interface
-from poprt_lite.runtime.session import create_session, session_options
+from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import PackMode
-
-
-def profile(model, feeds_list: list[dict[str, np.ndarray]], threads: int, runs: int) -> tuple[dict[str, float], float]:
-    """(op type -> ms per pass over `feeds_list`, total node ms per pass), after one warm-up pass."""
-    with tempfile.TemporaryDirectory() as tmp:
-        options = session_options(threads)
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tmp, "profile")
-        session = create_session(model, options=options)
-        for feeds in feeds_list:  # warm-up pass
-            session.run(None, feeds)
-        warm = len(feeds_list)
-        for _ in range(runs):
-            for feeds in feeds_list:
-                session.run(None, feeds)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
-    after = starts[warm] if len(starts) > warm else 0
-    by_op: dict[str, float] = collections.defaultdict(float)
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= after:
-            by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
-    return dict(by_op), sum(by_op.values())
 
 
 def main() -> None:
@@ -58,10 +30,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    config = BenchConfig.preset(args.workload)
-    kinds = (PackMode.attention_mask, PackMode.token_stream)
-    original, artifacts = prepare_models(config, kinds, Progress())
-    ctx = Context(config, original, artifacts, Progress())
+    ctx = workload_context(args.workload, (PackMode.attention_mask, PackMode.token_stream))
+    config, original, artifacts = ctx.config, ctx.original, ctx.artifacts
     batch = ctx.plan(PackMode.attention_mask)[0]
     indices, lengths = batch.indices, ctx.workload.lengths[batch.indices]
     stream = read_packed_interface(artifacts[PackMode.token_stream]).layout
@@ -74,15 +44,15 @@ def main() -> None:
         "original, each alone": (str(original), [dynamic.feeds(b) for b in _dynamic_plans(ctx.workload.lengths, indices, 1)]),
         f"original, sorted x{config.batch_size}": (str(original), [dynamic.feeds(b) for b in _dynamic_plans(ctx.workload.lengths, indices, config.batch_size)]),
     }
-    results = {name: profile(model, feeds, args.threads, args.runs) for name, (model, feeds) in ways.items()}
+    results = {name: profile_by_op_type(model, feeds, args.threads, args.runs) for name, (model, feeds) in ways.items()}
     print(f"workload {args.workload}: {config.geometry.tag}; the {len(indices)} requests ({int(lengths.sum())} tokens) of the first "
           f"offline AttentionMask batch ({batch.placement.tokens / batch.slots:.1%} of its {batch.slots} slots); "
           f"{args.threads or os.cpu_count()} threads; node time in ms for all of them, mean of {args.runs} passes")
-    ops = sorted({op for by_op, _ in results.values() for op in by_op}, key=lambda op: -max(r[0].get(op, 0) for r in results.values()))
+    ops = sorted({op for by_op in results.values() for op in by_op}, key=lambda op: -max(r.get(op, 0) for r in results.values()))
     print(f"{'op':26s}" + "".join(f"{name:>26s}" for name in ways))
     for op in ops:
-        print(f"{op:26s}" + "".join(f"{results[name][0].get(op, 0.0):26.1f}" for name in ways))
-    print(f"{'total':26s}" + "".join(f"{results[name][1]:26.1f}" for name in ways))
+        print(f"{op:26s}" + "".join(f"{results[name].get(op, 0.0):26.1f}" for name in ways))
+    print(f"{'total':26s}" + "".join(f"{sum(results[name].values()):26.1f}" for name in ways))
 
 
 def _dynamic_plans(lengths: np.ndarray, indices: np.ndarray, batch_size: int) -> list[Batch]:

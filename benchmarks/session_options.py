@@ -18,9 +18,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from poprt_lite.bench.config import BenchConfig, Progress
-from poprt_lite.bench.measure import prepare_models
-from poprt_lite.bench.modes import Context
+from poprt_lite.bench.measure import workload_context
 from poprt_lite.bench.models import kind_name
 from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import PackMode
@@ -38,9 +36,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
-    config = BenchConfig.preset(args.workload)
-    original, artifacts = prepare_models(config, (None, PackMode.attention_mask), Progress())
-    ctx = Context(config, original, artifacts, Progress())
+    ctx = workload_context(args.workload, (None, PackMode.attention_mask))
+    artifacts = ctx.artifacts
     runs = {}
     for kind, artifact in artifacts.items():
         batch = ctx.artifact_feeder(kind).feeds(ctx.plan(kind)[0])  # the first batch the bench runs

@@ -192,6 +192,14 @@ def prepare_models(config: BenchConfig, kinds: tuple[PackMode | None, ...], prog
     return Path(model), artifacts
 
 
+def workload_context(workload: str, kinds: tuple[PackMode | None, ...], **overrides: Any) -> Context:
+    """A preset workload's requests and models (prepared as the bench prepares them), for the
+    benchmarks/ scripts that time single batches of the bench."""
+    config = BenchConfig.preset(workload, **overrides)
+    original, artifacts = prepare_models(config, kinds, Progress())
+    return Context(config, original, artifacts, Progress())
+
+
 def run_benchmark(
     config: BenchConfig,
     progress: Progress | None = None,

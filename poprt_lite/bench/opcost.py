@@ -9,12 +9,20 @@ The attention core (Q/K/V head transposes, Q.K^T, scale, mask, softmax, P.V, con
 is timed the same way at the packed shape (`[batch, heads, seq, head_dim]`, AttentionMask mode
 and padded) and the unpacked one (`[max_valid_num, heads, segment_max_size, head_dim]`,
 unpack/repack mode): the difference, times the layers, is what unpacking costs beyond the ops.
+
+`profile_by_op_type` sums onnxruntime's own profile of whole models by op type (the benchmarks/
+scripts that compare graph forms and ways of serving use it).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +31,32 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from poprt_lite import ops, pack_args
-from poprt_lite.runtime.session import create_session
+from poprt_lite.runtime.session import DISABLED_OPTIMIZERS, create_session, session_options
 from poprt_lite.vocab import PackMode
+
+
+def profile_by_op_type(
+    model, feeds_list: Sequence[dict[str, np.ndarray]], threads: int = 0, runs: int = 3,
+    disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS,
+) -> dict[str, float]:
+    """Op type -> milliseconds of node time per pass over `feeds_list` (one run per feeds), from
+    onnxruntime's profiler: a warm-up pass, then the mean of `runs` passes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = session_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        session = create_session(model, options=options, disabled_optimizers=disabled_optimizers)
+        for _ in range(runs + 1):
+            for feeds in feeds_list:
+                session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    after = starts[len(feeds_list)] if len(starts) > len(feeds_list) else 0  # past the warm-up pass
+    by_op: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= after:
+            by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
+    return dict(by_op)
 
 
 def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
