@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from poprt_lite.errors import PoprtError
+from poprt_lite.vocab import INPUT_IDS, Role
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def export_bert_qa(path: str | os.PathLike, geometry: Geometry = BERT_BASE, seed
     )
     model = BertForQuestionAnswering(config)
     randomise_(model)
-    names = ["input_ids", "attention_mask", "token_type_ids"]
+    names = [INPUT_IDS, Role.attention_mask.value, Role.token_type_ids.value]
     outputs = ["start_logits", "end_logits"]
     example = (
         torch.randint(4, geometry.vocab, (2, 8)),

@@ -30,6 +30,7 @@ from poprt_lite.bench.modes import (
     Context,
     DynamicOffline,
     Mode,
+    PADDED_MODE,
     ModeResult,
     OfflineRun,
     artifact_kinds,
@@ -96,7 +97,7 @@ def reference_outputs(ctx: Context, runs: dict[str, Any]) -> dict[str, np.ndarra
 def compare(results: list[ModeResult], outputs: dict[str, dict[str, np.ndarray]], reference: dict[str, np.ndarray], ctx: Context) -> None:
     """Fill each result's speed-ups and its MAE against `reference`."""
     by_name = {r.name: r for r in results}
-    padded = by_name.get("padded")
+    padded = by_name.get(PADDED_MODE)
     best = {}
     for online in (False, True):
         dynamic = [r for r in results if r.dynamic and r.online == online]

@@ -24,7 +24,7 @@ from poprt_lite.artifact import Artifact, load_artifact
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.compiler import compile as compile_model
 from poprt_lite.errors import ArtifactError, PoprtError
-from poprt_lite.vocab import INPUT_IDS, Layout, PackMode
+from poprt_lite.vocab import INPUT_IDS, Layout, MetaKey, PackMode
 
 KINDS: tuple[PackMode | None, ...] = (None, *PackMode)
 _SOURCE_PARTS = ("passes", "ops", "patterns", "compiler.py", "ir.py", "artifact.py")
@@ -151,7 +151,7 @@ def fuse_artifact(path: Path) -> None:
     fused = optimize_model(model, model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0).model
     manifest = art.manifest
     write_artifact(path, fused, {
-        "source_sha256": manifest["source_model_sha256"], "precision": manifest["precision"],
+        "source_sha256": manifest["source_model_sha256"], MetaKey.precision.value: manifest[MetaKey.precision.value],
         "pipeline": [*manifest["pipeline"], {"name": "onnxruntime.transformers.optimizer", "options": {"model_type": "bert"}}],
     })
 

@@ -322,8 +322,10 @@ class Mode:
         return self.family.dynamic
 
 
+PADDED_MODE = Layout.padded.value  # the baseline: the padded static model, named after its layout
+
 MODES = (
-    Mode("padded", "padded baseline", StaticOffline),
+    Mode(PADDED_MODE, "padded baseline", StaticOffline),
     Mode("offline_dynamic_per_request", "offline dynamic, each request alone", DynamicOffline, per_request=True),
     Mode("offline_dynamic_sorted", "offline dynamic, sorted batches", DynamicOffline),
     Mode("offline_unpack_repack", "offline unpack/repack", StaticOffline, PackMode.unpack_repack),

@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from poprt_lite import ops, pack_args
 from poprt_lite.runtime.session import DISABLED_OPTIMIZERS, create_session, session_options
-from poprt_lite.vocab import PackMode
+from poprt_lite.vocab import Layout, PackMode
 
 
 def profile_by_op_type(
@@ -192,14 +192,14 @@ def measure_op_costs(ctx, model_ms: dict[PackMode, dict[str, float]]) -> dict[st
         }
     if heads and layers:
         att = {}
-        for label, rows, full in (("packed", c.batch_size, True), ("unpacked", c.max_valid_num, False)):
+        for label, rows, full in ((Layout.packed.value, c.batch_size, True), (Layout.unpacked.value, c.max_valid_num, False)):
             model = _attention_model(rows, heads, c.max_seq_len, head_dim, full, 17)
             tok = rng.standard_normal((rows, c.max_seq_len, heads, head_dim)).astype(np.float32)
             mask_shape = (rows, 1, c.max_seq_len, c.max_seq_len) if full else (rows, 1, 1, c.max_seq_len)
             feeds = {"q": tok, "k": tok, "v": tok, "mask": np.zeros(mask_shape, np.float32)}
             ms = _time(_session(model, threads), feeds, budget=1.0, repeats=7) * 1e3
-            att[label] = {"rows": rows, "ms_per_layer": ms, "ms_per_batch": ms * layers}
+            att[label] = {"row_count": rows, "ms_per_layer": ms, "ms_per_batch": ms * layers}
         att["layers"] = layers
-        att["extra_ms_per_batch_unpacked"] = att["unpacked"]["ms_per_batch"] - att["packed"]["ms_per_batch"]
+        att["extra_ms_per_batch_unpacked"] = att[Layout.unpacked.value]["ms_per_batch"] - att[Layout.packed.value]["ms_per_batch"]
         out["attention"] = att
     return out

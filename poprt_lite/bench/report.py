@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from poprt_lite.bench.measure import BenchResult, ModeResult
+from poprt_lite.bench.modes import PADDED_MODE
+from poprt_lite.vocab import Layout
 
 # Acceptance targets (fp32). Over the padded baseline (issue 5), on the seed workload:
 PADDED_TARGETS = {"seed": {"offline_attention_mask": 1.85, "online_attention_mask_first_fit": 1.75}}
@@ -60,7 +62,7 @@ def checks(result: BenchResult) -> list[tuple[str, bool, str]]:
         if r is not None and r.speedup is not None:
             out.append((f"{r.label} speed-up >= {target}x", r.speedup >= target, f"{r.speedup:.3f}x"))
     for online, (reference, target) in (DYNAMIC_TARGETS.get(workload, {}) if full else {}).items():
-        packed = [r for r in result.modes if r.online == online and not r.dynamic and r.name != "padded"]
+        packed = [r for r in result.modes if r.online == online and not r.dynamic and r.name != PADDED_MODE]
         dynamic = [r for r in result.modes if r.online == online and r.dynamic and reference in (None, r.name)]
         if not packed or not dynamic:
             continue
@@ -123,7 +125,7 @@ def print_report(result: BenchResult, console=None) -> None:
                 f"build feeds {h['build_feeds_us_per_request']:.1f} µs/req, split outputs {h['split_outputs_us_per_request']:.1f} µs/req; "
                 f"packing_utils.pack_data {h['packing_utils_pack_data_us_per_request']:.1f} µs/req"
             )
-    cpu = [f"{r.label} {r.cpu_speedup:.2f}x" for r in result.modes if r.cpu_speedup is not None and r.name != "padded"]
+    cpu = [f"{r.label} {r.cpu_speedup:.2f}x" for r in result.modes if r.cpu_speedup is not None and r.name != PADDED_MODE]
     if cpu:
         console.print("speed-up in CPU time of this process (insensitive to other processes): " + ", ".join(cpu))
     cpu = [f"{r.label} {r.cpu_vs_dynamic:.2f}x" for r in result.modes if r.cpu_vs_dynamic is not None and not r.dynamic]
@@ -146,10 +148,11 @@ def print_report(result: BenchResult, console=None) -> None:
             )
         att = oc.get("attention")
         if att:
+            packed, unpacked = att[Layout.packed.value], att[Layout.unpacked.value]
             console.print(
-                f"attention core per batch ({att['layers']} layers): packed {att['packed']['rows']} rows "
-                f"{att['packed']['ms_per_batch']:.0f} ms, unpacked {att['unpacked']['rows']} rows "
-                f"{att['unpacked']['ms_per_batch']:.0f} ms (+{att['extra_ms_per_batch_unpacked']:.0f} ms per batch for unpack/repack)"
+                f"attention core per batch ({att['layers']} layers): packed {packed['row_count']} rows "
+                f"{packed['ms_per_batch']:.0f} ms, unpacked {unpacked['row_count']} rows "
+                f"{unpacked['ms_per_batch']:.0f} ms (+{att['extra_ms_per_batch_unpacked']:.0f} ms per batch for unpack/repack)"
             )
     for what, ok, detail in checks(result):
         console.print(f"{'[green]PASS[/]' if ok else '[red]MISS[/]'} {what}: {detail}")
@@ -193,7 +196,7 @@ def write_plot(data: dict[str, Any], path: str | Path) -> None:
     w, c = data["workload"], data["config"]
     ideal, best = w["padded_tokens_per_real_token"], w["best_speedup_at_this_size"]
     fig, (speed, latency) = plt.subplots(1, 2, figsize=(16, 5.5), layout="constrained")
-    colors = ["0.6" if m["name"] == "padded" else "tab:orange" if m.get("dynamic") else "tab:blue" for m in modes]
+    colors = ["0.6" if m["name"] == PADDED_MODE else "tab:orange" if m.get("dynamic") else "tab:blue" for m in modes]
     bars = speed.bar(labels, [m["speedup"] for m in modes], color=colors)
     speed.bar_label(bars, labels=[f"{m['speedup']:.2f}x\n{m['packing_efficiency']:.0%}" for m in modes], fontsize=8)
     speed.axhline(ideal, color="tab:green", ls="--", lw=1, label=f"ideal {ideal:.2f}x")
