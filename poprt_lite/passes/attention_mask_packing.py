@@ -5,8 +5,14 @@ row, 0 for padding); `AttentionMask(attention_mask)` turns it into the additive 
 that replaces whatever padding mask the exporter built, in every attention block. Per-token outputs
 stay packed: the host splits them by segment. Pooling heads after the encoder become
 `SegmentPool(hidden, attention_mask)`: one row per request, `[max_valid_num, ...]` in row-major
-request order (`pack_tail`). The tail's other readers of the mask (an output echoing it, say) get
-its 0/1 view `Min(attention_mask, 1)`, the padding mask the model was written for.
+request order (`pack_tail`). The model's other readers of the mask (DeBERTa multiplies its
+embeddings by it; an output echoing it) get its 0/1 view `Min(attention_mask, 1)`, the padding mask
+the model was written for.
+
+Score terms other than the mask (a relative-position bias, DeBERTa's c2p/p2c) stay as they are,
+computed on the packed row: for two tokens of one request the row gives them the same relative
+position as the request alone, and the mask hides the other pairs. A term that uses absolute
+positions in the row is refused, naming the node.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from poprt_lite.passes import pack_tail
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
 from poprt_lite.passes import packing
-from poprt_lite.patterns.attention import apply_mask, attention_cone
+from poprt_lite.patterns.attention import apply_mask, attention_cone, relative_position_sources, token_content
 from poprt_lite.patterns.layout import token_dims
 from poprt_lite.patterns.pooling import PoolingHead, PoolKind
 from poprt_lite.vocab import Layout, PackMode
@@ -44,6 +50,7 @@ class AttentionMaskPacking(Pass):
         dims = token_dims(graph, self.options.input_name)
         cone = attention_cone(graph, setup.blocks)
         tail = {id(n) for n in graph.nodes if id(n) not in cone}
+        _refuse_absolute_positions(graph, setup, self.options)
         mask_dtype = _mask_dtype(setup.blocks[0].scores.outputs[0])
         segment_mask = gs.Variable("segment_attention_mask", dtype=onnx.helper.tensor_dtype_to_np_dtype(mask_dtype))
         graph.nodes.append(
@@ -59,7 +66,7 @@ class AttentionMaskPacking(Pass):
             apply_mask(graph, block, segment_mask)
         placement = _Placement(graph, self.options.max_valid_num, self.options.segment_max_size, setup.attention_mask)
         layouts = pack_tail.place_tail(graph, tail, dims, setup.attention_mask, placement)
-        placement.zero_one_mask_in(tail)
+        placement.zero_one_mask()
         packing.record(ctx, MODE, self.options, layouts)
         return PassResult(changed=True, message=f"{len(setup.blocks)} attention blocks masked by segment")
 
@@ -87,9 +94,11 @@ class _Placement(pack_tail.TailPlacement):
     def refusal(self, node: gs.Node, why: str) -> str:
         return f"{self.mode} packing cannot keep node '{node.name}' ({node.op}) per request: it {why}; use mode=unpack_repack"
 
-    def zero_one_mask_in(self, tail: set[int]) -> None:
-        """Give the tail's remaining readers of the mask (segment ids) its 0/1 view."""
-        readers = [n for n in self.mask.outputs if id(n) in tail]
+    def zero_one_mask(self) -> None:
+        """Give the mask's readers other than poprt-lite's own ops (AttentionMask, SegmentPool, which
+        read segment ids) its 0/1 view: the exporter's mask computations (dead now), the embeddings
+        DeBERTa multiplies by the mask, an output echoing it."""
+        readers = [n for n in self.mask.outputs if n.domain != ops.DOMAIN]
         if not readers:
             return
         one = self.const(f"{self.mask.name}_one", np.ones((), np.dtype(self.mask.dtype)))
@@ -102,3 +111,19 @@ class _Placement(pack_tail.TailPlacement):
 
 def _mask_dtype(scores: gs.Tensor) -> int:
     return onnx.TensorProto.FLOAT16 if scores.dtype == np.float16 else onnx.TensorProto.FLOAT
+
+
+def _refuse_absolute_positions(graph: gs.Graph, setup: packing.PackSetup, options: packing.PackOptions) -> None:
+    """A score term computed from positions in the row is right for the tokens of one request only
+    if it sees those positions as differences (relative positions); the others would need each
+    request's own positions, which only mode=unpack_repack recomputes."""
+    content = token_content(graph, [options.input_name])
+    for block in setup.blocks:
+        for term in block.terms:
+            for bias in term.biases:
+                sources = relative_position_sources(bias, content)
+                if sources:
+                    raise PoprtError(
+                        f"{MODE} packing cannot keep the score term that node '{term.node.name}' adds before Softmax '{block.softmax.name}': "
+                        f"it uses absolute positions in the row (node '{sources[0].name}' ({sources[0].op})), which do not restart at each request; use --pack_args mode=unpack_repack"
+                    )

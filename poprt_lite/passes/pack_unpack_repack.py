@@ -2,11 +2,13 @@
 
 Requests lie one after another in the flattened `[B*S]` token stream; the new input
 `unpack_info[N]` (int32) holds their lengths. Everything that acts per token stays on the packed
-`[B, S, ...]` layout. Each attention block unpacks Q, K and V to one row per request
-(`[N, heads, L, head_dim]`), attends under a padding mask built from `unpack_info`, and repacks
-the context. The boundaries sit at the attention MatMuls, so the exporter's reshapes (computed
-from packed shapes) stay valid; the Transposes around Unpack/Repack cancel against the model's own
-head transposes in onnxruntime's optimizer.
+`[B, S, ...]` layout. Each attention block is recomputed on one row per request (`[N, L, ...]`,
+`passes/attention_rows.py`): the last per-token tensors it reads (Q, K, V split into heads, and
+whatever its score terms read) are unpacked, its padding mask is built from `unpack_info`, and the
+first per-token tensor after its context MatMul is repacked. The exporter's shape arithmetic in
+between is recomputed from the rows' shapes, and so are score terms computed from the sequence
+length: a relative-position bias (MPNet, T5) or DeBERTa's c2p/p2c see each request's own
+positions.
 
 After the encoder, ops that reduce or select along the sequence (mean or CLS pooling) run on
 unpacked rows so each request gets its own value; token-level outputs are unpacked to `[N, L, ...]`
@@ -19,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from poprt_lite import ops
+from poprt_lite import ir, ops
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes import pack_tail
 from poprt_lite.passes.base import Pass, PassContext, PassResult
@@ -27,14 +29,12 @@ from poprt_lite.passes.registry import register_pass
 from poprt_lite import vocab
 from poprt_lite.vocab import UNPACK_INFO, Layout, PackMode, Role
 from poprt_lite.passes import packing
+from poprt_lite.passes.attention_rows import RowRebuilder
 from poprt_lite.patterns.attention import AttentionBlock, apply_mask, attention_cone
 from poprt_lite.patterns.layout import TokenAxes, token_dims
 from poprt_lite.patterns.pooling import PoolingHead
 
 MODE = PackMode.unpack_repack
-HEADS_TO_TOKENS = [0, 2, 1, 3]  # [B, h, S, d] <-> [B, S, h, d]
-KT_TO_TOKENS = [0, 3, 1, 2]  # [B, h, d, S] -> [B, S, h, d]
-TOKENS_TO_KT = [0, 2, 3, 1]  # [N, L, h, d] -> [N, h, d, L]
 
 
 @register_pass("pack_unpack_repack")
@@ -50,7 +50,7 @@ class PackUnpackRepack(Pass):
         dims = token_dims(graph, self.options.input_name)
         cone = attention_cone(graph, setup.blocks)  # once: it walks the whole graph
         tail = [n for n in graph.nodes if id(n) not in cone]
-        rewriter = _Rewriter(graph, self.options, setup.input_ids)
+        rewriter = _Rewriter(graph, self.options, setup.input_ids, dims)
         for block in setup.blocks:
             rewriter.rewrite_block(block)
         layouts = rewriter.rewrite_tail(tail, dims)
@@ -68,9 +68,12 @@ class _Rewriter(pack_tail.TailPlacement):
     can_unpack = True
     dynamic = False
 
-    def __init__(self, graph: gs.Graph, options: packing.PackOptions, input_ids: gs.Variable) -> None:
+    def __init__(self, graph: gs.Graph, options: packing.PackOptions, input_ids: gs.Variable, dims: TokenAxes | None = None) -> None:
         super().__init__(graph, options.max_valid_num, options.segment_max_size)
         self.options = options
+        dims = dims or token_dims(graph, options.input_name)
+        self.rebuilder = RowRebuilder(graph, dims.token_major, self.unpack, self.row_shape)
+        self._dynamic_row_dims: gs.Variable | None = None
         self.unpack_info = gs.Variable(UNPACK_INFO, dtype=np.int32, shape=[self.rows[0]])
         graph.inputs.append(self.unpack_info)
         self.packed_shape = self._node("Shape", [input_ids], "packed_shape", np.int64)
@@ -82,9 +85,6 @@ class _Rewriter(pack_tail.TailPlacement):
 
     def _unique(self, name: str) -> str:
         return pack_tail.unique_name(self.graph, name)
-
-    def _transpose(self, tensor: gs.Tensor, perm: list[int], name: str) -> gs.Variable:
-        return self._node("Transpose", [tensor], name, tensor.dtype, {"perm": perm})
 
     @property
     def rows(self) -> tuple[int | str, int | str]:
@@ -116,20 +116,33 @@ class _Rewriter(pack_tail.TailPlacement):
         return self.padding_masks[dtype]
 
     def rewrite_block(self, block: AttentionBlock) -> None:
-        def unpacked_heads(tensor: gs.Tensor, to_tokens: list[int], from_tokens: list[int], tag: str) -> gs.Variable:
-            tokens = self._transpose(tensor, to_tokens, f"{tensor.name}_{tag}_tokens")
-            return self._transpose(self._unpack_node(tokens, f"{tensor.name}_{tag}_unpacked"), from_tokens, f"{tensor.name}_{tag}_rows")
-
-        block.scores.inputs[0] = unpacked_heads(block.query, HEADS_TO_TOKENS, HEADS_TO_TOKENS, "q")
-        block.scores.inputs[1] = unpacked_heads(block.key_transposed, KT_TO_TOKENS, TOKENS_TO_KT, "kt")
-        block.context.inputs[1] = unpacked_heads(block.value, HEADS_TO_TOKENS, HEADS_TO_TOKENS, "v")
-        context = block.context.outputs[0]
-        rows = gs.Variable(self._unique(f"{context.name}_rows"), dtype=context.dtype)
-        block.context.outputs[0] = rows
-        tokens = self.repack(self._transpose(rows, HEADS_TO_TOKENS, f"{context.name}_row_tokens"), f"{context.name}_repacked")
-        self.graph.nodes.append(gs.Node("Transpose", inputs=[tokens], outputs=[context], attrs={"perm": HEADS_TO_TOKENS}))
+        """Recompute the block, its score terms included, on one row per request; repack after it."""
         scores_dtype = onnx.TensorProto.FLOAT16 if block.scores.outputs[0].dtype == np.float16 else onnx.TensorProto.FLOAT
         apply_mask(self.graph, block, self.padding_mask(scores_dtype))
+        end = self.rebuilder.end_of(block)
+        packed = self.repack(self.rebuilder.rows_of(end), f"{end.name}_repacked")
+        ir.replace_all_uses(end, packed)
+
+    def row_dims(self) -> gs.Tensor:
+        """`rows` as an int64 [2] tensor: constant when static; when the rows follow the batch, one
+        per `unpack_info` entry, as long as the longest request (as Unpack(dynamic=1) makes them)."""
+        if all(isinstance(d, int) for d in self.rows):
+            return gs.Constant(self._unique("row_dims"), np.asarray(self.rows, np.int64))
+        if self._dynamic_row_dims is None:
+            lengths = self._node("Cast", [self.unpack_info], "row_lengths", np.int64, {"to": onnx.TensorProto.INT64})
+            flat = self._node("Reshape", [lengths, gs.Constant(self._unique("flat"), np.asarray([-1], np.int64))], "row_lengths_flat", np.int64)
+            slots = self._node("Shape", [flat], "row_slots", np.int64)
+            longest = self._node("ReduceMax", [flat], "row_longest", np.int64, {"keepdims": 1})
+            self._dynamic_row_dims = self._node("Concat", [slots, longest], "row_dims", np.int64, {"axis": 0})
+        return self._dynamic_row_dims
+
+    def row_shape(self, tensor: gs.Tensor) -> gs.Variable:
+        """The shape of `tensor` ([batch, seq, ...] packed) on rows: [*row_dims, ...]."""
+        rows = self.row_dims()
+        two = gs.Constant(self._unique("two"), np.asarray([2], np.int64))
+        end = gs.Constant(self._unique("last"), np.asarray([2**62], np.int64))
+        trailing = self._node("Slice", [self._node("Shape", [tensor], f"{tensor.name}_shape", np.int64), two, end], f"{tensor.name}_trailing", np.int64)
+        return self._node("Concat", [rows, trailing], f"{tensor.name}_row_shape", np.int64, {"axis": 0})
 
     def rewrite_tail(self, tail: list[gs.Node], dims: TokenAxes) -> dict[str, Layout]:
         """Place the ops after the encoder (`tail`, listed before the blocks were rewritten) on

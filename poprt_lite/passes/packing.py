@@ -48,20 +48,28 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
     inputs = {t.name: t for t in graph.inputs}
     if options.input_name not in inputs:
         raise PoprtError(f"model has no input '{options.input_name}'; packing needs the token ids as an input")
-    if options.position_ids_name not in inputs:
-        raise PoprtError(
-            f"{pass_name} needs '{options.position_ids_name}' as a model input: run export_position_ids before it (--pack_args does), and if that finds no position-id computation, export the model with a '{options.position_ids_name}' input"
-        )
     table = vocab.int_of(ctx.metadata, MetaKey.position_table_size)
     offset = vocab.int_of(ctx.metadata, MetaKey.position_offset)
     if table and options.segment_max_size + offset > table:
         raise PoprtError(
             f"segment_max_size={options.segment_max_size} exceeds the model's position table ({table - offset} positions); use --pack_args segment_max_size<={table - offset}"
         )
-    blocks = find_attention_blocks(graph)
+    blocks = find_attention_blocks(graph, [options.attention_mask_name], [options.input_name])
     if not blocks:
         raise PoprtError("no attention blocks found (MatMul -> Softmax -> MatMul); packing needs a transformer encoder")
+    if options.position_ids_name not in inputs and not _relative_positions_only(graph, options, blocks):
+        raise PoprtError(
+            f"{pass_name} needs '{options.position_ids_name}' as a model input: run export_position_ids before it (--pack_args does), and if that finds no position-id computation, export the model with a '{options.position_ids_name}' input"
+        )
     return PackSetup(inputs[options.input_name], inputs.get(options.attention_mask_name), blocks)
+
+
+def _relative_positions_only(graph: gs.Graph, options: PackOptions, blocks: list[AttentionBlock]) -> bool:
+    """A model without position ids to restart: its attention carries score terms (relative
+    positions, DeBERTa) and its embeddings no absolute-position lookup."""
+    from poprt_lite.passes.export_position_ids import find_embeddings
+
+    return any(block.biases for block in blocks) and find_embeddings(graph, options.input_name).position is None
 
 
 def record(ctx: PassContext, mode: PackMode, options: PackOptions, layouts: dict[str, Layout]) -> None:

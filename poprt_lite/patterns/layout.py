@@ -117,6 +117,10 @@ def _probe_shapes(graph: gs.Graph, dims: tuple, probe: tuple[int, int]) -> dict[
     interface = {t.name for t in copy.inputs}
     weights: dict[str, gs.Variable] = {}
     for node in copy.nodes:
+        if node.domain not in (None, "", "ai.onnx") and node.op in ELEMENTWISE:
+            # onnxruntime's per-token fusions have no ONNX shape inference: shaped like their input
+            node.op, node.domain, node.attrs = "Identity", "", {}
+            node.inputs, node.outputs = node.inputs[:1], node.outputs[:1]
         for i, tensor in enumerate(node.inputs):
             if isinstance(tensor, gs.Constant) and tensor.values.size > PROBE_MAX_CONSTANT:
                 if tensor.name not in weights:
@@ -128,7 +132,7 @@ def _probe_shapes(graph: gs.Graph, dims: tuple, probe: tuple[int, int]) -> dict[
             tensor.shape = None
     copy.inputs = [*copy.inputs, *weights.values()]
     try:
-        model = gs.export_onnx(copy, do_type_check=False)
+        model = gs.export_onnx(copy.toposort(), do_type_check=False)
         del model.graph.value_info[:]
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # an op without inference: nothing is known to be token-major
