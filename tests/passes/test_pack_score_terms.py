@@ -19,7 +19,6 @@ from poprt_lite.errors import PassError
 from poprt_lite.vocab import Layout, PackMode
 
 MODES = [PackMode.unpack_repack.value, PackMode.attention_mask.value]
-ROW_MODES = [PackMode.unpack_repack.value, PackMode.token_stream.value]  # attention recomputed on request rows
 TOKEN_MODELS = ["mpnet_qa", "mpnet_qa_dynamo", "deberta_v2_qa", "xlmr_sdpa", "xlmr_sdpa_dynamo"]
 H = 4  # heads of the tiny models
 
@@ -41,18 +40,20 @@ def test_packed_outputs_equal_original_per_request(name, mode, lengths):
     assert_equal_per_request(results)
 
 
-@pytest.mark.parametrize("mode", ROW_MODES)
+@pytest.mark.parametrize("mode", [*MODES, PackMode.token_stream.value])
 @pytest.mark.parametrize("name", ["deberta_v2_cls", "deberta_v2_cls_dynamo"])
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lengths=lengths_strategy)
-def test_deberta_sequence_classification_on_request_rows(name, mode, lengths):
-    """DeBERTa-v2 sequence classification, pooled on the first token, packs with no hand edit."""
+def test_deberta_sequence_classification(name, mode, lengths):
+    """DeBERTa-v2 sequence classification, pooled on the first token, packs with no hand edit (the
+    first-token pooling is placed per request by the pooling heads of issue 12.1)."""
     _, results = run_packed(name, mode, lengths)
     assert_equal_per_request(results)
 
 
-def test_deberta_classifier_logits_are_per_request():
-    model = packed("deberta_v2_cls", PackMode.unpack_repack.value)
+@pytest.mark.parametrize("mode", MODES)
+def test_deberta_classifier_logits_are_per_request(mode):
+    model = packed("deberta_v2_cls", mode)
     assert ir.get_metadata(model)["layout.logits"] == Layout.per_request
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [N, 3]
 
@@ -101,13 +102,6 @@ def test_deberta_embeddings_read_a_0_1_mask_in_attention_mask_mode():
     assert len(mins) == 1
     readers = [n.op_type for n in model.graph.node if "attention_mask" in n.input]
     assert sorted(readers) == ["AttentionMask", "Min"]
-
-
-def test_deberta_classifier_first_token_pooling_in_attention_mask_mode_is_refused_naming_the_gather():
-    """The pooled head on the first token mixes the tokens of a packed row (the pooling work of
-    issue 12.1 places it per request); the attention itself packs (deberta_v2_qa above)."""
-    with pytest.raises(PassError, match=r"^pass 'attention_mask_packing' failed: attention_mask packing cannot keep node '/model/pooler/Gather' \(Gather\) per request"):
-        packed("deberta_v2_cls", PackMode.attention_mask.value)
 
 
 def _compile_hand_built(tmp_path, term: str, mode: str) -> onnx.ModelProto:
