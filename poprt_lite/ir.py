@@ -686,3 +686,13 @@ def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> None:
     """Make every consumer of `old` read `new` (graph outputs are not consumers and stay)."""
     for consumer in list(old.outputs):
         replace_input(consumer, old, new)
+
+
+def unique_name(graph: gs.Graph, name: str) -> str:
+    """`name`, or `name_1`, `name_2`, ...: the first that no tensor of `graph` has."""
+    tensors = graph.tensors()
+    candidate, i = name, 0
+    while candidate in tensors:
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate

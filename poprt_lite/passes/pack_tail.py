@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from poprt_lite import ir
 from poprt_lite.errors import PoprtError
 from poprt_lite.patterns.attention import is_constant
 from poprt_lite.patterns.layout import ELEMENTWISE, REDUCE_OPS, TOKENWISE, TokenAxes, classify, constant_ints, is_token_major
@@ -83,21 +84,13 @@ class TailPlacement(abc.ABC):
     # helpers for subclasses -------------------------------------------------------------------
 
     def node(self, op: str, inputs: list, name: str, dtype=None, attrs=None, domain: str = "") -> gs.Variable:
-        out = gs.Variable(unique_name(self.graph, name), dtype=dtype)
+        out = gs.Variable(ir.unique_name(self.graph, name), dtype=dtype)
         self.graph.nodes.append(gs.Node(op, inputs=inputs, outputs=[out], attrs=attrs or {}, domain=domain))
         return out
 
     def const(self, name: str, values) -> gs.Constant:
-        return gs.Constant(unique_name(self.graph, name), np.asarray(values))
+        return gs.Constant(ir.unique_name(self.graph, name), np.asarray(values))
 
-
-def unique_name(graph: gs.Graph, name: str) -> str:
-    tensors = graph.tensors()
-    candidate, i = name, 0
-    while candidate in tensors:
-        i += 1
-        candidate = f"{name}_{i}"
-    return candidate
 
 
 def place_tail(graph: gs.Graph, tail_ids: set[int], dims: TokenAxes, mask: gs.Tensor | None, placement: TailPlacement) -> dict[str, Layout]:
@@ -164,7 +157,7 @@ def _replace_head(graph: gs.Graph, head: PoolingHead, placement: TailPlacement) 
     """Make `head.output` the mode's pooling; the head's old nodes are left dead."""
     pooled = placement.pool(head)
     old = head.output.inputs[0]
-    old.outputs[old.outputs.index(head.output)] = gs.Variable(unique_name(graph, f"{head.output.name}_replaced"))
+    old.outputs[old.outputs.index(head.output)] = gs.Variable(ir.unique_name(graph, f"{head.output.name}_replaced"))
     to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(head.output.dtype or head.hidden.dtype))
     if head.keepdims:
         pooled = placement.node("Unsqueeze", [pooled, placement.const(f"{head.output.name}_axis", [1])], f"{head.output.name}_kept", pooled.dtype)

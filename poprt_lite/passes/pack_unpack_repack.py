@@ -84,7 +84,7 @@ class _Rewriter(pack_tail.TailPlacement):
         return self.node(op, inputs, name, dtype, attrs, domain)
 
     def _unique(self, name: str) -> str:
-        return pack_tail.unique_name(self.graph, name)
+        return ir.unique_name(self.graph, name)
 
     @property
     def rows(self) -> tuple[int | str, int | str]:

@@ -283,18 +283,10 @@ def apply_mask(graph: gs.Graph, block: AttentionBlock, mask: gs.Tensor) -> None:
 
 
 def _add(graph: gs.Graph, a: gs.Tensor, b: gs.Tensor, name: str) -> gs.Variable:
-    out = gs.Variable(unique_name(graph, name), dtype=a.dtype)
+    out = gs.Variable(ir.unique_name(graph, name), dtype=a.dtype)
     graph.nodes.append(gs.Node("Add", inputs=[a, b], outputs=[out]))
     return out
 
-
-def unique_name(graph: gs.Graph, name: str) -> str:
-    tensors = graph.tensors()
-    candidate, i = name, 0
-    while candidate in tensors:
-        i += 1
-        candidate = f"{name}_{i}"
-    return candidate
 
 
 def relative_position_sources(tensor: gs.Tensor, content: set[int] = frozenset()) -> list[gs.Node]:
