@@ -965,6 +965,14 @@ def test_dynamic_rows_run_the_rows_a_batch_uses(tmp_path, rng, mode):
         np.testing.assert_allclose(got[:2], want[:2], atol=1e-5, rtol=0)  # the requests of rows 0-1
 
 
+@pytest.mark.parametrize("name, mode", [("deberta_v2_cls", "unpack_repack"), ("deberta_v2_cls", "attention_mask"), ("mpnet_qa", "attention_mask")])
+def test_relative_position_encoders_per_request(tmp_path, name, mode):
+    """Attention with score terms online (issue 12.2): DeBERTa-v2 (c2p/p2c, no position_ids input,
+    per-request logits) and MPNet (relative-position bias on packed rows)."""
+    path = compile_packed(tmp_path, name, mode, inputs=("input_ids", "attention_mask"))
+    serve_and_check(path, config_for(mode, timeout_microseconds=2000), Reference(name), clients=4, per_client=8)
+
+
 def test_packed_bert_example_runs(capsys, monkeypatch):
     """examples/packed_bert, small: every mode's MAE against the padded baseline is below 1e-4."""
     import importlib.util
