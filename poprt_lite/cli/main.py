@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import typer
 from typer.exceptions import TyperException
 
-from poprt_lite.cli import bench, convert, diff, inspect, listing, options, poprt_flags
+from poprt_lite.cli import bench, convert, diff, embed, inspect, listing, options, poprt_flags
 from poprt_lite.errors import PoprtError
 
 app = typer.Typer(
@@ -34,6 +34,7 @@ COMMANDS = {
     "diff": (diff.diff_command, "Compare two models or artifacts structurally; exit 0 if equal, 1 if different, 2 on error."),
     "inspect": (inspect.inspect_command, "Show a model's or artifact's interface, ops, metadata and manifest."),
     "bench": (bench.bench_command, "Benchmark packed vs padded throughput, latency and accuracy on the same requests."),
+    "embed": (embed.embed_command, "Embed the lines of a text file with a sentence-embedding model; write one vector per line (.npy)."),
     "tf2onnx": (listing.tf2onnx_command, "PopRT's TensorFlow converter: not supported (use the tf2onnx package)."),
 }
 TAKES_ANYTHING = {"tf2onnx"}  # refused whatever its arguments, so they are not parsed
