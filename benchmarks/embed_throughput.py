@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -50,19 +49,6 @@ MODES = {
     "unpack_repack": ({"mode": "unpack_repack", "max_valid_num": "64"}, (16, 256)),
 }
 MIN_COSINE = 0.99999
-
-
-def made_up_sentences(tokenizer, count: int, seed: int) -> list[str]:
-    """`count` sentences of random whole words from the tokenizer's vocabulary, 1..220 words."""
-    words = sorted(w for w in tokenizer.get_vocab() if re.fullmatch(r"[a-z]{2,12}", w))
-    rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(np.log(14), 0.9, count).astype(int), 1, 220)
-    sentences = []
-    for n in lengths:
-        chosen = rng.choice(words, size=n)
-        text = " ".join(chosen)
-        sentences.append(text[0].upper() + text[1:] + rng.choice([".", "?", "!", ""]))
-    return sentences
 
 
 class Original:
@@ -122,7 +108,7 @@ def main() -> int:
 
     model, folder = make_models.cached_minilm(args.exporter), make_models.minilm_folder()
     tokenizer, max_length = load_tokenizer(folder)
-    sentences = made_up_sentences(tokenizer, args.sentences, args.seed)
+    sentences = make_models.made_up_sentences(tokenizer, args.sentences, args.seed)
     lengths = [len(e.ids) for e in tokenizer.encode_batch(sentences)]
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {machine()}; onnxruntime threads: {args.threads or os.cpu_count()}")

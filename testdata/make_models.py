@@ -600,6 +600,22 @@ def export_minilm(path: Path, exporter: str = "torchscript", cache_dir: Path | N
     return path
 
 
+def made_up_sentences(tokenizer, count: int, seed: int = 2023) -> list[str]:
+    """`count` made-up sentences of varied length: random whole words of `tokenizer`'s vocabulary
+    (a `tokenizers.Tokenizer`), 1 to 220 words (lognormal around 14), capitalized, some with a
+    final . ? or !. For the real-weights checks and benchmarks of text in, vectors out."""
+    import re
+
+    words = sorted(w for w in tokenizer.get_vocab() if re.fullmatch(r"[a-z]{2,12}", w))
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(14), 0.9, count).astype(int), 1, 220)
+    sentences = []
+    for n in lengths:
+        text = " ".join(rng.choice(words, size=n))
+        sentences.append(text[0].upper() + text[1:] + rng.choice([".", "?", "!", ""]))
+    return sentences
+
+
 def cached_minilm(exporter: str = "torchscript", cache_dir: Path | None = None) -> Path:
     """all-MiniLM-L6-v2 exported with `exporter`, in the cache (exported on first use)."""
     from poprt_lite.bench.export import default_cache_dir

