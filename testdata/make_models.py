@@ -602,13 +602,15 @@ def export_minilm(path: Path, exporter: str = "torchscript", cache_dir: Path | N
 
 def made_up_sentences(tokenizer, count: int, seed: int = 2023) -> list[str]:
     """`count` made-up sentences of varied length: random whole words of `tokenizer`'s vocabulary
-    (a `tokenizers.Tokenizer`), 1 to 220 words (lognormal around 14), capitalized, some with a
-    final . ? or !. For the real-weights checks and benchmarks of text in, vectors out."""
+    (a `tokenizers.Tokenizer`), capitalized, some with a final . ? or !; 90% short (1 to 60 words,
+    lognormal around 12, search queries and titles), 10% paragraphs of 60 to 300 words (some longer
+    than a 256-token limit). For the real-weights checks and benchmarks of text in, vectors out."""
     import re
 
     words = sorted(w for w in tokenizer.get_vocab() if re.fullmatch(r"[a-z]{2,12}", w))
     rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(np.log(14), 0.9, count).astype(int), 1, 220)
+    short = np.clip(rng.lognormal(np.log(12), 0.8, count).astype(int), 1, 60)
+    lengths = np.where(rng.random(count) < 0.1, rng.integers(60, 301, count), short)
     sentences = []
     for n in lengths:
         text = " ".join(rng.choice(words, size=n))
