@@ -13,9 +13,9 @@ truncated at `max_length` tokens: the argument, else the `max_seq_length` of a s
 folder's sentence_bert_config.json, else the tokenizer.json's own truncation, and never more than
 the artifact takes (its segment_max_size).
 
-`embed` / `embed_file` pack a whole set of sentences offline (`ModelRunner.iter_requests`: planned
-over all of them, best_fit_decreasing) and return one row of the per-request output per sentence, in
-order. `online(config)` serves single sentences through a PackRunner instead.
+`embed` / `embed_file` pack a whole set of sentences offline (`ModelRunner.run_requests`, longest
+first: see `iter_embed`) and return one row of the per-request output per sentence, in order.
+`online(config)` serves single sentences through a PackRunner instead.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from poprt_lite.errors import PoprtError
 from poprt_lite.runtime.config import PackRunnerConfig
 from poprt_lite.runtime.model_runner import ModelRunner
 from poprt_lite.runtime.pack_runner import PackFuture, PackRunner
+from poprt_lite.runtime.packing import PackAlgorithm
 from poprt_lite.vocab import Layout, PackMode, Role
 
 log = logging.getLogger(__name__)
@@ -189,21 +190,26 @@ class Embedder:
         """The embeddings of `sentences`, one row each, in order (`[len(sentences), *dimension]`)."""
         return _stack(self.iter_embed(sentences, progress=progress), len(sentences), self.dimension)
 
-    def iter_embed(self, sentences: Iterable[str], *, progress: bool = False, total: int | None = None, chunk: int = 4096) -> Iterator[np.ndarray]:
-        """Yield each sentence's embedding in order, tokenizing and packing `chunk` sentences at a time."""
-        if total is None and hasattr(sentences, "__len__"):
-            total = len(sentences)  # type: ignore[arg-type]
+    def iter_embed(self, sentences: Iterable[str], *, progress: bool = False, chunk: int = 4096) -> Iterator[np.ndarray]:
+        """Yield each sentence's embedding in order, tokenizing and packing `chunk` sentences at a time.
+
+        A chunk is packed longest first, batch after batch (first_fit over the sentences sorted by
+        length): a batch then holds sentences of similar lengths, so in token_stream mode, whose
+        attention rows are as long as the batch's longest request, no batch pairs a paragraph with
+        many short queries (best_fit_decreasing, the offline default, tops up the paragraphs' batches
+        with short ones). Static modes fill their rows as well either way."""
         iterator = iter(sentences)
-
-        def requests() -> Iterator[dict[str, np.ndarray]]:
-            while True:
-                taken = [s for _, s in zip(range(chunk), iterator)]
-                if not taken:
-                    return
-                yield from self.requests(taken)
-
-        for answer in self.runner.iter_requests(requests(), progress=progress, total=total):
-            yield answer[self.output]
+        while True:
+            taken = [s for _, s in zip(range(chunk), iterator)]
+            if not taken:
+                return
+            requests = self.requests(taken)
+            order = np.argsort([-len(r[self.interface.dynamic_input]) for r in requests], kind="stable")
+            answers = self.runner.run_requests([requests[i] for i in order], algorithm=PackAlgorithm.first_fit, progress=progress)
+            rows = [None] * len(requests)
+            for i, answer in zip(order.tolist(), answers):
+                rows[i] = answer[self.output]
+            yield from rows
 
     def embed_file(self, lines: str | os.PathLike, output: str | os.PathLike, *, progress: bool = False) -> int:
         """Embed every line of the text file `lines` (line i -> row i; an empty line is the empty

@@ -79,4 +79,4 @@ def test_1000_sentences_text_in_vectors_out():
         want = original.run(["sentence_embedding"], feeds)[0][0]
         assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.99999
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-    assert min(lengths) <= 5 and max(lengths) == 256  # varied, and some truncated
+    assert min(lengths) <= 5 and max(lengths) == 256  # varied, and the longest truncated
