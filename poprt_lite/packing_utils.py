@@ -21,17 +21,32 @@ rows its requests use (`[rows, seq_len]`, at most `batch_size` rows), not every 
 `position_ids` restart at `position_offset` for each request; a request's own `position_ids`, if it
 has them, are used as given (without the offset). A request's `attention_mask` is not read: it is
 rebuilt from the lengths. Padding is 0 in every input.
+
+With `artifact=` (a path, a loaded `Artifact` or a runner), the artifact's manifest gives what the
+arguments leave out and refuses what contradicts it: the mode (`across_rows`), `position_offset`,
+`segment_max_size`, and the geometry (`batch_size`, `seq_len`, `max_valid_num` must be the
+artifact's). The batch's `data` then holds exactly the model's feeds, in its dtypes: token types
+zero-filled when the requests have none, position ids from the artifact's offset (a request's own
+must be offset, offset + 1, ...), and `unpack_info` when the model takes it. Without `artifact`, a
+RoBERTa-like model's offset (2) must be passed by hand; the plain runner refuses the feeds otherwise.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from poprt_lite.artifact import Artifact, load_artifact
 from poprt_lite.errors import PoprtError, RequestError
+from poprt_lite.runtime.interface import PackedInterface, read_packed_interface
 from poprt_lite.runtime.layouts import BatchLayout, PaddedRows, Placement, layout_for
+from poprt_lite.runtime.requests import RequestChecker, build_feeds
 from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, check_length
 from poprt_lite.vocab import INPUT_IDS, Layout, PackMode, Role
 
@@ -75,13 +90,14 @@ def pack_data(
     seq_len: int,
     max_valid_num: int,
     segment_num: int = 1,
-    across_rows: bool = True,
-    position_offset: int = 0,
+    across_rows: bool | None = None,
+    position_offset: int | None = None,
     *,
     algorithm: PackAlgorithm | str | None = None,
     segment_max_size: int | None = None,
     mode: PackMode | str | None = None,
-    dynamic_rows: bool = False,
+    dynamic_rows: bool | None = None,
+    artifact: str | os.PathLike | Artifact | Any | None = None,
 ) -> PackedBatch:
     """Pack requests `datasets[index:]`, in order, into one batch until the next one doesn't fit.
 
@@ -101,15 +117,35 @@ def pack_data(
     one after another); requests may have up to `segment_max_size` tokens (default `seq_len`).
     `segment_num` exists for PopRT compatibility; PopRT's guide only ever passes 1 and does not
     document other values, so poprt-lite accepts only 1.
+
+    `artifact` (a path, an `Artifact` or a runner of the packed artifact the batch is for): the
+    defaults of `across_rows`, `mode`, `position_offset` and `segment_max_size` come from its
+    manifest, a value that contradicts it is an error, and `data` holds the model's feeds (see the
+    module docstring). Without it, `across_rows=True` and `position_offset=0` by default.
     """
     if segment_num != 1:
         raise PoprtError(
             f"segment_num={segment_num} is not supported; poprt-lite packs with segment_num=1"
         )
     _check_index(datasets, index)
+    interface = None
+    if artifact is not None:
+        interface = _interface_of(artifact)
+        _agree(
+            interface,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            max_valid_num=max_valid_num,
+            across_rows=across_rows,
+            mode=mode,
+            position_offset=position_offset,
+            segment_max_size=segment_max_size,
+            dynamic_rows=dynamic_rows,
+        )
+        mode, segment_max_size, dynamic_rows = interface.mode, interface.segment_max_size, interface.dynamic_rows
     if mode is None:
-        mode = PackMode.unpack_repack if across_rows else PackMode.attention_mask
-    layout = layout_for(PackMode.parse(mode, "mode"), batch_size, seq_len, max_valid_num, dynamic_rows)
+        mode = PackMode.attention_mask if across_rows is False else PackMode.unpack_repack
+    layout = layout_for(PackMode.parse(mode, "mode"), batch_size, seq_len, max_valid_num, bool(dynamic_rows))
     if algorithm is None:
         algorithm = PackAlgorithm.first_fit if layout.across_rows else PackAlgorithm.next_fit
     packer = OnlinePacker(
@@ -129,7 +165,82 @@ def pack_data(
             break
         lengths.append(length)
         end += 1
-    return _build(datasets, index, layout, Placement.of(lengths, packer.starts()), position_offset)
+    placement = Placement.of(lengths, packer.starts())
+    if interface is not None:
+        return _build_for(interface, datasets, index, layout, placement)
+    return _build(datasets, index, layout, placement, position_offset or 0)
+
+
+def _interface_of(artifact: str | os.PathLike | Artifact | Any) -> PackedInterface:
+    """The packed interface of `artifact`: a runner's, an `Artifact`'s, or a file's (read once)."""
+    interface = getattr(artifact, "interface", None)
+    if interface is None and hasattr(artifact, "artifact"):  # a runner of an unpacked artifact
+        artifact = artifact.artifact
+    if isinstance(interface, PackedInterface):
+        return interface
+    if isinstance(artifact, Artifact):
+        return read_packed_interface(artifact)
+    if isinstance(artifact, (str, os.PathLike)):
+        path = Path(artifact).resolve()
+        stat = path.stat() if path.is_file() else None
+        return _interface_at(path, stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
+    raise PoprtError(f"artifact must be a path, an Artifact or a runner of one, got {type(artifact).__name__}")
+
+
+@functools.lru_cache(maxsize=8)
+def _interface_at(path: Path, mtime_ns: int, size: int) -> PackedInterface:
+    return read_packed_interface(load_artifact(path))
+
+
+def _agree(interface: PackedInterface, **given: Any) -> None:
+    """Every argument given to pack_data must agree with the artifact's manifest."""
+    layout = interface.layout
+    expected = {
+        "batch_size": interface.batch_size,
+        "seq_len": interface.seq_len,
+        "max_valid_num": interface.max_valid_num,
+        "across_rows": layout.across_rows,
+        "mode": interface.mode,
+        "position_offset": interface.position_offset,
+        "segment_max_size": interface.segment_max_size,
+        "dynamic_rows": interface.dynamic_rows,
+    }
+    for name, value in given.items():
+        if value is None or value == expected[name]:
+            continue
+        if name in ("batch_size", "seq_len", "max_valid_num"):
+            raise PoprtError(
+                f"{name}={value} contradicts artifact '{interface.path}', compiled for batch_size={interface.batch_size}, "
+                f"seq_len={interface.seq_len}, max_valid_num={interface.max_valid_num}; pass those"
+            )
+        compiled = f"for {interface.mode} mode" if name in ("across_rows", "mode") else "with"
+        raise PoprtError(
+            f"{name}={value} contradicts artifact '{interface.path}', compiled {compiled} ({name}={expected[name]}); "
+            f"leave {name} out and the artifact's is used"
+        )
+
+
+def _build_for(
+    interface: PackedInterface, datasets: Sequence, index: int, layout: BatchLayout, placement: Placement
+) -> PackedBatch:
+    """The artifact's feeds for requests `datasets[index:index+len(placement)]`, checked and completed
+    like a PackRunner's requests."""
+    checker = RequestChecker(interface)
+    lengths = placement.lengths.tolist()
+    tokens = []
+    for i, n in enumerate(lengths, index):
+        feeds = {name: _tokens(datasets[i], name, n, i) for name in interface.token_inputs}
+        tokens.append(checker.tokens(feeds, f"datasets[{i}]")[1])
+    data = build_feeds(interface, layout, tokens, placement)
+    info_name = interface.unpack_info[0] if interface.unpack_info else None
+    unpack_info = data[info_name] if info_name else layout.unpack_info(placement)
+    return PackedBatch(data, unpack_info, _specs(index, layout, placement), index + len(lengths), layout.seq_len, layout)
+
+
+def _specs(index: int, layout: BatchLayout, placement: Placement) -> list[RequestSpec]:
+    rows, offsets = np.divmod(placement.starts, layout.seq_len)
+    lengths = placement.lengths.tolist()
+    return [RequestSpec(i, r, o, m) for i, r, o, m in zip(range(index, index + len(lengths)), rows.tolist(), offsets.tolist(), lengths)]
 
 
 def pad_data(
@@ -245,9 +356,4 @@ def _build(
     if positions is None:
         positions = layout.positions(placement, position_offset)
     data[POSITION_IDS] = layout.scatter(placement, positions, np.int32)
-    rows, offsets = np.divmod(placement.starts, layout.seq_len)
-    specs = [
-        RequestSpec(i, r, o, m)
-        for i, r, o, m in zip(requests, rows.tolist(), offsets.tolist(), lengths)
-    ]
-    return PackedBatch(data, layout.unpack_info(placement), specs, index + len(lengths), layout.seq_len, layout)
+    return PackedBatch(data, layout.unpack_info(placement), _specs(index, layout, placement), index + len(lengths), layout.seq_len, layout)
