@@ -12,7 +12,8 @@ from pathlib import Path
 
 import onnx
 
-from poprt_lite import artifact, ir, pack_args, passes
+from poprt_lite import artifact, ir, pack_args, passes, vocab
+from poprt_lite.passes import packing
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes import Pass, PassManager, PassRecord
 from poprt_lite.passes.poprt_names import canonical_name
@@ -136,6 +137,8 @@ def build_pipeline(options: CompileOptions) -> list[Pass]:
     if options.pack is not None:
         for pass_name in PACK_PASSES.values():
             configured[pass_name] = {**options.pack.values, "input_name": options.pack.input_name}
+    if options.pipeline is not None:
+        _check_pipeline(names, options)
     pass_options = {canonical_name(name): values for name, values in options.pass_options.items()}
     unknown_targets = set(pass_options) - set(names)
     if unknown_targets:
@@ -186,6 +189,24 @@ def default_pipeline(options: CompileOptions, notify: bool = False) -> list[str]
     return names
 
 
+def _check_pipeline(names: Sequence[str], options: CompileOptions) -> None:
+    """An explicit pipeline must hold the passes the other options need, or they would be ignored."""
+    needs = {
+        "static_shape": "input_shape" if options.input_shape else None,
+        "remove_outputs": "remove_outputs" if options.remove_outputs else None,
+        "export_position_ids": "export_position_ids" if options.export_position_ids else None,
+        LAST_STAGE: "precision fp16" if options.precision == "fp16" else None,
+    }
+    if options.pack is not None:
+        needs[PACK_PASSES[options.pack.mode]] = "pack_args"
+    for name, option in needs.items():
+        if option and name not in names:
+            raise PoprtError(
+                f"the pipeline ({', '.join(names)}) has no {name}, which {option} needs: add {name} to it, or drop "
+                f"{option} (or give no pipeline: the default one runs what the options ask for)"
+            )
+
+
 def _packing_mode(names: Sequence[str]) -> PackMode | None:
     modes = {mode for mode, pass_name in PACK_PASSES.items() if pass_name in map(canonical_name, names)}
     if len(modes) > 1:
@@ -210,7 +231,10 @@ def compile(
     on_pass_done: Callable[[PassRecord], None] | None = None,
     save: bool = True,
 ) -> CompileResult:
-    """Convert `input_model`; write the model (and with `export_popef`, `output_dir/executable.popef`)."""
+    """Convert `input_model`; write the model (and with `export_popef`, `output_dir/executable.popef`).
+
+    A packed model that no runner could serve is refused before anything is written
+    (`passes.packing.check_servable`, then the packed runners' own reading of its manifest)."""
     options = options or CompileOptions()
     model = ir.open_model(input_model)
     pipeline = build_pipeline(options)
@@ -218,6 +242,7 @@ def compile(
     manager = PassManager(pipeline, dump_after=options.dump_after, dump_dir=dump_dir, on_pass_done=on_pass_done)
     records = manager.run_model(model)
     model.set_metadata(MetaKey.precision, options.precision)
+    _check_servable(model, options.precision, input_model)
     result = CompileResult(converted=model, records=records)
     if not save:
         return result
@@ -239,6 +264,22 @@ def compile(
             {"source_sha256": artifact.sha256_file(input_model), MetaKey.precision.value: options.precision, "pipeline": pipeline_info},
         )
     return result
+
+
+def _check_servable(model: ir.Model, precision: str, input_model: str | os.PathLike) -> None:
+    """A packed model must be one the packed runners accept: the postconditions with their fixes
+    first, then the runners' own reading of the manifest it would get."""
+    if vocab.pack_spec_of(model.metadata()) is None:
+        return
+    from poprt_lite.runtime.interface import read_packed_interface  # the runtime reads artifacts; avoid a cycle
+
+    described = ir.external_form(*model.layout(), artifact.WEIGHTS_MEMBER)  # every tensor described, no weight copied
+    packing.check_servable(described, input_model)
+    manifest = artifact.build_manifest(described, source_sha256="", model_sha256="", precision=precision, pipeline=[])
+    try:
+        read_packed_interface(artifact.Artifact(Path("<converted model>"), manifest, b""))
+    except PoprtError as exc:
+        raise PoprtError(f"the converted model could not be served by a packed runner: {exc}") from exc
 
 
 def _jsonable(value):

@@ -1,25 +1,84 @@
 """Numerical checks of a converted model against its source on onnxruntime (`--check`).
 
-A packed model is checked the way it is meant to be used: random requests are packed, the packed
-outputs are split per request by each output's layout, and every request is compared with the
-source model run on that request alone, unpadded.
+A packed model is checked the way it is meant to be used: random requests go through the offline
+runner of its artifact (`ModelRunner.run_requests`: packed, run, split per request by each output's
+layout) and every request is compared with the source model run on that request alone, unpadded.
+
+`check` makes it a gate: the largest difference against a tolerance (`DEFAULT_ATOL` per precision);
+a model that cannot even be run is a one-line PoprtError, never an internal error.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from poprt_lite import ir, vocab
+from poprt_lite import artifact, ir, vocab
+from poprt_lite.errors import PoprtError, one_line
 from poprt_lite.packing_utils import PackedBatch, pack_data
+from poprt_lite.runtime.model_runner import ModelRunner
 from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import INPUT_IDS, UNPACK_INFO, MetaKey, PackMode, Role
 
 DEFAULT_DYNAMIC = {0: 2, 1: 16}  # batch 2, sequence 16 where a dim is not fixed
+# The largest max abs difference `check` accepts by default: fp32 runs differ from the source by
+# summation order only (1e-6 on the test models); fp16 rounds every weight and activation to 11
+# significant bits (4e-3 on the test models, ~1e-2 on BERT-base logits).
+DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 5e-2}
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """`check`'s result: the max abs difference per output, and the tolerance it was held to."""
+
+    diffs: dict[str, float]
+    atol: float
+
+    @property
+    def worst(self) -> float:
+        return float(np.max(list(self.diffs.values()))) if self.diffs else 0.0  # NaN propagates
+
+    @property
+    def passed(self) -> bool:
+        return self.worst <= self.atol  # NaN fails
+
+    def lines(self) -> list[str]:
+        verdict = "ok" if self.passed else "FAILED"
+        return [f"check: {name} max abs diff {diff:.3g}" for name, diff in self.diffs.items()] + [
+            f"check: {verdict}: max abs diff {self.worst:.3g} {'<=' if self.passed else '>'} atol {self.atol:g}"
+        ]
+
+
+def check(
+    source: onnx.ModelProto | str | os.PathLike,
+    converted: onnx.ModelProto | str | os.PathLike,
+    atol: float | None = None,
+    seed: int = 0,
+    packed: str | os.PathLike | None = None,
+) -> CheckReport:
+    """`max_abs_diff` held to `atol` (default: `DEFAULT_ATOL` of the converted model's precision).
+    A failure to run either model is a PoprtError naming it, never an internal error."""
+    try:
+        precision = ir.get_metadata(_graph_of(converted)).get(MetaKey.precision.value, "fp32")
+    except Exception as exc:
+        raise PoprtError(f"check could not read the converted model: {one_line(exc)}") from exc
+    if atol is None:
+        atol = DEFAULT_ATOL.get(precision, DEFAULT_ATOL["fp32"])
+    if not atol >= 0:
+        raise PoprtError(f"check_atol must be a non-negative number, got {atol}")
+    try:
+        diffs = max_abs_diff(source, converted, seed, packed)
+    except PoprtError as exc:
+        raise PoprtError(f"check could not run the models: {exc}") from exc
+    except Exception as exc:  # onnxruntime or a layout this check does not know: still one line
+        raise PoprtError(f"check could not run the models: {one_line(exc)}") from exc
+    return CheckReport(diffs, float(atol))
 
 
 def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0) -> ort.InferenceSession:
@@ -69,13 +128,17 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
 
 
 def max_abs_diff(
-    source: onnx.ModelProto | str | os.PathLike, converted: onnx.ModelProto | str | os.PathLike, seed: int = 0
+    source: onnx.ModelProto | str | os.PathLike,
+    converted: onnx.ModelProto | str | os.PathLike,
+    seed: int = 0,
+    packed: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """The largest absolute difference per output between source and converted model, over real
-    tokens. Either may be a path, e.g. for models whose weights are external data (over 2 GB)."""
+    tokens. Either may be a path, e.g. for models whose weights are external data (over 2 GB). A
+    packed model runs through its artifact: `packed` (a written one), else one built in memory."""
     converted_graph = _graph_of(converted)
     if vocab.pack_spec_of(ir.get_metadata(converted_graph)) is not None:
-        return _packed_max_abs_diff(source, converted, converted_graph, seed)
+        return _packed_max_abs_diff(source, converted, converted_graph, seed, packed)
     feeds = random_feeds(converted_graph, seed)
     source_inputs = {v.name for v in _graph_of(source).graph.input}
     expected = session(source).run(None, {k: v for k, v in feeds.items() if k in source_inputs})
@@ -147,18 +210,27 @@ def run_packed(
     return batch, [list(per_output) for per_output in zip(*shares)]
 
 
-def _packed_max_abs_diff(source, converted, converted_graph: onnx.ModelProto, seed: int) -> dict[str, float]:
+def _in_memory(converted, converted_graph: onnx.ModelProto) -> artifact.Artifact:
+    """The artifact of a converted model given as a ModelProto or a file (weights included)."""
+    model = converted if isinstance(converted, onnx.ModelProto) else ir.load_model(converted)
+    return artifact.in_memory(Path("<converted model>"), model, artifact.converted_fields(converted_graph, b""))
+
+
+def _packed_max_abs_diff(source, converted, converted_graph: onnx.ModelProto, seed: int, packed=None) -> dict[str, float]:
     meta = ir.get_metadata(converted_graph)
-    pack = vocab.pack_spec_of(meta)
+    runner = ModelRunner(packed if packed is not None else _in_memory(converted, converted_graph), threads=0)
+    interface = runner.packed_interface("check")
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, pack.segment_max_size + 1, pack.max_valid_num)
+    lengths = rng.integers(1, interface.max_length + 1, interface.max_valid_num)
     requests = make_requests(rng, lengths, vocab.int_of(meta, MetaKey.vocab_size, 100))
-    batch, per_request = run_packed(converted_graph, requests, session(converted))
+    names = set(interface.input_roles)
+    answers = runner.run_requests([{k: v for k, v in r.items() if k in names} for r in requests])
     source_session = session(source)
     source_inputs = {i.name for i in source_session.get_inputs()}
-    diffs = {v.name: 0.0 for v in converted_graph.graph.output}
-    for spec, got in zip(batch.specs, per_request):
-        want = source_session.run(None, {k: v for k, v in requests[spec.index].items() if k in source_inputs})
-        for name, w, g in zip(diffs, want, got):
-            diffs[name] = max(diffs[name], float(np.abs(w[0].astype(np.float64) - g).max()))
+    diffs = {name: 0.0 for name in interface.outputs}
+    for request, got in zip(requests, answers):
+        want = source_session.run(list(diffs), {k: v for k, v in request.items() if k in source_inputs})
+        for name, w in zip(diffs, want):
+            delta = float(np.abs(w[0].astype(np.float64) - got[name].astype(np.float64)).max())
+            diffs[name] = float(np.maximum(diffs[name], delta))  # NaN propagates: a NaN answer fails
     return diffs

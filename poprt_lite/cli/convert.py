@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -70,7 +71,14 @@ def convert(
     ] = None,
     dump_after: Annotated[Multi, typer.Option("--dump_after", help="Write the model after these passes (or 'all') to --output_dir.")] = None,
     export_popef: Annotated[bool, typer.Option("--export_popef", help="Also write the artifact <output_dir>/executable.popef.")] = False,
-    check: Annotated[bool, typer.Option("--check", help="Compare source and converted model on random inputs.")] = False,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Compare source and converted model on random inputs; above --check_atol exit 1 and write nothing."),
+    ] = False,
+    check_atol: Annotated[
+        Optional[float],
+        typer.Option("--check_atol", help=f"--check's largest accepted max abs diff (implies --check; default {verify.DEFAULT_ATOL['fp32']:g} fp32, {verify.DEFAULT_ATOL['fp16']:g} fp16)."),
+    ] = None,
     run: Annotated[bool, typer.Option("--run", help="Run the converted model on random inputs (as --check).")] = False,
     fp16_io: Annotated[bool, typer.Option("--fp16_io", help="With fp16: make float inputs/outputs float16 too.")] = False,
     fp16_skip_op_types: Annotated[Multi, typer.Option("--fp16_skip_op_types", help="With fp16: op types kept in float32.")] = None,
@@ -106,7 +114,7 @@ def convert(
 def _convert(
     *, input_model, output_model, output_dir, precision, input_shape, pack_args, export_position_ids, passes_,
     skip_passes, pipeline, pass_option, list_all_passes, list_all_ops, plugin, custom_pass_config, dump_after,
-    export_popef, check, run, fp16_io, fp16_skip_op_types, remove_outputs, checkpoints, max_tensor_size, dynamic_rows, framework, logging_level,
+    export_popef, check, check_atol, run, fp16_io, fp16_skip_op_types, remove_outputs, checkpoints, max_tensor_size, dynamic_rows, framework, logging_level,
     show, show_io_stat, version, config_yaml,
 ) -> None:
     if logging_level is not None:
@@ -159,6 +167,7 @@ def _convert(
     quiet = options.current().quiet
     console = Console(quiet=quiet, highlight=False)
     table = Table("pass", "changed", "time (ms)", "details", title="pipeline", title_justify="left")
+    fresh_dir = output_dir if output_dir is not None and not output_dir.exists() else None
     with console.status("converting...") if not quiet and console.is_terminal else contextlib.nullcontext():
         result = compiler.compile(
             input_model,
@@ -167,16 +176,39 @@ def _convert(
             export_popef=export_popef,
             options=compile_options,
         )
+    if check or run or check_atol is not None:
+        _check_or_remove(input_model, result, check_atol, fresh_dir)
     for record in result.records:
         table.add_row(record.name, "yes" if record.changed else "no", f"{record.seconds * 1000:.1f}", record.message)
     console.print(table)
     console.print(f"wrote {result.output_model}")
     if result.artifact is not None:
         console.print(f"wrote {result.artifact}")
-    if check or run:
-        diffs = verify.max_abs_diff(input_model, result.output_model)
-        for name, diff in diffs.items():
-            console.print(f"check: {name} max abs diff {diff:.3g}")
+
+
+def _check_or_remove(input_model: Path, result: compiler.CompileResult, atol: float | None, fresh_dir: Path | None) -> None:
+    """--check as a gate: the figures are the command's report (printed even with --quiet); above the
+    tolerance, or if the check cannot run, what the conversion wrote is removed (exit 1, or 2)."""
+    try:
+        report = verify.check(input_model, result.output_model, atol, packed=result.artifact)
+    except PoprtError:
+        _remove_written(result, fresh_dir)
+        raise
+    print("\n".join(report.lines()))
+    if not report.passed:
+        _remove_written(result, fresh_dir)
+        print(f"error: check failed: max abs diff {report.worst:.3g} > atol {report.atol:g}; nothing written", file=sys.stderr)
+        raise SystemExit(1)  # 1: the check failed (2 is for errors); typer.Exit would not set the code here
+
+
+def _remove_written(result: compiler.CompileResult, fresh_dir: Path | None) -> None:
+    """Remove the converted model (and its .data), the artifact, and --output_dir if this run made it."""
+    model = result.output_model
+    for path in (model, model.with_name(f"{model.name}.data") if model else None, result.artifact):
+        if path is not None:
+            Path(path).unlink(missing_ok=True)
+    if fresh_dir is not None and fresh_dir.is_dir() and not any(fresh_dir.iterdir()):
+        fresh_dir.rmdir()
 
 
 def _names(items: list[str] | None) -> list[str]:

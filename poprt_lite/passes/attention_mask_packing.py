@@ -44,7 +44,7 @@ class AttentionMaskPacking(Pass):
     Options = packing.PackOptions
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        setup = packing.prepare(graph, ctx, self.options, self.name)
+        setup = packing.prepare(graph, ctx, self.options, self.name, one_row=True)
         if setup.attention_mask is None:
             raise PoprtError(f"{self.name} needs an '{self.options.attention_mask_name}' input to carry the segment ids")
         dims = token_dims(graph, self.options.input_name)

@@ -146,10 +146,10 @@ class RequestChecker:
         return array
 
     def _output_arrays(self, outputs: dict[str, np.ndarray] | None, n: int) -> dict[str, np.ndarray]:
-        """The arrays a request's outputs are copied into: the caller's, checked, or (None) new
-        `[n, ...]` / `[...]` arrays for every output."""
+        """The arrays a request's outputs are copied into: the caller's, checked, or (None or {})
+        new `[n, ...]` / `[...]` arrays for every output."""
         specs = self.interface.outputs
-        if outputs is None:
+        if outputs is None or (isinstance(outputs, Mapping) and not outputs):
             return {
                 name: np.zeros((n, *out.trailing) if out.layout.per_token else out.trailing, out.dtype)
                 for name, out in specs.items()

@@ -71,8 +71,10 @@ def test_acceptance_command_writes_model_and_artifact_that_runs(tmp_path, capsys
 def test_check_reports_max_abs_diff(tmp_path, capsys):
     code, out, _ = cli(capsys, "--input_model", BERT, "--output_dir", str(tmp_path), "--export_position_ids", "--check")
     assert code == 0
-    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("check: ")]
+    lines = [line for line in out.splitlines() if line.startswith("check: ")]
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in lines[:-1]]
     assert len(diffs) == 2 and max(diffs) < 1e-4
+    assert lines[-1] == f"check: ok: max abs diff {max(diffs):.3g} <= atol 0.0001"
     assert (tmp_path / "bert_qa_torchscript.poprt-lite.onnx").is_file()
 
 
@@ -175,8 +177,10 @@ def test_check_on_packed_model_compares_each_request_with_the_original(tmp_path,
         "--pack_args", "max_valid_num=6", "segment_max_size=32", f"mode={mode}", "--check", "--export_popef",
     )
     assert code == 0, err
-    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("check: ")]
+    lines = [line for line in out.splitlines() if line.startswith("check: ")]
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in lines[:-1]]
     assert len(diffs) == 2 and max(diffs) < 1e-4
+    assert lines[-1] == f"check: ok: max abs diff {max(diffs):.3g} <= atol 0.0001"
     manifest = load_artifact(tmp_path / "executable.popef").manifest
     assert manifest["pack"] == {"mode": mode, "max_valid_num": 6, "segment_max_size": 32}
 

@@ -29,7 +29,7 @@ from poprt_lite.runtime import ModelRunner
 from . import models
 
 BERT = model_path("bert_qa_torchscript")
-PACK = ["--pack_args", "max_valid_num=4", "segment_max_size=8"]
+PACK = ["--input_shape", "input_ids=2,8", "--pack_args", "max_valid_num=4", "segment_max_size=8"]  # a packed model has static shapes
 
 
 def convert(capsys, model: Path, out: Path, *argv: str) -> tuple[int, str, str]:
