@@ -167,22 +167,18 @@ def model_with_a_shape_output(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "mode, message",
-    [
-        (PackMode.unpack_repack, "holds neither per-token nor per-request values of a packed batch"),
-        (PackMode.attention_mask, "has shape [2], not one value per token of the packed batch [4, 64, ...]"),
-    ],
-)
-def test_case3_an_output_no_runner_can_split_is_refused_naming_output_and_node(tmp_path, capsys, mode, message):
+@pytest.mark.parametrize("mode", MODES)
+def test_case3_an_output_no_runner_can_split_is_refused_naming_output_and_node(tmp_path, capsys, mode):
     source, out = model_with_a_shape_output(tmp_path), tmp_path / "out"
     code, _, err = cli(
         capsys, "--input_model", source, "--output_dir", out, "--input_shape", "input_ids=4,64", "--pack_args",
         "max_valid_num=8", "segment_max_size=64", f"mode={mode}", "--export_popef",
     )
-    assert code == 2 and err.count("\n") == 1
-    assert err.startswith("error: output 'ids_shape' (produced by node 'the_shape' (Shape)) ") and message in err
-    assert err.endswith("so no runner can split it per request; remove it from the packed model (remove_outputs ids_shape)\n")
+    assert (code, err) == (
+        2,
+        "error: output 'ids_shape' (produced by node 'the_shape' (Shape)) holds neither per-token nor per-request values "
+        "of a packed batch, so no runner can split it per request; remove it from the packed model (remove_outputs ids_shape)\n",
+    )
     assert not out.exists()
 
 
@@ -277,3 +273,24 @@ def test_case5_online_outputs_are_allocated_and_returned(roberta, outputs):
             for name, want in alone(ROBERTA, request).items():
                 assert result[name].shape == (request.input_len,)
                 np.testing.assert_allclose(result[name], want, atol=1e-5, rtol=0)
+
+
+def test_case3_a_per_token_output_without_the_batchs_token_dims_is_refused(tmp_path):
+    """The safety net behind the passes' layouts: an output recorded as packed must be [B, S, ...]."""
+    from poprt_lite import ir, vocab
+    from poprt_lite.passes.packing import check_servable
+
+    source = model_with_a_shape_output(tmp_path)
+    options = poprt_lite.CompileOptions(input_shape={"input_ids": (4, 64)}, pack_args={"max_valid_num": "8", "segment_max_size": "64"})
+    with pytest.raises(PoprtError, match="output 'ids_shape'"):
+        poprt_lite.compile(source, save=False, options=options)
+    model = poprt_lite.compile(BERT, save=False, options=options).converted.to_proto()
+    model.graph.output.append(helper.make_tensor_value_info("ids_shape", TensorProto.INT64, [2]))
+    model.graph.node.append(helper.make_node("Shape", ["input_ids"], ["ids_shape"], name="the_shape"))
+    ir.set_metadata(model, vocab.LAYOUT_PREFIX + "ids_shape", vocab.Layout.packed.value)
+    with pytest.raises(PoprtError) as info:
+        check_servable(model)
+    assert str(info.value) == (
+        "output 'ids_shape' (produced by node 'the_shape' (Shape)) has shape [2], not one value per token of the packed "
+        "batch [4, 64, ...], so no runner can split it per request; remove it from the packed model (remove_outputs ids_shape)"
+    )
