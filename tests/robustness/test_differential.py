@@ -45,7 +45,6 @@ NO_POSITION_IDS = "needs 'position_ids' as a model input"
 REFUSED = {  # (model, mode) -> why it is refused at compile time (a part of the one-line message)
     **{(model, mode): NO_POSITION_IDS for model in ("deberta_v2_cls", "deberta_v2_cls_dynamo", "deberta_v2_qa") for mode in MODES},
     **{(model, mode): "no attention blocks found" for model in ("mpnet_qa", "mpnet_qa_dynamo") for mode in MODES},
-    ("bert_meanpool", PackMode.attention_mask): "mixes the tokens of a packed row",
 }
 APIS = ("online", "run_requests", "pack_data_artifact", "pack_data_by_hand")
 CASES = [(model, mode) for model in MODELS for mode in MODES]
