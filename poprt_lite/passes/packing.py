@@ -111,6 +111,9 @@ def check_servable(model: onnx.ModelProto, source: str | os.PathLike | None = No
     dynamic = [name for name in shapes if vocab.role_of(meta, name) is Role.dynamic_input]
     if spec.mode in STATIC_MODES and dynamic:
         name, dims = dynamic[0], shapes[dynamic[0]]
+        bound = vocab.int_of(meta, MetaKey.rows)  # --dynamic_rows: a dynamic row dim, at most this many
+        if bound and len(dims) == 2 and not isinstance(dims[0], int) and isinstance(dims[1], int):
+            dims = [bound, dims[1]]
         if len(dims) != 2 or not all(isinstance(d, int) and d > 0 for d in dims):
             raise PoprtError(
                 f"a packed model needs static shapes, but input '{name}' has shape [{', '.join(map(str, dims))}]: "
