@@ -195,16 +195,16 @@ def _interface_at(path: Path, mtime_ns: int, size: int) -> PackedInterface:
 def _agree(interface: PackedInterface, **given: Any) -> None:
     """Every argument given to pack_data must agree with the artifact's manifest."""
     layout = interface.layout
-    expected = {
-        "batch_size": interface.batch_size,
-        "seq_len": interface.seq_len,
-        "max_valid_num": interface.max_valid_num,
-        "across_rows": layout.across_rows,
-        "mode": interface.mode,
-        "position_offset": interface.position_offset,
-        "segment_max_size": interface.segment_max_size,
-        "dynamic_rows": interface.dynamic_rows,
-    }
+    expected = dict(  # pack_data's argument names
+        batch_size=interface.batch_size,
+        seq_len=interface.seq_len,
+        max_valid_num=interface.max_valid_num,
+        across_rows=layout.across_rows,
+        mode=interface.mode,
+        position_offset=interface.position_offset,
+        segment_max_size=interface.segment_max_size,
+        dynamic_rows=interface.dynamic_rows,
+    )
     for name, value in given.items():
         if value is None or value == expected[name]:
             continue
