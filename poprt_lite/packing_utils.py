@@ -128,20 +128,10 @@ def pack_data(
             f"segment_num={segment_num} is not supported; poprt-lite packs with segment_num=1"
         )
     _check_index(datasets, index)
-    interface = None
+    arguments, interface = dict(locals()), None
     if artifact is not None:
         interface = _interface_of(artifact)
-        _agree(
-            interface,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            max_valid_num=max_valid_num,
-            across_rows=across_rows,
-            mode=mode,
-            position_offset=position_offset,
-            segment_max_size=segment_max_size,
-            dynamic_rows=dynamic_rows,
-        )
+        _agree(interface, arguments)
         mode, segment_max_size, dynamic_rows = interface.mode, interface.segment_max_size, interface.dynamic_rows
     if mode is None:
         mode = PackMode.attention_mask if across_rows is False else PackMode.unpack_repack
@@ -192,19 +182,14 @@ def _interface_at(path: Path, mtime_ns: int, size: int) -> PackedInterface:
     return read_packed_interface(load_artifact(path))
 
 
-def _agree(interface: PackedInterface, **given: Any) -> None:
-    """Every argument given to pack_data must agree with the artifact's manifest."""
+def _agree(interface: PackedInterface, given: dict[str, Any]) -> None:
+    """Every argument given to pack_data (`given`: its arguments by name) must agree with the
+    artifact's manifest; an argument left at None takes the artifact's value."""
     layout = interface.layout
-    expected = dict(  # pack_data's argument names
-        batch_size=interface.batch_size,
-        seq_len=interface.seq_len,
-        max_valid_num=interface.max_valid_num,
-        across_rows=layout.across_rows,
-        mode=interface.mode,
-        position_offset=interface.position_offset,
-        segment_max_size=interface.segment_max_size,
-        dynamic_rows=interface.dynamic_rows,
-    )
+    expected = dict(batch_size=interface.batch_size, seq_len=interface.seq_len, max_valid_num=interface.max_valid_num)
+    expected.update(across_rows=layout.across_rows, mode=interface.mode, position_offset=interface.position_offset)
+    expected.update(segment_max_size=interface.segment_max_size, dynamic_rows=interface.dynamic_rows)
+    given = {name: given[name] for name in expected}
     for name, value in given.items():
         if value is None or value == expected[name]:
             continue
