@@ -294,3 +294,15 @@ def test_case3_a_per_token_output_without_the_batchs_token_dims_is_refused(tmp_p
         "output 'ids_shape' (produced by node 'the_shape' (Shape)) has shape [2], not one value per token of the packed "
         "batch [4, 64, ...], so no runner can split it per request; remove it from the packed model (remove_outputs ids_shape)"
     )
+
+
+def test_case5_the_readme_offline_example_runs(tmp_path, monkeypatch, capsys):
+    """The README documents the offline API with a complete example: it runs as written."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Offline: a whole set of requests") :]
+    code = section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")]
+    (tmp_path / "testdata").symlink_to(TESTDATA)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    assert capsys.readouterr().out.splitlines()[0] == "(40,)"
+    assert (tmp_path / "out" / "executable.popef").is_file()
