@@ -45,7 +45,7 @@ TABLE = """
 --batches_per_step                 | value  | notice      | it is the IPU's device loop; one onnxruntime run is one batch
 --calibration_with_data            | switch | refused     | calibrates FP8: {FP8}
 --calibration_loss_type            | value  | refused     | calibrates FP8: {FP8}
---check                            | switch | implemented | runs source and converted model on random inputs and prints the max abs difference per output
+--check                            | switch | implemented | runs source and converted model on random inputs and prints the max abs difference per output; exits 1 above --check_atol (poprt-lite's tolerance)
 --checkpoints                      | value  | implemented | adds these intermediate tensors to the outputs, comma-separated (refused with packing: they could not be split per request)
 --compiler_options                 | values | notice      | they are options of PopRT's Poplar compiler; onnxruntime compiles nothing ahead
 --config_yaml                      | value  | implemented | the flags as a YAML mapping (flag name: value); flags on the command line override it
