@@ -35,7 +35,7 @@ from onnx import external_data_helper
 
 import poprt_lite
 from poprt_lite import ir, vocab, wire
-from poprt_lite.errors import ArtifactError, one_line
+from poprt_lite.errors import ArtifactError, PoprtError, one_line
 from poprt_lite.vocab import MetaKey
 
 FORMAT = "poprt-lite-artifact"
@@ -175,6 +175,24 @@ def in_memory(path: str | os.PathLike, model: onnx.ModelProto, manifest_fields: 
     return Artifact(Path(path), manifest, model_bytes)
 
 
+def check_servable(described: onnx.ModelProto, precision: str, source: str | os.PathLike | None = None) -> None:
+    """Refuse a packed model that the packed runners would refuse, before anything is written: the
+    postconditions of packing with their fixes (`passes.packing.check_servable`; a node the passes
+    folded away is looked up in the `source` file), then the runners' own reading of the manifest the
+    model would get. `described`: the model with every tensor described (weights not needed)."""
+    if vocab.pack_spec_of(ir.get_metadata(described)) is None:
+        return
+    from poprt_lite.passes.packing import check_servable as postconditions  # the passes import late: no cycle
+    from poprt_lite.runtime.interface import read_packed_interface  # the runtime reads artifacts
+
+    postconditions(described, source)
+    manifest = build_manifest(described, source_sha256="", model_sha256="", precision=precision, pipeline=[])
+    try:
+        read_packed_interface(Artifact(Path("<converted model>"), manifest, b""))
+    except PoprtError as exc:
+        raise PoprtError(f"the converted model could not be served by a packed runner: {exc}") from exc
+
+
 def write_artifact(path: str | os.PathLike, model: onnx.ModelProto | ir.Model, manifest_fields: dict[str, Any]) -> Path:
     """Write the artifact atomically, each weight streamed into it; `manifest_fields` are passed
     to `build_manifest`. A model over protobuf's 2 GB limit keeps its weights in WEIGHTS_MEMBER."""
@@ -183,6 +201,7 @@ def write_artifact(path: str | os.PathLike, model: onnx.ModelProto | ir.Model, m
     proto, apart = working.layout()
     single = wire.model_size(proto, apart) <= ir.PROTOBUF_LIMIT
     described = ir.external_form(proto, apart, WEIGHTS_MEMBER)  # every initializer's name, type and shape
+    check_servable(described, manifest_fields.get(MetaKey.precision.value, "fp32"))
 
     def write(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:

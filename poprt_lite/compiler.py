@@ -13,7 +13,6 @@ from pathlib import Path
 import onnx
 
 from poprt_lite import artifact, ir, pack_args, passes, vocab
-from poprt_lite.passes import packing
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes import Pass, PassManager, PassRecord
 from poprt_lite.passes.poprt_names import canonical_name
@@ -267,19 +266,10 @@ def compile(
 
 
 def _check_servable(model: ir.Model, precision: str, input_model: str | os.PathLike) -> None:
-    """A packed model must be one the packed runners accept: the postconditions with their fixes
-    first, then the runners' own reading of the manifest it would get."""
-    if vocab.pack_spec_of(model.metadata()) is None:
-        return
-    from poprt_lite.runtime.interface import read_packed_interface  # the runtime reads artifacts; avoid a cycle
-
-    described = ir.external_form(*model.layout(), artifact.WEIGHTS_MEMBER)  # every tensor described, no weight copied
-    packing.check_servable(described, input_model)
-    manifest = artifact.build_manifest(described, source_sha256="", model_sha256="", precision=precision, pipeline=[])
-    try:
-        read_packed_interface(artifact.Artifact(Path("<converted model>"), manifest, b""))
-    except PoprtError as exc:
-        raise PoprtError(f"the converted model could not be served by a packed runner: {exc}") from exc
+    """A packed model must be one the packed runners accept (`artifact.check_servable`), checked
+    before the converted model is written, artifact or not."""
+    if vocab.pack_spec_of(model.metadata()) is not None:
+        artifact.check_servable(ir.external_form(*model.layout(), artifact.WEIGHTS_MEMBER), precision, input_model)
 
 
 def _jsonable(value):

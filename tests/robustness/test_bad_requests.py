@@ -523,9 +523,11 @@ def test_nan_would_reach_the_other_requests_of_its_batch(built, rng):
     assert np.isnan(end[0, 4:9]).all()  # the second request's answer is poisoned
 
 
-def test_position_table_too_small_for_the_requests_is_refused_at_creation(tmp_path):
+def test_position_table_too_small_for_the_requests_is_refused_at_creation(tmp_path, monkeypatch):
     """Requests of up to segment_max_size tokens get positions offset .. offset+n-1 by default; a
-    position table shorter than that is an error when the runner is created, not per batch."""
+    position table shorter than that is an error when the runner is created, not per batch (and
+    writing such an artifact is refused; one written anyway, e.g. by an older version, is refused by
+    the runner)."""
     model = float_model()
     model.graph.input.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [B, S]))
     table = onnx.numpy_helper.from_array(np.zeros((S - 1, 2), np.float32), "pos_table")
@@ -533,7 +535,12 @@ def test_position_table_too_small_for_the_requests_is_refused_at_creation(tmp_pa
     model.graph.node.append(helper.make_node("Gather", ["pos_table", "position_ids"], ["pos_emb"]))
     model.graph.output.append(helper.make_tensor_value_info("pos_emb", TensorProto.FLOAT, [B, S, 2]))
     ir.set_metadata(model, "layout.pos_emb", "packed")
-    path = artifact.write_artifact(tmp_path / "short.popef", model, {"source_sha256": "0" * 64, "precision": "fp32", "pipeline": []})
+    fields = {"source_sha256": "0" * 64, "precision": "fp32", "pipeline": []}
+    with pytest.raises(PoprtError, match=r"^the converted model could not be served by a packed runner: artifact '<converted model>': requests of up to"):
+        artifact.write_artifact(tmp_path / "short.popef", model, fields)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(artifact, "check_servable", lambda *args: None)
+    path = artifact.write_artifact(tmp_path / "short.popef", model, fields)
     with pytest.raises(PoprtError) as info:
         runtime.Runner(path, pack_config("attention_mask"))
     assert str(info.value) == (
