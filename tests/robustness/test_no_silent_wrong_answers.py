@@ -306,3 +306,13 @@ def test_case5_the_readme_offline_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
     assert capsys.readouterr().out.splitlines()[0] == "(40,)"
     assert (tmp_path / "out" / "executable.popef").is_file()
+
+
+def test_case5_the_plain_runner_returns_its_outputs(roberta):
+    runner = runtime.Runner(roberta[PackMode.unpack_repack])
+    batch = packing_utils.pack_data(dataset(), 0, 4, 64, 8, artifact=runner)
+    returned = runner.execute(batch.data)  # no output arrays: all outputs, new arrays
+    assert sorted(returned) == ["end_logits", "start_logits"] and returned["start_logits"].shape == (8, 64)
+    mine = {"start_logits": np.zeros((8, 64), np.float32)}
+    assert runner.execute(batch.data, mine) is mine
+    np.testing.assert_array_equal(mine["start_logits"], returned["start_logits"])
