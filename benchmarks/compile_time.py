@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -163,20 +164,31 @@ def file_size(model: Path) -> int:
     return model.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
-def measure(args: list[str], scratch: Path) -> dict:
-    """Run this script as `--child ...` in a new process; its wall, CPU and peak RSS, and what it printed."""
+def measure(args: list[str], scratch: Path, memory_cap: int) -> dict:
+    """Run this script as `--child ...` in a new process (address space capped at `memory_cap`
+    bytes, so a run that would need more fails alone instead of exhausting a shared machine); its
+    wall, CPU and peak RSS, and what it printed."""
     if scratch.exists():
         shutil.rmtree(scratch)
     scratch.mkdir(parents=True)
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_cap, memory_cap))
+
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, __file__, "--child", *args, str(scratch)], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--child", *args, str(scratch)], stdout=subprocess.PIPE, text=True, preexec_fn=cap
+    )
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
     shutil.rmtree(scratch, ignore_errors=True)
     lines = output.strip().splitlines()
-    details = json.loads(lines[-1]) if process.returncode == 0 and lines else {"error": f"exit code {process.returncode}"}
+    if process.returncode == 0 and lines:
+        details = json.loads(lines[-1])
+    else:
+        details = {"error": f"exit code {process.returncode} (address space capped at {memory_cap / 2**30:.0f} GB)"}
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024, **details}
 
 
@@ -203,6 +215,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="also --check and run the artifact of the 2.5 GB model per mode")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for outputs (default: a temporary folder in the cache)")
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
+    parser.add_argument("--memory_cap_gb", type=float, default=14, help="address-space limit of each measured process")
     args, rest = parser.parse_known_args()
     repeats_given = "--repeats" in sys.argv
     names = [n for n in args.models.split(",") if n]
@@ -224,7 +237,7 @@ def main() -> None:
                     child = ["poprt", str(path), kind.split()[1]]
                 else:
                     child = ["ort", str(path), str(geometry.heads), str(geometry.hidden)]
-                result = measure(child, scratch_root / "run")
+                result = measure(child, scratch_root / "run", int(args.memory_cap_gb * 2**30))
                 runs.setdefault(kind, []).append(result)
                 print(
                     f"{name} round {round_ + 1}/{rounds} {kind}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.1f} s CPU, "
@@ -235,7 +248,9 @@ def main() -> None:
         print_model(name, size, runs)
     if args.check:
         path = export.cached_bert_qa(cache, MODELS["2.5gb"])
-        checks = {mode: measure(["check", str(path), mode], scratch_root / "check") for mode in modes}
+        # two sessions of the model at a time (source and converted, then file and artifact)
+        cap = int(max(args.memory_cap_gb, 20) * 2**30)
+        checks = {mode: measure(["check", str(path), mode], scratch_root / "check", cap) for mode in modes}
         report["check"] = checks
         print("\n2.5 GB model, `--check --export_popef` per mode:")
         print("| mode | exit | --check wall (s) | peak RSS (GB) | artifact members | weights member (GB) | artifact vs .onnx max abs diff |")

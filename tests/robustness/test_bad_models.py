@@ -210,6 +210,16 @@ def test_model_with_external_data_converts(capsys, src, out):
     artifact.load_artifact(out / "executable.popef")
 
 
+def test_tensor_whose_data_does_not_fit_its_shape(capsys, src, out):
+    model = models.encoder()
+    table = model.graph.initializer[0]
+    table.raw_data = table.raw_data[:-4]
+    path = save(model, src / "short.onnx")
+    need = models.VOCAB * models.HIDDEN * 4
+    message = f"'{path}' is not a valid ONNX model: tensor '{table.name}' holds {need - 4} bytes, its type and shape [{models.VOCAB}, {models.HIDDEN}] need {need}"
+    assert_refused(capsys, path, out, message)
+
+
 def test_missing_external_data_file(capsys, src, out):
     path = save_external(models.encoder(), src / "ext.onnx")
     (src / "weights.bin").unlink()
