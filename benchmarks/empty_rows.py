@@ -8,10 +8,11 @@ padded, unpack/repack and AttentionMask artifacts twice (static rows, and `--dyn
 like the bench's) and measures:
 
 1. One batch whose requests (the workload's, packed in order) fill r of the B rows, for each r in
-   `--rows`: the static artifact runs B rows, the dynamic one r. Models and settings run interleaved,
-   round after round; median and range over the rounds, and the median of the per-round ratios.
-2. The workload's last offline batch (best-fit-decreasing plan, as the bench's offline modes): its
-   rows and its time, static and dynamic.
+   `--rows`: the static artifact runs B rows, the dynamic one r. The two settings run interleaved,
+   round after round (one model's two sessions at a time); median and range over the rounds, and the
+   median of the per-round ratios.
+2. The workload's last offline batch (best-fit-decreasing plan, as the bench's offline modes), the
+   same way.
 3. A PackRunner at low load, through `runtime.Runner(artifact, PackRunnerConfig(...))`:
    `--clients` closed-loop clients send `--requests` requests each, one at a time, so batches go by
    timeout with few rows; throughput, mean latency and rows per batch, static then dynamic.
@@ -39,7 +40,7 @@ from poprt_lite.bench.modes import Context
 from poprt_lite.bench.packer import Batch, plan_packed
 from poprt_lite.runtime import PackAlgorithm, PackRunnerConfig, Runner
 from poprt_lite.runtime.interface import read_packed_interface
-from poprt_lite.runtime.layouts import PaddedRows, Placement, layout_for
+from poprt_lite.runtime.layouts import PaddedRows, layout_for
 from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import PackMode
 
@@ -83,6 +84,10 @@ def max_diff(static_out, dynamic_out, batch: Batch, layouts) -> float:
         got_b = batch.layout.gather(b, layout, batch.placement)
         worst = max(worst, float(np.abs(got_a - got_b).max()))
     return worst
+
+
+def _dynamic_input(artifact) -> str:
+    return read_packed_interface(artifact).dynamic_input
 
 
 def low_load(artifact, ctx: Context, clients: int, requests: int) -> dict:
@@ -154,45 +159,36 @@ def main() -> None:
         f"max_valid_num {config.max_valid_num}; {os.cpu_count()} CPUs, {config.n_threads} intra-op threads; "
         f"{args.rounds} interleaved rounds"
     )
-    sessions = {(kind, s): create_session(artifacts[s][kind].model_bytes, config.threads) for kind in KINDS for s in SETTINGS}
-    feeders = {(kind, s): Context(config, original, artifacts[s], Progress()).artifact_feeder(kind) for kind in KINDS for s in SETTINGS}
-    layouts = {kind: [o.layout for o in read_packed_interface(artifacts["static"][kind]).outputs.values()] if kind else None for kind in KINDS}
-
-    print(f"\n1. one batch filling r of its {B} rows: static runs {B} rows, dynamic r (ms per batch, median (min-max))")
+    feeders = {s: Context(config, original, artifacts[s], Progress()) for s in SETTINGS}
+    print(f"\n1. one batch filling r of its {B} rows: static runs {B} rows, dynamic r (ms per batch, median (min-max));")
+    print("2. the workload's last offline batch (the bench's best-fit-decreasing plan)")
     print(f"{'model':16s} {'rows':>4s} {'static ms':>22s} {'dynamic ms':>22s} {'static/dynamic':>16s} {'max|diff|':>9s}")
-    for rows in (int(r) for r in args.rows.split(",")):
-        if rows > B:
-            continue
-        cases, batches = {}, {}
-        for kind in KINDS:
-            for s in SETTINGS:
-                batch = batches[kind, s] = batch_of_rows(ctx, kind, rows, s == "dynamic")
-                cases[kind, s] = (sessions[kind, s], feeders[kind, s].feeds(batch))
-        times = timed_rounds(cases, args.rounds)
-        for kind in KINDS:
-            st, dy = times[kind, "static"], times[kind, "dynamic"]
-            outs = {s: cases[kind, s][0].run(None, cases[kind, s][1]) for s in SETTINGS}
-            kind_layouts = layouts[kind] or ["padded"] * len(outs["static"])
-            diff = max_diff(outs["static"], outs["dynamic"], batches[kind, "dynamic"], kind_layouts)
-            ratio = st / dy
-            print(
-                f"{kind_name(kind):16s} {rows:4d} {np.median(st):10.1f} ({st.min():6.1f}-{st.max():6.1f}) "
-                f"{np.median(dy):10.1f} ({dy.min():6.1f}-{dy.max():6.1f}) {np.median(ratio):7.2f}x ({ratio.min():.2f}-{ratio.max():.2f}) {diff:9.1e}"
-            )
-
-    print("\n2. the workload's last offline batch (the bench's plan)")
-    for kind in KINDS:
+    for kind in KINDS:  # two sessions at a time: BERT-base sessions are large
+        sessions = {s: create_session(artifacts[s][kind].model_bytes, config.threads) for s in SETTINGS}
+        layouts = [o.layout for o in read_packed_interface(artifacts["static"][kind]).outputs.values()] if kind else None
         last = ctx.plan(kind)[-1]
         cases = {}
-        for s in SETTINGS:
-            layout = layout_for(kind, B, S, config.max_valid_num, s == "dynamic")
-            batch = Batch(last.indices, layout, Placement.of(last.placement.lengths, last.placement.starts))
-            cases[s] = (sessions[kind, s], feeders[kind, s].feeds(batch))
-        times = timed_rounds(cases, args.rounds)
-        used = cases["dynamic"][1][next(iter(cases["dynamic"][1]))].shape[0]
-        st, dy = np.median(times["static"]), np.median(times["dynamic"])
-        print(f"  {kind_name(kind):16s} {len(last)} requests in {used} of {B} rows: static {st:.1f} ms, dynamic {dy:.1f} ms ({st / dy:.2f}x); "
-              f"{len(ctx.plan(kind))} batches in all")
+        for rows in (int(r) for r in args.rows.split(",")):
+            if rows <= B:
+                cases[rows] = {s: batch_of_rows(ctx, kind, rows, s == "dynamic") for s in SETTINGS}
+        cases["last"] = {
+            s: Batch(last.indices, layout_for(kind, B, S, config.max_valid_num, s == "dynamic"), last.placement) for s in SETTINGS
+        }
+        for rows, batches in cases.items():
+            feeds = {s: feeders[s].artifact_feeder(kind).feeds(batches[s]) for s in SETTINGS}
+            times = timed_rounds({s: (sessions[s], feeds[s]) for s in SETTINGS}, args.rounds)
+            outs = {s: sessions[s].run(None, feeds[s]) for s in SETTINGS}
+            diff = max_diff(outs["static"], outs["dynamic"], batches["dynamic"], layouts or ["padded"] * len(outs["static"]))
+            st, dy = times["static"], times["dynamic"]
+            ratio = st / dy
+            used = next(iter(feeds["dynamic"].values())).shape[0] if kind is None else feeds["dynamic"][_dynamic_input(artifacts["static"][kind])].shape[0]
+            label = f"{rows}" if rows != "last" else f"last ({len(last)} requests, {used} rows)"
+            print(
+                f"{kind_name(kind):16s} {label:>4s} {np.median(st):10.1f} ({st.min():6.1f}-{st.max():6.1f}) "
+                f"{np.median(dy):10.1f} ({dy.min():6.1f}-{dy.max():6.1f}) {np.median(ratio):7.2f}x ({ratio.min():.2f}-{ratio.max():.2f}) {diff:9.1e}",
+                flush=True,
+            )
+        del sessions
 
     print("\n3. PackRunner at low load (timeout batches), static then dynamic")
     print(f"{'model':16s} {'clients':>7s} {'setting':>8s} {'req/s':>8s} {'latency ms':>11s} {'batches':>8s} {'rows/batch':>10s} {'by timeout':>10s}")
