@@ -6,11 +6,9 @@ every runner shares). Plans:
 
 - `plan_padded`: `batch_size` requests per batch in dataset order, one per row of the static
   `[batch_size, seq_len]` input (the padded baseline);
-- `plan_packed`: the whole dataset packed ahead for a pack mode. Besides PopRT's in-order
-  `first_fit` / `next_fit` (what `packing_utils.pack_data` does, batch after batch) it can bin-pack
-  globally (`best_fit_decreasing`, `spfhp`): whole batches when the layout lets a request cross rows
-  (unpack/repack), else rows, dealt into batches of `batch_size` rows holding at most
-  `max_valid_num` requests each;
+- `plan_packed`: the whole dataset packed ahead for a pack mode, by the runtime's offline planner
+  (`runtime/offline.py`, the one `ModelRunner.run_requests` uses): PopRT's in-order `first_fit` /
+  `next_fit`, or global bin packing (`best_fit_decreasing`, `spfhp`);
 - `plan_dynamic`: the original dynamic-shape model's batches: one request each at its own length,
   or requests sorted by length, `batch_size` per batch, padded to the batch's longest.
 

@@ -27,14 +27,15 @@ from poprt_lite.vocab import ID_ROLES, MetaKey, Role
 
 
 class ModelRunner:
-    """Runs a compiled artifact. `threads=0` lets onnxruntime use every core."""
+    """Runs a compiled artifact. `threads=0` lets onnxruntime use every core; `spinning=False` stops
+    its threads from busy-waiting after each run (when other sessions or threads need the cores)."""
 
-    def __init__(self, source: str | os.PathLike | Artifact, threads: int = 0) -> None:
+    def __init__(self, source: str | os.PathLike | Artifact, threads: int = 0, *, spinning: bool = True) -> None:
         self.artifact = source if isinstance(source, Artifact) else load_artifact(source)
         self.manifest = self.artifact.manifest
         packed = vocab.manifest_pack_spec(self.manifest) is not None
         self.interface: PackedInterface | None = read_packed_interface(self.artifact) if packed else None
-        self.session = self.artifact.session(threads)
+        self.session = self.artifact.session(threads, spinning=spinning)
         self.inputs = {spec["name"]: spec for spec in self.manifest["inputs"]}
         self.outputs = {spec["name"]: spec for spec in self.manifest["outputs"]}
 
