@@ -22,13 +22,13 @@ import argparse
 import collections
 import os
 import tempfile
-import resource
 import time
 
 import numpy as np
 import onnx
 
 from poprt_lite.bench.measure import workload_context
+from poprt_lite.bench.monitor import own_cpu
 from poprt_lite.bench.modes import Context
 from poprt_lite.bench.models import KINDS, kind_name
 from poprt_lite.bench.opcost import profile_by_op_type
@@ -57,11 +57,6 @@ def optimized_ops(model, disabled: tuple[str, ...]) -> collections.Counter:
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         create_session(model, options=options, disabled_optimizers=disabled)
         return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -94,10 +89,10 @@ def main() -> None:
         for r in range(args.rounds):
             for name, (_, feeds) in models.items():
                 for setting in (("on", "off") if r % 2 == 0 else ("off", "on")):
-                    cpu0, start = _cpu(), time.perf_counter()
+                    cpu0, start = own_cpu(), time.perf_counter()
                     sessions[name, setting].run(None, feeds)
                     times[name, setting].append((time.perf_counter() - start) * 1e3)
-                    cpu[name, setting].append((_cpu() - cpu0) * 1e3)
+                    cpu[name, setting].append((own_cpu() - cpu0) * 1e3)
         for name in models:
             on, off = np.array(times[name, "on"]), np.array(times[name, "off"])
             ratio = on / off

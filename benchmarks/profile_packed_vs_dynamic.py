@@ -1,10 +1,14 @@
 """Where a packed batch spends its time next to the original dynamic-shape model on the same requests.
 
 Takes the requests of the first offline AttentionMask batch of a `poprt-lite bench` workload and runs
-them four ways: packed (AttentionMask, 16 rows), as one token stream (token_stream artifact), and on
-the original model each alone and sorted by length in batches of `batch_size` padded to the longest.
-onnxruntime's own profiler sums the node times by op type (each way run `--runs` times after a
-warm-up); the table shows milliseconds for the whole set of requests, so the columns compare directly.
+them five ways: packed (AttentionMask, 16 rows), as one token stream (token_stream artifact), and on
+the original model each alone, sorted by length in batches of `batch_size` padded to the longest
+(offline_dynamic_sorted), and in arrival order in such batches (what the online dynamic batcher
+runs). First the ways run interleaved, `--rounds` passes over all the requests each, timed in wall
+time and in this process's CPU time (sessions without spinning, as in the bench: CPU time is the
+work done, and moves far less than wall time on a machine shared with other processes). Then
+onnxruntime's own profiler sums the node times by op type (`--runs` passes after a warm-up). Every
+number is milliseconds for the whole set of requests, so the columns compare directly.
 
 Run from the repository root: python benchmarks/profile_packed_vs_dynamic.py [--workload seed|queries] [--threads 2]
 """
@@ -13,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import numpy as np
 
 from poprt_lite.bench.measure import workload_context
+from poprt_lite.bench.monitor import own_cpu
 from poprt_lite.bench.opcost import profile_by_op_type
 from poprt_lite.bench.packer import Batch, plan_dynamic
 from poprt_lite.runtime.interface import read_packed_interface
@@ -28,7 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="seed", choices=["seed", "queries"])
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="profiled passes")
+    parser.add_argument("--rounds", type=int, default=5, help="timed passes, interleaved")
     args = parser.parse_args()
     ctx = workload_context(args.workload, (PackMode.attention_mask, PackMode.token_stream))
     config, original, artifacts = ctx.config, ctx.original, ctx.artifacts
@@ -43,11 +50,27 @@ def main() -> None:
         "token_stream (1 batch)": (artifacts[PackMode.token_stream].model_bytes, [ctx.artifact_feeder(PackMode.token_stream).feeds(stream_batch)]),
         "original, each alone": (str(original), [dynamic.feeds(b) for b in _dynamic_plans(ctx.workload.lengths, indices, 1)]),
         f"original, sorted x{config.batch_size}": (str(original), [dynamic.feeds(b) for b in _dynamic_plans(ctx.workload.lengths, indices, config.batch_size)]),
+        f"original, arrival x{config.batch_size}": (str(original), [dynamic.feeds(b) for b in _dynamic_plans(ctx.workload.lengths, indices, config.batch_size, sort=False)]),
     }
-    results = {name: profile_by_op_type(model, feeds, args.threads, args.runs) for name, (model, feeds) in ways.items()}
     print(f"workload {args.workload}: {config.geometry.tag}; the {len(indices)} requests ({int(lengths.sum())} tokens) of the first "
           f"offline AttentionMask batch ({batch.placement.tokens / batch.slots:.1%} of its {batch.slots} slots); "
-          f"{args.threads or os.cpu_count()} threads; node time in ms for all of them, mean of {args.runs} passes")
+          f"{args.threads or os.cpu_count()} threads; ms for all of them")
+    sessions = {name: create_session(model, args.threads, spinning=False) for name, (model, _) in ways.items()}
+    wall, cpu = {name: [] for name in ways}, {name: [] for name in ways}
+    for r in range(args.rounds + 1):  # the first round warms up
+        for name, (_, feeds_list) in ways.items():
+            cpu0, start = own_cpu(), time.perf_counter()
+            for feeds in feeds_list:
+                sessions[name].run(None, feeds)
+            if r:
+                wall[name].append((time.perf_counter() - start) * 1e3)
+                cpu[name].append((own_cpu() - cpu0) * 1e3)
+    del sessions
+    print(f"{'timed, median of ' + str(args.rounds):26s}" + "".join(f"{name:>26s}" for name in ways))
+    for label, values in (("wall ms (min-max)", wall), ("CPU ms (min-max)", cpu)):
+        print(f"{label:26s}" + "".join(f"{np.median(v):12.0f} ({min(v):5.0f}-{max(v):5.0f})" for v in values.values()))
+    results = {name: profile_by_op_type(model, feeds, args.threads, args.runs) for name, (model, feeds) in ways.items()}
+    print(f"\nonnxruntime profile, node time by op type, mean of {args.runs} passes")
     ops = sorted({op for by_op in results.values() for op in by_op}, key=lambda op: -max(r.get(op, 0) for r in results.values()))
     print(f"{'op':26s}" + "".join(f"{name:>26s}" for name in ways))
     for op in ops:
@@ -55,9 +78,9 @@ def main() -> None:
     print(f"{'total':26s}" + "".join(f"{sum(results[name].values()):26.1f}" for name in ways))
 
 
-def _dynamic_plans(lengths: np.ndarray, indices: np.ndarray, batch_size: int) -> list[Batch]:
-    """The original model's batches of the requests `indices` (sorted by length), as the bench plans them."""
-    plans = plan_dynamic(lengths[indices], batch_size, sort=True)
+def _dynamic_plans(lengths: np.ndarray, indices: np.ndarray, batch_size: int, sort: bool = True) -> list[Batch]:
+    """The original model's batches of the requests `indices` (sorted by length, or in order), as the bench plans them."""
+    plans = plan_dynamic(lengths[indices], batch_size, sort=sort)
     return [Batch(indices[p.indices], p.layout, p.placement) for p in plans]
 
 

@@ -42,7 +42,7 @@ def profile_by_op_type(
     """Op type -> milliseconds of node time per pass over `feeds_list` (one run per feeds), from
     onnxruntime's profiler: a warm-up pass, then the mean of `runs` passes."""
     with tempfile.TemporaryDirectory() as tmp:
-        options = session_options(threads)
+        options = session_options(threads, spinning=False)  # as the bench's sessions
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(tmp, "profile")
         session = create_session(model, options=options, disabled_optimizers=disabled_optimizers)
