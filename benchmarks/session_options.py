@@ -4,7 +4,7 @@ Compiles (or loads from the `poprt-lite bench` cache) the padded and AttentionMa
 bench workload (default seed: BERT-base geometry, 16 x 256, max_valid_num 40) and times the first
 batch the bench runs on each per setting, the settings interleaved round by round so that all see
 the same machine. Prints the median model time per batch. Every setting keeps poprt-lite's
-MatMulAddFusion off (benchmarks/matmul_add_fusion.py measures that one).
+MatMulAddFusion and SkipLayerNormFusion off (benchmarks/ort_fusions.py measures those).
 
 Run from the repository root: python benchmarks/session_options.py [--workload seed|queries] [--rounds 5]
 (the bench's model, exported on first use; needs '.[export]').

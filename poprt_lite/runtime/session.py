@@ -1,16 +1,23 @@
 """The one place poprt-lite builds onnxruntime sessions (runners, `--check`, passes, the bench).
 
 Every session runs on the CPU provider with `ORT_ENABLE_ALL` and `threads` intra-op threads (0: one
-per core), and with onnxruntime's `MatMulAddFusion` turned off. That fusion rewrites `MatMul` + `Add`
-into `Gemm` (with a `Reshape` to 2-D on each side) wherever the shapes are static, which is every
-model `--input_shape` compiles, and the Gemm form is slower there: onnxruntime's CPU Gemm first
-copies the bias into every row of the `[M, N]` output (`GemmBroadcastBias`, an Eigen assignment
-outside the thread pool, so on one thread) and then runs the product with beta=1 on top of it,
-while `MatMul` + `Add` runs the product and adds the bias in parallel, or fuses it into `BiasGelu`
-and `SkipLayerNormalization`. The serial copy weighs more the more threads share the product
-(`benchmarks/matmul_add_fusion.py` measures it per batch and profiles it by op type). Dynamic-shape
-models, which the fusion cannot touch, keep `MatMul` + `Add` anyway, so static and dynamic models
-run the same kernels.
+per core), and with two of onnxruntime's graph fusions turned off, each slower on the CPU than what
+it replaces (`benchmarks/ort_fusions.py` times one batch of each bench model with the fusion on and
+off, and profiles it by op type):
+
+- `MatMulAddFusion` rewrites `MatMul` + `Add` into `Gemm` (with a `Reshape` to 2-D on each side)
+  wherever the shapes are static, which is every model `--input_shape` compiles. onnxruntime's CPU
+  Gemm first copies the bias into every row of the `[M, N]` output (`GemmBroadcastBias`, an Eigen
+  assignment outside the thread pool, so on one thread) and then runs the product with beta=1 on
+  top of it, while `MatMul` + `Add` runs the product and adds the bias in parallel, or fuses it
+  into `BiasGelu`. The serial copy weighs more the more threads share the product.
+- `SkipLayerNormFusion` rewrites the residual `Add` + `LayerNormalization` into
+  `com.microsoft::SkipLayerNormalization`, whose CPU kernel costs about 3x the two ops it replaces
+  (2 threads, MiniLM geometry: 25 ms per 16x128 batch against 6.6 ms of LayerNormalization plus the
+  Adds; about 10% of the whole batch). Dynamic-shape exports mostly escape that fusion (it wants
+  the two Add inputs' shapes to match), so they paid it less than the static models did.
+
+With both off, static and dynamic models run the same kernels.
 
 `spinning=False` stops onnxruntime's worker threads from busy-waiting after each run (the
 PackRunner's default: between batches the cores belong to its serving and client threads).
@@ -25,7 +32,7 @@ import onnx
 import onnxruntime as ort
 
 # onnxruntime graph transformers poprt-lite never wants (see the module docstring).
-DISABLED_OPTIMIZERS: tuple[str, ...] = ("MatMulAddFusion",)
+DISABLED_OPTIMIZERS: tuple[str, ...] = ("MatMulAddFusion", "SkipLayerNormFusion")
 PROVIDERS = ["CPUExecutionProvider"]
 
 ModelSource = Union[bytes, str, os.PathLike, onnx.ModelProto]

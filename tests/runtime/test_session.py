@@ -1,4 +1,5 @@
-"""runtime/session.py: the one builder of onnxruntime sessions keeps MatMul + Add out of Gemm."""
+"""runtime/session.py: the one builder of onnxruntime sessions keeps MatMul + Add out of Gemm and
+Add + LayerNormalization out of SkipLayerNormalization."""
 
 from __future__ import annotations
 
@@ -46,6 +47,33 @@ def test_create_session_keeps_matmul_add(tmp_path):
     x = np.random.default_rng(1).standard_normal((4, 6, 8)).astype(np.float32)
     w, b = (numpy_helper.to_array(i) for i in model.graph.initializer)
     np.testing.assert_allclose(create_session(model).run(None, {"x": x})[0], x @ w + b, rtol=1e-5, atol=1e-5)
+
+
+def residual_layer_norm_model() -> onnx.ModelProto:
+    """LayerNormalization(x + skip) over [2, 5, 8], static shapes: what SkipLayerNormFusion rewrites."""
+    rng = np.random.default_rng(2)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "skip"], ["s"]), helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12)],
+        "residual",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 5, 8]) for n in ("x", "skip")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 8])],
+        [numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), n) for n in ("gamma", "beta")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_create_session_keeps_add_layer_norm(tmp_path):
+    model = residual_layer_norm_model()
+    plain = optimized_ops(tmp_path, lambda o: ort.InferenceSession(model.SerializeToString(), o, providers=["CPUExecutionProvider"]))
+    assert plain == Counter({"SkipLayerNormalization": 1})  # what onnxruntime does by default
+    ours = optimized_ops(tmp_path, lambda o: create_session(model, options=o))
+    assert ours == Counter({"Add": 1, "LayerNormalization": 1})
+    rng = np.random.default_rng(3)
+    x, skip = (rng.standard_normal((2, 5, 8)).astype(np.float32) for _ in range(2))
+    gamma, beta = (numpy_helper.to_array(i) for i in model.graph.initializer)
+    s = x + skip
+    expected = (s - s.mean(-1, keepdims=True)) / np.sqrt(s.var(-1, keepdims=True) + 1e-12) * gamma + beta
+    np.testing.assert_allclose(create_session(model).run(None, {"x": x, "skip": skip})[0], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_create_session_options():

@@ -1,7 +1,8 @@
-"""onnxruntime's MatMulAddFusion on the benchmark's models: one batch per model, fusion on vs off.
+"""onnxruntime fusions poprt-lite turns off, on the benchmark's models: one batch per model, fusion on vs off.
 
-poprt-lite's sessions (`poprt_lite/runtime/session.py`) turn the fusion off. This script shows why:
-for each model of a `poprt-lite bench` workload (the padded, unpack/repack and AttentionMask
+poprt-lite's sessions (`poprt_lite/runtime/session.py`) turn `MatMulAddFusion` and
+`SkipLayerNormFusion` off. This script shows why, one fusion at a time (`--fusion`; the other stays
+off, as poprt-lite runs): for each model of a `poprt-lite bench` workload (the padded, unpack/repack and AttentionMask
 artifacts, and the original dynamic-shape model as a control the fusion cannot touch) it times the
 first batch the bench itself runs, with the fusion on (onnxruntime's default) and off, at several
 intra-op thread counts. Within a thread count the models and settings run interleaved, round after
@@ -9,11 +10,11 @@ round (the order of on/off alternates), so that all see the same machine; it pri
 the range over the rounds of the wall time and of this process's CPU time per batch (sessions run
 without spinning, so CPU time is work done: on a machine shared with other processes it moves far
 less than wall time), and the medians of the per-round ratios on/off. It also counts the
-optimized graph's Gemm / MatMul / BiasGelu nodes, and with `--profile` sums onnxruntime's own
+optimized graph's nodes of the op types the fusion touches, and with `--profile` sums onnxruntime's own
 per-node profile by op type for one model, on and off.
 
 Run from the repository root (the models are exported / compiled on first use, like the bench's):
-    python benchmarks/matmul_add_fusion.py [--workload seed|queries] [--threads 1,2] [--rounds 5] [--profile]
+    python benchmarks/ort_fusions.py [--fusion MatMulAddFusion|SkipLayerNormFusion] [--workload seed|queries] [--threads 1,2] [--rounds 5] [--profile]
 """
 
 from __future__ import annotations
@@ -33,10 +34,19 @@ from poprt_lite.bench.modes import Context
 from poprt_lite.bench.models import KINDS, kind_name
 from poprt_lite.bench.opcost import profile_by_op_type
 from poprt_lite.bench.packer import plan_dynamic
-from poprt_lite.runtime.session import create_session, session_options
+from poprt_lite.runtime.session import DISABLED_OPTIMIZERS, create_session, session_options
 from poprt_lite.vocab import PackMode
 
-SETTINGS = {"on": (), "off": ("MatMulAddFusion",)}  # disabled optimizers; "off" is poprt-lite's
+# The op types each fusion rewrites or produces, counted in the optimized graphs.
+COUNTED_OPS = {
+    "MatMulAddFusion": ("Gemm", "MatMul", "Add", "BiasGelu", "Gelu", "Reshape"),
+    "SkipLayerNormFusion": ("SkipLayerNormalization", "LayerNormalization", "Add"),
+}
+
+
+def settings(fusion: str) -> dict[str, tuple[str, ...]]:
+    """Disabled optimizers with the fusion on and off; "off" is poprt-lite's."""
+    return {"on": tuple(o for o in DISABLED_OPTIMIZERS if o != fusion), "off": DISABLED_OPTIMIZERS}
 
 
 def cases(ctx: Context) -> dict[str, tuple[bytes | str, dict[str, np.ndarray]]]:
@@ -61,6 +71,7 @@ def optimized_ops(model, disabled: tuple[str, ...]) -> collections.Counter:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fusion", default=DISABLED_OPTIMIZERS[0], choices=DISABLED_OPTIMIZERS)
     parser.add_argument("--workload", default="seed", choices=["seed", "queries"])
     parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
     parser.add_argument("--rounds", type=int, default=5)
@@ -69,19 +80,21 @@ def main() -> None:
     ctx = workload_context(args.workload, KINDS)
     config = ctx.config
     models = cases(ctx)
-    print(f"workload {args.workload}: {config.geometry.tag}, batch {config.batch_size}x{config.max_seq_len}; "
+    modes = settings(args.fusion)
+    counted = COUNTED_OPS[args.fusion]
+    print(f"{args.fusion}; workload {args.workload}: {config.geometry.tag}, batch {config.batch_size}x{config.max_seq_len}; "
           f"{os.cpu_count()} CPUs; {args.rounds} interleaved rounds per thread count")
-    print("\noptimized graphs (ORT_ENABLE_ALL), Gemm / MatMul / Add / BiasGelu / Gelu / Reshape nodes:")
+    print("\noptimized graphs (ORT_ENABLE_ALL), " + " / ".join(counted) + " nodes:")
     for name, (model, _) in models.items():
-        for setting, disabled in SETTINGS.items():
+        for setting, disabled in modes.items():
             ops = optimized_ops(model, disabled)
-            print(f"  {name:24s} fusion {setting:3s}: " + " / ".join(str(ops[o]) for o in ("Gemm", "MatMul", "Add", "BiasGelu", "Gelu", "Reshape")))
+            print(f"  {name:24s} fusion {setting:3s}: " + " / ".join(str(ops[o]) for o in counted))
     print(f"\n{'threads':>7s}  {'model':24s} {'fusion on ms (min-max)':>24s} {'fusion off ms (min-max)':>24s} "
           f"{'on/off (range)':>18s} {'CPU ms on':>10s} {'CPU ms off':>10s} {'CPU on/off':>10s}")
     for threads in (int(t) for t in args.threads.split(",")):
         sessions = {
             (name, setting): create_session(model, threads, spinning=False, disabled_optimizers=disabled)
-            for name, (model, _) in models.items() for setting, disabled in SETTINGS.items()
+            for name, (model, _) in models.items() for setting, disabled in modes.items()
         }
         for (name, _), session in sessions.items():
             session.run(None, models[name][1])  # warm-up
@@ -107,7 +120,7 @@ def main() -> None:
         name = kind_name(PackMode.attention_mask)
         model, feeds = models[name]
         threads = int(args.threads.split(",")[-1])
-        result = {setting: profile_by_op_type(model, [feeds], threads, 3, disabled) for setting, disabled in SETTINGS.items()}
+        result = {setting: profile_by_op_type(model, [feeds], threads, 3, disabled) for setting, disabled in modes.items()}
         ops = sorted(set(result["on"]) | set(result["off"]), key=lambda o: -max(result["on"].get(o, 0), result["off"].get(o, 0)))
         print(f"\nonnxruntime profile of the {name} model, {threads} threads, ms per batch by op type:")
         print(f"  {'op':28s} {'fusion on':>10s} {'fusion off':>10s}")
