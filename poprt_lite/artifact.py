@@ -35,7 +35,7 @@ from onnx import external_data_helper
 
 import poprt_lite
 from poprt_lite import ir, vocab, wire
-from poprt_lite.errors import ArtifactError, PoprtError, one_line
+from poprt_lite.errors import ArtifactError, PoprtError, one_line, option
 from poprt_lite.vocab import MetaKey
 
 FORMAT = "poprt-lite-artifact"
@@ -222,7 +222,7 @@ def write_artifact(path: str | os.PathLike, model: onnx.ModelProto | ir.Model, m
         path.parent.mkdir(parents=True, exist_ok=True)
         ir.atomic_write(path, write)
     except OSError as exc:
-        raise ArtifactError(f"cannot write artifact '{path}' ({exc.strerror or exc}); check --output_dir and free space") from exc
+        raise ArtifactError(f"cannot write artifact '{path}' ({exc.strerror or exc}); check {option('output_dir')} and free space") from exc
     return path
 
 
@@ -262,7 +262,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise ArtifactError(f"'{path}' is not a poprt-lite artifact ({one_line(exc, with_type=False)}); compile one with --export_popef") from None
+        raise ArtifactError(f"'{path}' is not a poprt-lite artifact ({one_line(exc, with_type=False)}); compile one with {option('export_popef')}") from None
     with archive:
         infos = archive.infolist()
         _check_members(path, [info.filename for info in infos])

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from poprt_lite import artifact, ir, pack_args, passes, vocab
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 from poprt_lite.passes import Pass, PassManager, PassRecord
 from poprt_lite.passes.poprt_names import canonical_name
 from poprt_lite.vocab import MetaKey, PackMode
@@ -56,7 +56,7 @@ class CompileOptions:
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16"):
-            raise PoprtError(f"--precision must be fp32 or fp16, got '{self.precision}'")
+            raise PoprtError(f"{option('precision')} must be fp32 or fp16, got '{self.precision}'")
         if self.pipeline is not None and (self.passes or self.skip_passes):
             raise PoprtError("pipeline gives every pass to run; add or leave out passes in it instead of passes / skip_passes")
         if self.max_tensor_size < -1:
@@ -71,7 +71,7 @@ class CompileOptions:
                 "checkpoints: intermediate tensors of a packed model could not be split per request; convert without packing to compare them"
             )
         if self.dynamic_rows and not self.input_shape:
-            raise PoprtError("--dynamic_rows keeps the first dim of --input_shape dynamic; give --input_shape")
+            raise PoprtError(f"{option('dynamic_rows')} keeps the first dim of {option('input_shape')} dynamic; give {option('input_shape')}")
         if self.pipeline is None:
             default_pipeline(self, notify=True)  # unknown names are errors now, notices printed once
 
@@ -105,9 +105,9 @@ def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
         except ValueError:
             values = ()
         if not sep or not name or not values or any(v <= 0 for v in values):
-            raise PoprtError(f"bad --input_shape '{item}': expected NAME=D0,D1,... with positive integers, e.g. input_ids=16,256")
+            raise PoprtError(f"bad {option('input_shape')} '{item}': expected NAME=D0,D1,... with positive integers, e.g. input_ids=16,256")
         if name in shapes:
-            raise PoprtError(f"--input_shape gives '{name}' twice")
+            raise PoprtError(f"{option('input_shape')} gives '{name}' twice")
         shapes[name] = values
     return shapes
 
@@ -141,7 +141,7 @@ def build_pipeline(options: CompileOptions) -> list[Pass]:
     pass_options = {canonical_name(name): values for name, values in options.pass_options.items()}
     unknown_targets = set(pass_options) - set(names)
     if unknown_targets:
-        raise PoprtError(f"--pass_option names pass '{sorted(unknown_targets)[0]}', which is not in the pipeline")
+        raise PoprtError(f"{option('pass_options')} names pass '{sorted(unknown_targets)[0]}', which is not in the pipeline")
     pipeline = []
     for name in names:
         cls = passes.get_pass(name)
@@ -184,7 +184,7 @@ def default_pipeline(options: CompileOptions, notify: bool = False) -> list[str]
         if canonical in names:
             names = [n for n in names if n != canonical]
         elif notify:
-            log.warning("--skip_passes %s: not in the pipeline (%s), nothing to skip", name, ", ".join(names))
+            log.warning("%s %s: not in the pipeline (%s), nothing to skip", option("skip_passes"), name, ", ".join(names))
     return names
 
 
@@ -198,11 +198,11 @@ def _check_pipeline(names: Sequence[str], options: CompileOptions) -> None:
     }
     if options.pack is not None:
         needs[PACK_PASSES[options.pack.mode]] = "pack_args"
-    for name, option in needs.items():
-        if option and name not in names:
+    for name, needed_by in needs.items():
+        if needed_by and name not in names:
             raise PoprtError(
-                f"the pipeline ({', '.join(names)}) has no {name}, which {option} needs: add {name} to it, or drop "
-                f"{option} (or give no pipeline: the default one runs what the options ask for)"
+                f"the pipeline ({', '.join(names)}) has no {name}, which {needed_by} needs: add {name} to it, or drop "
+                f"{needed_by} (or give no pipeline: the default one runs what the options ask for)"
             )
 
 

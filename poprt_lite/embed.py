@@ -32,7 +32,7 @@ import numpy as np
 
 from poprt_lite import artifact as artifact_module
 from poprt_lite import ir
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 from poprt_lite.runtime.config import PackRunnerConfig
 from poprt_lite.runtime.model_runner import ModelRunner
 from poprt_lite.runtime.pack_runner import PackFuture, PackRunner
@@ -106,7 +106,7 @@ class Embedder:
         interface = self.runner.interface
         if interface is None:
             raise PoprtError(
-                f"'{self.artifact.path}' is not packed; compile it with --pack_args (or use Embedder.from_model)"
+                f"'{self.artifact.path}' is not packed; compile it with {option('pack_args')} (or use Embedder.from_model)"
             )
         self.interface = interface
         self.output = _pick_output(interface, output, self.artifact.path)

@@ -3,7 +3,34 @@
 Every problem a user can cause (bad model, bad option, bad request, bad artifact) is raised as a
 `PoprtError` whose message is one line naming the problem and the fix. The CLI prints it without a
 traceback and exits with code 2.
+
+A message names an option through `option(name)`: by its Python name (`input_shape`, as
+`CompileOptions`, `compile`, `PackRunnerConfig` ... take it) for a library user, and as the CLI's
+flag (`--input_shape`) while the CLI runs, which sets the spelling with `spell_options`. Log lines
+name options the same way.
 """
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
+_SPELLING: contextvars.ContextVar[Callable[[str], str]] = contextvars.ContextVar("poprt_lite_option_spelling", default=str)
+
+
+def option(name: str) -> str:
+    """The option `name` as messages spell it here: `name` itself, or what `spell_options` set
+    (the CLI: its flag)."""
+    return _SPELLING.get()(name)
+
+
+@contextlib.contextmanager
+def spell_options(spelling: Callable[[str], str]) -> Iterator[None]:
+    """Inside, messages and log lines spell each option as `spelling(name)` (the CLI: `--name`)."""
+    token = _SPELLING.set(spelling)
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)
 
 
 class PoprtError(Exception):

@@ -27,7 +27,7 @@ from onnx_graphsurgeon.ir.tensor import SparseValues
 from google.protobuf.message import DecodeError
 
 from poprt_lite import ops, wire
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 
 # Above this size a model must keep its weights in an external data file (protobuf's 2 GB limit).
 PROTOBUF_LIMIT = 2**31 - 1
@@ -86,7 +86,7 @@ def open_model(path: str | os.PathLike) -> Model:
 
 def _check_file(path: Path) -> None:
     if not path.is_file():
-        raise PoprtError(f"model file '{path}' does not exist; check --input_model")
+        raise PoprtError(f"model file '{path}' does not exist; check {option('input_model')}")
 
 
 def _not_onnx(path: Path, exc: BaseException) -> PoprtError:

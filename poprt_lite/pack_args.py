@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from poprt_lite import vocab
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 from poprt_lite.vocab import PackMode
 
 log = logging.getLogger(__name__)
@@ -37,16 +37,16 @@ def positive_int(key: str, text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise PoprtError(f"--pack_args {key} must be a positive integer, got '{text}'") from None
+        raise PoprtError(f"{option('pack_args')} {key} must be a positive integer, got '{text}'") from None
     if value <= 0:
-        raise PoprtError(f"--pack_args {key} must be a positive integer, got {value}")
+        raise PoprtError(f"{option('pack_args')} {key} must be a positive integer, got {value}")
     return value
 
 
 def segment_size(key: str, text: str) -> int:
     if "+" in text:  # PopRT: segment_max_size=13+51, two segments per request
         raise PoprtError(
-            f"--pack_args {key}={text} gives several segments per request (PopRT's multi-segment packing), which poprt-lite does not do; give one size"
+            f"{option('pack_args')} {key}={text} gives several segments per request (PopRT's multi-segment packing), which poprt-lite does not do; give one size"
         )
     return positive_int(key, text)
 
@@ -54,7 +54,7 @@ def segment_size(key: str, text: str) -> int:
 def pack_mode(key: str, text: str) -> PackMode:
     modes = {mode.value: mode for mode in MODES}
     if text not in modes:
-        raise PoprtError(f"--pack_args {key} must be one of {', '.join(modes)}, got '{text}'")
+        raise PoprtError(f"{option('pack_args')} {key} must be one of {', '.join(modes)}, got '{text}'")
     return modes[text]
 
 
@@ -62,7 +62,7 @@ def dynamic_groups(key: str, text: str) -> list[list[str]]:
     """PopRT's `dynamic_groups=[[input_ids,]]`: groups of inputs sharing the packed dimension."""
     groups = [[name for name in re.split(r"[\s,'\"]+", inner) if name] for inner in re.findall(r"\[([^\[\]]*)\]", text)]
     if not groups or not groups[0]:
-        raise PoprtError(f"--pack_args {key} must name the dynamic input, e.g. {key}=[[input_ids,]], got '{text}'")
+        raise PoprtError(f"{option('pack_args')} {key} must name the dynamic input, e.g. {key}=[[input_ids,]], got '{text}'")
     return groups
 
 
@@ -124,13 +124,13 @@ def parse(pack_args: Mapping[str, str], input_shape: Mapping[str, tuple[int, ...
     """Read `--pack_args` for `mode` (given by a packing pass in --passes) or its own `mode=` key."""
     unknown = sorted(set(pack_args) - set(KEYS) - set(POPRT_NOTICES))
     if unknown:
-        raise PoprtError(f"unknown --pack_args key '{unknown[0]}'; known keys: {', '.join([*KEYS, *POPRT_NOTICES])}")
+        raise PoprtError(f"unknown {option('pack_args')} key '{unknown[0]}'; known keys: {', '.join([*KEYS, *POPRT_NOTICES])}")
     parsed = {key: KEYS[key](key, text) for key, text in pack_args.items() if key in KEYS}
     for key in sorted(set(pack_args) & set(POPRT_NOTICES)):
-        log.warning("--pack_args %s: %s", key, POPRT_NOTICES[key])
+        log.warning("%s %s: %s", option("pack_args"), key, POPRT_NOTICES[key])
     chosen = parsed.pop("mode", None)
     if mode is not None and chosen is not None and chosen != mode:
-        raise PoprtError(f"--pack_args mode={chosen} contradicts the packing pass in --passes, which packs in {mode} mode; drop one")
+        raise PoprtError(f"{option('pack_args')} mode={chosen} contradicts the packing pass in {option('passes')}, which packs in {mode} mode; drop one")
     mode = chosen or mode or vocab.DEFAULT_PACK_MODE
     input_name = vocab.INPUT_IDS
     groups = parsed.pop("dynamic_groups", None)
@@ -139,12 +139,13 @@ def parse(pack_args: Mapping[str, str], input_shape: Mapping[str, tuple[int, ...
         others = [name for group in groups for name in group][1:]
         if others:
             log.warning(
-                "--pack_args dynamic_groups: packs by '%s'; %s follow it by their role (no need to list them)", input_name, ", ".join(others)
+                "%s dynamic_groups: packs by '%s'; %s follow it by their role (no need to list them)", option("pack_args"), input_name, ", ".join(others)
             )
     rules = MODES[mode]
     if not rules.static and input_shape:
         raise PoprtError(
-            f"--input_shape pins a static shape, but --pack_args mode={mode} keeps the token dimension dynamic; drop --input_shape"
+            f"{option('input_shape')} pins a static shape, but {option('pack_args')} mode={mode} keeps the token dimension dynamic; "
+            f"drop {option('input_shape')}"
         )
     shape = input_shape.get(input_name)
     values = {}
@@ -154,9 +155,9 @@ def parse(pack_args: Mapping[str, str], input_shape: Mapping[str, tuple[int, ...
         elif key in rules.defaults and shape is not None and len(shape) >= 2:
             values[key] = rules.defaults[key](shape[:2])
         else:
-            derive = f", or --input_shape {input_name}=B,S to derive it" if key in rules.defaults else ""
-            raise PoprtError(f"--pack_args needs {key}=N (e.g. --pack_args {rules.example}){derive}")
+            derive = f", or {option('input_shape')} {input_name}=B,S to derive it" if key in rules.defaults else ""
+            raise PoprtError(f"{option('pack_args')} needs {key}=N (e.g. {option('pack_args')} {rules.example}){derive}")
     if parsed:
         extra = sorted(parsed)[0]
-        raise PoprtError(f"--pack_args {extra} does not apply to {mode} mode; drop it")
+        raise PoprtError(f"{option('pack_args')} {extra} does not apply to {mode} mode; drop it")
     return PackArgs(mode=mode, values=values, input_name=input_name)

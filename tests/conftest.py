@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,17 @@ PAD_ID = {"roberta_qa": 1}
 
 def model_path(name: str) -> Path:
     return TESTDATA / f"{name}.onnx"
+
+
+def docstring_ids(tree: ast.AST) -> set[int]:
+    """The `id`s of the docstring constants in a parsed module (of the module, classes and functions)."""
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                ids.add(id(first.value))
+    return ids
 
 
 def run(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

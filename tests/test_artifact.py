@@ -102,5 +102,5 @@ def test_edited_manifest_is_refused(packed_artifact, tmp_path):
 def test_truncated_file_is_refused(packed_artifact, tmp_path):
     bad = tmp_path / "executable.popef"
     bad.write_bytes(packed_artifact.read_bytes()[:1000])
-    with pytest.raises(ArtifactError, match=r"is not a poprt-lite artifact .*; compile one with --export_popef$"):
+    with pytest.raises(ArtifactError, match=r"is not a poprt-lite artifact .*; compile one with export_popef$"):
         load_artifact(bad)

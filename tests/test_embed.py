@@ -151,7 +151,7 @@ def test_unpacked_artifact_is_refused(tmp_path):
     path = write_artifact(tmp_path / "plain.popef", model, converted_fields(model, b""))
     with pytest.raises(PoprtError) as err:
         Embedder(path, TOKENIZER)
-    assert str(err.value) == f"'{path}' is not packed; compile it with --pack_args (or use Embedder.from_model)"
+    assert str(err.value) == f"'{path}' is not packed; compile it with pack_args (or use Embedder.from_model)"
 
 
 def test_open_takes_an_exported_model_a_packed_model_or_an_artifact(tmp_path):

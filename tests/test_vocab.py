@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import docstring_ids
 from poprt_lite import vocab
 
 PACKAGE = Path(vocab.__file__).parent
@@ -15,15 +16,14 @@ WORDS = {w.value for enum in (vocab.PackMode, vocab.Role, vocab.Layout, vocab.Me
 
 
 def _literals(tree: ast.AST):
-    """Plain string constants, leaving out docstrings and the text of f-strings (messages)."""
-    skip = set()
+    """Plain string constants, leaving out docstrings, the text of f-strings (messages) and the
+    option names messages spell with `errors.option` (Python parameter names, not vocabulary)."""
+    skip = docstring_ids(tree)
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                skip.add(id(first.value))
         if isinstance(node, ast.JoinedStr):
             skip.update(id(v) for v in node.values)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "option":
+            skip.update(id(a) for a in node.args)
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
             yield node
@@ -46,7 +46,7 @@ def test_no_vocabulary_literal_outside_vocab_module():
 
 def test_the_check_finds_a_literal_but_not_prose(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text('"""Doc mentions packed."""\nMODE = "attention_mask"\nKEY = "layout.x"\nmessage = f"use mode=unpack_repack {KEY}"\n')
+    source.write_text('"""Doc mentions packed."""\nMODE = "attention_mask"\nKEY = "layout.x"\nmessage = f"use mode=unpack_repack {KEY}; {option(\'precision\')}"\n')
     hits = [hit.split(": ", 1)[1] for hit in vocabulary_literals(source, root=tmp_path)]
     assert hits == ["'attention_mask'", "'layout.x'"]
 

@@ -17,7 +17,7 @@ import typer
 from typer.exceptions import TyperException
 
 from poprt_lite.cli import bench, convert, diff, embed, inspect, listing, options, poprt_flags
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, spell_options
 
 app = typer.Typer(
     name="poprt-lite",
@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: list[str], settings: options.Settings) -> int:
     try:
-        app(expand_multi_value_flags(argv), prog_name="poprt-lite", standalone_mode=False, obj=settings)
+        with spell_options(options.flag):  # errors and log lines name options by their flags
+            app(expand_multi_value_flags(argv), prog_name="poprt-lite", standalone_mode=False, obj=settings)
     except PoprtError as exc:
         if settings.debug:
             raise

@@ -5,6 +5,7 @@ subcommand (`@global_options` adds them to a command), before or after the subco
 `poprt-lite -v inspect M.onnx` and `poprt-lite inspect M.onnx -v` mean the same. Their values are
 applied while the command line is parsed, into the `Settings` object `main()` passes as the click
 context's `obj`. `PluginOption` is the one `--plugin` declaration, used by `convert` and `passes`.
+`flag` spells a library option as the CLI's flag, in every message made while a command runs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from poprt_lite import passes
 
 LOGGER = "poprt_lite"
 log = logging.getLogger(__name__)
+# Library options whose flag is spelled otherwise; every other option `name` is the flag `--name`.
+FLAG_NAMES = {"pass_options": "pass_option", "load_plugin": "plugin"}
+
+
+def flag(name: str) -> str:
+    """The flag of library option `name`: how messages spell options under the CLI (errors.option)."""
+    return f"--{FLAG_NAMES.get(name, name)}"
 
 
 @dataclass

@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from poprt_lite import ops
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 from poprt_lite.ops.segment_pool import FIRST, MAX, MEAN
 from poprt_lite.passes import pack_tail
 from poprt_lite.passes.base import Pass, PassContext, PassResult
@@ -125,5 +125,5 @@ def _refuse_absolute_positions(graph: gs.Graph, setup: packing.PackSetup, option
                 if sources:
                     raise PoprtError(
                         f"{MODE} packing cannot keep the score term that node '{term.node.name}' adds before Softmax '{block.softmax.name}': "
-                        f"it uses absolute positions in the row (node '{sources[0].name}' ({sources[0].op})), which do not restart at each request; use --pack_args mode=unpack_repack"
+                        f"it uses absolute positions in the row (node '{sources[0].name}' ({sources[0].op})), which do not restart at each request; use {option('pack_args')} mode=unpack_repack"
                     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 
 from poprt_lite import ir, ops
-from poprt_lite.errors import PassError, PoprtError
+from poprt_lite.errors import PassError, PoprtError, option
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 
 
@@ -50,12 +50,12 @@ class PassManager:
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.on_pass_done = on_pass_done
         if self.dump_after and self.dump_dir is None:
-            raise PoprtError("--dump_after needs a folder to write to; give --output_dir")
+            raise PoprtError(f"{option('dump_after')} needs a folder to write to; give {option('output_dir')}")
         names = {p.name for p in self.passes}
         unknown = self.dump_after - names - {"all"}
         if unknown:
             raise PoprtError(
-                f"--dump_after names {', '.join(sorted(unknown))}, which is not in the pipeline ({', '.join(p.name for p in self.passes)})"
+                f"{option('dump_after')} names {', '.join(sorted(unknown))}, which is not in the pipeline ({', '.join(p.name for p in self.passes)})"
             )
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, list[PassRecord]]:

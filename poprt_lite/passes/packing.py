@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from poprt_lite import ir, vocab
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 from poprt_lite.passes.base import PassContext
 from poprt_lite.patterns.attention import AttentionBlock, find_attention_blocks
 from poprt_lite.vocab import Layout, MetaKey, PackMode, PackSpec, Role
@@ -51,7 +51,7 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
     request lies inside one row, so a static row length bounds segment_max_size."""
     for key in ("max_valid_num", "segment_max_size"):
         if getattr(options, key) <= 0:
-            raise PoprtError(f"{pass_name} needs {key} > 0 (--pack_args {key}=N)")
+            raise PoprtError(f"{pass_name} needs {key} > 0 ({option('pack_args')} {key}=N)")
     inputs = {t.name: t for t in graph.inputs}
     if options.input_name not in inputs:
         raise PoprtError(f"model has no input '{options.input_name}'; packing needs the token ids as an input")
@@ -59,7 +59,7 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
     offset = vocab.int_of(ctx.metadata, MetaKey.position_offset)
     if table and options.segment_max_size + offset > table:
         raise PoprtError(
-            f"segment_max_size={options.segment_max_size} exceeds the model's position table ({table - offset} positions); use --pack_args segment_max_size<={table - offset}"
+            f"segment_max_size={options.segment_max_size} exceeds the model's position table ({table - offset} positions); use {option('pack_args')} segment_max_size<={table - offset}"
         )
     seq = (inputs[options.input_name].shape or [None, None])[1:2]
     if one_row and seq and isinstance(seq[0], int) and 0 < seq[0] < options.segment_max_size:
@@ -69,7 +69,7 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
         raise PoprtError("no attention blocks found (MatMul -> Softmax -> MatMul); packing needs a transformer encoder")
     if options.position_ids_name not in inputs and not _relative_positions_only(graph, options, blocks):
         raise PoprtError(
-            f"{pass_name} needs '{options.position_ids_name}' as a model input: run export_position_ids before it (--pack_args does), and if that finds no position-id computation, export the model with a '{options.position_ids_name}' input"
+            f"{pass_name} needs '{options.position_ids_name}' as a model input: run export_position_ids before it ({option('pack_args')} does), and if that finds no position-id computation, export the model with a '{options.position_ids_name}' input"
         )
     return PackSetup(inputs[options.input_name], inputs.get(options.attention_mask_name), blocks)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import onnx_graphsurgeon as gs
 
-from poprt_lite.errors import PoprtError, one_line
+from poprt_lite.errors import PoprtError, one_line, option
 from poprt_lite.passes import poprt_api
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.poprt_names import canonical_name
@@ -77,7 +77,7 @@ def get_pass(name: str) -> type[Pass]:
     found = _REGISTRY.get(name) or _REGISTRY.get(canonical_name(name))
     if found is None:
         known = ", ".join(sorted(_REGISTRY))
-        raise PoprtError(f"unknown pass '{name}'; known passes: {known} (add your own with --plugin)")
+        raise PoprtError(f"unknown pass '{name}'; known passes: {known} (add your own with {option('load_plugin')})")
     return found
 
 
@@ -108,7 +108,7 @@ def _import_plugin(spec: str) -> None:
         if spec.endswith(".py") or Path(spec).is_file():
             path = Path(spec)
             if not path.is_file():
-                raise PoprtError(f"plugin file '{spec}' does not exist; check --plugin")
+                raise PoprtError(f"plugin file '{spec}' does not exist; check {option('load_plugin')}")
             module_name = f"poprt_lite_plugin_{path.stem}"
             module_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(module_spec)

@@ -14,7 +14,7 @@ import logging
 import onnx_graphsurgeon as gs
 
 from poprt_lite import vocab
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.cleanup import fold_until_stable
 from poprt_lite.passes.registry import register_pass
@@ -41,32 +41,32 @@ class StaticShape(Pass):
         for name, dims in shapes.items():
             if name not in inputs:
                 raise PoprtError(
-                    f"--input_shape names '{name}', which is not a model input; inputs are: {', '.join(inputs)}"
+                    f"{option('input_shape')} names '{name}', which is not a model input; inputs are: {', '.join(inputs)}"
                 )
             current = inputs[name].shape
             if current is not None and len(current) != len(dims):
                 raise PoprtError(
-                    f"--input_shape gives '{name}' {len(dims)} dims but the input has rank {len(current)} ({_fmt(current)})"
+                    f"{option('input_shape')} gives '{name}' {len(dims)} dims but the input has rank {len(current)} ({_fmt(current)})"
                 )
             for old, new in zip(current or [], dims):
                 if isinstance(old, int) and old > 0 and old != new:
-                    raise PoprtError(f"--input_shape gives '{name}' shape {_fmt(dims)} but its static shape is {_fmt(current)}")
+                    raise PoprtError(f"{option('input_shape')} gives '{name}' shape {_fmt(dims)} but its static shape is {_fmt(current)}")
                 if isinstance(old, str):
                     if symbols.setdefault(old, new) != new:
-                        raise PoprtError(f"--input_shape gives dim '{old}' two values: {symbols[old]} and {new}")
+                        raise PoprtError(f"{option('input_shape')} gives dim '{old}' two values: {symbols[old]} and {new}")
         changed = False
         for tensor in graph.inputs:
             dims = shapes.get(tensor.name)
             if dims is None:
                 if tensor.shape is None:
-                    raise PoprtError(f"input '{tensor.name}' has no shape; give it with --input_shape {tensor.name}=...")
+                    raise PoprtError(f"input '{tensor.name}' has no shape; give it with {option('input_shape')} {tensor.name}=...")
                 # Inputs that share a symbolic dim with a pinned one (e.g. 'batch') follow it.
                 dims = tuple(symbols.get(d, d) if isinstance(d, str) else d for d in tensor.shape)
                 rows = {symbol for symbol, value in symbols.items() if value == symbol}  # dynamic_rows: kept dynamic
                 free = [d for d in dims if not (isinstance(d, int) and d > 0) and d not in rows]
                 if free:
                     raise PoprtError(
-                        f"input '{tensor.name}' keeps dynamic dims {_fmt(tensor.shape)} after --input_shape; add {tensor.name}=... to --input_shape"
+                        f"input '{tensor.name}' keeps dynamic dims {_fmt(tensor.shape)} after {option('input_shape')}; add {tensor.name}=... to {option('input_shape')}"
                     )
             if list(tensor.shape or []) != list(dims):
                 tensor.shape = list(dims)
@@ -89,7 +89,7 @@ def _dynamic_rows(shapes: dict, inputs: dict, symbols: dict, ctx: PassContext) -
     in `symbols`, so inputs sharing it follow); the bound, --input_shape's value, goes to `rows`."""
     bounds = {dims[0] for dims in shapes.values() if dims}
     if len(bounds) > 1:
-        raise PoprtError(f"--input_shape gives the rows (first dims) {sorted(bounds)}; with dynamic rows they must agree")
+        raise PoprtError(f"{option('input_shape')} gives the rows (first dims) {sorted(bounds)}; with dynamic rows they must agree")
     kept = {}
     for name, dims in shapes.items():
         current = inputs[name].shape if name in inputs else None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from poprt_lite import vocab
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 from poprt_lite.passes import packing
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.pack_unpack_repack import _Rewriter
@@ -42,7 +42,7 @@ class TokenStreamPacking(Pass):
         if tokens < limit:
             raise PoprtError(
                 f"{self.name} needs max_tokens >= segment_max_size ({tokens} < {limit}): a batch must hold "
-                f"the longest request (--pack_args max_tokens=N)"
+                f"the longest request ({option('pack_args')} max_tokens=N)"
             )
         if any(t.name == UNPACK_INFO for t in graph.inputs):
             raise PoprtError(f"model already has an '{UNPACK_INFO}' input; it is packed already")
@@ -80,7 +80,7 @@ def _check_dynamic(input_ids: gs.Variable, dims: TokenAxes) -> None:
         raise PoprtError(
             f"input '{input_ids.name}' has shape {list(input_ids.shape)}; mode={MODE} feeds one stream "
             "of any length as [1, tokens]: convert the model exported with dynamic [batch, sequence] axes, "
-            "without --input_shape"
+            f"without {option('input_shape')}"
         )
 
 

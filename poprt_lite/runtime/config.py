@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 from poprt_lite.runtime.interface import PackedInterface
 from poprt_lite.runtime.packing import PackAlgorithm
 from poprt_lite.vocab import PackMode
@@ -142,7 +142,7 @@ def resolve_batching(config: PackRunnerConfig, interface: PackedInterface) -> Ba
             raise PoprtError(
                 f"enable_input_single_row_mode('{name}') asks for AttentionMask mode, but artifact "
                 f"'{path}' was compiled for {interface.mode} mode; drop that call or compile with "
-                "--pack_args mode=attention_mask"
+                f"{option('pack_args')} mode=attention_mask"
             )
         if name != mask_name:
             raise PoprtError(

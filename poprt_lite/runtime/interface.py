@@ -21,7 +21,7 @@ import numpy as np
 
 from poprt_lite import vocab
 from poprt_lite.artifact import Artifact
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 from poprt_lite.runtime.layouts import LAYOUTS, BatchLayout, layout_for
 from poprt_lite.vocab import ID_ROLES, TOKEN_ROLES, Layout, MetaKey, PackMode, PackSpec, Role
 
@@ -160,7 +160,7 @@ def _read_pack_spec(manifest: dict[str, Any], path: Path) -> PackSpec:
     pack = manifest.get(MetaKey.pack.value)
     if not pack:
         raise PoprtError(
-            f"artifact '{path}' is not packed (compiled without --pack_args); run it with "
+            f"artifact '{path}' is not packed (compiled without {option('pack_args')}); run it with "
             "runtime.Runner(path) and no PackRunnerConfig"
         )
     if pack.get("mode") not in [mode.value for mode in LAYOUTS if mode is not None]:
@@ -181,7 +181,7 @@ def _geometry(pack: PackSpec, name: str, shape: list, path: Path, rows: int | No
         if len(shape) != 2 or shape[0] != 1 or _static(shape[1:]):
             raise PoprtError(
                 f"input '{name}' has shape {shape}; a {pack.mode} artifact takes one [1, tokens] stream "
-                f"with a dynamic token dim (compile with --pack_args mode={PackMode.token_stream}, without --input_shape)"
+                f"with a dynamic token dim (compile with {option('pack_args')} mode={PackMode.token_stream}, without {option('input_shape')})"
             )
         return 1, int(pack.max_tokens), [1, DYNAMIC]
     dynamic_rows = bool(rows) and len(shape) == 2 and not _static(shape[:1]) and _static(shape[1:])
@@ -190,7 +190,7 @@ def _geometry(pack: PackSpec, name: str, shape: list, path: Path, rows: int | No
     elif len(shape) != 2 or not _static(shape):
         raise PoprtError(
             f"input '{name}' has shape {shape}; a packed artifact has a static "
-            "[batch, seq_len] shape (compile with --input_shape)"
+            f"[batch, seq_len] shape (compile with {option('input_shape')})"
         )
     batch_size, seq_len = shape
     if pack.mode is PackMode.unpack_repack and pack.segment_max_size > batch_size * seq_len:
@@ -210,7 +210,7 @@ def _read_outputs(manifest: dict[str, Any], pack: PackSpec, tokens: list, slots:
         if layout not in SPLITTABLE_LAYOUTS:
             raise PoprtError(
                 f"output '{name}' has layout '{layout}', which a PackRunner cannot split per request; "
-                "recompile with --pack_args"
+                f"recompile with {option('pack_args')}"
             )
         head = lead[layout]
         if len(dims) < len(head) or not _matches(dims[: len(head)], head, strict=False):

@@ -18,7 +18,7 @@ import numpy as np
 
 from poprt_lite import vocab
 from poprt_lite.artifact import Artifact, load_artifact
-from poprt_lite.errors import PoprtError, RequestError
+from poprt_lite.errors import PoprtError, RequestError, option
 from poprt_lite.runtime import offline
 from poprt_lite.runtime.interface import PackedInterface, read_packed_interface
 from poprt_lite.runtime.packing import PackAlgorithm
@@ -153,7 +153,7 @@ def check_packed_feeds(interface: PackedInterface, arrays: Mapping[str, np.ndarr
     if interface.dynamic_rows and rows > interface.batch_size:
         raise RequestError(
             f"feed '{interface.dynamic_input}' has {rows} rows, more than the {interface.batch_size} rows of the "
-            "artifact (--input_shape); send at most that many"
+            f"artifact ({option('input_shape')}); send at most that many"
         )
     mask_name = interface.mask[0] if interface.mask else vocab.Role.attention_mask.value
     info_name = interface.unpack_info[0] if interface.unpack_info else vocab.UNPACK_INFO

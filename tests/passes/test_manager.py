@@ -67,7 +67,7 @@ def test_dump_after_writes_intermediate_models(model, tmp_path):
 
 
 def test_dump_after_unknown_pass_is_refused(tmp_path):
-    with pytest.raises(Exception, match="--dump_after names nope, which is not in the pipeline"):
+    with pytest.raises(Exception, match="^dump_after names nope, which is not in the pipeline"):
         PassManager([get_pass("fold_constants")()], dump_after=["nope"], dump_dir=tmp_path)
 
 

@@ -177,7 +177,7 @@ def test_token_stream_refuses_a_static_sequence():
     for value in with_positions.graph.input:
         value.type.tensor_type.shape.dim[1].dim_value = 32
     stream = passes.get_pass("token_stream_packing")(max_valid_num=4, segment_max_size=16, max_tokens=64)
-    with pytest.raises(PassError, match=r"^pass 'token_stream_packing' failed: input 'input_ids' has shape \['batch', 32\]; mode=token_stream feeds one stream of any length as \[1, tokens\]: convert the model exported with dynamic \[batch, sequence\] axes, without --input_shape$"):
+    with pytest.raises(PassError, match=r"^pass 'token_stream_packing' failed: input 'input_ids' has shape \['batch', 32\]; mode=token_stream feeds one stream of any length as \[1, tokens\]: convert the model exported with dynamic \[batch, sequence\] axes, without input_shape$"):
         passes.PassManager([stream]).run(with_positions)
 
 

@@ -123,7 +123,7 @@ def test_hand_built_score_terms(tmp_path, term, mode):
         with pytest.raises(PassError, match=(
             r"^pass 'attention_mask_packing' failed: attention_mask packing cannot keep the score term that node "
             r"'add_bias' adds before Softmax 'softmax': it uses absolute positions in the row \(node 'row_positions' "
-            r"\(Range\)\), which do not restart at each request; use --pack_args mode=unpack_repack$"
+            r"\(Range\)\), which do not restart at each request; use pack_args mode=unpack_repack$"
         )):
             _compile_hand_built(tmp_path, term, mode)
         return

@@ -18,7 +18,7 @@ def test_builtins_are_registered_with_descriptions():
 
 
 def test_unknown_pass_names_the_known_ones():
-    with pytest.raises(PoprtError, match=r"^unknown pass 'nope'; known passes: .*fold_constants.* \(add your own with --plugin\)$"):
+    with pytest.raises(PoprtError, match=r"^unknown pass 'nope'; known passes: .*fold_constants.* \(add your own with load_plugin\)$"):
         get_pass("nope")
 
 
@@ -38,7 +38,7 @@ def test_plugin_with_syntax_error_is_one_line():
 
 
 def test_plugin_missing_file_and_missing_module():
-    with pytest.raises(PoprtError, match=r"^plugin file 'nowhere/x.py' does not exist; check --plugin$"):
+    with pytest.raises(PoprtError, match=r"^plugin file 'nowhere/x.py' does not exist; check load_plugin$"):
         load_plugin("nowhere/x.py")
     with pytest.raises(PoprtError, match=r"^plugin 'no_such_module_xyz' failed to import: ModuleNotFoundError: No module named 'no_such_module_xyz'$"):
         load_plugin("no_such_module_xyz")

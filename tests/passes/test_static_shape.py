@@ -21,9 +21,9 @@ def test_inputs_sharing_symbolic_dims_follow_the_pinned_one():
 @pytest.mark.parametrize(
     ("shapes", "message"),
     [
-        ({"input_ids": (4, 32, 2)}, "--input_shape gives 'input_ids' 3 dims but the input has rank 2 ([batch,sequence])"),
-        ({"input_ids": (4, 32), "attention_mask": (4, 16)}, "--input_shape gives dim 'sequence' two values: 32 and 16"),
-        ({"nope": (1, 2)}, "--input_shape names 'nope', which is not a model input; inputs are: input_ids, attention_mask, token_type_ids"),
+        ({"input_ids": (4, 32, 2)}, "input_shape gives 'input_ids' 3 dims but the input has rank 2 ([batch,sequence])"),
+        ({"input_ids": (4, 32), "attention_mask": (4, 16)}, "input_shape gives dim 'sequence' two values: 32 and 16"),
+        ({"nope": (1, 2)}, "input_shape names 'nope', which is not a model input; inputs are: input_ids, attention_mask, token_type_ids"),
     ],
 )
 def test_bad_shapes_are_named(shapes, message):
@@ -64,7 +64,7 @@ def test_dynamic_rows_run_any_number_of_rows_up_to_the_bound():
 @pytest.mark.parametrize(
     ("shapes", "message"),
     [
-        ({"input_ids": (4, 32), "attention_mask": (2, 32)}, "--input_shape gives the rows (first dims) [2, 4]; with dynamic rows they must agree"),
+        ({"input_ids": (4, 32), "attention_mask": (2, 32)}, "input_shape gives the rows (first dims) [2, 4]; with dynamic rows they must agree"),
     ],
 )
 def test_bad_dynamic_rows_are_named(shapes, message):

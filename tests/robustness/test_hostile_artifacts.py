@@ -378,14 +378,14 @@ def test_zip_bomb_with_lying_sizes(load_refused, tmp_path, bomb_bytes):
 def test_file_that_is_not_a_zip(load_refused, tmp_path, content):
     path = tmp_path / "a.popef"
     path.write_bytes(models.encoder().SerializeToString() if content == "onnx" else content)
-    assert load_refused(path) == f"'{path}' is not a poprt-lite artifact (File is not a zip file); compile one with --export_popef"
+    assert load_refused(path) == f"'{path}' is not a poprt-lite artifact (File is not a zip file); compile one with export_popef"
 
 
 def test_truncated_zip(load_refused, tmp_path, good):
     path = tmp_path / "a.popef"
     data = good.read_bytes()
     path.write_bytes(data[: len(data) - 30])  # the end of the central directory is cut off
-    assert load_refused(path) == f"'{path}' is not a poprt-lite artifact (File is not a zip file); compile one with --export_popef"
+    assert load_refused(path) == f"'{path}' is not a poprt-lite artifact (File is not a zip file); compile one with export_popef"
 
 
 def test_runner_refuses_before_creating_a_session(monkeypatch, tmp_path, good_members):

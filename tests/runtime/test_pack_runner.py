@@ -731,7 +731,7 @@ def test_config_defaults_come_from_the_manifest(tmp_path):
          "token_type_ids, position_ids, unpack_info"),
         ("unpack_repack", lambda c: c.enable_input_single_row_mode("attention_mask"),
          "enable_input_single_row_mode('attention_mask') asks for AttentionMask mode, but artifact '{path}' was "
-         "compiled for unpack_repack mode; drop that call or compile with --pack_args mode=attention_mask"),
+         "compiled for unpack_repack mode; drop that call or compile with pack_args mode=attention_mask"),
         ("attention_mask", lambda c: c.enable_input_single_row_mode("input_ids"),
          "enable_input_single_row_mode('input_ids'): the model's attention-mask input is 'attention_mask'"),
         ("attention_mask", lambda c: setattr(c, "algorithm", PackAlgorithm.spfhp),
@@ -955,7 +955,7 @@ def test_dynamic_rows_run_the_rows_a_batch_uses(tmp_path, rng, mode):
              "token_type_ids": np.zeros((5, 64), np.int64), "position_ids": np.tile(np.arange(64), (5, 1))}
     if mode == "unpack_repack":
         feeds["unpack_info"] = np.array([64] * 5 + [0] * 3, np.int32)
-    with pytest.raises(RequestError, match=r"^feed 'input_ids' has 5 rows, more than the 4 rows of the artifact \(--input_shape\); send at most that many$"):
+    with pytest.raises(RequestError, match=r"^feed 'input_ids' has 5 rows, more than the 4 rows of the artifact \(input_shape\); send at most that many$"):
         runner.run(None, feeds)
     two = {name: value[:2] for name, value in feeds.items() if name != "unpack_info"}
     four = {name: np.concatenate([value[:2], np.zeros_like(value[:2])]) for name, value in two.items()}

@@ -295,7 +295,7 @@ def test_json_report():
 
 
 def test_unknown_ignore_is_refused():
-    with pytest.raises(PoprtError, match="--ignore takes initializer_values, doc_strings, metadata; got 'weights'"):
+    with pytest.raises(PoprtError, match="^ignore takes initializer_values, doc_strings, metadata; got 'weights'"):
         diff_models(attention_model(), attention_model(), ignore=["weights"])
 
 

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import networkx as nx
 import onnx
 
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 from poprt_lite.tools.diff.model import (
     IGNORABLE,
     AttributeChange,
@@ -64,7 +64,7 @@ def diff_models(
     ignore = tuple(ignore)
     unknown = sorted(set(ignore) - set(IGNORABLE))
     if unknown:
-        raise PoprtError(f"--ignore takes {', '.join(IGNORABLE)}; got '{unknown[0]}'")
+        raise PoprtError(f"{option('ignore')} takes {', '.join(IGNORABLE)}; got '{unknown[0]}'")
     ignore_values = "initializer_values" in ignore
     summaries = [{t.name: tensor_summary(t) for t in m.graph.initializer} for m in (a, b)]
     view_a = GraphView(a.graph, summaries[0], ignore_values, labels[0])
