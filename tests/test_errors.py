@@ -125,6 +125,15 @@ def test_a_library_user_reads_option_names_and_the_cli_user_flags(call, argv, te
     assert capsys.readouterr().err == f"error: {_spell(template, cli_options.flag, tmp_path)}\n"
 
 
+def test_the_readme_quotes_both_spellings(capsys):
+    readme = " ".join((PACKAGE.parent / "README.md").read_text().split())
+    with pytest.raises(PoprtError) as info:
+        poprt_lite.CompileOptions(pack_args={"max_valid_num": "0"})
+    assert f"`PoprtError: {info.value}`" in readme
+    assert main(["--input_model", str(BERT), "--pack_args", "max_valid_num=0"]) == 2
+    assert f"`{capsys.readouterr().err.strip()}`" in readme
+
+
 def test_dump_after_without_a_folder_names_the_option_for_a_pass_manager_user_too():
     with pytest.raises(PoprtError, match=r"^dump_after needs a folder to write to; give output_dir$"):
         PassManager([get_pass("fold_constants")()], dump_after=["all"])
