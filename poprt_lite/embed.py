@@ -36,7 +36,6 @@ from poprt_lite.errors import PoprtError, option
 from poprt_lite.runtime.config import PackRunnerConfig
 from poprt_lite.runtime.model_runner import ModelRunner
 from poprt_lite.runtime.pack_runner import PackFuture, PackRunner
-from poprt_lite.runtime.packing import PackAlgorithm
 from poprt_lite.vocab import Layout, PackMode, Role
 
 log = logging.getLogger(__name__)
@@ -193,23 +192,15 @@ class Embedder:
     def iter_embed(self, sentences: Iterable[str], *, progress: bool = False, chunk: int = 4096) -> Iterator[np.ndarray]:
         """Yield each sentence's embedding in order, tokenizing and packing `chunk` sentences at a time.
 
-        A chunk is packed longest first, batch after batch (first_fit over the sentences sorted by
-        length): a batch then holds sentences of similar lengths, so in token_stream mode, whose
-        attention rows are as long as the batch's longest request, no batch pairs a paragraph with
-        many short queries (best_fit_decreasing, the offline default, tops up the paragraphs' batches
-        with short ones). Static modes fill their rows as well either way."""
+        A chunk is packed with the artifact's offline default (`runtime.offline.default_algorithm`):
+        in token_stream mode, whose attention rows are as long as the batch's longest request,
+        `longest_first`, so no batch pairs a paragraph with many short queries."""
         iterator = iter(sentences)
         while True:
             taken = [s for _, s in zip(range(chunk), iterator)]
             if not taken:
                 return
-            requests = self.requests(taken)
-            order = np.argsort([-len(r[self.interface.dynamic_input]) for r in requests], kind="stable")
-            answers = self.runner.run_requests([requests[i] for i in order], algorithm=PackAlgorithm.first_fit, progress=progress)
-            rows = [None] * len(requests)
-            for i, answer in zip(order.tolist(), answers):
-                rows[i] = answer[self.output]
-            yield from rows
+            yield from (answer[self.output] for answer in self.runner.run_requests(self.requests(taken), progress=progress))
 
     def embed_file(self, lines: str | os.PathLike, output: str | os.PathLike, *, progress: bool = False) -> int:
         """Embed every line of the text file `lines` (line i -> row i; an empty line is the empty

@@ -69,7 +69,7 @@ class BenchConfig:
     threads: int = 0  # onnxruntime intra-op threads; 0 = one per core
     timeout_microseconds: int = 15000
     clients: int | None = None  # online concurrent clients; default 2 * max_valid_num
-    offline_algorithm: str = "best_fit_decreasing"
+    offline_algorithm: str | None = None  # None: each layout's default (runtime.offline.default_algorithm)
     modes: tuple[str, ...] | None = None  # None: every mode
     seed: int = 2023
     op_costs: bool = True

@@ -38,6 +38,7 @@ from poprt_lite.bench.modes import (
     run_online,
     select_modes,
 )
+from poprt_lite.runtime.offline import default_algorithm
 from poprt_lite.vocab import Dim, PackMode
 
 __all__ = ["BenchConfig", "BenchResult", "ModeResult", "Progress", "run_benchmark"]
@@ -157,7 +158,7 @@ def host_packing(ctx: Context) -> dict[str, Any]:
             "build_feeds_us_per_request": build / w.size * 1e6,
             "split_outputs_us_per_request": split / w.size * 1e6,
             "packing_utils_pack_data_us_per_request": pack_data / w.size * 1e6,
-            "offline_algorithm": c.offline_algorithm,
+            "offline_algorithm": c.offline_algorithm or default_algorithm(plans[0].layout).value,
         }
     return out
 

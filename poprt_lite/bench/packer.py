@@ -81,7 +81,7 @@ def plan_packed(
     batch_size: int,
     seq_len: int,
     max_valid_num: int,
-    algorithm: PackAlgorithm | str = PackAlgorithm.best_fit_decreasing,
+    algorithm: PackAlgorithm | str | None = None,
 ) -> list[Batch]:
     """Pack every request of `lengths` into batches of the layout of pack mode `mode`
     (`runtime.offline.plan_batches`, the planner of `ModelRunner.run_requests`)."""

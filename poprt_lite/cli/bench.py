@@ -56,7 +56,7 @@ def bench_command(
     small: Annotated[bool, typer.Option("--small", help="CI preset: tiny batches (and a tiny exported model unless --model).")] = False,
     timeout_microseconds: Annotated[Optional[int], typer.Option("--timeout_microseconds", help="Batching timeout of the PackRunner and the dynamic batcher (default 15000).")] = None,
     clients: Annotated[Optional[int], typer.Option("--clients", help="Concurrent clients of the online modes (default: seed 2 x max_valid_num, queries 384).")] = None,
-    offline_algorithm: Annotated[str, typer.Option("--offline_algorithm", help="Offline packing: best_fit_decreasing, spfhp, first_fit, next_fit.")] = "best_fit_decreasing",
+    offline_algorithm: Annotated[Optional[str], typer.Option("--offline_algorithm", help="Offline packing: best_fit_decreasing, spfhp, longest_first, first_fit, next_fit (default: longest_first for token_stream, best_fit_decreasing for the others).")] = None,
     modes: Annotated[Optional[str], typer.Option("--modes", help="Comma-separated subset of the modes (default: all).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option("--work_dir", help="Cache for the exported and compiled models (default ~/.cache/poprt-lite).")] = None,
     op_costs: Annotated[bool, typer.Option("--op_costs/--no_op_costs", help="Time Unpack/Repack/AttentionMask and attention alone.")] = True,
@@ -86,7 +86,7 @@ def bench_command(
         raise PoprtError(f"model '{model}' does not exist")
     from poprt_lite.bench.packer import OFFLINE_ALGORITHMS
 
-    if offline_algorithm not in OFFLINE_ALGORITHMS:
+    if offline_algorithm is not None and offline_algorithm not in OFFLINE_ALGORITHMS:
         raise PoprtError(f"--offline_algorithm must be one of {', '.join(OFFLINE_ALGORITHMS)}, got '{offline_algorithm}'")
     if plot is not None:
         try:

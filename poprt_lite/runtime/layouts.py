@@ -87,6 +87,9 @@ class BatchLayout:
 
     mode: ClassVar[PackMode | None] = None
     across_rows: ClassVar[bool] = False  # may a request cross a row boundary?
+    # Does the model run attention on rows as long as the batch's longest request (its cost then
+    # follows that length, so batches of similar lengths waste least)?
+    rows_follow_longest: ClassVar[bool] = False
     # For messages about packed feeds: what marks the requests, and the likely mistake when a
     # request's position ids jump inside it.
     delimited_by: ClassVar[str] = "the rows"
@@ -270,6 +273,7 @@ class TokenStream(StreamAcrossRows):
     without unused slots (the model's rows follow it)."""
 
     mode = PackMode.token_stream
+    rows_follow_longest = True
     misplaced = "unpack_info must hold the requests' lengths in the order they lie in the stream"
 
     def placement(self, lengths: Sequence[int]) -> Placement:

@@ -55,7 +55,7 @@ class ModelRunner:
         self,
         requests: Sequence[Mapping[str, Any]],
         *,
-        algorithm: PackAlgorithm | str = offline.DEFAULT_ALGORITHM,
+        algorithm: PackAlgorithm | str | None = None,
         progress: bool = False,
     ) -> list[dict[str, np.ndarray]]:
         """Pack unpadded requests into this packed artifact's batches, run them, and return each
@@ -65,7 +65,8 @@ class ModelRunner:
         A request is a dict of 1-D feeds of its own length, as `PackRunner.execute` takes:
         `input_ids` required; `token_type_ids` (zeros), `position_ids` (the manifest's offset + 0, 1,
         ...), `attention_mask` and `unpack_info` optional. The packing is planned over all the
-        requests at once (`best_fit_decreasing` by default; `first_fit` / `next_fit` keep PopRT's
+        requests at once (by default `best_fit_decreasing`, the fewest batches, and for token_stream
+        artifacts `longest_first`, batches of similar lengths; `first_fit` / `next_fit` keep PopRT's
         in-order batches); `progress=True` shows a progress bar on stderr."""
         return offline.run_requests(self, requests, algorithm=algorithm, progress=progress)
 
@@ -73,7 +74,7 @@ class ModelRunner:
         self,
         requests: Iterable[Mapping[str, Any]] | str | os.PathLike,
         *,
-        algorithm: PackAlgorithm | str = offline.DEFAULT_ALGORITHM,
+        algorithm: PackAlgorithm | str | None = None,
         progress: bool = False,
         total: int | None = None,
     ) -> Iterator[dict[str, np.ndarray]]:

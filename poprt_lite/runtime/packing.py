@@ -24,6 +24,7 @@ class PackAlgorithm(enum.Enum):
     next_fit = "next_fit"
     best_fit_decreasing = "best_fit_decreasing"
     spfhp = "spfhp"
+    longest_first = "longest_first"
 
     @classmethod
     def parse(cls, value: PackAlgorithm | str) -> PackAlgorithm:
@@ -53,7 +54,9 @@ def pack(
     Every index appears exactly once; each bin's lengths sum to at most `bin_capacity` and it holds
     at most `max_items_per_bin` items (when given). `next_fit` keeps one open bin and `first_fit`
     uses the first bin with room, both in arrival order; `best_fit_decreasing` places the longest
-    first, each into the fullest bin with room; `spfhp` is described in `_spfhp`. With
+    first, each into the fullest bin with room; `spfhp` is described in `_spfhp`; `longest_first`
+    cuts the items, sorted longest first, into consecutive bins (each bin's items of similar
+    length, for models whose cost follows a batch's longest request). With
     `max_items_per_bin`, both decreasing algorithms then try `_fewer_balanced_bins`, which keeps
     their result unless a count-balanced packing needs fewer bins.
     """
@@ -75,6 +78,8 @@ def pack(
     if algorithm is PackAlgorithm.first_fit:
         return _any_fit(lengths, np.arange(len(lengths)), bin_capacity, limit, best=False)
     order = np.argsort(-lengths, kind="stable")
+    if algorithm is PackAlgorithm.longest_first:
+        return [[int(order[i]) for i in b] for b in _next_fit(lengths[order].tolist(), bin_capacity, limit)]
     if algorithm is PackAlgorithm.best_fit_decreasing:
         bins = _any_fit(lengths, order, bin_capacity, limit, best=True)
     else:

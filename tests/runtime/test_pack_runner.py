@@ -737,7 +737,7 @@ def test_config_defaults_come_from_the_manifest(tmp_path):
         ("attention_mask", lambda c: setattr(c, "algorithm", PackAlgorithm.spfhp),
          "spfhp packs a whole dataset at once; a PackRunner packs online with first_fit or next_fit"),
         ("attention_mask", lambda c: setattr(c, "algorithm", "worst_fit"),
-         "unknown packing algorithm 'worst_fit'; choose one of first_fit, next_fit, best_fit_decreasing, spfhp"),
+         "unknown packing algorithm 'worst_fit'; choose one of first_fit, next_fit, best_fit_decreasing, spfhp, longest_first"),
         ("attention_mask", lambda c: setattr(c, "timeout_microseconds", -1),
          "timeout_microseconds must be a non-negative number, got -1"),
         ("attention_mask", lambda c: setattr(c, "max_valid_num", 0), "max_valid_num must be a positive integer, got 0"),

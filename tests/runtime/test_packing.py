@@ -48,11 +48,19 @@ def test_online_algorithms_keep_arrival_order(problem):
         ("first_fit", [[0, 2, 4], [1], [3]]),
         ("best_fit_decreasing", [[1, 2], [3, 4], [0]]),  # 3 goes to the fullest bin (7)
         ("spfhp", [[1], [0, 2], [3, 4]]),  # 3 goes to the shortest pack (5)
+        ("longest_first", [[1], [3], [0, 2, 4]]),  # 7 | 6 | 5 3 2: consecutive runs, longest first
     ],
 )
 def test_pack_small_example(algorithm, expected):
     bins = pack([5, 7, 3, 6, 2], PackAlgorithm(algorithm), bin_capacity=10)
     assert sorted(bins) == sorted(expected)
+
+
+@given(problem=problems())
+def test_longest_first_cuts_the_sorted_order_into_runs(problem):
+    lengths, capacity, max_items = problem
+    bins = pack(lengths, "longest_first", bin_capacity=capacity, max_items_per_bin=max_items)
+    assert [i for b in bins for i in b] == np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
 
 
 def test_spfhp_fills_identical_packs_together():
@@ -99,7 +107,7 @@ def test_unknown_algorithm():
         pack([1], "best_fit", bin_capacity=4)
     assert str(info.value) == (
         "unknown packing algorithm 'best_fit'; "
-        "choose one of first_fit, next_fit, best_fit_decreasing, spfhp"
+        "choose one of first_fit, next_fit, best_fit_decreasing, spfhp, longest_first"
     )
     with pytest.raises(PoprtError) as info:
         OnlinePacker("spfhp", 2, 8, 4, False)
