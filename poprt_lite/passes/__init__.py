@@ -14,6 +14,7 @@ from poprt_lite.passes import (  # noqa: E402,F401  isort: skip
     cleanup,
     export_position_ids,
     float_to_half,
+    fuse_packed_attention,
     pack_unpack_repack,
     remove_outputs,
     static_shape,

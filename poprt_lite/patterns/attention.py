@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import networkx as nx
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from poprt_lite import ir
@@ -344,3 +345,171 @@ def attention_cone(graph: gs.Graph, blocks: list[AttentionBlock]) -> set[int]:
             cone.add(id(node))
             cone |= nx.ancestors(dag, id(node))
     return cone
+
+
+# ------------------------------------------------------------------ per-token views of the heads
+
+QUERY_HEADS = (0, 2, 1, 3)  # [B,S,H,d] -> [B,H,S,d]: Q and V as the score and context MatMuls read them
+KEY_HEADS = (0, 2, 3, 1)  # [B,S,H,d] -> [B,H,d,S]: K^T
+VIEW_CHAIN_OPS = ("Reshape", "Transpose", "Identity")
+
+
+@dataclass
+class TokenView:
+    """A tensor in the heads layout that is a view of the per-token tensor `source` [B,S,H*d],
+    times `scale` (constant scalar Mul/Div on the way)."""
+
+    source: gs.Tensor
+    scale: float
+
+
+def scalar_factor(node: gs.Node) -> tuple[gs.Tensor, float] | None:
+    """`(data, f)` when `node` is `data * f` for a constant scalar f (a Mul by f, or a Div by 1/f), else None."""
+    if node.op not in SCALE_OPS or len(node.inputs) != 2:
+        return None
+    pairs = [(node.inputs[0], node.inputs[1])]
+    if node.op == "Mul":
+        pairs.append((node.inputs[1], node.inputs[0]))
+    for data, factor in pairs:
+        value = constant_array(factor)
+        if value is not None and value.size == 1 and not is_constant(data):
+            f = float(value.reshape(()))
+            return data, (f if node.op == "Mul" else 1.0 / f)
+    return None
+
+
+def token_view_source(tensor: gs.Tensor, batch: int, seq: int, heads: int, perm: tuple[int, ...], scaled: bool = True) -> TokenView | None:
+    """Walk back from `tensor` (Q, K^T or V as the attention MatMuls read it) through Reshapes,
+    Transposes and (if `scaled`) constant scalar scales to the per-token tensor `[batch, seq, hidden]`
+    it views as `source.reshape(batch, seq, heads, d).transpose(perm)`; None if it is anything else.
+    The views are checked by applying them to the indices of the source, so any chain of views that
+    ends in that layout is found (dynamo's `[B*H, S, d]` detours included)."""
+    shape = _static_shape(tensor)
+    if shape is None or len(shape) != 4:
+        return None
+    head_dim = shape[perm.index(3)]
+    hidden = heads * head_dim
+    views: list[gs.Node] = []
+    scale = 1.0
+    while _static_shape(tensor) != [batch, seq, hidden]:
+        node = _producer(tensor)
+        if node is None or len(views) > MAX_PATH:
+            return None
+        factor = scalar_factor(node) if scaled else None
+        if factor is not None:
+            tensor, f = factor
+            scale *= f
+        elif node.op in VIEW_CHAIN_OPS and (node.op != "Reshape" or constant_array(node.inputs[1]) is not None):
+            views.append(node)
+            tensor = node.inputs[0]
+        else:
+            return None
+    index = np.arange(batch * seq * hidden, dtype=np.int32).reshape(batch, seq, hidden)
+    viewed = _apply_views(index, reversed(views))
+    want = index.reshape(batch, seq, heads, head_dim).transpose(perm)
+    if viewed is None or viewed.shape != want.shape or not np.array_equal(viewed, want):
+        return None
+    return TokenView(tensor, scale)
+
+
+def token_view_of_context(tensor: gs.Tensor, batch: int, seq: int, heads: int) -> gs.Tensor | None:
+    """Walk forward from the context `[batch, heads, seq, d]` (the output of MatMul(P, V)) through
+    Reshapes and Transposes, each the only reader of its input, to the per-token tensor
+    `[batch, seq, heads*d]` (`context.transpose(0, 2, 1, 3).reshape(batch, seq, hidden)`); None if
+    the chain is anything else or the tensor is also a graph output."""
+    shape = _static_shape(tensor)
+    if shape is None or shape[:3] != [batch, heads, seq] or len(shape) != 4:
+        return None
+    hidden = heads * shape[3]
+    index = np.arange(batch * seq * hidden, dtype=np.int32).reshape(batch, heads, seq, shape[3])
+    views: list[gs.Node] = []
+    while _static_shape(tensor) != [batch, seq, hidden]:
+        if len(tensor.outputs) != 1 or len(views) > MAX_PATH:
+            return None
+        node = tensor.outputs[0]
+        if node.op not in VIEW_CHAIN_OPS or node.inputs[0] is not tensor or (node.op == "Reshape" and constant_array(node.inputs[1]) is None):
+            return None
+        views.append(node)
+        tensor = node.outputs[0]
+    viewed = _apply_views(index, views)
+    want = index.transpose(0, 2, 1, 3).reshape(batch, seq, hidden)
+    if viewed is None or viewed.shape != want.shape or not np.array_equal(viewed, want):
+        return None
+    return tensor
+
+
+def _apply_views(array: np.ndarray, views: Iterable[gs.Node]) -> np.ndarray | None:
+    """`array` through the Reshape / Transpose / Identity nodes `views` in order, as onnx defines them."""
+    for node in views:
+        if node.op == "Transpose":
+            perm = node.attrs.get("perm")
+            array = array.transpose(perm) if perm is not None else array.T
+        elif node.op == "Reshape":
+            target = [int(v) for v in constant_array(node.inputs[1]).reshape(-1)]
+            if not node.attrs.get("allowzero", 0):
+                target = [array.shape[i] if v == 0 else v for i, v in enumerate(target)]
+            try:
+                array = array.reshape(target)
+            except ValueError:
+                return None
+    return array
+
+
+def _static_shape(tensor: gs.Tensor) -> list[int] | None:
+    shape = tensor.shape
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    return list(shape)
+
+
+def constant_array(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer or a Constant node's output, else None."""
+    if tensor.inputs and tensor.inputs[0].op == "Constant":
+        tensor = tensor.inputs[0].attrs.get("value")
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+def plain_score_scale(block: AttentionBlock, mask: gs.Tensor) -> float | None:
+    """For a block whose scores get nothing but constant scalar scales and `mask` (one Add, `mask`
+    its only summand) on the way to a Softmax over the last axis, the product of those scales; None
+    for any other block (a bias such as MPNet's or DeBERTa's, a Where mask, a view, a Cast)."""
+    if block.where_masks or len(block.terms) != 1 or block.softmax.attrs.get("axis", -1) not in (-1, 3):
+        return None
+    term = block.terms[0]
+    if len(term.summands) != 1 or term.summands[0] is not mask:
+        return None
+    scale = 1.0
+    for node in block.path:
+        factor = scalar_factor(node)
+        if factor is not None:
+            scale *= factor[1]
+        elif node is not term.node and node.op not in ("Identity", "Dropout"):
+            return None
+    return scale
+
+
+def plain_probabilities(block: AttentionBlock) -> bool:
+    """Does the Softmax output reach MatMul(P, V) unchanged: directly, through Identity / Dropout
+    (inference), or through sdpa's guard `Where(IsNaN(p), 0, p)` (never taken with a finite mask)?"""
+    tensor = block.softmax.outputs[0]
+    for _ in range(5):
+        guards = [n for n in tensor.outputs if n.op == "IsNaN"]
+        readers = [n for n in tensor.outputs if n.op != "IsNaN"]
+        if len(readers) != 1:
+            return False
+        node = readers[0]
+        if node is block.context:
+            return node.inputs[0] is tensor and not guards
+        guarded = (
+            node.op == "Where"
+            and node.inputs[2] is tensor
+            and any(node.inputs[0] is g.outputs[0] for g in guards)
+            and (value := constant_array(node.inputs[1])) is not None
+            and not value.any()
+        )
+        if not (guarded or (node.op in ("Identity", "Dropout") and not guards)):
+            return False
+        tensor = node.outputs[0]
+    return False

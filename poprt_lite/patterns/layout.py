@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from poprt_lite.patterns.attention import is_constant
+from poprt_lite.patterns.attention import constant_array, is_constant
 
 # Ops whose output element depends only on the same element (or the same token) of the inputs.
 ELEMENTWISE = {
@@ -151,11 +151,8 @@ def is_token_major(tensor: gs.Tensor, dims: TokenAxes) -> bool:
 
 def constant_ints(tensor: gs.Tensor | None) -> list[int] | None:
     """The values of a constant integer tensor (initializer or Constant node), else None."""
-    if tensor is not None and tensor.inputs and tensor.inputs[0].op == "Constant":
-        tensor = tensor.inputs[0].attrs.get("value")
-    if isinstance(tensor, gs.Constant):
-        return [int(v) for v in np.asarray(tensor.values).reshape(-1)]
-    return None
+    values = None if tensor is None else constant_array(tensor)
+    return None if values is None else [int(v) for v in values.reshape(-1)]
 
 
 def _normalized(axes: list[int], rank: int) -> set[int]:
