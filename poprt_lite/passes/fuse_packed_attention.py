@@ -54,6 +54,7 @@ class FusePackedAttention(Pass):
                 f"(one AttentionMask node), found {len(masks)} AttentionMask nodes; pack with mode=attention_mask"
             )
         mask = masks[0]
+        ir.infer_shapes_in_place(graph)  # the views are recognised by their static shapes
         blocks = find_attention_blocks(graph)
         fused = sum(_fuse(graph, block, mask) for block in blocks)
         return PassResult(changed=fused > 0, message=f"{fused} of {len(blocks)} attention blocks fused into {FUSED_OP}")
@@ -61,7 +62,7 @@ class FusePackedAttention(Pass):
 
 def _fuse(graph: gs.Graph, block: AttentionBlock, mask: gs.Tensor) -> bool:
     """Replace `block` by one MultiHeadAttention node if it is plain; whether it was."""
-    shape = block.softmax.inputs[0].shape
+    shape = block.scores.outputs[0].shape
     score_scale = plain_score_scale(block, mask)
     if score_scale is None or not plain_probabilities(block) or shape is None or len(shape) != 4:
         return False

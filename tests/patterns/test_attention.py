@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import model_path
 from poprt_lite import ir
 from poprt_lite.errors import PoprtError
-from poprt_lite.patterns.attention import find_attention_blocks, is_constant, relative_position_sources, token_content
+from poprt_lite.patterns.attention import (
+    KEY_HEADS,
+    QUERY_HEADS,
+    find_attention_blocks,
+    is_constant,
+    relative_position_sources,
+    token_content,
+    token_view_of_context,
+    token_view_source,
+)
 
 HIDDEN, VOCAB, POSITIONS, SPAN = 8, 50, 64, 7
 
@@ -183,3 +193,77 @@ def test_scores_of_rank_3_are_refused_naming_the_softmax():
     softmax.inputs[0].shape = ["batch", "seq", "seq"]
     with pytest.raises(PoprtError, match=r"^attention at Softmax 'softmax' works on rank-3 scores; packing supports \[batch, heads, seq, seq\] scores$"):
         find_attention_blocks(graph, ["attention_mask"])
+
+
+# ------------------------------------------------------------------ per-token views of the heads
+
+B, S, NH, D = 2, 3, 2, 4  # batch, seq, heads, head_dim of the view chains below
+
+
+def view_chain(*steps: tuple) -> tuple[gs.Variable, gs.Variable]:
+    """A per-token tensor x [B, S, NH*D] through `steps`: ("reshape", shape), ("transpose", perm),
+    ("mul", factor), ("div", factor); returns (x, the last tensor)."""
+    x = gs.Variable("x", np.float32, [B, S, NH * D])
+    tensor = x
+    for k, (op, arg) in enumerate(steps):
+        if op == "reshape":
+            shape = [tensor.shape[i] if v == 0 else v for i, v in enumerate(arg)]
+            shape = list(np.empty(tensor.shape).reshape(shape).shape)
+            node = gs.Node("Reshape", inputs=[tensor, gs.Constant(f"shape{k}", np.array(arg, np.int64))])
+        elif op == "transpose":
+            shape = [tensor.shape[p] for p in arg]
+            node = gs.Node("Transpose", attrs={"perm": list(arg)}, inputs=[tensor])
+        else:
+            shape = tensor.shape
+            node = gs.Node(op.capitalize(), inputs=[tensor, gs.Constant(f"factor{k}", np.array(arg, np.float32))])
+        tensor = gs.Variable(f"t{k}", np.float32, shape)
+        node.outputs = [tensor]
+    return x, tensor
+
+
+@pytest.mark.parametrize(
+    "steps, perm, scale",
+    [
+        ([("reshape", [B, S, NH, D]), ("transpose", QUERY_HEADS)], QUERY_HEADS, 1.0),
+        ([("reshape", [0, 0, NH, D]), ("transpose", KEY_HEADS), ("mul", 0.5)], KEY_HEADS, 0.5),
+        # dynamo's K^T: heads, [B*H, S, D], transposed, back to [B, H, D, S], scaled; scaled Q by a Div
+        ([("reshape", [B, S, NH, D]), ("transpose", QUERY_HEADS), ("reshape", [B * NH, S, D]), ("transpose", [0, 2, 1]),
+          ("reshape", [B, NH, D, S]), ("mul", 0.5)], KEY_HEADS, 0.5),
+        ([("reshape", [B, S, NH, D]), ("div", 4.0), ("transpose", QUERY_HEADS), ("mul", 2.0)], QUERY_HEADS, 0.5),
+    ],
+)  # fmt: skip
+def test_heads_views_lead_back_to_the_per_token_tensor(steps, perm, scale):
+    x, heads = view_chain(*steps)
+    view = token_view_source(heads, B, S, NH, perm)
+    assert view is not None and view.source is x and view.scale == pytest.approx(scale)
+
+
+@pytest.mark.parametrize(
+    "steps, perm",
+    [
+        ([("reshape", [B, S, D, NH]), ("transpose", [0, 3, 1, 2])], QUERY_HEADS),  # heads taken as the inner axis
+        ([("reshape", [B, S, NH, D]), ("transpose", QUERY_HEADS)], KEY_HEADS),  # Q's layout where K^T's is wanted
+        ([("reshape", [B, S, NH, D]), ("transpose", [0, 2, 1, 3]), ("transpose", [1, 0, 2, 3])], QUERY_HEADS),  # rows and heads swapped
+    ],
+)  # fmt: skip
+def test_other_views_of_the_same_shape_are_not_heads(steps, perm):
+    _, heads = view_chain(*steps)
+    assert token_view_source(heads, B, S, NH, perm) is None
+
+
+def test_a_scaled_value_is_not_a_plain_view():
+    x, value = view_chain(("reshape", [B, S, NH, D]), ("transpose", QUERY_HEADS), ("mul", 2.0))
+    assert token_view_source(value, B, S, NH, QUERY_HEADS).source is x
+    assert token_view_source(value, B, S, NH, QUERY_HEADS, scaled=False) is None
+
+
+def test_the_context_goes_back_to_tokens_only_by_the_inverse_view():
+    context = gs.Variable("context", np.float32, [B, NH, S, D])
+    t = gs.Variable("t", np.float32, [B, S, NH, D])
+    merged = gs.Variable("merged", np.float32, [B, S, NH * D])
+    transpose = gs.Node("Transpose", attrs={"perm": [0, 2, 1, 3]}, inputs=[context], outputs=[t])
+    gs.Node("Reshape", inputs=[t, gs.Constant("merged_shape", np.array([B, S, NH * D], np.int64))], outputs=[merged])
+    assert token_view_of_context(context, B, S, NH) is merged
+    transpose.attrs["perm"] = [0, 2, 3, 1]  # [B, S, D, NH]: the same shape, heads as the inner axis
+    t.shape = [B, S, D, NH]
+    assert token_view_of_context(context, B, S, NH) is None
