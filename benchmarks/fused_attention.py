@@ -7,11 +7,11 @@ interleaved (the order alternates round by round, so both see the same machine).
 bench's (poprt-lite's disabled fusions, no spinning), so this process's CPU time is the work
 done: on a machine shared with other processes it moves far less than wall time. Prints, per
 variant, the median and range over the rounds of wall and CPU ms per batch, the medians (and
-ranges) of the per-round ratios unfused/fused, the node counts of both models, the largest
-difference between their outputs, and with `--profile` onnxruntime's own profile by op type.
+ranges) of the per-round ratios unfused/fused, the node counts of both models and the largest
+difference between their outputs.
 
 Run from the repository root (models exported / compiled on first use):
-    python benchmarks/fused_attention.py [--workload queries|seed] [--threads 2] [--rounds 7] [--profile]
+    python benchmarks/fused_attention.py [--workload queries|seed] [--threads 2] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from poprt_lite import compiler
 from poprt_lite.bench.measure import workload_context
 from poprt_lite.bench.models import token_inputs
 from poprt_lite.bench.monitor import own_cpu
-from poprt_lite.bench.opcost import profile_by_op_type
 from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import PackMode
 
@@ -61,7 +60,6 @@ def main() -> None:
     parser.add_argument("--workload", default="queries", choices=["seed", "queries"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--profile", action="store_true", help="also profile both models by op type")
     args = parser.parse_args()
     ctx = workload_context(args.workload, (MODE,))
     config = ctx.config
@@ -92,15 +90,6 @@ def main() -> None:
     for name, times in (("wall", wall), ("CPU", cpu)):
         ratio = np.array(times["unfused"]) / np.array(times["fused"])
         print(f"  unfused/fused {name:4s}: median of per-round ratios {np.median(ratio):.3f} (range {ratio.min():.3f}-{ratio.max():.3f})")
-    if args.profile:
-        result = {v: profile_by_op_type(m, [feeds], args.threads, 3) for v, m in models.items()}
-        ops = sorted(set(result["unfused"]) | set(result["fused"]), key=lambda o: -max(result["unfused"].get(o, 0), result["fused"].get(o, 0)))
-        print(f"\n  onnxruntime profile, {args.threads} threads, ms per batch by op type:")
-        print(f"  {'op':28s} {'unfused':>10s} {'fused':>10s}")
-        for op in ops:
-            print(f"  {op:28s} {result['unfused'].get(op, 0):10.1f} {result['fused'].get(op, 0):10.1f}")
-        print(f"  {'total':28s} {sum(result['unfused'].values()):10.1f} {sum(result['fused'].values()):10.1f}")
-
 
 if __name__ == "__main__":
     main()

@@ -12,8 +12,9 @@ Adds are left to the clean-up. Blocks with other score terms (MPNet's relative-p
 DeBERTa's c2p / p2c) stay as they are.
 
 The node is onnxruntime's own (CPU kernel, float32 and float16), so a model this pass has run on
-needs onnxruntime: it runs after the attention passes, which refuse fused attention. Opt-in:
-`--passes fuse_packed_attention` with `--pack_args mode=attention_mask`.
+needs onnxruntime: it runs after the attention passes, which refuse fused attention. Opt-in (not
+faster on the bench's batches, README "Performance"): `--passes fuse_packed_attention` with
+`--pack_args mode=attention_mask`.
 """
 
 from __future__ import annotations

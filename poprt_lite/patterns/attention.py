@@ -18,6 +18,12 @@ every other summand is a *bias*. Biases
 stay: `relative_position_sources` tells whether a bias sees positions in the row only as differences
 (then packed rows keep it right for the pairs of one request); `passes/attention_rows.py` recomputes
 a block with everything it reads (biases included) on per-request rows.
+
+Per-token views: `token_view_source` finds the per-token tensor `[B,S,hidden]` that Q, K^T or V
+is a view of (Reshapes, Transposes, constant scalar scales; checked on indices, not by op names),
+`token_view_of_context` the per-token view of a block's context, and `plain_score_scale` /
+`plain_probabilities` whether a block has nothing but scales and one mask between its MatMuls
+(what `passes/fuse_packed_attention.py` fuses).
 """
 
 from __future__ import annotations

@@ -155,40 +155,6 @@ MODELS = {
             hidden = Add (merged, x)
         }
     """,
-    # tiny_encoder's attention after attention_mask packing with static shapes (2 rows of 3 tokens):
-    # the block-diagonal AttentionMask, a query bias, the scale on the scores.
-    "packed_attention": """
-        <ir_version: 8, opset_import: ["" : 17, "ai.graphcore" : 1]>
-        packed_attention (float[2,3,4] x, int64[2,3] attention_mask) => (float[2,3,4] hidden)
-            <float[4,4] wq = {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1},
-             float[4,4] wk = {0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0},
-             float[4,4] wv = {1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 1},
-             float[4] bq = {1, 2, 3, 4}, float[4] bk = {0, 0, 0, 0}, float[4] bv = {4, 3, 2, 1},
-             int64[4] heads_shape = {2, 3, 2, 2}, int64[3] merged_shape = {2, 3, 4}, float scale = {0.70710677}>
-        {
-            q0 = MatMul (x, wq)
-            k0 = MatMul (x, wk)
-            v0 = MatMul (x, wv)
-            q = Add (q0, bq)
-            k = Add (bk, k0)
-            v = Add (v0, bv)
-            q_split = Reshape (q, heads_shape)
-            k_split = Reshape (k, heads_shape)
-            v_split = Reshape (v, heads_shape)
-            q_heads = Transpose <perm = [0, 2, 1, 3]> (q_split)
-            k_heads_t = Transpose <perm = [0, 2, 3, 1]> (k_split)
-            v_heads = Transpose <perm = [0, 2, 1, 3]> (v_split)
-            mask = ai.graphcore.AttentionMask <dtype = 1> (attention_mask)
-            scores = MatMul (q_heads, k_heads_t)
-            scaled = Mul (scores, scale)
-            masked = Add (scaled, mask)
-            probs = Softmax <axis = -1> (masked)
-            context = MatMul (probs, v_heads)
-            context_t = Transpose <perm = [0, 2, 1, 3]> (context)
-            merged = Reshape (context_t, merged_shape)
-            hidden = Add (merged, x)
-        }
-    """,
 }
 
 PACK = {"max_valid_num": 4, "segment_max_size": 8}
@@ -200,6 +166,7 @@ class GoldenCase:
     model: str  # a key of MODELS
     options: dict[str, Any] = field(default_factory=dict)
     variant: str = ""  # names a second case of the same pass and model
+    before: tuple[tuple[str, dict[str, Any]], ...] = ()  # passes (name, options) that prepare the model; the golden is the last pass's result
 
     @property
     def id(self) -> str:
@@ -223,7 +190,10 @@ CASES = [
     GoldenCase("remove_outputs", "two_heads", {"outputs": ("end",)}),
     GoldenCase("add_checkpoints", "two_heads", {"tensors": ("trunk", "shifted")}),
     GoldenCase("token_stream_packing", "tiny_encoder", {**PACK, "max_tokens": 16}),
-    GoldenCase("fuse_packed_attention", "packed_attention"),
+    GoldenCase(
+        "fuse_packed_attention", "tiny_encoder",
+        before=(("attention_mask_packing", PACK), ("static_shape", {"input_shape": {"input_ids": (2, 8)}}), ("fold_constants", {})),
+    ),
 ]
 
 # Tensor types onnx.printer writes as readable numbers (float16 and co. come out as raw bits).
@@ -236,7 +206,8 @@ PRINTABLE = {
 
 def run_case(case: GoldenCase) -> onnx.ModelProto:
     model = onnx.parser.parse_model(MODELS[case.model])
-    result, _ = PassManager([get_pass(case.pass_name)(**case.options)]).run(model)
+    passes = [get_pass(name)(**options) for name, options in case.before]
+    result, _ = PassManager([*passes, get_pass(case.pass_name)(**case.options)]).run(model)
     return result
 
 
@@ -252,6 +223,7 @@ def canonical_text(model: onnx.ModelProto, case: GoldenCase) -> str:
     for tensor in canonical.graph.initializer:
         tensor.CopyFrom(_readable(tensor))
     options = f" with {case.options}" if case.options else ""
+    options += f" after {', '.join(name for name, _ in case.before)}" if case.before else ""
     header = f"# {case.pass_name}{options} on '{case.model}' (tests/golden/test_pass_goldens.py); refresh: {REFRESH}\n"
     return header + onnx.printer.to_text(canonical) + "\n"
 
