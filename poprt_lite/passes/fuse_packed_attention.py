@@ -38,7 +38,9 @@ from poprt_lite.patterns.attention import (
     token_view_of_context,
     token_view_source,
 )
+from poprt_lite.vocab import PackMode
 
+MODE = PackMode.attention_mask
 ORT_DOMAIN = "com.microsoft"
 FUSED_OP = "MultiHeadAttention"
 
@@ -51,8 +53,8 @@ class FusePackedAttention(Pass):
         masks = [n.outputs[0] for n in graph.nodes if n.op == "AttentionMask" and n.domain == ops.DOMAIN]
         if len(masks) != 1:
             raise PoprtError(
-                f"{self.name} fuses the attention of a model packed with --pack_args mode=attention_mask "
-                f"(one AttentionMask node), found {len(masks)} AttentionMask nodes; pack with mode=attention_mask"
+                f"{self.name} fuses the attention of a model packed in {MODE} mode (one AttentionMask node), "
+                f"found {len(masks)} AttentionMask nodes; give pack_args mode={MODE}"
             )
         mask = masks[0]
         ir.infer_shapes_in_place(graph)  # the views are recognised by their static shapes

@@ -94,8 +94,8 @@ def test_a_model_without_attention_mask_packing_is_refused(mode, tmp_path):
     with pytest.raises(PassError) as info:
         poprt_lite.compile(TESTDATA / "bert_qa_torchscript.onnx", tmp_path / "model.onnx", options=poprt_lite.CompileOptions(**options, passes=[PASS]))
     assert str(info.value) == (
-        f"pass '{PASS}' failed: {PASS} fuses the attention of a model packed with --pack_args mode=attention_mask "
-        "(one AttentionMask node), found 0 AttentionMask nodes; pack with mode=attention_mask"
+        f"pass '{PASS}' failed: {PASS} fuses the attention of a model packed in {PackMode.attention_mask.value} mode (one AttentionMask node), "
+        f"found 0 AttentionMask nodes; give pack_args mode={PackMode.attention_mask.value}"
     )
     assert not any(tmp_path.iterdir())
 
