@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from poprt_lite import ir, ops
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
 from poprt_lite.patterns.attention import (
@@ -54,7 +54,7 @@ class FusePackedAttention(Pass):
         if len(masks) != 1:
             raise PoprtError(
                 f"{self.name} fuses the attention of a model packed in {MODE} mode (one AttentionMask node), "
-                f"found {len(masks)} AttentionMask nodes; give pack_args mode={MODE}"
+                f"found {len(masks)} AttentionMask nodes; give {option('pack_args')} mode={MODE}"
             )
         mask = masks[0]
         ir.infer_shapes_in_place(graph)  # the views are recognised by their static shapes

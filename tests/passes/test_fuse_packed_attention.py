@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 import poprt_lite
+from cli.test_convert import cli
 from conftest import TESTDATA
 from poprt_lite import runtime
 from poprt_lite.errors import PassError
@@ -98,6 +99,13 @@ def test_a_model_without_attention_mask_packing_is_refused(mode, tmp_path):
         f"found 0 AttentionMask nodes; give pack_args mode={PackMode.attention_mask.value}"
     )
     assert not any(tmp_path.iterdir())
+
+
+def test_the_cli_refuses_it_without_packing_in_one_line(capsys, tmp_path):
+    code, out, err = cli(capsys, "--input_model", str(TESTDATA / "bert_qa_torchscript.onnx"), "--output_dir", str(tmp_path / "out"), "--passes", PASS)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f"found 0 AttentionMask nodes; give --pack_args mode={PackMode.attention_mask.value}")
+    assert not (tmp_path / "out").exists()
 
 
 def test_float16_fused_model_matches_the_unfused_one(workdir):
