@@ -8,8 +8,8 @@ packed rows are dealt into batches of `batch_size` rows holding at most `max_val
 The default (`default_algorithm`) is `best_fit_decreasing`, the fewest batches, except where the
 model's attention rows are as long as the batch's longest request (token_stream): there
 `longest_first` (consecutive runs of the requests sorted by length) keeps each batch's requests of
-similar length, which in the bench's offline token stream mode cost 10-13% less CPU per request than
-best_fit_decreasing's batches, whose long requests are topped up with short ones.
+similar length: on the bench's workloads 12-15% less CPU than best_fit_decreasing's batches, whose
+long requests are topped up with short ones (`benchmarks/offline_planning.py`).
 
 `run_requests` / `iter_requests` drive a packed artifact's `ModelRunner` with it: every request is
 checked and completed from the manifest (`runtime/requests.py`: token types, position ids with the
