@@ -153,10 +153,8 @@ def test_notices_name_options_as_the_reader_gives_them(caplog, tmp_path, capsys)
 
 # ------------------------------------------------------------------ no flag in library messages
 
-# Where `--flag` text is the CLI's own: the CLI, PopRT's flag table, and the bench's hint about the
-# `--model` of `poprt-lite bench` and the benchmarks/ scripts.
+# Where `--flag` text is the CLI's own: the CLI and PopRT's flag table.
 CLI_TEXT = ("cli/", "poprt_options.py")
-ALLOWED = {("bench/export.py", "); pip install '.[export]' or pass --model")}
 FLAG = re.compile(r"(?:^|[\s(\[`'\"=])--[a-z]")
 
 
@@ -169,14 +167,14 @@ def _strings(tree: ast.AST):
 
 
 def flag_literals(root: Path) -> list[str]:
-    """`--flag` text in the strings of the library under `root` (outside CLI_TEXT and ALLOWED)."""
+    """`--flag` text in the strings of the library under `root` (outside CLI_TEXT)."""
     found = []
     for path in sorted(root.rglob("*.py")):
         name = path.relative_to(root).as_posix()
         if name.startswith(CLI_TEXT):
             continue
         for node in _strings(ast.parse(path.read_text(), name)):
-            if FLAG.search(node.value) and (name, node.value) not in ALLOWED:
+            if FLAG.search(node.value):
                 found.append(f"{name}:{node.lineno}: {node.value!r}")
     return found
 

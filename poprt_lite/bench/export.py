@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from poprt_lite.errors import PoprtError
+from poprt_lite.errors import PoprtError, option
 from poprt_lite.vocab import INPUT_IDS, Role
 
 
@@ -62,7 +62,7 @@ def export_bert_qa(path: str | os.PathLike, geometry: Geometry = BERT_BASE, seed
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise PoprtError(
             f"exporting the benchmark model needs torch and transformers ({exc}); "
-            "pip install '.[export]' or pass --model"
+            f"pip install '.[export]' or pass {option('model')}"
         ) from None
 
     torch.manual_seed(seed)
