@@ -8,7 +8,8 @@ every runner shares). Plans:
   `[batch_size, seq_len]` input (the padded baseline);
 - `plan_packed`: the whole dataset packed ahead for a pack mode, by the runtime's offline planner
   (`runtime/offline.py`, the one `ModelRunner.run_requests` uses): PopRT's in-order `first_fit` /
-  `next_fit`, or global bin packing (`best_fit_decreasing`, `spfhp`);
+  `next_fit`, or global bin packing (`best_fit_decreasing`, `spfhp`, `longest_first`; by default
+  the layout's own, `runtime.offline.default_algorithm`);
 - `plan_dynamic`: the original dynamic-shape model's batches: one request each at its own length,
   or requests sorted by length, `batch_size` per batch, padded to the batch's longest.
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from poprt_lite.patterns.attention import is_constant
+from poprt_lite.patterns.attention import constant_array, is_constant
 from poprt_lite.patterns.layout import TokenAxes, constant_ints, is_token_major
 
 
@@ -117,12 +117,8 @@ def _keepdims(node: gs.Node) -> bool:
 
 def _scalar(tensor: gs.Tensor) -> float | None:
     """The value of a constant holding one number (any shape of size 1)."""
-    if tensor.inputs and tensor.inputs[0].op == "Constant":
-        tensor = tensor.inputs[0].attrs.get("value")
-    if isinstance(tensor, gs.Constant):
-        values = np.asarray(tensor.values)
-        return float(values.reshape(-1)[0]) if values.size == 1 else None
-    return None
+    values = constant_array(tensor)
+    return float(values.reshape(-1)[0]) if values is not None and values.size == 1 else None
 
 
 # --------------------------------------------------------------------------------- the patterns
