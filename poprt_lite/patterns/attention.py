@@ -131,8 +131,10 @@ def is_constant(tensor: gs.Tensor) -> bool:
     return isinstance(tensor, gs.Constant) or bool(tensor.inputs and tensor.inputs[0].op == "Constant")
 
 
-def _producer(tensor: gs.Tensor) -> gs.Node | None:
-    return tensor.inputs[0] if tensor.inputs else None
+def producer(tensor: gs.Tensor, ops: Iterable[str] | None = None) -> gs.Node | None:
+    """The node that writes `tensor`, if any (and if its op is one of `ops`)."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    return node if node is not None and (ops is None or node.op in ops) else None
 
 
 def _is_score_matmul(node: gs.Node | None) -> bool:
@@ -161,7 +163,7 @@ def _score_path(tensor: gs.Tensor) -> list[gs.Node] | None:
     found: list[list[gs.Node]] = []
 
     def walk(t: gs.Tensor, path: list[gs.Node]) -> None:
-        node = _producer(t)
+        node = producer(t)
         if node is None or len(path) > MAX_PATH or any(node is p for p in path):
             return
         if _is_score_matmul(node):
@@ -186,7 +188,7 @@ def _context_of(tensor: gs.Tensor) -> gs.Node | None:
             return node
         if node.op in PASS_THROUGH_OPS or (node.op in VIEW_OPS and node.inputs[0] is tensor):
             tensor = node.outputs[0]
-        elif node.op == "Where" and node.inputs[2] is tensor and _producer(node.inputs[0]) is not None and _producer(node.inputs[0]).op == "IsNaN":
+        elif node.op == "Where" and node.inputs[2] is tensor and producer(node.inputs[0]) is not None and producer(node.inputs[0]).op == "IsNaN":
             tensor = node.outputs[0]  # sdpa's NaN guard for fully masked rows
         else:
             return None
@@ -218,8 +220,8 @@ def _read_terms(block: AttentionBlock, content: set[int], mask_inputs: set[str])
             block.where_masks.append(node)
         elif node.op == "Add":
             for index, tensor in enumerate(node.inputs):
-                producer = _producer(tensor)
-                if producer is not None and id(producer) in on_path:
+                writer = producer(tensor)
+                if writer is not None and id(writer) in on_path:
                     continue
                 summands = _summands(tensor)
                 masks = [t for t in summands if _reads_inputs(t, content) & mask_inputs]
@@ -227,7 +229,7 @@ def _read_terms(block: AttentionBlock, content: set[int], mask_inputs: set[str])
 
 
 def _summands(tensor: gs.Tensor) -> list[gs.Tensor]:
-    node = _producer(tensor)
+    node = producer(tensor)
     if node is not None and node.op == "Add":
         return [s for t in node.inputs for s in _summands(t)]
     return [tensor]
@@ -240,7 +242,7 @@ def _reads_inputs(tensor: gs.Tensor, content: set[int]) -> set[str]:
     stack = [tensor]
     while stack:
         t = stack.pop()
-        node = _producer(t)
+        node = producer(t)
         if id(t) in content:
             continue
         if node is None:
@@ -313,7 +315,7 @@ def relative_position_sources(tensor: gs.Tensor, content: set[int] = frozenset()
         if id(t) in memo:
             return memo[id(t)]
         memo[id(t)] = ("none", [])  # cycles cannot happen in a valid graph; guard anyway
-        node = _producer(t)
+        node = producer(t)
         if node is None or id(t) in stop or is_constant(t) or node.op == "Shape":
             result = ("none", [])
         elif node.op == "Range":
@@ -398,7 +400,7 @@ def token_view_source(tensor: gs.Tensor, batch: int, seq: int, heads: int, perm:
     views: list[gs.Node] = []
     scale = 1.0
     while _static_shape(tensor) != [batch, seq, hidden]:
-        node = _producer(tensor)
+        node = producer(tensor)
         if node is None or len(views) > MAX_PATH:
             return None
         factor = scalar_factor(node) if scaled else None

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from poprt_lite.patterns.attention import constant_array, is_constant
+from poprt_lite.patterns.attention import constant_array, is_constant, producer
 from poprt_lite.patterns.layout import TokenAxes, constant_ints, is_token_major
 
 
@@ -81,12 +81,6 @@ class L2Normalization:
 
 
 # ------------------------------------------------------------------------------ small matchers
-
-
-def producer(tensor: gs.Tensor, ops: Iterable[str] | None = None) -> gs.Node | None:
-    """The node that writes `tensor`, if any (and if its op is one of `ops`)."""
-    node = tensor.inputs[0] if tensor.inputs else None
-    return node if node is not None and (ops is None or node.op in ops) else None
 
 
 def origin(tensor: gs.Tensor, through: Iterable[str]) -> gs.Tensor:
