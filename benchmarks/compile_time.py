@@ -129,8 +129,8 @@ def child_check(model: str, mode: str, out: str) -> dict:
     import numpy as np
     import onnx
 
-    from poprt_lite import verify
-    from poprt_lite.artifact import load_artifact
+    from poprt_lite.compiler import verify
+    from poprt_lite.ir.artifact import load_artifact
     from poprt_lite.cli.main import main
     from poprt_lite.runtime import ModelRunner
 

@@ -14,7 +14,7 @@ interleaved round by round, on sessions with the same options and `--threads`:
   (dynamic shapes, no padding): the reference of the acceptance criterion;
 - `original, sorted batches`: the exported model on batches of `--batch` sentences of similar
   length (sorted, padded to the batch's longest), the usual dynamic-shape alternative;
-- `poprt-lite <mode>`: `poprt_lite.embed.Embedder` on the model packed in that mode (offline:
+- `poprt-lite <mode>`: `poprt_lite.apps.embed.Embedder` on the model packed in that mode (offline:
   the whole set planned into batches, best_fit_decreasing).
 
 Every packed embedding is compared with the original's run on that sentence alone: the minimum
@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "testdata"))
 
-from poprt_lite.embed import Embedder, load_tokenizer  # noqa: E402
+from poprt_lite.apps.embed import Embedder, load_tokenizer  # noqa: E402
 from poprt_lite.runtime.session import create_session  # noqa: E402
 
 MODES = {

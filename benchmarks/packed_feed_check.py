@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import numpy as np
 
 import poprt_lite
-from poprt_lite import packing_utils, runtime
+from poprt_lite import runtime
+from poprt_lite.runtime import packing_utils
 from poprt_lite.vocab import PackMode
 
 ROOT = Path(__file__).resolve().parents[1]

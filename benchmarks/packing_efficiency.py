@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from poprt_lite import packing_utils
+from poprt_lite.runtime import packing_utils
 from poprt_lite.runtime.packing import PackAlgorithm, pack
 
 SEQ_LEN, BATCH_SIZE, MAX_VALID_NUM, DATASET_SIZE = 256, 16, 40, 1600

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from poprt_lite import verify
+from poprt_lite.compiler import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTDATA = ROOT / "testdata"

@@ -154,7 +154,7 @@ def test_notices_name_options_as_the_reader_gives_them(caplog, tmp_path, capsys)
 # ------------------------------------------------------------------ no flag in library messages
 
 # Where `--flag` text is the CLI's own: the CLI and PopRT's flag table.
-CLI_TEXT = ("cli/", "poprt_options.py")
+CLI_TEXT = ("cli/", "compat/poprt_options.py")
 FLAG = re.compile(r"(?:^|[\s(\[`'\"=])--[a-z]")
 
 

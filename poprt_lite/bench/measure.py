@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from poprt_lite.artifact import Artifact
+from poprt_lite.ir.artifact import Artifact
 from poprt_lite.bench.config import BenchConfig, Progress
 from poprt_lite.bench.modes import (
     REFERENCE_MODE,
@@ -128,7 +128,7 @@ def compare(results: list[ModeResult], outputs: dict[str, dict[str, np.ndarray]]
 def host_packing(ctx: Context) -> dict[str, Any]:
     """Host-side cost of packing, per request: planning the whole dataset, building feeds,
     gathering outputs (vectorised), and `packing_utils.pack_data` for reference."""
-    from poprt_lite import packing_utils
+    from poprt_lite.runtime import packing_utils
 
     c, w = ctx.config, ctx.workload
     out: dict[str, Any] = {}

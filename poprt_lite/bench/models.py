@@ -19,15 +19,15 @@ from pathlib import Path
 import onnx
 
 import poprt_lite
-from poprt_lite import pack_args
-from poprt_lite.artifact import Artifact, load_artifact
+from poprt_lite.compiler import pack_args
+from poprt_lite.ir.artifact import Artifact, load_artifact
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.compiler import compile as compile_model
 from poprt_lite.errors import ArtifactError, PoprtError
 from poprt_lite.vocab import INPUT_IDS, Layout, MetaKey, PackMode
 
 KINDS: tuple[PackMode | None, ...] = (None, *PackMode)
-_SOURCE_PARTS = ("passes", "ops", "patterns", "compiler.py", "ir.py", "artifact.py")
+_SOURCE_PARTS = ("passes", "ops", "patterns", "compiler", "ir")
 
 
 def file_sha256(path: Path) -> str:
@@ -142,7 +142,7 @@ def fuse_artifact(path: Path) -> None:
 
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from poprt_lite.artifact import write_artifact
+    from poprt_lite.ir.artifact import write_artifact
 
     art = load_artifact(path)
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)

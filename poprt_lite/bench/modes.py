@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from poprt_lite import vocab
-from poprt_lite.artifact import Artifact
+from poprt_lite.ir.artifact import Artifact
 from poprt_lite.bench.config import BenchConfig, Progress
 from poprt_lite.bench.dynamic import DynamicBatcher
 from poprt_lite.bench.models import word_embedding

@@ -30,7 +30,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from poprt_lite import ops, pack_args
+from poprt_lite import ops
+from poprt_lite.compiler import pack_args
 from poprt_lite.runtime.session import DISABLED_OPTIMIZERS, create_session, session_options
 from poprt_lite.vocab import Layout, PackMode
 

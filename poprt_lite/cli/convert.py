@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 import poprt_lite
-from poprt_lite import compiler, passes, verify
+from poprt_lite import compiler, passes
+from poprt_lite.compiler import verify
 from poprt_lite.cli import config_yaml as yaml_config
 from poprt_lite.cli import listing, options, poprt_flags
 from poprt_lite.errors import PoprtError

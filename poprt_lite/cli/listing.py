@@ -11,7 +11,7 @@ from rich.table import Table
 from poprt_lite import ops, passes
 from poprt_lite.cli import options, poprt_flags
 from poprt_lite.errors import PoprtError
-from poprt_lite.passes.poprt_names import poprt_names_of
+from poprt_lite.compat.poprt_names import poprt_names_of
 
 
 def passes_command(plugin: options.PluginOption = None) -> None:

@@ -1,4 +1,4 @@
-"""PopRT 1.5's flags that poprt-lite does not implement, declared on a command (poprt_options.py
+"""PopRT 1.5's flags that poprt-lite does not implement, declared on a command (compat/poprt_options.py
 has the table). `poprt_only` adds them hidden from the command's help (the README's table lists
 them): refused ones stop the command with their reason, ignored ones print a notice, before it
 runs, so PopRT's command lines run unchanged.
@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from poprt_lite.cli import options
-from poprt_lite.poprt_options import (  # noqa: F401  (the table, for the CLI's users)
+from poprt_lite.compat.poprt_options import (  # noqa: F401  (the table, for the CLI's users)
     BY_NAME, FLAGS, FP8, IMPLEMENTED, MULTI_VALUE, NOT_IMPLEMENTED, NOTICE, REFUSED, SWITCH, VALUE, VALUES, PoprtFlag, apply, message,
 )
 

@@ -62,17 +62,17 @@ class Pass:
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    # PopRT's pass API (passes/poprt_api.py): a subclass may implement `run(onnx_model)` or
+    # PopRT's pass API (compat/poprt_api.py): a subclass may implement `run(onnx_model)` or
     # `__call__(model)` on an onnx.ModelProto instead, and any pass can be called on a ModelProto.
     def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """Run this pass alone on `model`; return the resulting model."""
-        from poprt_lite.passes import poprt_api
+        from poprt_lite.compat import poprt_api
 
         return poprt_api.call(self, model)
 
     def traverse_graph(self, graph: onnx.GraphProto, transform: Any, is_main_graph: bool = True) -> onnx.GraphProto:
         """Apply `transform(graph, is_main_graph)` to `graph` and its subgraphs (PopRT's helper)."""
-        from poprt_lite.passes import poprt_api
+        from poprt_lite.compat import poprt_api
 
         return poprt_api.traverse_graph(graph, transform, is_main_graph)
 

@@ -20,9 +20,9 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from poprt_lite.errors import PoprtError, one_line, option
-from poprt_lite.passes import poprt_api
+from poprt_lite.compat import poprt_api
 from poprt_lite.passes.base import Pass, PassContext, PassResult
-from poprt_lite.passes.poprt_names import canonical_name
+from poprt_lite.compat.poprt_names import canonical_name
 
 ENTRY_POINT_GROUP = "poprt_lite.passes"
 

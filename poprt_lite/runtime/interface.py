@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from poprt_lite import vocab
-from poprt_lite.artifact import Artifact
+from poprt_lite.ir.artifact import Artifact
 from poprt_lite.errors import PoprtError, option
 from poprt_lite.runtime.layouts import LAYOUTS, BatchLayout, layout_for
 from poprt_lite.vocab import ID_ROLES, TOKEN_ROLES, Layout, MetaKey, PackMode, PackSpec, Role

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from poprt_lite import vocab
-from poprt_lite.artifact import Artifact, load_artifact
+from poprt_lite.ir.artifact import Artifact, load_artifact
 from poprt_lite.errors import PoprtError, RequestError, option
 from poprt_lite.runtime import offline
 from poprt_lite.runtime.interface import PackedInterface, read_packed_interface

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from poprt_lite.artifact import Artifact, load_artifact
+from poprt_lite.ir.artifact import Artifact, load_artifact
 from poprt_lite.errors import PoprtError, QueueFullError, RequestError, one_line
 from poprt_lite.runtime.config import PackRunnerConfig, resolve_batching
 from poprt_lite.runtime.interface import read_packed_interface

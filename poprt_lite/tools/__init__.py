@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 
 from poprt_lite import ir
-from poprt_lite.artifact import load_artifact
+from poprt_lite.ir.artifact import load_artifact
 from poprt_lite.errors import PoprtError
 
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from conftest import TESTDATA, model_path
 from poprt_lite.cli.main import main
-from poprt_lite.embed import Embedder
+from poprt_lite.apps.embed import Embedder
 
 TOKENIZER = str(TESTDATA / "tiny_tokenizer.json")
 MODEL = str(model_path("st_mean_norm_torchscript"))

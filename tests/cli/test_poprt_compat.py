@@ -247,7 +247,7 @@ def test_bad_config_yaml_is_one_line(tmp_path, capsys, text, message):
 
 
 def test_checkpoints_add_intermediate_tensors_to_the_outputs(tmp_path, capsys):
-    from poprt_lite.verify import max_abs_diff
+    from poprt_lite.compiler.verify import max_abs_diff
 
     source = ir.load_model(model_path("bert_qa_torchscript"))
     add = next(n for n in source.graph.node if n.op_type == "Add")

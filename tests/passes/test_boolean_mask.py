@@ -5,7 +5,8 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from conftest import make_request, model_path, run
-from poprt_lite import compile, ir, verify
+from poprt_lite import compile, ir
+from poprt_lite.compiler import verify
 from poprt_lite.compiler import CompileOptions
 
 

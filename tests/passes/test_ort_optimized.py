@@ -5,7 +5,8 @@ from onnxruntime.transformers import optimizer
 from onnxruntime.transformers.fusion_options import FusionOptions
 
 from conftest import model_path
-from poprt_lite import compile, verify
+from poprt_lite import compile
+from poprt_lite.compiler import verify
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import PassError
 

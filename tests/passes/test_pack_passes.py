@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import QA_MODELS, VOCAB, model_path
-from poprt_lite import compile, ir, ops, passes, verify
+from poprt_lite import compile, ir, ops, passes
+from poprt_lite.compiler import verify
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import PassError
 from poprt_lite.vocab import PackMode

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 
 from passes.test_pack_passes import BATCH, L, N, SEQ, lengths_strategy, packed, run_packed
 from patterns.test_attention import score_term_model
-from poprt_lite import compile, ir, verify
+from poprt_lite import compile, ir
+from poprt_lite.compiler import verify
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import PassError
 from poprt_lite.vocab import Layout, PackMode

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from conftest import VOCAB, model_path
-from poprt_lite import compile, ir, ops, verify, vocab
+from poprt_lite import compile, ir, ops, vocab
+from poprt_lite.compiler import verify
 from poprt_lite.errors import PassError
 from poprt_lite.ops.segment_pool import FIRST, MAX, MEAN
 from poprt_lite.vocab import Layout
@@ -92,7 +93,7 @@ def test_layouts_shapes_and_ops(name, mode):
 def test_first_fit_puts_a_later_request_in_an_earlier_row(mode):
     """Slot order is the order of the requests' first tokens: with first_fit, request 2 lands in
     row 0 before request 1 (row 1), and each still gets its own pooled row."""
-    from poprt_lite import packing_utils
+    from poprt_lite.runtime import packing_utils
     from types import SimpleNamespace
 
     model = packed("st_mean_norm_torchscript", mode)

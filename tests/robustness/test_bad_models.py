@@ -20,7 +20,9 @@ import onnxruntime as ort
 import pytest
 
 from conftest import model_path
-from poprt_lite import artifact, compile, ir, verify
+from poprt_lite import compile, ir
+from poprt_lite.ir import artifact
+from poprt_lite.compiler import verify
 from poprt_lite.cli.main import main
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import ArtifactError

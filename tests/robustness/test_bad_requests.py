@@ -25,8 +25,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import VOCAB, model_path
-from poprt_lite import artifact, compile, ir, runtime
-from poprt_lite.backend import get_session
+from poprt_lite import compile, ir, runtime
+from poprt_lite.ir import artifact
+from poprt_lite.compat.backend import get_session
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.vocab import PackMode

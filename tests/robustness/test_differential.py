@@ -27,7 +27,8 @@ import pytest
 
 import poprt_lite
 from conftest import TESTDATA, VOCAB
-from poprt_lite import packing_utils, runtime
+from poprt_lite import runtime
+from poprt_lite.runtime import packing_utils
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.runtime.interface import PackedInterface
 from poprt_lite.runtime.layouts import layout_for

@@ -32,7 +32,7 @@ import onnxruntime
 import pytest
 
 from poprt_lite import compile, ir
-from poprt_lite.artifact import DIGEST_MEMBER, MANIFEST_MEMBER, MODEL_MEMBER, WEIGHTS_MEMBER, load_artifact, sha256
+from poprt_lite.ir.artifact import DIGEST_MEMBER, MANIFEST_MEMBER, MODEL_MEMBER, WEIGHTS_MEMBER, load_artifact, sha256
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import ArtifactError
 from poprt_lite.runtime import ModelRunner

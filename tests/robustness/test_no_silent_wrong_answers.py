@@ -25,7 +25,8 @@ from onnx import TensorProto, helper
 
 import poprt_lite
 from conftest import ROOT, TESTDATA, VOCAB, run
-from poprt_lite import packing_utils, runtime
+from poprt_lite import runtime
+from poprt_lite.runtime import packing_utils
 from poprt_lite.cli.main import main
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.vocab import PackMode

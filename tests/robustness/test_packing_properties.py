@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.ops.unpack import Unpack
-from poprt_lite.packing_utils import pack_data, unpack_outputs
+from poprt_lite.runtime.packing_utils import pack_data, unpack_outputs
 from poprt_lite.runtime.packing import PackAlgorithm, pack
 from poprt_lite.vocab import PackMode
 

@@ -21,7 +21,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import poprt_lite
-from poprt_lite import artifact, ir, runtime
+from poprt_lite import ir, runtime
+from poprt_lite.ir import artifact
 from poprt_lite.errors import PoprtError, QueueFullError, RequestError
 from poprt_lite.runtime import PackAlgorithm, PackRunner, PackRunnerConfig
 from poprt_lite.vocab import PackMode

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poprt_lite import packing_utils
+from poprt_lite.runtime import packing_utils
 from poprt_lite.errors import PoprtError, RequestError
-from poprt_lite.packing_utils import RequestSpec, pack_data, pad_data, unpack_outputs
+from poprt_lite.runtime.packing_utils import RequestSpec, pack_data, pad_data, unpack_outputs
 
 
 @dataclass

@@ -7,8 +7,9 @@ import numpy as np
 import onnx
 
 from conftest import VOCAB, model_path
-from poprt_lite import compile, verify
-from poprt_lite.artifact import converted_fields, in_memory
+from poprt_lite import compile
+from poprt_lite.compiler import verify
+from poprt_lite.ir.artifact import converted_fields, in_memory
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.runtime import PackAlgorithm, PackRunner, PackRunnerConfig
 

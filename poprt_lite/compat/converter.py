@@ -3,7 +3,7 @@
 `Converter` takes `poprt.Converter`'s keywords with PopRT's defaults (PopRT 1.5 user guide, "Python
 API") and converts an `onnx.ModelProto` in memory with the pipeline `poprt_lite.compile` would run
 for the same CLI flags. Keywords for IPU-only settings are accepted with a notice when set to
-anything but PopRT's default, unsupported ones are refused, as the CLI does (poprt_options.py).
+anything but PopRT's default, unsupported ones are refused, as the CLI does (compat/poprt_options.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Any
 
 import onnx
 
-from poprt_lite import compiler, ir, poprt_options, verify
+from poprt_lite import compiler, ir
+from poprt_lite.compat import poprt_options
+from poprt_lite.compiler import verify
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes import PassManager
 from poprt_lite.vocab import MetaKey

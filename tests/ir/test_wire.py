@@ -10,7 +10,7 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from conftest import model_path
-from poprt_lite import wire
+from poprt_lite.ir import wire
 
 
 def test_strip_raw_data_leaves_a_model_without_the_large_tensors_bytes():

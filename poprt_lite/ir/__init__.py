@@ -26,7 +26,8 @@ from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter, get_onnx_ten
 from onnx_graphsurgeon.ir.tensor import SparseValues
 from google.protobuf.message import DecodeError
 
-from poprt_lite import ops, wire
+from poprt_lite import ops
+from poprt_lite.ir import wire
 from poprt_lite.errors import PoprtError, option
 
 # Above this size a model must keep its weights in an external data file (protobuf's 2 GB limit).

@@ -1,6 +1,6 @@
 """Text in, vectors out: sentence embeddings from a packed model and its tokenizer.json.
 
-    from poprt_lite.embed import Embedder
+    from poprt_lite.apps.embed import Embedder
 
     embedder = Embedder("out/executable.popef", "all-MiniLM-L6-v2/")  # or .../tokenizer.json
     vectors = embedder.embed(["A man is eating food.", "A man is riding a horse."])  # float32 [2, 384]
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from poprt_lite import artifact as artifact_module
+from poprt_lite.ir import artifact as artifact_module
 from poprt_lite import ir
 from poprt_lite.errors import PoprtError, option
 from poprt_lite.runtime.config import PackRunnerConfig

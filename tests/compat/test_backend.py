@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 
 import poprt_lite
-from poprt_lite import packing_utils, runtime
-from poprt_lite.backend import get_session
+from poprt_lite import runtime
+from poprt_lite.runtime import packing_utils
+from poprt_lite.compat.backend import get_session
 from poprt_lite.errors import ArtifactError, PoprtError
 
 TESTDATA = Path(__file__).resolve().parents[2] / "testdata"

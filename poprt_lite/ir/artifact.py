@@ -34,7 +34,8 @@ import onnx
 from onnx import external_data_helper
 
 import poprt_lite
-from poprt_lite import ir, vocab, wire
+from poprt_lite import ir, vocab
+from poprt_lite.ir import wire
 from poprt_lite.errors import ArtifactError, PoprtError, one_line, option
 from poprt_lite.vocab import MetaKey
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from poprt_lite.artifact import Artifact, load_artifact
+from poprt_lite.ir.artifact import Artifact, load_artifact
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.runtime.interface import PackedInterface, read_packed_interface
 from poprt_lite.runtime.layouts import BatchLayout, PaddedRows, Placement, layout_for

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import TESTDATA, model_path
 from poprt_lite import compile, ir
-from poprt_lite.artifact import converted_fields, in_memory, write_artifact
+from poprt_lite.ir.artifact import converted_fields, in_memory, write_artifact
 from poprt_lite.compiler import CompileOptions
-from poprt_lite.embed import Embedder, load_tokenizer
+from poprt_lite.apps.embed import Embedder, load_tokenizer
 from poprt_lite.errors import PoprtError
 
 TOKENIZER = TESTDATA / "tiny_tokenizer.json"  # its own truncation: 24 tokens, padding to 32 (switched off)
@@ -89,7 +89,7 @@ def test_max_length_from_a_sentence_transformers_folder_and_the_argument(tmp_pat
     assert load_tokenizer(folder)[1] == 12 and load_tokenizer(TOKENIZER)[1] == 24 and load_tokenizer(folder, 5)[1] == 5
     embedder = Embedder(artifact(MODEL, "token_stream"), folder)
     assert embedder.max_length == 12 and len(embedder.requests([SENTENCES[3]])[0]["input_ids"]) == 12
-    with caplog.at_level(logging.WARNING, logger="poprt_lite.embed"):
+    with caplog.at_level(logging.WARNING, logger="poprt_lite.apps.embed"):
         capped = Embedder(artifact(MODEL, "token_stream"), folder, max_length=100)
     assert capped.max_length == 24
     assert caplog.messages == ["sentences are truncated at 24 tokens, the artifact's limit (segment_max_size); the tokenizer allows 100"]

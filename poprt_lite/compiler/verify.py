@@ -19,9 +19,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from poprt_lite import artifact, ir, vocab
+from poprt_lite import ir, vocab
+from poprt_lite.ir import artifact
 from poprt_lite.errors import PoprtError, one_line
-from poprt_lite.packing_utils import PackedBatch, pack_data
+from poprt_lite.runtime.packing_utils import PackedBatch, pack_data
 from poprt_lite.runtime.model_runner import ModelRunner
 from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import INPUT_IDS, UNPACK_INFO, MetaKey, PackMode, Role

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import model_path
 from poprt_lite import compile, load_artifact
-from poprt_lite.artifact import FORMAT_VERSION, sha256
+from poprt_lite.ir.artifact import FORMAT_VERSION, sha256
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.errors import RequestError, ArtifactError
 from poprt_lite.runtime import ModelRunner

@@ -1,7 +1,7 @@
 """`get_session`, PopRT's `poprt.backend.get_session`, on onnxruntime.
 
 ```python
-from poprt_lite.backend import get_session
+from poprt_lite.compat.backend import get_session
 
 sess = get_session("bert_bs16_sl256.onnx", 1, "poprt").load()           # compile in memory
 get_session("bert_pack.onnx", 1, "poprt", output_dir=d, export_popef=True).load()  # d/executable.popef
@@ -21,7 +21,8 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from poprt_lite import artifact, ir
+from poprt_lite import ir
+from poprt_lite.ir import artifact
 from poprt_lite.errors import PoprtError
 from poprt_lite.runtime.model_runner import ModelRunner
 

@@ -16,9 +16,10 @@ import onnxruntime as ort
 import pytest
 
 from conftest import TESTDATA
-from poprt_lite import compile, ir, verify, vocab
+from poprt_lite import compile, ir, vocab
+from poprt_lite.compiler import verify
 from poprt_lite.compiler import CompileOptions
-from poprt_lite.embed import Embedder, load_tokenizer
+from poprt_lite.apps.embed import Embedder, load_tokenizer
 from poprt_lite.vocab import Layout
 
 pytestmark = pytest.mark.slow

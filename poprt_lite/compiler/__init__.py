@@ -12,10 +12,12 @@ from pathlib import Path
 
 import onnx
 
-from poprt_lite import artifact, ir, pack_args, passes, vocab
+from poprt_lite import ir, passes, vocab
+from poprt_lite.ir import artifact
+from poprt_lite.compiler import pack_args
 from poprt_lite.errors import PoprtError, option
 from poprt_lite.passes import Pass, PassManager, PassRecord
-from poprt_lite.passes.poprt_names import canonical_name
+from poprt_lite.compat.poprt_names import canonical_name
 from poprt_lite.vocab import MetaKey, PackMode
 
 PACK_PASSES = {
