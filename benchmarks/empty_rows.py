@@ -40,7 +40,8 @@ from poprt_lite.bench.modes import Context
 from poprt_lite.bench.packer import Batch, plan_packed
 from poprt_lite.runtime import PackAlgorithm, PackRunnerConfig, Runner
 from poprt_lite.runtime.interface import read_packed_interface
-from poprt_lite.runtime.layouts import PaddedRows, layout_for
+from poprt_lite.runtime.layouts import PaddedRows
+from poprt_lite.runtime.modes import layout_for
 from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import PackMode
 

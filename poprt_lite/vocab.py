@@ -26,20 +26,18 @@ class _Word(str, enum.Enum):
 
 
 class PackMode(_Word):
-    """How requests share a batch (`--pack_args mode=...`)."""
+    """The built-in ways requests share a batch (`--pack_args mode=...`); what each one is and does
+    is its descriptor's (runtime/modes.py), where further modes register under their own names."""
 
     unpack_repack = "unpack_repack"  # one token stream over [B*S]; attention on unpacked rows (PopRT's default)
     attention_mask = "attention_mask"  # each request inside one row; block-diagonal attention mask
     token_stream = "token_stream"  # one dynamic stream of real tokens [T]; attention on unpacked rows
 
     @classmethod
-    def parse(cls, value: "PackMode | str", what: str = "pack mode") -> "PackMode":
-        from poprt_lite.errors import PoprtError
-
-        try:
-            return cls(value)
-        except ValueError:
-            raise PoprtError(f"{what} must be one of {', '.join(m.value for m in cls)}, got '{value}'") from None
+    def named(cls, value: str) -> str:
+        """A pack mode read from metadata or a manifest: the member of a built-in mode, else the name
+        of a registered one as given (runtime/modes.py knows whether it is)."""
+        return cls(value) if isinstance(value, str) and value in cls._value2member_map_ else str(value)
 
 
 DEFAULT_PACK_MODE = PackMode.unpack_repack
@@ -113,14 +111,14 @@ LAYOUT_PREFIX = "layout."
 class PackSpec:
     """The packing configuration a model was compiled for (`--pack_args`)."""
 
-    mode: PackMode
+    mode: str  # a PackMode, or the name of a registered mode
     max_valid_num: int
     segment_max_size: int
     max_tokens: int | None = None  # token_stream: the most tokens one batch holds
 
     def to_json(self) -> str:
         fields = asdict(self)
-        fields["mode"] = self.mode.value
+        fields["mode"] = str(self.mode)
         if self.max_tokens is None:
             del fields["max_tokens"]
         return json.dumps(fields)
@@ -128,7 +126,7 @@ class PackSpec:
     @classmethod
     def from_mapping(cls, value: Mapping[str, Any]) -> "PackSpec":
         return cls(
-            mode=PackMode.parse(value["mode"]),
+            mode=PackMode.named(value["mode"]),
             max_valid_num=int(value["max_valid_num"]),
             segment_max_size=int(value["segment_max_size"]),
             max_tokens=int(value["max_tokens"]) if value.get("max_tokens") is not None else None,

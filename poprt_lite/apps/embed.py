@@ -33,17 +33,18 @@ import numpy as np
 from poprt_lite.ir import artifact as artifact_module
 from poprt_lite import ir
 from poprt_lite.errors import PoprtError, option
+from poprt_lite.runtime import modes
 from poprt_lite.runtime.config import PackRunnerConfig
 from poprt_lite.runtime.model_runner import ModelRunner
 from poprt_lite.runtime.pack_runner import PackFuture, PackRunner
-from poprt_lite.vocab import Layout, PackMode, Role
+from poprt_lite.vocab import Layout, Role
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 SENTENCE_CONFIG = "sentence_bert_config.json"  # a sentence-transformers folder's max_seq_length
 # `from_model`'s packing when none is given: one dynamic token stream per batch (no padding at all).
-DEFAULT_PACK_ARGS = {"mode": PackMode.token_stream.value, "max_valid_num": "64", "max_tokens": "4096"}
+DEFAULT_PACK_ARGS = {"mode": str(modes.TOKEN_STREAM.name), "max_valid_num": "64", "max_tokens": "4096"}
 
 
 def load_tokenizer(path: str | os.PathLike, max_length: int | None = None):

@@ -39,7 +39,8 @@ from poprt_lite.bench.modes import (
     select_modes,
 )
 from poprt_lite.runtime.offline import default_algorithm
-from poprt_lite.vocab import Dim, PackMode
+from poprt_lite.runtime import modes as pack_modes
+from poprt_lite.vocab import Dim
 
 __all__ = ["BenchConfig", "BenchResult", "ModeResult", "Progress", "run_benchmark"]
 
@@ -153,7 +154,7 @@ def host_packing(ctx: Context) -> dict[str, Any]:
                 position_offset=ctx.position_offset, mode=kind,
             ).count
         pack_data = time.perf_counter() - start
-        out[kind.value] = {
+        out[str(kind)] = {
             "plan_us_per_request": ctx.plan_seconds[kind] / w.size * 1e6,
             "build_feeds_us_per_request": build / w.size * 1e6,
             "split_outputs_us_per_request": split / w.size * 1e6,
@@ -176,7 +177,7 @@ def _fake_outputs(manifest: dict[str, Any], batch) -> dict[str, np.ndarray]:
 # -------------------------------------------------------------------------------------- run
 
 
-def prepare_models(config: BenchConfig, kinds: tuple[PackMode | None, ...], progress: Progress) -> tuple[Path, dict[PackMode | None, Artifact]]:
+def prepare_models(config: BenchConfig, kinds: tuple[str | None, ...], progress: Progress) -> tuple[Path, dict[str | None, Artifact]]:
     """The original model (exported on first use unless `--model`) and its compiled artifacts."""
     from poprt_lite.bench.export import cached_bert_qa, default_cache_dir
     from poprt_lite.bench.models import prepare_artifacts
@@ -194,7 +195,7 @@ def prepare_models(config: BenchConfig, kinds: tuple[PackMode | None, ...], prog
     return Path(model), artifacts
 
 
-def workload_context(workload: str, kinds: tuple[PackMode | None, ...], **overrides: Any) -> Context:
+def workload_context(workload: str, kinds: tuple[str | None, ...], **overrides: Any) -> Context:
     """A preset workload's requests and models (prepared as the bench prepares them), for the
     benchmarks/ scripts that time single batches of the bench."""
     config = BenchConfig.preset(workload, **overrides)
@@ -205,7 +206,7 @@ def workload_context(workload: str, kinds: tuple[PackMode | None, ...], **overri
 def run_benchmark(
     config: BenchConfig,
     progress: Progress | None = None,
-    prepare: Callable[[BenchConfig, tuple, Progress], tuple[Path, dict[PackMode | None, Artifact]]] | None = None,
+    prepare: Callable[[BenchConfig, tuple, Progress], tuple[Path, dict[str | None, Artifact]]] | None = None,
 ) -> BenchResult:
     """Prepare the models, run the selected modes, compare them, and measure op costs."""
     progress = progress or Progress()
@@ -230,11 +231,12 @@ def run_benchmark(
     progress.step("measuring host-side packing")
     host = host_packing(ctx)
     op_costs = None
-    if config.op_costs and PackMode.unpack_repack in artifacts:
+    # The op costs compare attention on packed rows with attention on the unpacked rows of a static artifact.
+    if config.op_costs and any(k is not None and pack_modes.get(k).static and pack_modes.get(k).layout.across_rows for k in artifacts):
         from poprt_lite.bench.opcost import measure_op_costs
 
         progress.step("timing Unpack/Repack/AttentionMask and attention alone")
-        model_ms: dict[PackMode, dict[str, float]] = {}
+        model_ms: dict[str, dict[str, float]] = {}
         for m, r in zip(modes, results):
             if m.pack is not None and not m.dynamic:
                 model_ms.setdefault(m.pack, {})[r.name] = r.model_ms_per_batch

@@ -1,8 +1,8 @@
 """Compile (and cache) the benchmark's compiled artifacts from one source model.
 
 Kinds: `None` (padded: static `[batch, seq_len]` shapes and `position_ids` as an input, PopRT's
-`bert_bs16_sl256.onnx`) and each `PackMode` (the same plus `--pack_args mode=...`; a mode without a
-static shape, token_stream, takes no `--input_shape` and `max_tokens=batch*seq_len`, the static
+`bert_bs16_sl256.onnx`) and each registered pack mode (the same plus `--pack_args mode=...`; a mode without a
+static shape (its descriptor's `static`: token_stream) takes no `--input_shape` and `max_tokens=batch*seq_len`, the static
 batch's token slots).
 Artifacts are cached under `<work_dir>/compiled/`, keyed by the source model's sha256, the compile
 options and a hash of poprt-lite's compiler sources, so editing a pass never reuses a stale model.
@@ -19,14 +19,14 @@ from pathlib import Path
 import onnx
 
 import poprt_lite
-from poprt_lite.compiler import pack_args
 from poprt_lite.ir.artifact import Artifact, load_artifact
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.compiler import compile as compile_model
 from poprt_lite.errors import ArtifactError, PoprtError
-from poprt_lite.vocab import INPUT_IDS, Layout, MetaKey, PackMode
+from poprt_lite.runtime import modes
+from poprt_lite.vocab import INPUT_IDS, Layout, MetaKey
 
-KINDS: tuple[PackMode | None, ...] = (None, *PackMode)
+KINDS: tuple[str | None, ...] = (None, *modes.names())
 _SOURCE_PARTS = ("passes", "ops", "patterns", "compiler", "ir")
 
 
@@ -68,11 +68,11 @@ def prepare_artifacts(
     seq_len: int,
     max_valid_num: int,
     segment_max_size: int,
-    kinds: tuple[PackMode | None, ...] = KINDS,
+    kinds: tuple[str | None, ...] = KINDS,
     ort_fusions: bool = False,
     dynamic_rows: bool = False,
     on_step: Callable[[str], None] | None = None,
-) -> dict[PackMode | None, Artifact]:
+) -> dict[str | None, Artifact]:
     """The artifact of each kind, compiled on first use and loaded (verified) from the cache.
 
     `dynamic_rows` compiles the static kinds with `--dynamic_rows` (a batch runs on the rows it uses).
@@ -91,9 +91,9 @@ def prepare_artifacts(
     for kind in kinds:
         name = kind_name(kind)
         pack = {} if kind is None else {
-            "max_valid_num": str(max_valid_num), "segment_max_size": str(segment_max_size), "mode": kind.value
+            "max_valid_num": str(max_valid_num), "segment_max_size": str(segment_max_size), "mode": str(kind)
         }
-        static = kind is None or pack_args.MODES[kind].static
+        static = kind is None or modes.get(kind).static
         if not static:
             pack["max_tokens"] = str(batch_size * seq_len)
         folder = Path(work_dir) / "compiled" / f"{key}-{name}-b{batch_size}s{seq_len}" / (
@@ -131,9 +131,9 @@ def prepare_artifacts(
     return artifacts
 
 
-def kind_name(kind: PackMode | None) -> str:
+def kind_name(kind: str | None) -> str:
     """`padded` for the padded artifact, else the pack mode."""
-    return Layout.padded.value if kind is None else kind.value
+    return Layout.padded.value if kind is None else str(kind)
 
 
 def fuse_artifact(path: Path) -> None:

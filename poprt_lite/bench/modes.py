@@ -17,8 +17,8 @@ own batches' wall times (build feeds, run, gather outputs); a request's latency 
 `run_online` drives one online mode with `clients` closed-loop client threads, each sending one
 unpadded request at a time; latency is per request, from `execute_async` to filled outputs.
 
-A new packed mode is one `Mode` entry per family (its `PackMode` names the artifact and the core's
-batch layout); nothing else here names a pack mode but PopRT's single-row switch for AttentionMask.
+Every registered pack mode (runtime/modes.py) gets an offline and online entry (one per algorithm of
+its descriptor's `online_algorithms`), labelled by its descriptor: nothing here names a pack mode.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ from poprt_lite.bench.packer import Batch, Feeder, plan_dynamic, plan_packed, pl
 from poprt_lite.bench.workload import Workload, make_workload
 from poprt_lite.errors import PoprtError
 from poprt_lite.runtime import ModelRunner, PackAlgorithm, PackRunner, PackRunnerConfig
+from poprt_lite.runtime import modes as pack_modes
 from poprt_lite.runtime.session import create_session
-from poprt_lite.vocab import Layout, MetaKey, PackMode, Role
+from poprt_lite.vocab import Layout, MetaKey, Role
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Context:
     """What every mode of one run shares: settings, requests, models, output buffers and plans."""
 
     def __init__(
-        self, config: BenchConfig, original: Path, artifacts: dict[PackMode | None, Artifact], progress: Progress
+        self, config: BenchConfig, original: Path, artifacts: dict[str | None, Artifact], progress: Progress
     ) -> None:
         self.config, self.original, self.artifacts, self.progress = config, Path(original), artifacts, progress
         source = onnx.load(str(original), load_external_data=False)
@@ -117,7 +118,7 @@ class Context:
         total = self.workload.total_tokens
         return {name: np.full((total, *trailing), np.nan, np.float32) for name, trailing in self.outputs.items()}
 
-    def plan(self, pack: PackMode | None) -> list[Batch]:
+    def plan(self, pack: str | None) -> list[Batch]:
         """The offline batches of the padded baseline (None) or of a pack mode, planned once."""
         if pack not in self.plans:
             c, lengths = self.config, self.workload.lengths
@@ -130,7 +131,7 @@ class Context:
             self.plans[pack] = plans
         return self.plans[pack]
 
-    def artifact_feeder(self, pack: PackMode | None) -> Feeder:
+    def artifact_feeder(self, pack: str | None) -> Feeder:
         manifest = self.artifacts[pack].manifest
         inputs = {s["name"]: (vocab.spec_role(s), np.dtype(s["dtype"])) for s in manifest["inputs"]}
         outputs = {s["name"]: vocab.spec_layout(s) for s in manifest["outputs"]}
@@ -258,7 +259,7 @@ class PackedOnline(OnlineRun):
         c, artifact = self.ctx.config, self.ctx.artifacts[self.mode.pack]
         config = PackRunnerConfig(timeout_microseconds=c.timeout_microseconds, max_valid_num=c.max_valid_num)
         config.algorithm = self.mode.algorithm
-        if self.mode.pack is PackMode.attention_mask:  # PopRT's spelling, as its example does
+        if pack_modes.get(self.mode.pack).one_row:  # PopRT's spelling, as its example does
             config.enable_input_single_row_mode(_input_with_role(artifact, Role.attention_mask))
         runner = PackRunner(artifact, config, threads=c.threads, spinning=SPINNING)
         self.interface = runner.interface
@@ -316,7 +317,7 @@ class Mode:
     name: str  # the JSON name
     label: str  # the table's
     family: type[ModeRun]
-    pack: PackMode | None = None  # static families: the artifact's pack mode (None: padded)
+    pack: str | None = None  # static families: the artifact's pack mode (None: padded)
     algorithm: PackAlgorithm = PackAlgorithm.first_fit  # PackedOnline's packing
     per_request: bool = False  # dynamic families: each request alone
 
@@ -331,19 +332,25 @@ class Mode:
 
 PADDED_MODE = Layout.padded.value  # the baseline: the padded static model, named after its layout
 
+
+
+def _online(mode: pack_modes.ModeDescriptor) -> list[Mode]:
+    """A pack mode's online entries: one per algorithm, named after it when there are several."""
+    several = len(mode.online_algorithms) > 1
+    return [
+        Mode(f"online_{mode.name}" + (f"_{a.value}" if several else ""), f"online {mode.label}" + (f" {a.value}" if several else ""), PackedOnline, mode.name, a)
+        for a in mode.online_algorithms
+    ]
+
+
 MODES = (
     Mode(PADDED_MODE, "padded baseline", StaticOffline),
     Mode("offline_dynamic_per_request", "offline dynamic, each request alone", DynamicOffline, per_request=True),
     Mode("offline_dynamic_sorted", "offline dynamic, sorted batches", DynamicOffline),
-    Mode("offline_unpack_repack", "offline unpack/repack", StaticOffline, PackMode.unpack_repack),
-    Mode("offline_attention_mask", "offline AttentionMask", StaticOffline, PackMode.attention_mask),
-    Mode("offline_token_stream", "offline token stream", StaticOffline, PackMode.token_stream),
+    *(Mode(f"offline_{m.name}", f"offline {m.label}", StaticOffline, m.name) for m in pack_modes.registered()),
     Mode("online_dynamic_per_request", "online dynamic, each request alone", DynamicOnline, per_request=True),
     Mode("online_dynamic_batching", "online dynamic batching", DynamicOnline),
-    Mode("online_unpack_repack", "online unpack/repack", PackedOnline, PackMode.unpack_repack),
-    Mode("online_attention_mask_first_fit", "online AttentionMask first_fit", PackedOnline, PackMode.attention_mask),
-    Mode("online_attention_mask_next_fit", "online AttentionMask next_fit", PackedOnline, PackMode.attention_mask, PackAlgorithm.next_fit),
-    Mode("online_token_stream", "online token stream", PackedOnline, PackMode.token_stream),
+    *(entry for m in pack_modes.registered() for entry in _online(m)),
 )
 MODE_NAMES = tuple(m.name for m in MODES)
 REFERENCE_MODE = "offline_dynamic_per_request"  # its outputs are the original model run on each request alone
@@ -358,10 +365,10 @@ def select_modes(names: tuple[str, ...] | None) -> list[Mode]:
     return [m for m in MODES if m.name in names]
 
 
-def artifact_kinds(modes: list[Mode]) -> tuple[PackMode | None, ...]:
+def artifact_kinds(modes: list[Mode]) -> tuple[str | None, ...]:
     """The static artifacts the modes run, padded first."""
     kinds = {m.pack for m in modes if not m.dynamic}
-    return tuple(sorted(kinds, key=lambda k: "" if k is None else k.value))
+    return tuple(sorted(kinds, key=lambda k: "" if k is None else str(k)))
 
 
 # ---------------------------------------------------------------------------------- drivers

@@ -31,9 +31,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from poprt_lite import ops
-from poprt_lite.compiler import pack_args
 from poprt_lite.runtime.session import DISABLED_OPTIMIZERS, create_session, session_options
-from poprt_lite.vocab import Layout, PackMode
+from poprt_lite.runtime import modes
+from poprt_lite.vocab import Layout
 
 
 def profile_by_op_type(
@@ -160,7 +160,7 @@ def _feeds_for(inputs: tuple, unpack_info: np.ndarray, mask: np.ndarray, rng: np
     return feeds
 
 
-def measure_op_costs(ctx, model_ms: dict[PackMode, dict[str, float]]) -> dict[str, Any]:
+def measure_op_costs(ctx, model_ms: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Time each custom op of the packed artifacts alone (on the first offline batch of its mode)
     and the attention core at the packed and unpacked shapes; `model_ms`: pack mode -> mode name ->
     model ms per batch, for each op's share of the model."""
@@ -168,27 +168,28 @@ def measure_op_costs(ctx, model_ms: dict[PackMode, dict[str, float]]) -> dict[st
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {"ops": [], "attention": {}}
     heads = head_dim = layers = None
-    for kind in (k for k in ctx.artifacts if k is not None and pack_args.MODES[k].static):
+    for kind in (k for k in ctx.artifacts if k is not None and modes.get(k).static):
         model = ctx.artifacts[kind].model()
         opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         batch = ctx.plan(kind)[0]
         unpack_info = batch.layout.unpack_info(batch.placement, np.int64)
         mask = batch.layout.mask(batch.placement, np.int64).reshape(-1)
         batch_ms = model_ms.get(kind, {})
-        total = 0.0
+        total, repacks = 0.0, 0
         for (op, attrs, inputs), count in custom_op_sites(model).items():
             seconds = _time(_session(_op_model(op, attrs, inputs, opset), threads), _feeds_for(inputs, unpack_info, mask, rng))
             total += seconds * count
             if op == "Unpack" and len(inputs[0][1]) == 4:
                 _, _, heads, head_dim = inputs[0][1]
-            if op == "Repack" and kind is PackMode.unpack_repack:
-                layers = (layers or 0) + count
+            if op == "Repack":
+                repacks += count
             out["ops"].append({
-                "model": kind.value, "op": op, "input_shape": list(inputs[0][1]), "count_per_batch": count,
+                "model": str(kind), "op": op, "input_shape": list(inputs[0][1]), "count_per_batch": count,
                 "ms_per_call": seconds * 1e3, "ms_per_batch": seconds * count * 1e3,
                 "share_of_model": {m: seconds * count * 1e3 / v for m, v in batch_ms.items()},
             })
-        out.setdefault("total", {})[kind.value] = {
+        layers = layers or repacks or None  # one Repack per layer, of the first model that unpacks
+        out.setdefault("total", {})[str(kind)] = {
             "ms_per_batch": total * 1e3, "share_of_model": {m: total * 1e3 / v for m, v in batch_ms.items()},
         }
     if heads and layers:

@@ -26,10 +26,11 @@ import numpy as np
 
 from poprt_lite.bench.workload import Workload
 from poprt_lite.errors import PoprtError
-from poprt_lite.runtime.layouts import BatchLayout, PaddedRows, Placement, layout_for
+from poprt_lite.runtime.layouts import BatchLayout, PaddedRows, Placement
+from poprt_lite.runtime.modes import layout_for
 from poprt_lite.runtime.offline import plan_batches
 from poprt_lite.runtime.packing import PackAlgorithm
-from poprt_lite.vocab import Layout, PackMode, Role
+from poprt_lite.vocab import Layout, Role
 
 OFFLINE_ALGORITHMS = tuple(a.value for a in PackAlgorithm)
 
@@ -78,7 +79,7 @@ def plan_dynamic(lengths: np.ndarray, batch_size: int, sort: bool) -> list[Batch
 
 def plan_packed(
     lengths: np.ndarray,
-    mode: PackMode,
+    mode: str,
     batch_size: int,
     seq_len: int,
     max_valid_num: int,

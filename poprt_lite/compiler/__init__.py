@@ -18,19 +18,9 @@ from poprt_lite.compiler import pack_args
 from poprt_lite.errors import PoprtError, option
 from poprt_lite.passes import Pass, PassManager, PassRecord
 from poprt_lite.compat.poprt_names import canonical_name
-from poprt_lite.vocab import MetaKey, PackMode
+from poprt_lite.runtime import modes
+from poprt_lite.vocab import MetaKey
 
-PACK_PASSES = {
-    PackMode.unpack_repack: "pack_unpack_repack",
-    PackMode.attention_mask: "attention_mask_packing",
-    PackMode.token_stream: "token_stream_packing",
-}
-# The default pipeline, in order; a stage runs when the options ask for it (see default_pipeline).
-# Passes named by `passes` that are not stages run after the last of these, before float_to_half.
-STAGES = (
-    "add_checkpoints", "eliminate_identity", "remove_outputs", "export_position_ids", *PACK_PASSES.values(), "static_shape",
-    "fold_constants", "eliminate_dead_code",
-)
 LAST_STAGE = "float_to_half"
 log = logging.getLogger(__name__)
 
@@ -136,8 +126,7 @@ def build_pipeline(options: CompileOptions) -> list[Pass]:
     if options.max_tensor_size >= 0:
         configured["fold_constants"] = {"size_threshold_mb": options.max_tensor_size >> 20}
     if options.pack is not None:
-        for pass_name in PACK_PASSES.values():
-            configured[pass_name] = {**options.pack.values, "input_name": options.pack.input_name}
+        configured[modes.get(options.pack.mode).pass_name] = {**options.pack.values, "input_name": options.pack.input_name, "mode": options.pack.mode}
     if options.pipeline is not None:
         _check_pipeline(names, options)
     pass_options = {canonical_name(name): values for name, values in options.pass_options.items()}
@@ -165,6 +154,7 @@ def default_pipeline(options: CompileOptions, notify: bool = False) -> list[str]
     """
     pack = options.pack
     extra = [canonical_name(n) for n in options.passes]
+    stages = _stages()
     wanted = {
         "add_checkpoints": bool(options.checkpoints),
         "eliminate_identity": True,
@@ -176,9 +166,9 @@ def default_pipeline(options: CompileOptions, notify: bool = False) -> list[str]
         LAST_STAGE: options.precision == "fp16",
     }
     if pack is not None:
-        wanted[PACK_PASSES[pack.mode]] = True
-    names = [name for name in STAGES if wanted.get(name) or name in extra]
-    names += [name for name in extra if name not in STAGES and name != LAST_STAGE]
+        wanted[modes.get(pack.mode).pass_name] = True
+    names = [name for name in stages if wanted.get(name) or name in extra]
+    names += [name for name in extra if name not in stages and name != LAST_STAGE]
     if wanted[LAST_STAGE]:
         names.append(LAST_STAGE)
     for name in options.skip_passes:
@@ -199,7 +189,7 @@ def _check_pipeline(names: Sequence[str], options: CompileOptions) -> None:
         LAST_STAGE: "precision fp16" if options.precision == "fp16" else None,
     }
     if options.pack is not None:
-        needs[PACK_PASSES[options.pack.mode]] = "pack_args"
+        needs[modes.get(options.pack.mode).pass_name] = "pack_args"
     for name, needed_by in needs.items():
         if needed_by and name not in names:
             raise PoprtError(
@@ -208,12 +198,21 @@ def _check_pipeline(names: Sequence[str], options: CompileOptions) -> None:
             )
 
 
-def _packing_mode(names: Sequence[str]) -> PackMode | None:
-    modes = {mode for mode, pass_name in PACK_PASSES.items() if pass_name in map(canonical_name, names)}
-    if len(modes) > 1:
-        named = ", ".join(PACK_PASSES[m] for m in PACK_PASSES if m in modes)
-        raise PoprtError(f"the passes name {len(modes)} packing passes ({named}); a model packs in one mode")
-    return modes.pop() if modes else None
+def _stages() -> tuple[str, ...]:
+    """The default pipeline, in order; a stage runs when the options ask for it (see default_pipeline).
+    Passes named by `passes` that are not stages run after the last of these, before float_to_half."""
+    packing = dict.fromkeys(mode.pass_name for mode in modes.registered())
+    return ("add_checkpoints", "eliminate_identity", "remove_outputs", "export_position_ids", *packing, "static_shape",
+            "fold_constants", "eliminate_dead_code")
+
+
+def _packing_mode(names: Sequence[str]) -> str | None:
+    """The mode of the packing pass among `names` (PopRT: a packing pass in --passes packs in its mode)."""
+    given = set(map(canonical_name, names))
+    named = [name for name in dict.fromkeys(mode.pass_name for mode in modes.registered()) if name in given]
+    if len(named) > 1:
+        raise PoprtError(f"the passes name {len(named)} packing passes ({', '.join(named)}); a model packs in one mode")
+    return modes.of_pass(named[0]).name if named else None
 
 
 def default_output_path(input_model: str | os.PathLike, output_dir: str | os.PathLike | None) -> Path:

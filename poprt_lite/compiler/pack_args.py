@@ -1,8 +1,8 @@
 """What `--pack_args` says: the keys each pack mode takes, their defaults, and PopRT's other keys.
 
-Table-driven: `MODES` says, per `vocab.PackMode`, which keys a mode needs and how a key it may
-omit is derived from the dynamic input's `--input_shape` (B, S); `KEYS` says how each key's value is
-read. A new mode is one more `MODES` row (and its keys in `KEYS`).
+Table-driven: each mode's descriptor (runtime/modes.py) says which keys the mode needs and how a
+key it may omit is derived from the dynamic input's `--input_shape` (B, S); `KEYS` says how each
+key's value is read. A new mode is its descriptor (and any new key in `KEYS`).
 
 PopRT's keys that poprt-lite does not need are accepted with a one-line notice saying why
 (`POPRT_NOTICES`), never an error and never dropped silently; `dynamic_groups` names the dynamic
@@ -21,16 +21,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from poprt_lite import vocab
 from poprt_lite.errors import PoprtError, option
-from poprt_lite.vocab import PackMode
+from poprt_lite.runtime import modes
 
 log = logging.getLogger(__name__)
-
-Shape = tuple[int, int]  # the dynamic input's (B, S) from --input_shape
 
 
 def positive_int(key: str, text: str) -> int:
@@ -51,11 +49,8 @@ def segment_size(key: str, text: str) -> int:
     return positive_int(key, text)
 
 
-def pack_mode(key: str, text: str) -> PackMode:
-    modes = {mode.value: mode for mode in MODES}
-    if text not in modes:
-        raise PoprtError(f"{option('pack_args')} {key} must be one of {', '.join(modes)}, got '{text}'")
-    return modes[text]
+def pack_mode(key: str, text: str) -> str:
+    return modes.get(text, f"{option('pack_args')} {key}").name
 
 
 def dynamic_groups(key: str, text: str) -> list[list[str]]:
@@ -75,32 +70,6 @@ KEYS: dict[str, Callable[[str, str], Any]] = {
 }
 
 
-@dataclass(frozen=True)
-class ModeKeys:
-    """The keys a pack mode needs; `defaults` derive the others from the dynamic input's (B, S).
-    A mode that is not `static` keeps the token dimension dynamic and refuses `--input_shape`."""
-
-    needed: tuple[str, ...]
-    defaults: Mapping[str, Callable[[Shape], int]] = field(default_factory=dict)
-    static: bool = True
-    example: str = "max_valid_num=40 segment_max_size=256"  # for the message of a missing key
-
-
-MODES: dict[PackMode, ModeKeys] = {
-    PackMode.unpack_repack: ModeKeys(
-        needed=("max_valid_num", "segment_max_size"), defaults={"segment_max_size": lambda shape: shape[1]}
-    ),
-    PackMode.attention_mask: ModeKeys(
-        needed=("max_valid_num", "segment_max_size"),
-        defaults={"max_valid_num": lambda shape: shape[0] * shape[1], "segment_max_size": lambda shape: shape[1]},
-    ),
-    PackMode.token_stream: ModeKeys(
-        needed=("max_valid_num", "segment_max_size", "max_tokens"),
-        static=False,
-        example=f"mode={PackMode.token_stream} max_valid_num=40 segment_max_size=256 max_tokens=4096",
-    ),
-}
-
 # PopRT's keys that poprt-lite does not need, and why (printed once per conversion as a notice).
 POPRT_NOTICES = {
     "head_pattern": "not needed: poprt-lite finds the model's head and each output's layout by the graph's structure",
@@ -112,7 +81,7 @@ POPRT_NOTICES = {
 class PackArgs:
     """`--pack_args` resolved: the mode, every key the mode needs, and the dynamic input."""
 
-    mode: PackMode
+    mode: str  # the mode's descriptor name (runtime/modes.py)
     values: dict[str, int]
     input_name: str = vocab.INPUT_IDS
 
@@ -120,7 +89,7 @@ class PackArgs:
         return vocab.PackSpec(mode=self.mode, **self.values)
 
 
-def parse(pack_args: Mapping[str, str], input_shape: Mapping[str, tuple[int, ...]], mode: PackMode | None = None) -> PackArgs:
+def parse(pack_args: Mapping[str, str], input_shape: Mapping[str, tuple[int, ...]], mode: str | None = None) -> PackArgs:
     """Read `--pack_args` for `mode` (given by a packing pass in --passes) or its own `mode=` key."""
     unknown = sorted(set(pack_args) - set(KEYS) - set(POPRT_NOTICES))
     if unknown:
@@ -141,7 +110,7 @@ def parse(pack_args: Mapping[str, str], input_shape: Mapping[str, tuple[int, ...
             log.warning(
                 "%s dynamic_groups: packs by '%s'; %s follow it by their role (no need to list them)", option("pack_args"), input_name, ", ".join(others)
             )
-    rules = MODES[mode]
+    rules = modes.get(mode)
     if not rules.static and input_shape:
         raise PoprtError(
             f"{option('input_shape')} pins a static shape, but {option('pack_args')} mode={mode} keeps the token dimension dynamic; "
@@ -152,6 +121,8 @@ def parse(pack_args: Mapping[str, str], input_shape: Mapping[str, tuple[int, ...
     for key in rules.needed:
         if key in parsed:
             values[key] = parsed.pop(key)
+        elif isinstance(rules.defaults.get(key), int):
+            values[key] = rules.defaults[key]
         elif key in rules.defaults and shape is not None and len(shape) >= 2:
             values[key] = rules.defaults[key](shape[:2])
         else:

@@ -25,7 +25,8 @@ from poprt_lite.errors import PoprtError, one_line
 from poprt_lite.runtime.packing_utils import PackedBatch, pack_data
 from poprt_lite.runtime.model_runner import ModelRunner
 from poprt_lite.runtime.session import create_session
-from poprt_lite.vocab import INPUT_IDS, UNPACK_INFO, MetaKey, PackMode, Role
+from poprt_lite.runtime import modes
+from poprt_lite.vocab import INPUT_IDS, UNPACK_INFO, MetaKey, Role
 
 DEFAULT_DYNAMIC = {0: 2, 1: 16}  # batch 2, sequence 16 where a dim is not fixed
 # The largest max abs difference `check` accepts by default: fp32 runs differ from the source by
@@ -176,7 +177,8 @@ def run_packed(
     pack = vocab.pack_spec_of(meta)
     inputs = {v.name: v for v in converted.graph.input}
     rows = vocab.int_of(meta, MetaKey.rows)  # --dynamic_rows: the bound of the dynamic row dim
-    if pack.mode is PackMode.token_stream:
+    static = modes.get(pack.mode).static
+    if not static:  # one [1, T] stream of at most max_tokens tokens
         batch_size, seq_len = 1, pack.max_tokens
     else:
         batch_size, seq_len = (d.dim_value for d in inputs[INPUT_IDS].type.tensor_type.shape.dim)
@@ -199,7 +201,7 @@ def run_packed(
         position_offset=vocab.int_of(meta, MetaKey.position_offset),
         segment_max_size=pack.segment_max_size,
         mode=pack.mode,
-        dynamic_rows=bool(rows) and pack.mode is not PackMode.token_stream,
+        dynamic_rows=bool(rows) and static,
     )
     feeds = {name: batch.data[name] for name in inputs if name in batch.data}
     if UNPACK_INFO in inputs:

@@ -31,9 +31,10 @@ from poprt_lite.passes import packing
 from poprt_lite.patterns.attention import apply_mask, attention_cone, relative_position_sources, token_content
 from poprt_lite.patterns.layout import token_dims
 from poprt_lite.patterns.pooling import PoolingHead, PoolKind
-from poprt_lite.vocab import Layout, PackMode
+from poprt_lite.runtime import modes
+from poprt_lite.vocab import Layout
 
-MODE = PackMode.attention_mask
+MODE = modes.ATTENTION_MASK.name
 SEGMENT_POOL_MODES = {PoolKind.mean: MEAN, PoolKind.max: MAX, PoolKind.first: FIRST}
 
 

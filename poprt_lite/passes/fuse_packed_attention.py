@@ -38,9 +38,9 @@ from poprt_lite.patterns.attention import (
     token_view_of_context,
     token_view_source,
 )
-from poprt_lite.vocab import PackMode
+from poprt_lite.runtime import modes
 
-MODE = PackMode.attention_mask
+MODE = modes.ATTENTION_MASK.name
 ORT_DOMAIN = "com.microsoft"
 FUSED_OP = "MultiHeadAttention"
 

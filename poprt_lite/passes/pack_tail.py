@@ -39,7 +39,7 @@ from poprt_lite.errors import PoprtError
 from poprt_lite.patterns.attention import is_constant
 from poprt_lite.patterns.layout import ELEMENTWISE, REDUCE_OPS, TOKENWISE, TokenAxes, classify, constant_ints, is_token_major
 from poprt_lite.patterns.pooling import PoolingHead, PoolKind, find_l2_normalizations, find_pooling_heads
-from poprt_lite.vocab import Layout, PackMode
+from poprt_lite.vocab import Layout
 
 # Ops that act along one axis given by the attribute `axis`, fine on rows unless that is axis 0.
 AXIS_ROW_OPS = {"LayerNormalization": -1, "Softmax": -1, "LogSoftmax": -1, "LpNormalization": -1}
@@ -52,7 +52,7 @@ SHAPED = ("Expand", "Reshape")
 class TailPlacement(abc.ABC):
     """How one packing mode places the ops after the encoder (see the module docstring)."""
 
-    mode: PackMode
+    mode: str  # the pack mode, for messages
     can_unpack = False  # True if `unpack` brings a packed per-token tensor to one row per request
 
     def __init__(self, graph: gs.Graph, max_valid_num: int, segment_max_size: int) -> None:

@@ -27,14 +27,15 @@ from poprt_lite.passes import pack_tail
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
 from poprt_lite import vocab
-from poprt_lite.vocab import UNPACK_INFO, Layout, PackMode, Role
+from poprt_lite.runtime import modes
+from poprt_lite.vocab import UNPACK_INFO, Layout, Role
 from poprt_lite.passes import packing
 from poprt_lite.passes.attention_rows import RowRebuilder
 from poprt_lite.patterns.attention import AttentionBlock, apply_mask, attention_cone
 from poprt_lite.patterns.layout import TokenAxes, token_dims
 from poprt_lite.patterns.pooling import PoolingHead
 
-MODE = PackMode.unpack_repack
+MODE = modes.UNPACK_REPACK.name
 
 
 @register_pass("pack_unpack_repack")

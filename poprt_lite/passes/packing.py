@@ -20,7 +20,8 @@ from poprt_lite import ir, vocab
 from poprt_lite.errors import PoprtError, option
 from poprt_lite.passes.base import PassContext
 from poprt_lite.patterns.attention import AttentionBlock, find_attention_blocks
-from poprt_lite.vocab import Layout, MetaKey, PackMode, PackSpec, Role
+from poprt_lite.runtime import modes
+from poprt_lite.vocab import Layout, MetaKey, PackSpec, Role
 
 
 @dataclass
@@ -30,6 +31,7 @@ class PackOptions:
     input_name: str = vocab.INPUT_IDS
     attention_mask_name: str = Role.attention_mask.value
     position_ids_name: str = Role.position_ids.value
+    mode: str | None = None  # the mode recorded, one this pass packs (runtime/modes.py); None: the pass's own
 
 
 @dataclass
@@ -52,6 +54,8 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
     for key in ("max_valid_num", "segment_max_size"):
         if getattr(options, key) <= 0:
             raise PoprtError(f"{pass_name} needs {key} > 0 ({option('pack_args')} {key}=N)")
+    if options.mode is not None and modes.get(options.mode, f"{pass_name} mode").pass_name != pass_name:
+        raise PoprtError(f"{pass_name} cannot pack mode={options.mode}: {modes.get(options.mode).pass_name} does")
     inputs = {t.name: t for t in graph.inputs}
     if options.input_name not in inputs:
         raise PoprtError(f"model has no input '{options.input_name}'; packing needs the token ids as an input")
@@ -63,7 +67,7 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
         )
     seq = (inputs[options.input_name].shape or [None, None])[1:2]
     if one_row and seq and isinstance(seq[0], int) and 0 < seq[0] < options.segment_max_size:
-        raise PoprtError(_row_too_short(options.segment_max_size, options.input_name, inputs[options.input_name].shape))
+        raise PoprtError(_row_too_short(options.segment_max_size, options.input_name, inputs[options.input_name].shape, options.mode or modes.of_pass(pass_name).name))
     blocks = find_attention_blocks(graph, [options.attention_mask_name], [options.input_name])
     if not blocks:
         raise PoprtError("no attention blocks found (MatMul -> Softmax -> MatMul); packing needs a transformer encoder")
@@ -82,18 +86,17 @@ def _relative_positions_only(graph: gs.Graph, options: PackOptions, blocks: list
     return any(block.biases for block in blocks) and find_embeddings(graph, options.input_name).position is None
 
 
-def record(ctx: PassContext, mode: PackMode, options: PackOptions, layouts: dict[str, Layout]) -> None:
-    """Write the pack spec, the input roles and the output layouts into the pass metadata."""
+def record(ctx: PassContext, mode: str, options: PackOptions, layouts: dict[str, Layout]) -> None:
+    """Write the pack spec (of `options.mode`, else the pass's own `mode`), the input roles and the
+    output layouts into the pass metadata."""
     max_tokens = getattr(options, "max_tokens", None) or None
-    vocab.set_pack_spec(ctx.metadata, PackSpec(mode, options.max_valid_num, options.segment_max_size, max_tokens))
+    spec = PackSpec(options.mode or mode, options.max_valid_num, options.segment_max_size, max_tokens)
+    vocab.set_pack_spec(ctx.metadata, spec)
     vocab.set_role(ctx.metadata, options.input_name, Role.dynamic_input)
     vocab.set_role(ctx.metadata, options.position_ids_name, Role.position_ids)
     vocab.set_role(ctx.metadata, options.attention_mask_name, Role.attention_mask)
     for name, layout in layouts.items():
         vocab.set_layout(ctx.metadata, name, layout)
-
-
-STATIC_MODES = (PackMode.unpack_repack, PackMode.attention_mask)  # batches of a fixed [batch, seq_len]
 
 
 def check_servable(model: onnx.ModelProto, source: str | os.PathLike | None = None) -> None:
@@ -109,7 +112,8 @@ def check_servable(model: onnx.ModelProto, source: str | os.PathLike | None = No
         for value in model.graph.input
     }
     dynamic = [name for name in shapes if vocab.role_of(meta, name) is Role.dynamic_input]
-    if spec.mode in STATIC_MODES and dynamic:
+    mode = modes.get(spec.mode)
+    if mode.static and dynamic:  # batches of a fixed [batch, seq_len]
         name, dims = dynamic[0], shapes[dynamic[0]]
         bound = vocab.int_of(meta, MetaKey.rows)  # --dynamic_rows: a dynamic row dim, at most this many
         if bound and len(dims) == 2 and not isinstance(dims[0], int) and isinstance(dims[1], int):
@@ -120,14 +124,14 @@ def check_servable(model: onnx.ModelProto, source: str | os.PathLike | None = No
                 f"give input_shape {name}=B,S (the batch's rows and their length, e.g. {name}=16,256)"
             )
         rows, seq = dims
-        if spec.mode is PackMode.attention_mask and spec.segment_max_size > seq:
-            raise PoprtError(_row_too_short(spec.segment_max_size, name, dims))
-        if spec.mode is PackMode.unpack_repack and spec.segment_max_size > rows * seq:
+        if mode.one_row and spec.segment_max_size > seq:
+            raise PoprtError(_row_too_short(spec.segment_max_size, name, dims, mode.name))
+        if mode.layout.across_rows and spec.segment_max_size > rows * seq:
             raise PoprtError(
                 f"segment_max_size={spec.segment_max_size} is more than the {rows * seq} tokens of a batch of "
                 f"input '{name}' [{rows}, {seq}]; use pack_args segment_max_size<={rows * seq} or a larger input_shape"
             )
-    tokens = shapes[dynamic[0]] if dynamic and spec.mode in STATIC_MODES else None
+    tokens = shapes[dynamic[0]] if dynamic and mode.static else None
     for output in model.graph.output:
         layout = vocab.layout_of(meta, output.name)
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in output.type.tensor_type.shape.dim]
@@ -162,10 +166,10 @@ def _leads_with(dims: list, lead: list) -> bool:
     return len(dims) >= len(lead) and all(not isinstance(d, int) or d == want for d, want in zip(dims, lead))
 
 
-def _row_too_short(segment_max_size: int, name: str, dims: list) -> str:
+def _row_too_short(segment_max_size: int, name: str, dims: list, mode: str) -> str:
     seq = dims[1]
     return (
         f"segment_max_size={segment_max_size} does not fit a row of input '{name}' [{', '.join(map(str, dims))}]: in "
-        f"{PackMode.attention_mask} mode a request lies inside one row; use pack_args segment_max_size<={seq} "
+        f"{mode} mode a request lies inside one row; use pack_args segment_max_size<={seq} "
         f"or input_shape {name}={dims[0]},{segment_max_size}"
     )

@@ -25,9 +25,10 @@ from poprt_lite.passes.pack_unpack_repack import _Rewriter
 from poprt_lite.passes.registry import register_pass
 from poprt_lite.patterns.attention import attention_cone
 from poprt_lite.patterns.layout import TokenAxes, token_dims
-from poprt_lite.vocab import UNPACK_INFO, Dim, Layout, PackMode, Role
+from poprt_lite.runtime import modes
+from poprt_lite.vocab import UNPACK_INFO, Dim, Layout, Role
 
-MODE = PackMode.token_stream
+MODE = modes.TOKEN_STREAM.name
 
 
 @register_pass("token_stream_packing")

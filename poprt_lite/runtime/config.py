@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from poprt_lite.errors import PoprtError, option
 from poprt_lite.runtime.interface import PackedInterface
 from poprt_lite.runtime.packing import PackAlgorithm
-from poprt_lite.vocab import PackMode
 
 DEFAULT_TIMEOUT_MICROSECONDS = 10_000
 DEFAULT_LOOKAHEAD = 8
@@ -138,7 +137,7 @@ def resolve_batching(config: PackRunnerConfig, interface: PackedInterface) -> Ba
         )
     mask_name = interface.mask[0] if interface.mask else None
     for name in config.single_row_inputs:
-        if interface.mode is not PackMode.attention_mask:
+        if not interface.descriptor.one_row:
             raise PoprtError(
                 f"enable_input_single_row_mode('{name}') asks for AttentionMask mode, but artifact "
                 f"'{path}' was compiled for {interface.mode} mode; drop that call or compile with "
@@ -150,7 +149,7 @@ def resolve_batching(config: PackRunnerConfig, interface: PackedInterface) -> Ba
             )
     # An AttentionMask model does not depend on max_valid_num (PopRT's takes it from the config
     # alone): there a config may lower the cap. Elsewhere it is a dimension of the model.
-    lowers_cap = interface.mode is PackMode.attention_mask and (config.max_valid_num or 0) <= interface.max_valid_num
+    lowers_cap = interface.descriptor.config_lowers_max_valid_num and (config.max_valid_num or 0) <= interface.max_valid_num
     if config.max_valid_num is not None and config.max_valid_num != interface.max_valid_num and not lowers_cap:
         raise PoprtError(
             f"max_valid_num={config.max_valid_num} contradicts the artifact, compiled with "

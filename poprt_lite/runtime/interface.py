@@ -22,8 +22,10 @@ import numpy as np
 from poprt_lite import vocab
 from poprt_lite.ir.artifact import Artifact
 from poprt_lite.errors import PoprtError, option
-from poprt_lite.runtime.layouts import LAYOUTS, BatchLayout, layout_for
-from poprt_lite.vocab import ID_ROLES, TOKEN_ROLES, Layout, MetaKey, PackMode, PackSpec, Role
+from poprt_lite.runtime import modes
+from poprt_lite.runtime.layouts import BatchLayout
+from poprt_lite.runtime.modes import ModeDescriptor
+from poprt_lite.vocab import ID_ROLES, TOKEN_ROLES, Layout, MetaKey, PackSpec, Role
 
 # Inputs a request may leave out: the runner fills them.
 OPTIONAL_ROLES = (Role.token_type_ids, Role.position_ids, Role.attention_mask, Role.unpack_info)
@@ -69,8 +71,12 @@ class PackedInterface:
     dynamic_rows: bool = False  # a batch runs on the rows it uses (at most batch_size)
 
     @property
-    def mode(self) -> PackMode:
+    def mode(self) -> str:
         return self.pack.mode
+
+    @property
+    def descriptor(self) -> ModeDescriptor:
+        return modes.get(self.pack.mode)
 
     @property
     def max_valid_num(self) -> int:
@@ -82,14 +88,14 @@ class PackedInterface:
 
     @property
     def max_length(self) -> int:
-        """The longest request a batch takes (a row bounds it in AttentionMask mode)."""
-        if self.mode is PackMode.attention_mask:
+        """The longest request a batch takes (a row bounds it where a request lies inside one row)."""
+        if self.descriptor.one_row:
             return min(self.segment_max_size, self.seq_len)
         return self.segment_max_size
 
     @property
     def layout(self) -> BatchLayout:
-        return layout_for(self.mode, self.batch_size, self.seq_len, self.max_valid_num, self.dynamic_rows)
+        return self.descriptor.layout_for(self.batch_size, self.seq_len, self.max_valid_num, self.dynamic_rows)
 
     def is_optional(self, name: str) -> bool:
         return self.input_roles[name] in OPTIONAL_ROLES
@@ -109,8 +115,9 @@ def read_packed_interface(artifact: Artifact) -> PackedInterface:
     specs = {spec["name"]: spec for spec in manifest["inputs"]}
     rows = vocab.int_of(manifest, MetaKey.rows) or None
     batch_size, seq_len, tokens = _geometry(pack, dynamic[0], specs[dynamic[0]]["shape"], path, rows)
-    dynamic_rows = pack.mode is not PackMode.token_stream and tokens[0] is DYNAMIC
-    slots = [DYNAMIC if pack.mode is PackMode.token_stream else pack.max_valid_num]
+    static = modes.get(pack.mode).static
+    dynamic_rows = static and tokens[0] is DYNAMIC
+    slots = [pack.max_valid_num if static else DYNAMIC]
     masks = by_role[Role.attention_mask]
     if len(masks) > 1:
         raise PoprtError(f"artifact '{path}' has several attention-mask inputs; a packed model has one")
@@ -163,10 +170,10 @@ def _read_pack_spec(manifest: dict[str, Any], path: Path) -> PackSpec:
             f"artifact '{path}' is not packed (compiled without {option('pack_args')}); run it with "
             "runtime.Runner(path) and no PackRunnerConfig"
         )
-    if pack.get("mode") not in [mode.value for mode in LAYOUTS if mode is not None]:
+    if not isinstance(pack.get("mode"), str) or pack["mode"] not in modes.names():
         raise PoprtError(f"artifact '{path}' has unknown pack mode '{pack.get('mode')}'; re-export it")
     spec = PackSpec.from_mapping(pack)
-    if spec.mode is PackMode.token_stream and not (spec.max_tokens or 0) >= spec.segment_max_size:
+    if "max_tokens" in modes.get(spec.mode).needed and not (spec.max_tokens or 0) >= spec.segment_max_size:
         raise PoprtError(
             f"artifact '{path}': a {spec.mode} batch must hold max_tokens >= segment_max_size "
             f"{spec.segment_max_size} tokens, the manifest says {spec.max_tokens}; recompile"
@@ -177,11 +184,12 @@ def _read_pack_spec(manifest: dict[str, Any], path: Path) -> PackSpec:
 def _geometry(pack: PackSpec, name: str, shape: list, path: Path, rows: int | None) -> tuple[int, int, list]:
     """(batch_size, seq_len) bounding a batch, and the `[batch, seq]` dims of its per-token inputs;
     `rows`: the manifest's bound of a dynamic row dim (--dynamic_rows)."""
-    if pack.mode is PackMode.token_stream:
+    descriptor = modes.get(pack.mode)
+    if not descriptor.static:
         if len(shape) != 2 or shape[0] != 1 or _static(shape[1:]):
             raise PoprtError(
                 f"input '{name}' has shape {shape}; a {pack.mode} artifact takes one [1, tokens] stream "
-                f"with a dynamic token dim (compile with {option('pack_args')} mode={PackMode.token_stream}, without {option('input_shape')})"
+                f"with a dynamic token dim (compile with {option('pack_args')} mode={pack.mode}, without {option('input_shape')})"
             )
         return 1, int(pack.max_tokens), [1, DYNAMIC]
     dynamic_rows = bool(rows) and len(shape) == 2 and not _static(shape[:1]) and _static(shape[1:])
@@ -193,7 +201,7 @@ def _geometry(pack: PackSpec, name: str, shape: list, path: Path, rows: int | No
             f"[batch, seq_len] shape (compile with {option('input_shape')})"
         )
     batch_size, seq_len = shape
-    if pack.mode is PackMode.unpack_repack and pack.segment_max_size > batch_size * seq_len:
+    if descriptor.layout.across_rows and pack.segment_max_size > batch_size * seq_len:
         raise PoprtError(
             f"artifact '{path}': segment_max_size {pack.segment_max_size} exceeds the batch of "
             f"{batch_size}x{seq_len} tokens; recompile"

@@ -3,7 +3,8 @@ and how each output is split back into one answer per request.
 
 A batch is a `Placement`: each request's length and the flat offset of its first token in the
 batch's token slots (`row * seq_len + column` for row layouts). Each way of laying requests out
-lives in one `BatchLayout` class, chosen by the artifact's pack mode (`layout_for`):
+lives in one `BatchLayout` class, the host layout of the artifact's pack mode (`runtime/modes.py`,
+`modes.layout_for`):
 
 - `PaddedRows` (not packed): request k fills row k from column 0; `attention_mask` 1 on tokens.
 - `StreamAcrossRows` (unpack_repack): requests one after another in the flattened `B*S` stream (a
@@ -35,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 
 from poprt_lite.errors import PoprtError, RequestError
-from poprt_lite.vocab import Layout, PackMode
+from poprt_lite.vocab import Layout
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,7 +86,6 @@ class BatchLayout:
     """How the requests of a batch sit in a `[batch_size, seq_len]` model input (a batch holds at
     most `batch_size * seq_len` tokens)."""
 
-    mode: ClassVar[PackMode | None] = None
     across_rows: ClassVar[bool] = False  # may a request cross a row boundary?
     # Does the model run attention on rows as long as the batch's longest request (its cost then
     # follows that length, so batches of similar lengths waste least)?
@@ -96,11 +96,12 @@ class BatchLayout:
     misplaced: ClassVar[str] = "one request per row, from column 0"
 
     def __init__(
-        self, batch_size: int, seq_len: int, max_valid_num: int | None = None, dynamic_rows: bool = False
+        self, batch_size: int, seq_len: int, max_valid_num: int | None = None, dynamic_rows: bool = False, mode: str | None = None
     ) -> None:
         self.batch_size, self.seq_len = int(batch_size), int(seq_len)
         self.max_valid_num = int(max_valid_num if max_valid_num is not None else batch_size)
         self.dynamic_rows = bool(dynamic_rows)
+        self.mode = mode  # the pack mode this layout serves, for messages (None: not packed)
 
     def shape(self, placement: Placement) -> tuple[int, int]:
         """The `[batch, seq]` shape of the per-token feeds of the batch holding `placement`: every
@@ -190,7 +191,6 @@ class PaddedRows(BatchLayout):
 class StreamAcrossRows(BatchLayout):
     """unpack_repack: one stream of `batch_size * seq_len` tokens, a request may cross rows."""
 
-    mode = PackMode.unpack_repack
     across_rows = True
     delimited_by = "the lengths in unpack_info"
     misplaced = "unpack_info must hold the requests' lengths in the order they lie in the batch, as pack_data(..., across_rows=True) builds it"
@@ -236,7 +236,6 @@ class StreamAcrossRows(BatchLayout):
 class SegmentRows(BatchLayout):
     """attention_mask: each request inside one row; segment ids 1, 2, ... per row, in column order."""
 
-    mode = PackMode.attention_mask
     delimited_by = "the segment ids of attention_mask"
     misplaced = (
         "several requests share one segment id; this artifact (attention_mask mode) takes each request inside one row "
@@ -272,7 +271,6 @@ class TokenStream(StreamAcrossRows):
     `batch_size * seq_len` (1 x max_tokens) only bounds T. `unpack_info` holds the batch's lengths,
     without unused slots (the model's rows follow it)."""
 
-    mode = PackMode.token_stream
     rows_follow_longest = True
     misplaced = "unpack_info must hold the requests' lengths in the order they lie in the stream"
 
@@ -285,22 +283,6 @@ class TokenStream(StreamAcrossRows):
 
     def unpack_info(self, placement: Placement, dtype: np.dtype | type = np.int32) -> np.ndarray:
         return placement.lengths.astype(dtype)
-
-
-LAYOUTS: dict[PackMode | None, type[BatchLayout]] = {
-    cls.mode: cls for cls in (PaddedRows, StreamAcrossRows, SegmentRows, TokenStream)
-}
-
-
-def layout_for(
-    mode: PackMode | str | None, batch_size: int, seq_len: int, max_valid_num: int | None = None, dynamic_rows: bool = False
-) -> BatchLayout:
-    """The batch layout of an artifact compiled for `mode` (None: not packed), with rows that follow
-    the batch if it was compiled with `--dynamic_rows`."""
-    key = None if mode is None else PackMode(mode)
-    if key not in LAYOUTS:
-        raise PoprtError(f"no batch layout for pack mode '{mode}'")
-    return LAYOUTS[key](batch_size, seq_len, max_valid_num, dynamic_rows)
 
 
 def segment_ids(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:

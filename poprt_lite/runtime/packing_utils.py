@@ -45,10 +45,11 @@ import numpy as np
 from poprt_lite.ir.artifact import Artifact, load_artifact
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.runtime.interface import PackedInterface, read_packed_interface
-from poprt_lite.runtime.layouts import BatchLayout, PaddedRows, Placement, layout_for
+from poprt_lite.runtime import modes
+from poprt_lite.runtime.layouts import BatchLayout, PaddedRows, Placement
 from poprt_lite.runtime.requests import RequestChecker, build_feeds
 from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, check_length
-from poprt_lite.vocab import INPUT_IDS, Layout, PackMode, Role
+from poprt_lite.vocab import INPUT_IDS, Layout, Role
 
 ATTENTION_MASK = Role.attention_mask.value
 TOKEN_TYPE_IDS = Role.token_type_ids.value
@@ -95,7 +96,7 @@ def pack_data(
     *,
     algorithm: PackAlgorithm | str | None = None,
     segment_max_size: int | None = None,
-    mode: PackMode | str | None = None,
+    mode: str | None = None,
     dynamic_rows: bool | None = None,
     artifact: str | os.PathLike | Artifact | Any | None = None,
 ) -> PackedBatch:
@@ -134,8 +135,8 @@ def pack_data(
         _agree(interface, arguments)
         mode, segment_max_size, dynamic_rows = interface.mode, interface.segment_max_size, interface.dynamic_rows
     if mode is None:
-        mode = PackMode.attention_mask if across_rows is False else PackMode.unpack_repack
-    layout = layout_for(PackMode.parse(mode, "mode"), batch_size, seq_len, max_valid_num, bool(dynamic_rows))
+        mode = modes.for_across_rows(across_rows is not False).name
+    layout = modes.get(mode, "mode").layout_for(batch_size, seq_len, max_valid_num, bool(dynamic_rows))
     if algorithm is None:
         algorithm = PackAlgorithm.first_fit if layout.across_rows else PackAlgorithm.next_fit
     packer = OnlinePacker(
@@ -258,8 +259,11 @@ def unpack_outputs(
     """
     output = np.asarray(output)
     placement = batch.placement
-    if layout is not None or (batch.layout is not None and batch.layout.mode is PackMode.token_stream):
-        return _split(batch, output, Layout(layout or Layout.stream), placement)
+    mode = batch.layout.mode if batch.layout is not None else None
+    if layout is None and mode is not None and modes.get(mode).token_output is Layout.stream:
+        layout = Layout.stream  # one stream needs no across_rows to say how it holds the requests
+    if layout is not None:
+        return _split(batch, output, Layout(layout), placement)
     if across_rows:
         slots, longest = len(batch.unpack_info), max(s.length for s in batch.specs)
         if output.ndim < 2 or output.shape[0] != slots or output.shape[1] < longest:

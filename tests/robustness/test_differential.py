@@ -31,7 +31,7 @@ from poprt_lite import runtime
 from poprt_lite.runtime import packing_utils
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.runtime.interface import PackedInterface
-from poprt_lite.runtime.layouts import layout_for
+from poprt_lite.runtime.modes import layout_for
 from poprt_lite.vocab import PackMode, Role
 
 MODELS = sorted(path.stem for path in TESTDATA.glob("*.onnx"))

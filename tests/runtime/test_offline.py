@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from poprt_lite.runtime.layouts import layout_for
+from poprt_lite.runtime.modes import layout_for
 from poprt_lite.runtime.offline import default_algorithm, plan_batches
 from poprt_lite.runtime.packing import PackAlgorithm
 from poprt_lite.vocab import PackMode
