@@ -28,6 +28,9 @@ next to this script:
   pooler) with sdpa attention; the TorchScript export names only the
   inputs' dynamic axes (as most export snippets do), so its output dims are
   named by the exporter (``LayerNormalizationlast_hidden_state_dim_0``).
+* ``bert_qa_ort_optimized.onnx`` / ``st_mean_norm_ort_optimized.onnx`` -
+  models as onnxruntime's transformer optimizer leaves them (com.microsoft
+  fused ops), see ``export_ort_optimized_models``.
 
 All models are tiny (2 layers, hidden 64, 4 heads, intermediate 128,
 vocab 1000) and use random weights drawn after ``torch.manual_seed(0)``; no
@@ -315,7 +318,9 @@ def _session(path: Path, optimized: bool) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def verify(module, path: Path, input_names, output_names, feeds_list, per_request=("pooled",), unmasked=()) -> dict[str, float]:
+def verify(
+    module, path: Path, input_names, output_names, feeds_list, per_request=("pooled",), unmasked=(), standard_ops: bool = True
+) -> dict[str, float]:
     """Structural checks + numerical comparison.  Returns the max abs diffs:
 
     * ``torch``: onnxruntime (graph optimisations disabled) vs PyTorch, max over
@@ -325,9 +330,13 @@ def verify(module, path: Path, input_names, output_names, feeds_list, per_reques
       positions of per-token outputs, and the `per_request` outputs, one row per
       sequence) - i.e. the mask really isolates the padding. Outputs in
       `unmasked` pool padding too (an unpadded request is their use): skipped.
+
+    `standard_ops=False` for a model that uses onnxruntime's own ops of the ONNX domain, which the
+    ONNX checker refuses (onnxruntime runs them).
     """
     model = onnx.load(str(path))
-    onnx.checker.check_model(model, full_check=True)
+    if standard_ops:
+        onnx.checker.check_model(model, full_check=True)
     got_in = [i.name for i in model.graph.input]
     got_out = [o.name for o in model.graph.output]
     assert got_in == input_names, (path.name, got_in)
@@ -477,6 +486,65 @@ def export_sentence_models() -> list:
     variants = PoolingVariants(build_bert_model()).eval()
     outputs = PoolingVariants.OUTPUTS
     export(variants, "pooling_variants.onnx", outputs, tuple(outputs[1:]), unmasked=("mean_unmasked",))
+    return results
+
+
+def export_ort_optimized_models() -> list:
+    """Models as onnxruntime's transformer optimizer (`optimize_model(..., model_type="bert")`, which
+    optimum's ORTOptimizer runs) leaves them, with its com.microsoft fused ops (issue 24):
+
+    * ``bert_qa_ort_optimized.onnx``: ``bert_qa_torchscript.onnx`` (opset 17) with the optimizer's
+      defaults: EmbedLayerNormalization (its mask_index output, the per-row lengths, feeds
+      Attention), Attention (packed Q/K/V weights), SkipLayerNormalization (with the dense bias),
+      BiasGelu.
+    * ``st_mean_norm_ort_optimized.onnx``: the MiniLM-like sentence model of
+      ``st_mean_norm_torchscript.onnx`` exported at opset 14 (as optimum exports BERT), then
+      optimized with optimum's default of no EmbedLayerNormalization fusion, MultiHeadAttention and
+      the raw 0/1 attention mask: onnxruntime's LayerNormalization of the ONNX domain (not an ONNX op
+      at opset 14) on the embeddings, MultiHeadAttention with the int32 mask, SkipLayerNormalization,
+      BiasGelu; the pooling head stays as exported.
+
+    Each is checked against torch like the other exports (onnxruntime runs the fused ops)."""
+    import tempfile
+
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
+
+    in3 = ["input_ids", "attention_mask", "token_type_ids"]
+    ex = make_inputs([8, 5], 8, 0, seed=1, with_types=True)
+    checks = [make_inputs([16, 9], 16, 0, seed=2, with_types=True), make_inputs([7, 3, 11], 11, 0, seed=3, with_types=True)]
+    results = []
+
+    def optimize(source: Path, path: Path, expected: dict[str, int], **fusion) -> None:
+        options = FusionOptions("bert")
+        for key, value in fusion.items():
+            setattr(options, key, value)
+        logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+        fused = optimizer.optimize_model(str(source), model_type="bert", num_heads=HEADS, hidden_size=HIDDEN, optimization_options=options)
+        fused.save_model_to_file(str(path))
+        ops = {}
+        for node in onnx.load(str(path)).graph.node:
+            if node.domain == "com.microsoft" or node.op_type == "LayerNormalization":
+                ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        assert ops == expected, (path.name, ops)
+
+    qa_out = ["start_logits", "end_logits"]
+    path = HERE / "bert_qa_ort_optimized.onnx"
+    fused_ops = {"EmbedLayerNormalization": 1, "Attention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2}
+    optimize(HERE / "bert_qa_torchscript.onnx", path, fused_ops)
+    results.append((path, verify(QAWithTypes(build_bert_qa("eager")).eval(), path, in3, qa_out, checks, per_request=())))
+
+    te_se, pooled = ["token_embeddings", "sentence_embedding"], ("sentence_embedding",)
+    module = SentenceTransformerLike(build_bert_model(), "mean", True).eval()
+    path = HERE / "st_mean_norm_ort_optimized.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "st_mean_norm_opset14.onnx"
+        axes = {n: {0: "batch", 1: "sequence"} for n in [*in3, *te_se] if n not in pooled}
+        axes.update({n: {0: "batch"} for n in pooled})
+        export_torchscript(module, tuple(torch.from_numpy(ex[n]) for n in in3), in3, te_se, axes, source, opset=14)
+        fused_ops = {"LayerNormalization": 1, "MultiHeadAttention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2}
+        optimize(source, path, fused_ops, enable_embed_layer_norm=False, use_multi_head_attention=True, attention_mask_format=AttentionMaskFormat.AttentionMask)
+    results.append((path, verify(module, path, in3, te_se, checks, per_request=pooled, standard_ops=False)))
     return results
 
 
@@ -704,6 +772,8 @@ def main() -> int:
     results += make_relative_position_models()
     # 13-18. sentence-embedding heads (sentence-transformers' modules, the model card's recipe, variants)
     results += export_sentence_models()
+    # 19-20. onnxruntime's transformer optimizer on two of them
+    results += export_ort_optimized_models()
     export_tiny_tokenizer()
 
     print(f"{'file':26s} {'bytes':>8s}  max|ort-torch|  (ort optimised)  max|padded-unpadded|")

@@ -50,8 +50,9 @@ def export_torchscript(
     output_names: list[str],
     dynamic_axes: dict,
     path: str | os.PathLike,
+    opset: int = TORCHSCRIPT_OPSET,
 ) -> None:
-    """The TorchScript exporter (`dynamo=False`) at opset 17, with constant folding."""
+    """The TorchScript exporter (`dynamo=False`), at opset 17 unless `opset` says otherwise, with constant folding."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -59,7 +60,7 @@ def export_torchscript(
             example,
             str(path),
             dynamo=False,
-            opset_version=TORCHSCRIPT_OPSET,
+            opset_version=opset,
             do_constant_folding=True,
             input_names=input_names,
             output_names=output_names,

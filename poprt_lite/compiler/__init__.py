@@ -156,6 +156,7 @@ def default_pipeline(options: CompileOptions, notify: bool = False) -> list[str]
     extra = [canonical_name(n) for n in options.passes]
     stages = _stages()
     wanted = {
+        "unfuse_ort": options.export_position_ids or pack is not None,  # a no-op on models without onnxruntime's fused ops
         "add_checkpoints": bool(options.checkpoints),
         "eliminate_identity": True,
         "remove_outputs": bool(options.remove_outputs),
@@ -200,10 +201,11 @@ def _check_pipeline(names: Sequence[str], options: CompileOptions) -> None:
 
 def _stages() -> tuple[str, ...]:
     """The default pipeline, in order; a stage runs when the options ask for it (see default_pipeline).
-    Passes named by `passes` that are not stages run after the last of these, before float_to_half."""
+    Passes named by `passes` that are not stages run after the last of these, before float_to_half.
+    unfuse_ort comes first: onnxruntime's ops of the ONNX domain would fail the checks after any pass."""
     packing = dict.fromkeys(mode.pass_name for mode in modes.registered())
-    return ("add_checkpoints", "eliminate_identity", "remove_outputs", "export_position_ids", *packing, "static_shape",
-            "fold_constants", "eliminate_dead_code")
+    return ("unfuse_ort", "add_checkpoints", "eliminate_identity", "remove_outputs", "export_position_ids", *packing,
+            "static_shape", "fold_constants", "eliminate_dead_code")
 
 
 def _packing_mode(names: Sequence[str]) -> str | None:
@@ -236,8 +238,8 @@ def compile(
     A packed model that no runner could serve is refused before anything is written
     (`passes.packing.check_servable`, then the packed runners' own reading of its manifest)."""
     options = options or CompileOptions()
-    model = ir.open_model(input_model)
     pipeline = build_pipeline(options)
+    model = ir.open_model(input_model, onnxruntime_ops=any(p.accepts_onnxruntime_ops for p in pipeline))
     dump_dir = Path(output_dir) if output_dir is not None else None
     manager = PassManager(pipeline, dump_after=options.dump_after, dump_dir=dump_dir, on_pass_done=on_pass_done)
     records = manager.run_model(model)

@@ -34,6 +34,9 @@ from poprt_lite.errors import PoprtError, option
 PROTOBUF_LIMIT = 2**31 - 1
 MIN_OPSET = 13
 METADATA_PREFIX = "poprt_lite."
+ORT_DOMAIN = "com.microsoft"  # onnxruntime's own ops (its transformer optimizer's fusions)
+# onnxruntime's own ops of the ONNX domain: its optimizer writes them at any opset, also where ONNX has no such op.
+ONNXRUNTIME_ONNX_OPS = ("LayerNormalization", "SimplifiedLayerNormalization")
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -41,6 +44,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
     Besides parsing, the graph is checked for what would otherwise fail later with a confusing
     message (see `check_graph`): a cycle, a tensor nobody produces, an unknown op, an old opset.
+    onnxruntime's ops of the ONNX domain are accepted: the model goes to onnxruntime, not to passes.
     """
     path = Path(path)
     _check_file(path)
@@ -50,17 +54,18 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise _not_onnx(path, exc) from exc
     except OSError as exc:
         raise PoprtError(f"cannot read model file '{path}' ({exc.strerror or exc})") from exc
-    _check_model_proto(model, path)
+    _check_model_proto(model, path, onnxruntime_ops=True)
     load_external_data(model, path)
     return model
 
 
-def open_model(path: str | os.PathLike) -> Model:
+def open_model(path: str | os.PathLike, onnxruntime_ops: bool = False) -> Model:
     """Open an ONNX model for conversion, with the checks of `load_model`, without reading its weights.
 
     The file and its external data files are memory-mapped; each weight of at least `APART_BYTES`
     becomes a numpy view into a mapping (copy-on-write, so nothing ever writes to the files), and
-    only the rest of the file (nodes, small tensors) is parsed.
+    only the rest of the file (nodes, small tensors) is parsed. `onnxruntime_ops`: accept
+    onnxruntime's ops of the ONNX domain (see `check_graph`).
     """
     path = Path(path)
     _check_file(path)
@@ -70,7 +75,7 @@ def open_model(path: str | os.PathLike) -> Model:
         model = onnx.ModelProto.FromString(skeleton)
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise _not_onnx(path, exc) from exc
-    _check_model_proto(model, path)
+    _check_model_proto(model, path, onnxruntime_ops)
     arrays = {}
     initializers = model.graph.initializer
     for found in raw:
@@ -94,7 +99,7 @@ def _not_onnx(path: Path, exc: BaseException) -> PoprtError:
     return PoprtError(f"'{path}' is not a valid ONNX model ({type(exc).__name__}); pass an .onnx file exported by torch.onnx or similar")
 
 
-def _check_model_proto(model: onnx.ModelProto, path: Path) -> None:
+def _check_model_proto(model: onnx.ModelProto, path: Path, onnxruntime_ops: bool = False) -> None:
     if not model.graph.node and not model.graph.input:
         raise PoprtError(f"'{path}' is not a valid ONNX model (no graph found); pass an .onnx file")
     opset = default_opset(model)
@@ -102,7 +107,7 @@ def _check_model_proto(model: onnx.ModelProto, path: Path) -> None:
         raise PoprtError(
             f"'{path}' uses opset {opset}; poprt-lite needs opset >= {MIN_OPSET} (re-export with a newer opset_version)"
         )
-    check_graph(model, f"'{path}'")
+    check_graph(model, f"'{path}'", onnxruntime_ops)
 
 
 def load_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -220,11 +225,12 @@ def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
     return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
-def check_graph(model: onnx.ModelProto, what: str = "the model") -> None:
+def check_graph(model: onnx.ModelProto, what: str = "the model", onnxruntime_ops: bool = False) -> None:
     """Refuse a top-level graph that no pass could handle, naming the problem in one line.
 
     Checks, in order: every op of the default domain exists at the model's opset (or is a
-    model-local function); no tensor is produced twice; every node input is produced by a node, a
+    model-local function; with `onnxruntime_ops`, for a pipeline that rewrites them, or is one of
+    `ONNXRUNTIME_ONNX_OPS`); no tensor is produced twice; every node input is produced by a node, a
     graph input or an initializer; the graph has no cycle. A graph whose nodes are acyclic but out
     of order is put into topological order (exporters sometimes write them unsorted).
     """
@@ -232,13 +238,16 @@ def check_graph(model: onnx.ModelProto, what: str = "the model") -> None:
     opset = default_opset(model)
     functions = {(f.domain, f.name) for f in model.functions}
     for node in graph.node:
-        if node.domain in ("", "ai.onnx") and (node.domain, node.op_type) not in functions:
-            try:
-                onnx.defs.get_schema(node.op_type, opset, "")
-            except onnx.defs.SchemaError:
+        if node.domain in ("", "ai.onnx") and (node.domain, node.op_type) not in functions and not is_onnx_op(node.op_type, opset):
+            if node.op_type not in ONNXRUNTIME_ONNX_OPS:
                 raise PoprtError(
                     f"{what} uses op '{node.op_type}' (node '{node.name}'), which is not an ONNX op at opset {opset}; poprt-lite converts standard ONNX models"
-                ) from None
+                )
+            if not onnxruntime_ops:
+                raise PoprtError(
+                    f"{what} uses onnxruntime's op '{node.op_type}' (node '{node.name}'), which is not an ONNX op at opset {opset} "
+                    f"(onnxruntime's transformer optimizer writes it); packing rewrites it into standard ONNX (pass unfuse_ort), or export the model at a newer opset"
+                )
     available = {"", *(i.name for i in graph.input), *(t.name for t in graph.initializer)}
     available.update(t.values.name for t in graph.sparse_initializer)
     producer: dict[str, int] = {}
@@ -274,6 +283,15 @@ def check_graph(model: onnx.ModelProto, what: str = "the model") -> None:
         nodes = [graph.node[i] for i in order]
         del graph.node[:]
         graph.node.extend(nodes)
+
+
+def is_onnx_op(op_type: str, opset: int) -> bool:
+    """Whether ONNX has `op_type` at `opset`."""
+    try:
+        onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return False
+    return True
 
 
 def default_opset(model: onnx.ModelProto) -> int:

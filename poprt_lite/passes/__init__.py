@@ -19,6 +19,7 @@ from poprt_lite.passes import (  # noqa: E402,F401  isort: skip
     remove_outputs,
     static_shape,
     token_stream_packing,
+    unfuse_ort,
 )
 
 __all__ = [

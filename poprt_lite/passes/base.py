@@ -53,6 +53,9 @@ class Pass:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    # True for a pass that rewrites onnxruntime's ops of the ONNX domain (`ir.ONNXRUNTIME_ONNX_OPS`)
+    # into standard ONNX: a pipeline holding it opens models that use them.
+    accepts_onnxruntime_ops: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         if options is not None and kwargs:

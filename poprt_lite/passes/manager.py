@@ -60,7 +60,7 @@ class PassManager:
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, list[PassRecord]]:
         """Convert a ModelProto in memory: the returned model is a new ModelProto with the weights."""
-        ir.check_graph(model, "the input model")
+        ir.check_graph(model, "the input model", onnxruntime_ops=any(p.accepts_onnxruntime_ops for p in self.passes))
         working = ir.Model.from_proto(model)
         records = self.run_model(working, ctx)
         return working.to_proto(), records
