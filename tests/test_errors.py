@@ -146,7 +146,7 @@ def test_notices_name_options_as_the_reader_gives_them(caplog, tmp_path, capsys)
     assert [r.getMessage() for r in caplog.records] == [
         "pack_args head_pattern: not needed: poprt-lite finds the model's head and each output's layout by the graph's structure",
         "pack_args dynamic_groups: packs by 'input_ids'; attention_mask follow it by their role (no need to list them)",
-        "skip_passes float_to_half: not in the pipeline (eliminate_identity, export_position_ids, pack_unpack_repack, "
+        "skip_passes float_to_half: not in the pipeline (unfuse_ort, eliminate_identity, export_position_ids, pack_unpack_repack, "
         "static_shape, fold_constants, eliminate_dead_code), nothing to skip",
     ]
 

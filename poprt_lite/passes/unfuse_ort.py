@@ -130,10 +130,11 @@ class _Fused:
             raise self.refuse(f"takes its {what} from '{tensor.name}', computed in the graph; unfuse_ort splits only constant {what}")
         return value
 
-    def detach(self) -> None:
+    def detach(self, graph: gs.Graph) -> None:
         """Take the node out of the graph; its output tensors wait for the nodes that will write them."""
         self.node.inputs.clear()
         self.node.outputs.clear()
+        del graph.nodes[next(i for i, node in enumerate(graph.nodes) if node is self.node)]
 
 
 def _omitted(tensor: gs.Tensor | None) -> bool:
@@ -342,7 +343,7 @@ def _rank(tensor: gs.Tensor) -> int | None:
 
 
 def _start(builder: _Builder, fused: _Fused) -> None:
-    fused.detach()
+    fused.detach(builder.graph)
     builder.prefix = fused.name or fused.op
 
 

@@ -45,8 +45,8 @@ def test_manifest_describes_the_packed_interface(packed_artifact):
         ("end_logits", [4, 32], "unpacked"),
     ]
     names = [p["name"] for p in manifest["pipeline"]]
-    assert names == ["eliminate_identity", "export_position_ids", "pack_unpack_repack", "static_shape", "fold_constants", "eliminate_dead_code"]
-    assert manifest["pipeline"][2]["options"]["max_valid_num"] == 4
+    assert names == ["unfuse_ort", "eliminate_identity", "export_position_ids", "pack_unpack_repack", "static_shape", "fold_constants", "eliminate_dead_code"]
+    assert manifest["pipeline"][3]["options"]["max_valid_num"] == 4
 
 
 def test_runner_validates_feeds_against_the_manifest(packed_artifact):

@@ -66,7 +66,7 @@ def test_artifact_summary_has_roles_layouts_and_manifest(packed_artifact):
     manifest = report["manifest"]
     assert manifest["precision"] == "fp32"
     assert manifest["pack"] == {"mode": "unpack_repack", "max_valid_num": 4, "segment_max_size": 16}
-    assert [step["name"] for step in manifest["pipeline"]][:3] == ["eliminate_identity", "export_position_ids", "pack_unpack_repack"]
+    assert [step["name"] for step in manifest["pipeline"]][:4] == ["unfuse_ort", "eliminate_identity", "export_position_ids", "pack_unpack_repack"]
     assert all(step["seconds"] >= 0 for step in manifest["pipeline"])
 
 
