@@ -76,7 +76,7 @@ def find_embeddings(graph: gs.Graph, input_name: str = vocab.INPUT_IDS) -> Embed
     fused = next((n for n in graph.nodes if n.op == "EmbedLayerNormalization"), None)
     if fused is not None:
         raise PoprtError(
-            f"the embeddings are fused into EmbedLayerNormalization node '{fused.name}' (onnxruntime's transformer optimizer); convert the model before optimizing it"
+            f"the embeddings are fused into EmbedLayerNormalization node '{fused.name}' (onnxruntime's transformer optimizer); run unfuse_ort before export_position_ids (the default pipeline does)"
         )
     word = next((n for n in inputs[input_name].outputs if _is_table_lookup(n) and n.inputs[1] is inputs[input_name]), None)
     if word is None:

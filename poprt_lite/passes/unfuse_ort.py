@@ -16,7 +16,7 @@ CPU kernel:
 | MultiHeadAttention | the same from its query, key and value inputs (the bias added to each) |
 | SkipLayerNormalization, SkipSimplifiedLayerNormalization | `Add(input, skip[, bias])` (`input_skip_bias_sum`), then layer / RMS normalization |
 | BiasGelu, Gelu | `x * 0.5 * (1 + Erf(x / sqrt(2)))` (of `A + B`) |
-| FastGelu, GemmFastGelu | the tanh approximation `0.5 x (1 + Tanh(x (0.7978845608 + 0.0356774081 x^2)))` (of `[X W] + bias`) |
+| FastGelu | the tanh approximation `x (1 + Tanh(x (0.7978845608 + 0.0356774081 x^2))) 0.5` (of `X + bias`) |
 | QuickGelu | `x * Sigmoid(alpha x)` |
 | FusedMatMul | `MatMul` (of Transposes for transA / transB), `Mul(alpha)` |
 | LayerNormalization before opset 17, SimplifiedLayerNormalization (onnxruntime's, ONNX domain) | the normalization by ReduceSum, Sub, Sqrt, Div |
@@ -467,14 +467,10 @@ def _gelu(builder: _Builder, fused: _Fused) -> None:
 
 
 def _fast_gelu(builder: _Builder, fused: _Fused) -> None:
-    """FastGelu (X [+ bias]), GemmFastGelu (X W [+ bias]): the tanh approximation."""
-    x = fused.input(0)
-    dtype = _float_dtype(fused.input(1), x)
+    """FastGelu (X [+ bias]): the tanh approximation."""
+    x, bias = fused.input(0), fused.input(1)
+    dtype = _float_dtype(bias, x)
     _start(builder, fused)
-    if fused.op == "GemmFastGelu":
-        x, bias = builder.op("MatMul", [x, fused.input(1)]), fused.input(2)
-    else:
-        bias = fused.input(1)
     builder.tanh_gelu(builder.add_bias(x, bias), dtype, fused.output(0))
 
 
@@ -521,7 +517,6 @@ REWRITES: dict[str, Callable[[_Builder, _Fused], None]] = {
     "BiasGelu": _gelu,
     "Gelu": _gelu,
     "FastGelu": _fast_gelu,
-    "GemmFastGelu": _fast_gelu,
     "QuickGelu": _quick_gelu,
     "FusedMatMul": _fused_matmul,
 }

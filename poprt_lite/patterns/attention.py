@@ -103,7 +103,7 @@ def find_attention_blocks(graph: gs.Graph, mask_inputs: Iterable[str] = (), toke
     fused = [n for n in graph.nodes if n.op in FUSED_ATTENTION_OPS]
     if fused:
         raise PoprtError(
-            f"node '{fused[0].name}' is a fused {fused[0].op} op; packing needs the unfused attention (run poprt-lite before onnxruntime's transformer optimizer)"
+            f"node '{fused[0].name}' is a fused {fused[0].op} op (onnxruntime's transformer optimizer); run unfuse_ort before packing (the default pipeline does)"
         )
     mask_inputs = set(mask_inputs)
     blocks = []

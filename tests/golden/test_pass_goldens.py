@@ -155,6 +155,31 @@ MODELS = {
             hidden = Add (merged, x)
         }
     """,
+    # What onnxruntime's transformer optimizer makes of a one-layer BERT: fused embeddings (their
+    # mask_index, the row lengths, feeding the attention), attention with packed Q/K/V weights, skip
+    # layer normalization with the dense bias, BiasGelu.
+    "ort_fused_encoder": """
+        <ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+        ort_fused_encoder (int64[batch,seq] input_ids, int64[batch,seq] attention_mask) => (float[batch,seq,4] hidden)
+            <float[8,4] word_table = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                      16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31},
+             float[8,4] position_table = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                          16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31},
+             float[4] gamma = {1, 1, 1, 1}, float[4] beta = {0, 0, 0, 0}, float[4] dense_bias = {0.5, -0.5, 0.25, -0.25},
+             float[4,12] qkv_weight = {1, 0, 0, 0, 0, 1, 0, 0, 1, 1, 0, 0,
+                                       0, 1, 0, 0, 1, 0, 0, 0, 0, 1, 1, 0,
+                                       0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 1, 1,
+                                       0, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1},
+             float[12] qkv_bias = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1}>
+        {
+            ids_int32 = Cast <to = 6> (input_ids)
+            mask_int32 = Cast <to = 6> (attention_mask)
+            embedded, mask_index = com.microsoft.EmbedLayerNormalization <epsilon = 1e-12> (ids_int32, "", word_table, position_table, "", gamma, beta, mask_int32)
+            context = com.microsoft.Attention <num_heads = 2> (embedded, qkv_weight, qkv_bias, mask_index)
+            normed = com.microsoft.SkipLayerNormalization <epsilon = 1e-12> (context, embedded, gamma, beta, dense_bias)
+            hidden = com.microsoft.BiasGelu (normed, dense_bias)
+        }
+    """,
 }
 
 PACK = {"max_valid_num": 4, "segment_max_size": 8}
@@ -190,6 +215,7 @@ CASES = [
     GoldenCase("remove_outputs", "two_heads", {"outputs": ("end",)}),
     GoldenCase("add_checkpoints", "two_heads", {"tensors": ("trunk", "shifted")}),
     GoldenCase("token_stream_packing", "tiny_encoder", {**PACK, "max_tokens": 16}),
+    GoldenCase("unfuse_ort", "ort_fused_encoder"),
     GoldenCase(
         "fuse_packed_attention", "tiny_encoder",
         before=(("attention_mask_packing", PACK), ("static_shape", {"input_shape": {"input_ids": (2, 8)}}), ("fold_constants", {})),
