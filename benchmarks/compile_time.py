@@ -16,6 +16,10 @@ outside: wall time, CPU time (user + system) and peak RSS of that process (`os.w
 runs also report each pass (wall, CPU) and the time to open the model and to write it. The table
 prints medians with the spread (min-max) and peak RSS as a multiple of the model's size on disk.
 
+`--ort_optimized` also converts, in each mode, what onnxruntime's optimizer made of the model
+(made once and kept in the cache as `<model>.ort_optimized.onnx`): the pipeline's first pass,
+`unfuse_ort`, rewrites its fused ops into standard ONNX before packing.
+
 `--check` then converts the ~2.5 GB model once per mode with `--check --export_popef` (the
 converted model against the source on onnxruntime, request by request), loads the artifact (its
 weights member mapped) and compares one packed batch run from the artifact with the same batch
@@ -24,6 +28,7 @@ run from the converted .onnx file.
     python benchmarks/compile_time.py                    # all three models, 3 repeats (1 for 2.5 GB)
     python benchmarks/compile_time.py --models base --repeats 5 --json compile_time.json
     python benchmarks/compile_time.py --models 2.5gb --repeats 1 --check
+    python benchmarks/compile_time.py --models base --no_ort --ort_optimized
 """
 
 from __future__ import annotations
@@ -167,6 +172,19 @@ def child_check(model: str, mode: str, out: str) -> dict:
 # --- the parent: runs, interleaving, tables ---------------------------------------------------
 
 
+OPTIMIZED_INPUT = "(onnxruntime-optimized input)"
+
+
+def ort_optimized(model: Path, geometry, scratch: Path) -> Path:
+    """What onnxruntime's optimizer makes of `model`, made once beside it in the cache."""
+    target = model.with_name(f"{model.stem}.ort_optimized.onnx")
+    if not target.is_file():
+        scratch.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, __file__, "--child", "ort", str(model), str(geometry.heads), str(geometry.hidden), str(scratch)], check=True)
+        shutil.move(scratch / "optimized.onnx", target)
+    return target
+
+
 def file_size(model: Path) -> int:
     data = model.with_name(model.name + ".data")
     return model.stat().st_size + (data.stat().st_size if data.is_file() else 0)
@@ -220,6 +238,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per model (the 2.5 GB model: at most 1 unless --repeats is given)")
     parser.add_argument("--no_ort", action="store_true", help="skip onnxruntime's optimizer")
     parser.add_argument("--check", action="store_true", help="also --check and run the artifact of the 2.5 GB model per mode")
+    parser.add_argument("--ort_optimized", action="store_true", help="also convert onnxruntime's optimizer output of each model in each mode")
     parser.add_argument("--scratch", type=Path, default=None, help="folder for outputs (default: a temporary folder in the cache)")
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
     parser.add_argument("--memory_cap_gb", type=float, default=14, help="address-space limit of each measured process")
@@ -241,10 +260,12 @@ def main() -> None:
         runs: dict[str, list[dict]] = {}
         rounds = args.repeats if (repeats_given or name != "2.5gb") else 1
         kinds = [f"poprt-lite {m}" for m in modes] + ([] if args.no_ort else ["onnxruntime optimizer"])
+        fused = ort_optimized(path, geometry, scratch_root) if args.ort_optimized else None
+        kinds += [f"poprt-lite {m} {OPTIMIZED_INPUT}" for m in modes] if fused is not None else []
         for round_ in range(rounds):
             for kind in kinds:
                 if kind.startswith("poprt-lite"):
-                    child = ["poprt", str(path), kind.split()[1]]
+                    child = ["poprt", str(fused if kind.endswith(OPTIMIZED_INPUT) else path), kind.split()[1]]
                 else:
                     child = ["ort", str(path), str(geometry.heads), str(geometry.hidden)]
                 result = measure(child, scratch_root / "run", int(args.memory_cap_gb * 2**30))

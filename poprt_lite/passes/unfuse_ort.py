@@ -56,7 +56,7 @@ ENCODERS_ONLY = "packing is for bidirectional encoders"
 TANH_ALPHA = math.sqrt(2 / math.pi)
 TANH_BETA = 0.044715 * TANH_ALPHA
 # Attributes' defaults where onnxruntime's schemas give them.
-SKIP_EPSILON = 1e-12  # SkipLayerNormalization, SkipSimplifiedLayerNormalization, EmbedLayerNormalization
+SKIP_EMBED_EPSILON = 1e-12  # SkipLayerNormalization, SkipSimplifiedLayerNormalization, EmbedLayerNormalization
 LAYER_NORM_EPSILON = 1e-5  # LayerNormalization, SimplifiedLayerNormalization
 MASK_FILTER_VALUE = -10000.0
 QUICK_GELU_ALPHA = 1.702
@@ -356,7 +356,7 @@ def _embed_layer_norm(builder: _Builder, fused: _Fused) -> None:
     total = builder.op("Add", [total, builder.op("Gather", [positions, position_ids], {"axis": 0})], out=None if segments is not None else fused.output(2))
     if segments is not None:
         total = builder.op("Add", [total, builder.op("Gather", [segment_table, _uncast(segments)], {"axis": 0})], out=fused.output(2))
-    builder.layer_norm(total, gamma, beta, fused.attrs.get("epsilon", SKIP_EPSILON), fused.output(0))
+    builder.layer_norm(total, gamma, beta, fused.attrs.get("epsilon", SKIP_EMBED_EPSILON), fused.output(0))
     if fused.output(1) is not None:  # lengths for a consumer other than the attention ops: what the kernel counts
         if mask is None:
             raise fused.refuse(f"gives its mask_index output '{fused.output(1).name}' (zeros: it has no mask input) to a node unfuse_ort does not rewrite")
@@ -417,7 +417,7 @@ def _hidden_size(fused: _Fused, tensor: gs.Tensor) -> int:
     writer = producer(tensor, ("MatMul",))
     weight = constant_array(writer.inputs[1]) if writer is not None else None
     if weight is None:
-        raise fused.refuse(f"takes '{tensor.name}', whose hidden size is unknown; give the model's shapes (onnx shape inference) before packing")
+        raise fused.refuse(f"takes '{tensor.name}', whose hidden size is unknown (no shape, not a MatMul with a constant weight)")
     return weight.shape[-1]
 
 
@@ -438,7 +438,7 @@ def _skip_layer_norm(builder: _Builder, fused: _Fused) -> None:
     total = builder.op("Add", [x, skip], out=fused.output(3) if bias is None else None)
     if bias is not None:
         total = builder.op("Add", [total, bias], out=fused.output(3))
-    epsilon = fused.attrs.get("epsilon", SKIP_EPSILON)
+    epsilon = fused.attrs.get("epsilon", SKIP_EMBED_EPSILON)
     if simplified:
         builder.rms_norm(total, gamma, epsilon, fused.output(0))
     else:
