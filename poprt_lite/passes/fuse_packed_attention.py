@@ -41,7 +41,6 @@ from poprt_lite.patterns.attention import (
 from poprt_lite.runtime import modes
 
 MODE = modes.ATTENTION_MASK.name
-ORT_DOMAIN = "com.microsoft"
 FUSED_OP = "MultiHeadAttention"
 
 
@@ -84,7 +83,7 @@ def _fuse(graph: gs.Graph, block: AttentionBlock, mask: gs.Tensor) -> bool:
         gs.Node(
             FUSED_OP,
             name=ir.unique_name(graph, f"{block.softmax.name or output.name}_{FUSED_OP}"),
-            domain=ORT_DOMAIN,
+            domain=ir.ORT_DOMAIN,
             inputs=[*sources, _bias_constant(graph, bias, fused.name) if bias is not None else gs.Variable.empty(), gs.Variable.empty(), mask],
             outputs=[fused],
             attrs={"num_heads": heads, "scale": float(query.scale * key.scale * score_scale)},

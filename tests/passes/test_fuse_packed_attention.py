@@ -15,7 +15,8 @@ from cli.test_convert import cli
 from conftest import TESTDATA
 from poprt_lite import runtime
 from poprt_lite.errors import PassError
-from poprt_lite.passes.fuse_packed_attention import FUSED_OP, ORT_DOMAIN
+from poprt_lite.ir import ORT_DOMAIN
+from poprt_lite.passes.fuse_packed_attention import FUSED_OP
 from poprt_lite.vocab import PackMode
 from robustness.test_differential import MODES, assert_answers, pack_data_loop, requests_for
 

@@ -32,7 +32,7 @@ from poprt_lite.passes import PassManager, get_pass
 from poprt_lite.patterns.attention import find_attention_blocks
 from poprt_lite.tools.diff import diff_models
 
-ORT = "com.microsoft"
+ORT = ir.ORT_DOMAIN
 B, S, HIDDEN, HEADS, VOCAB_ROWS = 2, 5, 8, 2, 20
 LENGTHS = [5, 3]  # right padding, as onnxruntime's mask lengths require
 OPTIMIZED = ["bert_qa_ort_optimized", "st_mean_norm_ort_optimized"]
