@@ -7,7 +7,7 @@ Families (a mode is a family plus its settings):
 - `DynamicOffline`: the original dynamic-shape model, each request alone at its own length, or the
   requests sorted by length in batches of `batch_size` padded to the batch's longest;
 - `PackedOnline`: a PackRunner (what `runtime.Runner(artifact, PackRunnerConfig(...))` returns) serving concurrent clients;
-- `DynamicOnline`: the original model behind a `DynamicBatcher` (bench/dynamic.py) serving the same
+- `DynamicOnline`: the original model behind a `DynamicBatcher` (runtime/dynamic_batcher.py) serving the same
   clients, one request at a time or up to `batch_size` per batch with the PackRunner's timeout.
 
 `run_offline` runs every offline mode interleaved batch by batch (the mode furthest behind, by share
@@ -36,7 +36,7 @@ import onnx
 from poprt_lite import vocab
 from poprt_lite.ir.artifact import Artifact
 from poprt_lite.bench.config import BenchConfig, Progress
-from poprt_lite.bench.dynamic import DynamicBatcher
+from poprt_lite.runtime.dynamic_batcher import DynamicBatcher
 from poprt_lite.bench.models import word_embedding
 from poprt_lite.bench.monitor import CpuMonitor, TimedSession, own_cpu
 from poprt_lite.bench.packer import Batch, Feeder, plan_dynamic, plan_packed, plan_padded

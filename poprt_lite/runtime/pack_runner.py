@@ -14,7 +14,9 @@ model, copies each request's slice of every output into the caller's arrays and 
 futures. The next batch takes the waiting requests oldest first.
 
 Each request is checked in the caller's thread before it is queued (`runtime/requests.py`), so a
-bad request fails only its own call. Feeds are laid out and outputs split by the artifact's batch
+bad request fails only its own call. A completed future tells when its request arrived (`queued`)
+and which batch ran it (`batch`, a `BatchRun`); `batch_listeners` are told of every batch run (a
+server's metrics). Feeds are laid out and outputs split by the artifact's batch
 layout (`runtime/layouts.py`).
 """
 
@@ -22,10 +24,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,13 +42,20 @@ from poprt_lite.runtime.layouts import Placement
 from poprt_lite.runtime.packing import OnlinePacker
 from poprt_lite.runtime.requests import RequestChecker, build_feeds, split_outputs
 
+log = logging.getLogger(__name__)
+
 
 class PackFuture(concurrent.futures.Future):
     """The pending result of one request: a `concurrent.futures.Future` with PopRT's `wait()`.
 
     `result()` returns the request's `outputs` dict once it is filled (or raises the request's
-    error); `exception()` returns the error or None; `done()` tells without blocking.
+    error); `exception()` returns the error or None; `done()` tells without blocking. `queued` is
+    when the request was queued and `batch` the batch that ran it (set before the future
+    completes; None until then), both on the `time.monotonic()` clock.
     """
+
+    queued: float = 0.0
+    batch: BatchRun | None = None
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the request's outputs are filled; raise its error if it failed.
@@ -53,6 +63,17 @@ class PackFuture(concurrent.futures.Future):
         Raises `concurrent.futures.TimeoutError` (the builtin TimeoutError) if `timeout` seconds pass.
         """
         self.result(timeout)
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """One batch a runner ran (times on the `time.monotonic()` clock)."""
+
+    requests: int
+    tokens: int  # real tokens
+    token_slots: int  # token slots the model ran (real tokens + padding)
+    started: float  # the model run began (the requests' wait in the queue ends here)
+    finished: float  # the model run ended (outputs not yet copied)
 
 
 @dataclass(frozen=True)
@@ -97,6 +118,7 @@ class _Request:
         self.outputs = outputs  # output name -> caller's array
         self.future = PackFuture()
         self.future.set_running_or_notify_cancel()  # a queued request cannot be cancelled
+        self.future.queued = arrived
         self.arrived = arrived
 
 
@@ -148,6 +170,9 @@ class PackRunner:
         self._closing = False
         self._stopped: BaseException | None = None  # the serving thread died of this
         self._counts = collections.Counter()
+        # called in the serving thread with each BatchRun, before its futures complete; one that
+        # raises is logged and does not fail the batch
+        self.batch_listeners: list[Callable[[BatchRun], None]] = []
         self._thread = threading.Thread(target=self._serve, name="poprt-lite-pack-runner", daemon=True)
         self._thread.start()
 
@@ -175,6 +200,12 @@ class PackRunner:
         with self._cond:
             counts = dict(self._counts)
         return PackRunnerStats(**{f: counts.get(f, 0) for f in PackRunnerStats.__dataclass_fields__})
+
+    @property
+    def pending(self) -> int:
+        """Requests queued and not yet running."""
+        with self._cond:
+            return len(self._open) + len(self._waiting)
 
     def execute_async(self, feeds: Mapping[str, Any], outputs: dict[str, np.ndarray] | None = None) -> PackFuture:
         """Queue one request and return its future. The request is checked here: a bad one raises
@@ -331,6 +362,8 @@ class PackRunner:
         wanted = {name for r in requests for name in r.outputs}
         names = [name for name in self.interface.outputs if name in wanted]
         failed = 0
+        slots = int(np.prod(self._layout.shape(placement)))
+        started = time.monotonic()
         try:
             feeds = build_feeds(self.interface, self._layout, [r.tokens for r in requests], placement)
             results = dict(zip(names, self.session.run(names, feeds))) if names else {}
@@ -340,13 +373,14 @@ class PackRunner:
             self._fail(requests, error)
             failed = len(requests)
         else:
+            announce(BatchRun(len(requests), placement.tokens, slots, started, time.monotonic()), requests, self.batch_listeners)
             failed = self._deliver(requests, placement, results)
         with self._cond:
             counts = self._counts
             counts["batches"] += 1
             counts["requests"] += len(requests)
             counts["tokens"] += placement.tokens
-            counts["token_slots"] += int(np.prod(self._layout.shape(placement)))
+            counts["token_slots"] += slots
             counts[f"batches_by_{reason}"] += 1
             counts["failed_requests"] += failed
             counts["failed_batches"] += failed == len(requests)
@@ -376,3 +410,14 @@ class PackRunner:
         for request in requests:
             if not request.future.done():
                 request.future.set_exception(error)
+
+
+def announce(batch: BatchRun, requests, listeners: list[Callable[[BatchRun], None]]) -> None:
+    """Tell each request's future and every listener about `batch` (before the futures complete)."""
+    for request in requests:
+        request.future.batch = batch
+    for listener in listeners:
+        try:
+            listener(batch)
+        except Exception:  # a listener's bug must not fail the batch it watches
+            log.exception("a batch listener failed")

@@ -1,15 +1,20 @@
-"""The online dynamic-shape baseline: a dynamic batcher serving the original (unconverted) model.
+"""A dynamic batcher serving the original (unconverted) model: the dynamic-shape baseline.
 
 This is what a CPU user runs without poprt-lite: the exported model with dynamic `[batch, sequence]`
-inputs behind a server that batches concurrent requests the way Triton's dynamic batcher does. One
-serving thread runs one batch at a time. When the model is free it takes up to `max_batch` waiting
-requests, oldest first: at once when that many wait, else when the oldest has waited
-`timeout_microseconds` (Triton's `max_queue_delay_microseconds`). The batch is padded to its longest
-request (`[k, longest]`, attention mask 1 on real tokens and 0 on padding), run, and each request's
-real tokens of every output are copied into its arrays. `max_batch=1` serves each request alone in
-arrival order (a server without batching).
+inputs behind a server that batches concurrent requests the way Triton's dynamic batcher and
+text-embeddings-inference's CPU backend do. One serving thread runs one batch at a time. When the
+model is free it takes waiting requests oldest first, up to `max_batch` requests and (if set) a
+batch of at most `max_tokens` token slots (`k x longest`, the padded batch TEI's budget counts): at
+once when a batch is full, else when the oldest has waited `timeout_microseconds` (Triton's
+`max_queue_delay_microseconds`; 0 is TEI's "no wait timer": whatever waits is taken). The batch is
+padded to its longest request (`[k, longest]`, attention mask 1 on real tokens and 0 on padding),
+run, and each request gets its real tokens of every per-token output and its row of every
+`per_request` output. `max_batch=1` serves each request alone in arrival order (a server without
+batching).
 
-It serves the benchmark's well-formed requests only: it checks nothing a PackRunner checks.
+It checks nothing a PackRunner checks: callers pass well-formed requests (the benchmark's, or a
+server's after `RequestChecker`). Futures and listeners are the PackRunner's (`PackFuture.batch`,
+`batch_listeners`).
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from poprt_lite.errors import PoprtError, one_line
 from poprt_lite.runtime.layouts import PaddedRows
+from poprt_lite.runtime.pack_runner import BatchRun, PackFuture, announce
 from poprt_lite.vocab import Layout, Role
 
 
@@ -47,14 +52,17 @@ class _Request:
     def __init__(self, feeds: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray], length: int) -> None:
         self.feeds, self.outputs, self.length = feeds, outputs, length
         self.arrived = time.monotonic()
-        self.future: Future = Future()
+        self.future = PackFuture()
+        self.future.set_running_or_notify_cancel()
+        self.future.queued = self.arrived
 
 
 class DynamicBatcher:
     """Batches single unpadded requests onto a dynamic-shape onnxruntime session (see the module).
 
     `inputs`: the model's input name -> (role, dtype); every input but the attention mask is taken
-    from the request's feeds (1-D, its own length). `outputs`: the per-token outputs to fill.
+    from the request's feeds (1-D, its own length). `outputs`: the outputs to fill, per token
+    unless named in `per_request` (one row per request, `[k, ...]`).
     """
 
     def __init__(
@@ -64,11 +72,19 @@ class DynamicBatcher:
         outputs: Sequence[str],
         max_batch: int,
         timeout_microseconds: int,
+        *,
+        max_tokens: int | None = None,
+        per_request: Collection[str] = (),
     ) -> None:
-        if max_batch < 1 or timeout_microseconds < 0:
-            raise PoprtError(f"max_batch must be >= 1 and timeout_microseconds >= 0, got {max_batch} and {timeout_microseconds}")
+        if max_batch < 1 or timeout_microseconds < 0 or (max_tokens is not None and max_tokens < 1):
+            raise PoprtError(
+                f"max_batch and max_tokens must be >= 1 and timeout_microseconds >= 0, got {max_batch}, "
+                f"{max_tokens} and {timeout_microseconds}"
+            )
         self.session, self.inputs, self.output_names = session, dict(inputs), list(outputs)
-        self.max_batch, self.timeout = int(max_batch), timeout_microseconds / 1e6
+        self.max_batch, self.timeout, self.max_tokens = int(max_batch), timeout_microseconds / 1e6, max_tokens
+        self.per_request = frozenset(per_request)
+        self.batch_listeners: list[Callable[[BatchRun], None]] = []
         self._queue: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -82,7 +98,13 @@ class DynamicBatcher:
             counts = dict(self._counts)
         return DynamicBatcherStats(**{f: counts.get(f, 0) for f in DynamicBatcherStats.__dataclass_fields__})
 
-    def execute_async(self, feeds: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray]) -> Future:
+    @property
+    def pending(self) -> int:
+        """Requests queued and not yet running."""
+        with self._cond:
+            return len(self._queue)
+
+    def execute_async(self, feeds: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray]) -> PackFuture:
         length = len(next(v for name, v in feeds.items() if self.inputs[name][0] is Role.dynamic_input))
         request = _Request(feeds, outputs, length)
         with self._cond:
@@ -93,12 +115,13 @@ class DynamicBatcher:
                 self._cond.notify_all()
         return request.future
 
-    def close(self) -> None:
-        """Run what is queued, then stop the serving thread."""
+    def close(self, timeout: float | None = None) -> None:
+        """Run what is queued, then stop the serving thread (waiting up to `timeout` seconds)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     def __enter__(self) -> DynamicBatcher:
         return self
@@ -108,11 +131,23 @@ class DynamicBatcher:
 
     # ---------------------------------------------------------------------------------- serving
 
+    def _due(self) -> int:
+        """How many of the oldest waiting requests make a full batch (lock held; 0: not full yet)."""
+        longest = 0
+        for k, request in enumerate(self._queue):
+            if k == self.max_batch:
+                return k
+            longest = max(longest, request.length)
+            if self.max_tokens is not None and k and (k + 1) * longest > self.max_tokens:
+                return k
+        return len(self._queue) if len(self._queue) == self.max_batch else 0
+
     def _take(self) -> tuple[list[_Request], bool] | None:
         """Wait until a batch is due and take it (lock held): (requests, launched by timeout)."""
         while True:
-            if len(self._queue) >= self.max_batch:
-                return [self._queue.popleft() for _ in range(self.max_batch)], False
+            full = self._due()
+            if full:
+                return [self._queue.popleft() for _ in range(full)], False
             if self._queue:
                 remaining = self._queue[0].arrived + self.timeout - time.monotonic()
                 if remaining <= 0 or self._closing:
@@ -131,7 +166,7 @@ class DynamicBatcher:
                 return
             requests, by_timeout = taken
             try:
-                slots = self._run(requests)
+                batch = self._run(requests)
             except BaseException as exc:
                 error = PoprtError(f"the batch of {len(requests)} requests holding this request failed: {one_line(exc)}")
                 for request in requests:
@@ -141,13 +176,15 @@ class DynamicBatcher:
             with self._cond:  # counted before the futures complete, so a finished client sees its batch
                 self._counts["batches"] += 1
                 self._counts["requests"] += len(requests)
-                self._counts["tokens"] += sum(r.length for r in requests)
-                self._counts["token_slots"] += slots
+                self._counts["tokens"] += batch.tokens
+                self._counts["token_slots"] += batch.token_slots
                 self._counts["batches_by_timeout"] += by_timeout
+            announce(batch, requests, self.batch_listeners)
             for request in requests:
                 request.future.set_result(request.outputs)
 
-    def _run(self, requests: list[_Request]) -> int:
+    def _run(self, requests: list[_Request]) -> BatchRun:
+        """Pad, run and copy each request's share of the outputs into its arrays."""
         lengths = [r.length for r in requests]
         layout = PaddedRows(len(requests), max(lengths))
         placement = layout.placement(lengths)
@@ -157,8 +194,14 @@ class DynamicBatcher:
                 feeds[name] = layout.mask(placement, dtype)
             else:
                 feeds[name] = layout.scatter(placement, np.concatenate([r.feeds[name] for r in requests]), dtype)
+        started = time.monotonic()
         results = self.session.run(self.output_names, feeds)
-        for name, out in zip(self.output_names, results):
-            for request, share in zip(requests, layout.split(out, Layout.padded, placement)):
-                request.outputs[name][: len(share)] = share
-        return len(requests) * max(lengths)
+        batch = BatchRun(len(requests), sum(lengths), len(requests) * max(lengths), started, time.monotonic())
+        for name, out in zip(self.output_names, results, strict=True):
+            if name in self.per_request:
+                for request, row in zip(requests, out, strict=True):
+                    request.outputs[name][...] = row
+            else:
+                for request, share in zip(requests, layout.split(out, Layout.padded, placement), strict=True):
+                    request.outputs[name][: len(share)] = share
+        return batch

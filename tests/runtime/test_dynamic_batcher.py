@@ -1,13 +1,14 @@
-"""bench/dynamic.py: the dynamic batcher takes up to max_batch waiting requests, pads them to the
+"""runtime/dynamic_batcher.py: the dynamic batcher takes up to max_batch waiting requests, pads them to the
 longest, and hands each request its own tokens' outputs; bench/packer.py's dynamic plans."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
-from poprt_lite.bench.dynamic import DynamicBatcher
+from poprt_lite.runtime.dynamic_batcher import DynamicBatcher
 from poprt_lite.bench.packer import plan_dynamic
 from poprt_lite.vocab import Role
 
@@ -26,6 +27,13 @@ class GatedSession:
         self.gate.wait(10)
         self.batches.append(feeds)
         return [feeds["input_ids"].astype(np.float32) * 10 + feeds["attention_mask"]]
+
+
+def wait_until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.001)
 
 
 def request(ids: list[int]) -> tuple[dict, dict]:
@@ -84,3 +92,33 @@ def test_plan_dynamic():
     assert sorted_plans[1].placement.starts.tolist() == [0, 5]
     alone = plan_dynamic(lengths, 1, sort=False)
     assert [(p.indices.tolist(), p.slots) for p in alone] == [([0], 5), ([1], 2), ([2], 7), ([3], 2), ([4], 3)]
+
+
+def test_token_budget_counts_padded_slots():
+    """TEI's budget on a padded model: k x longest slots; the request that would pass it waits."""
+    session = GatedSession()
+    with DynamicBatcher(session, INPUTS, ["out"], max_batch=8, timeout_microseconds=0, max_tokens=6) as batcher:
+        first = batcher.execute_async(*request([9]))
+        wait_until(lambda: batcher.pending == 0)  # the serving thread holds [9], waiting for the gate
+        futures = [batcher.execute_async(*request(ids)) for ids in ([1], [2, 2], [3, 3, 3], [4])]
+        session.gate.set()
+        for f in [first, *futures]:
+            f.result(10)
+    # [1] + [2, 2] = 2 x 2 = 4 slots; adding [3, 3, 3] would make 3 x 3 = 9 > 6
+    assert [b["input_ids"].tolist() for b in session.batches] == [[[9]], [[1, 0], [2, 2]], [[3, 3, 3], [4, 0, 0]]]
+    assert [f.batch.requests for f in futures] == [2, 2, 2, 2]
+    assert [f.batch.token_slots for f in futures] == [4, 4, 6, 6]
+
+
+def test_per_request_outputs_take_their_row():
+    class Pooled(GatedSession):
+        def run(self, names, feeds):
+            self.batches.append(feeds)
+            return [feeds["input_ids"].sum(axis=1, keepdims=True).astype(np.float32)]
+
+    with DynamicBatcher(Pooled(), INPUTS, ["pooled"], max_batch=4, timeout_microseconds=0, per_request=["pooled"]) as batcher:
+        rows = [{"pooled": np.zeros(1, np.float32)} for _ in range(3)]
+        futures = [batcher.execute_async({"input_ids": np.asarray(ids, np.int64)}, out) for ids, out in zip(([1], [2, 3], [4, 5, 6]), rows, strict=True)]
+        for f in futures:
+            f.result(10)
+    assert [r["pooled"].tolist() for r in rows] == [[1.0], [5.0], [15.0]]
