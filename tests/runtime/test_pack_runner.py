@@ -553,6 +553,22 @@ def test_close_drains_pending_requests(tmp_path, rng):
     runner.close()  # idempotent
 
 
+def test_futures_and_listeners_see_the_batch_that_ran_them(tmp_path, rng):
+    path = write_fake(tmp_path, "attention_mask")
+    runner = runtime.Runner(path, config_for("attention_mask", timeout_microseconds=60_000_000))
+    seen = []
+    runner.batch_listeners.append(lambda batch: seen.append(batch))
+    runner.batch_listeners.append(lambda batch: 1 / 0)  # a broken listener fails nothing
+    futures = [runner.execute_async(make_request(rng, n), out_arrays(runner, 8)) for n in (3, 2)]
+    assert runner.pending == 2
+    runner.close()
+    (batch,) = seen
+    assert (batch.requests, batch.tokens, batch.token_slots) == (2, 5, 16)
+    for future in futures:
+        assert future.batch is batch and future.queued <= batch.started <= batch.finished
+    assert runner.pending == 0 and runner.stats.failed_requests == 0
+
+
 def test_close_can_cancel_pending_requests(tmp_path, rng):
     path = write_fake(tmp_path, "unpack_repack")
     runner = runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=60_000_000))
