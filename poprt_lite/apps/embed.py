@@ -133,41 +133,18 @@ class Embedder:
         max_length: int | None = None,
         threads: int = 0,
     ) -> "Embedder":
-        """Pack an exported ONNX model in memory (`poprt_lite.compile`) and embed with it.
-        `pack_args` are --pack_args' keys (default: `DEFAULT_PACK_ARGS`, segment_max_size the
-        tokenizer's limit); `input_shape` is needed by the static modes."""
-        from poprt_lite.compiler import CompileOptions, compile
-
-        args = dict(DEFAULT_PACK_ARGS if pack_args is None else pack_args)
-        if "segment_max_size" not in args:
-            _, limit = load_tokenizer(tokenizer, max_length)
-            if limit is None:
-                raise PoprtError("the tokenizer sets no length limit; give pack_args segment_max_size (or max_length)")
-            args["segment_max_size"] = str(limit)
-        options = CompileOptions(input_shape=dict(input_shape or {}), pack_args=args)
-        converted = compile(model, save=False, options=options).model
-        fields = artifact_module.converted_fields(converted, Path(model).read_bytes())
-        built = artifact_module.in_memory(model, converted, fields)
+        """Pack an exported ONNX model in memory (`pack_model`) and embed with it."""
+        built = pack_model(model, tokenizer, pack_args=pack_args, input_shape=input_shape, max_length=max_length)
         return cls(built, tokenizer, output=output, max_length=max_length, threads=threads)
 
     @classmethod
     def open(cls, model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, **options: Any) -> "Embedder":
-        """`model` as it comes: an artifact, a packed .onnx, or an exported ONNX model (packed in
-        memory by `from_model`, which takes `pack_args` / `input_shape` among `options`).
-        `tokenizer` defaults to the tokenizer.json beside the model."""
-        from poprt_lite import vocab
-
-        path = Path(model)
-        if not path.is_file():
-            raise PoprtError(f"model '{path}' does not exist; pass an artifact or an .onnx file")
-        tokenizer = path.parent if tokenizer is None else tokenizer
-        if zipfile.is_zipfile(path):
-            return cls(path, tokenizer, **_without(options, "pack_args", "input_shape"))
-        source = ir.load_model(path)
-        if vocab.pack_spec_of(ir.get_metadata(source)) is not None:
-            built = artifact_module.in_memory(path, source, artifact_module.converted_fields(source, path.read_bytes()))
-            return cls(built, tokenizer, **_without(options, "pack_args", "input_shape"))
-        return cls.from_model(path, tokenizer, **options)
+        """`model` as it comes (`open_artifact`, which takes `pack_args` / `input_shape` among
+        `options`). `tokenizer` defaults to the tokenizer.json beside the model."""
+        tokenizer = Path(model).parent if tokenizer is None else tokenizer
+        packing = {name: options.pop(name, None) for name in ("pack_args", "input_shape")}
+        built = open_artifact(model, tokenizer, max_length=options.get("max_length"), **packing)
+        return cls(built, tokenizer, **options)
 
     # ----------------------------------------------------------------------------- requests
 
@@ -257,16 +234,68 @@ class OnlineEmbedder:
         self.close()
 
 
+def pack_model(
+    model: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    *,
+    pack_args: dict[str, str] | None = None,
+    input_shape: dict[str, tuple[int, ...]] | None = None,
+    max_length: int | None = None,
+) -> artifact_module.Artifact:
+    """Pack an exported ONNX model in memory (`poprt_lite.compile`) into an artifact. `pack_args`
+    are --pack_args' keys (default: `DEFAULT_PACK_ARGS`, segment_max_size the tokenizer's limit);
+    `input_shape` is needed by the static modes."""
+    from poprt_lite.compiler import CompileOptions, compile
+
+    args = dict(DEFAULT_PACK_ARGS if pack_args is None else pack_args)
+    if "segment_max_size" not in args:
+        if tokenizer is None:
+            raise PoprtError(f"packing '{model}' needs {option('pack_args')} segment_max_size=N (no tokenizer gives a length limit)")
+        limit = load_tokenizer(tokenizer, max_length)[1]
+        if limit is None:
+            raise PoprtError("the tokenizer sets no length limit; give pack_args segment_max_size (or max_length)")
+        args["segment_max_size"] = str(limit)
+    options = CompileOptions(input_shape=dict(input_shape or {}), pack_args=args)
+    converted = compile(model, save=False, options=options).model
+    fields = artifact_module.converted_fields(converted, Path(model).read_bytes())
+    return artifact_module.in_memory(model, converted, fields)
+
+
+def open_artifact(
+    model: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    *,
+    pack_args: dict[str, str] | None = None,
+    input_shape: dict[str, tuple[int, ...]] | None = None,
+    max_length: int | None = None,
+) -> artifact_module.Artifact:
+    """`model` as it comes: an artifact, a packed .onnx, or an exported ONNX model (packed in memory
+    by `pack_model`, with `pack_args` / `input_shape`, which a packed model refuses)."""
+    from poprt_lite import vocab
+
+    path = Path(model)
+    if not path.is_file():
+        raise PoprtError(f"model '{path}' does not exist; pass an artifact or an .onnx file")
+    packing = {"pack_args": pack_args, "input_shape": input_shape}
+    if zipfile.is_zipfile(path):
+        _refuse_packing(packing)
+        return artifact_module.load_artifact(path)
+    source = ir.load_model(path)
+    if vocab.pack_spec_of(ir.get_metadata(source)) is not None:
+        _refuse_packing(packing)
+        return artifact_module.in_memory(path, source, artifact_module.converted_fields(source, path.read_bytes()))
+    return pack_model(path, tokenizer, max_length=max_length, **packing)
+
+
 def embed(model: str | os.PathLike, tokenizer: str | os.PathLike, sentences: Sequence[str], **options: Any) -> np.ndarray:
     """`Embedder(model, tokenizer, **options).embed(sentences)`."""
     return Embedder(model, tokenizer, **options).embed(sentences)
 
 
-def _without(options: dict[str, Any], *names: str) -> dict[str, Any]:
-    given = [n for n in names if options.get(n)]
+def _refuse_packing(options: dict[str, Any]) -> None:
+    given = [n for n, value in options.items() if value]
     if given:
         raise PoprtError(f"{given[0]} applies to an ONNX model that is not packed yet; this model is packed already")
-    return {k: v for k, v in options.items() if k not in names}
 
 
 def _pick_output(interface, output: str | None, path) -> str:
