@@ -16,6 +16,7 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -121,3 +122,27 @@ def load_plugins(specs: Sequence[str] | None) -> None:
     for spec in specs or []:
         names = passes.load_plugin(spec)
         log.info("plugin %s registered %s", spec, ", ".join(names) if names else "no pass")
+
+
+# Options of the commands that take a model as it comes (embed, serve): declared once here.
+TokenizerOption = Annotated[
+    Optional[Path], typer.Option("--tokenizer", help="tokenizer.json, or its folder (default: beside MODEL).")
+]
+PackArgsOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--pack_args", help="For an unpacked MODEL: KEY=VALUE ... as convert's (default mode=token_stream max_valid_num=64 max_tokens=4096)."),
+]
+InputShapeOption = Annotated[Optional[list[str]], typer.Option("--input_shape", help="For an unpacked MODEL in a static mode: NAME=D0,D1 ...")]
+OutputNameOption = Annotated[Optional[str], typer.Option("--output_name", help="The pooled output, if the model has several.")]
+MaxLengthOption = Annotated[Optional[int], typer.Option("--max_length", help="Truncate sentences at this many tokens.")]
+ThreadsOption = Annotated[int, typer.Option("--threads", help="Onnxruntime intra-op threads (0: one per core).")]
+
+
+def packing(pack_args: Sequence[str] | None, input_shape: Sequence[str] | None) -> dict[str, Any]:
+    """`--pack_args` / `--input_shape` as `open_artifact` takes them (None where not given)."""
+    from poprt_lite import compiler
+
+    return {
+        "pack_args": compiler.parse_key_values(pack_args, "--pack_args") if pack_args else None,
+        "input_shape": compiler.parse_input_shapes(input_shape) if input_shape else None,
+    }

@@ -61,8 +61,9 @@ class DynamicBatcher:
     """Batches single unpadded requests onto a dynamic-shape onnxruntime session (see the module).
 
     `inputs`: the model's input name -> (role, dtype); every input but the attention mask is taken
-    from the request's feeds (1-D, its own length). `outputs`: the outputs to fill, per token
-    unless named in `per_request` (one row per request, `[k, ...]`).
+    from the request's feeds (1-D, its own length). `outputs`: the outputs to run, per token
+    unless named in `per_request` (one row per request, `[k, ...]`); each request's `outputs`
+    dict names those it wants filled.
     """
 
     def __init__(
@@ -105,7 +106,7 @@ class DynamicBatcher:
             return len(self._queue)
 
     def execute_async(self, feeds: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray]) -> PackFuture:
-        length = len(next(v for name, v in feeds.items() if self.inputs[name][0] is Role.dynamic_input))
+        length = next(len(feeds[name]) for name, (role, _) in self.inputs.items() if role is Role.dynamic_input)
         request = _Request(feeds, outputs, length)
         with self._cond:
             if self._closing:
@@ -198,10 +199,10 @@ class DynamicBatcher:
         results = self.session.run(self.output_names, feeds)
         batch = BatchRun(len(requests), sum(lengths), len(requests) * max(lengths), started, time.monotonic())
         for name, out in zip(self.output_names, results, strict=True):
-            if name in self.per_request:
-                for request, row in zip(requests, out, strict=True):
-                    request.outputs[name][...] = row
-            else:
-                for request, share in zip(requests, layout.split(out, Layout.padded, placement), strict=True):
-                    request.outputs[name][: len(share)] = share
+            pooled = name in self.per_request
+            shares = out if pooled else layout.split(out, Layout.padded, placement)
+            for request, share in zip(requests, shares, strict=True):
+                target = request.outputs.get(name)  # a request may want some of the outputs only
+                if target is not None:
+                    target[... if pooled else slice(len(share))] = share
         return batch
