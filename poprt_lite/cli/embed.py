@@ -8,7 +8,7 @@ with --pack_args, token_stream by default); the tokenizer.json is the one beside
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 

@@ -42,6 +42,7 @@ def serve_command(
 ) -> None:
     try:
         from poprt_lite.apps.serve import Engine, Limits
+        from poprt_lite.apps.serve.engine import check_batcher
         from poprt_lite.apps.serve.launcher import serve
     except ImportError as exc:
         raise PoprtError(f"serving needs the serve extra ({exc.name} is missing): pip install 'poprt-lite[serve]'") from None
@@ -53,6 +54,7 @@ def serve_command(
             raise PoprtError(f"{name} must be >= 1, got {value}")
     if threads < 0 or graceful_shutdown_s < 0:
         raise PoprtError(f"--threads and --graceful_shutdown_s must be >= 0, got {threads} and {graceful_shutdown_s}")
+    check_batcher(batcher)
     if not model.is_file():
         raise PoprtError(f"model '{model}' does not exist; pass an artifact or an .onnx file")
     packing = options.packing(pack_args, input_shape)

@@ -170,7 +170,7 @@ class Front:
         try:
             if self.draining:
                 raise ServeError(503, "unhealthy", "the server is shutting down")
-            engine = self.engine
+            self.engine  # 503 while the model loads
             body = await request.body()
             headers = request.headers
 

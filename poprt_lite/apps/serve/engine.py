@@ -159,6 +159,11 @@ class Engine:
             self._tokenizer.no_truncation()
             folder = Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent
             self.labels = _classifier_labels(folder / CONFIG_FILE)
+            values = int(np.prod(interface.outputs[self.output].trailing)) if self.output else 0
+            if self.labels and values != len(self.labels):
+                raise PoprtError(
+                    f"'{folder / CONFIG_FILE}' names {len(self.labels)} labels; output '{self.output}' has {values} values per request"
+                )
             if self.labels and self.output:
                 self.head = Head.reranker if len(self.labels) == 1 else Head.classifier
         self._types = next((n for n, t in interface.token_inputs.items() if t.role is Role.token_type_ids), None)
@@ -183,8 +188,7 @@ class Engine:
         model_id: str | None = None,
     ) -> Engine:
         """An engine for `model` as it comes; `batcher` picks the runner (see the module docstring)."""
-        if batcher not in BATCHERS:
-            raise PoprtError(f"batcher must be one of {', '.join(BATCHERS)}, got '{batcher}'")
+        check_batcher(batcher)
         if tokenizer is not None and not Path(tokenizer).exists():
             raise PoprtError(f"tokenizer '{tokenizer}' does not exist; pass a tokenizer.json or the model folder holding it")
         if tokenizer is None and (Path(model).parent / TOKENIZER_FILE).is_file():
@@ -312,6 +316,11 @@ class Engine:
             "max_batch_tokens": io.batch_size * io.seq_len,
             "tokenizer": self.has_tokenizer,
         }
+
+
+def check_batcher(batcher: str) -> None:
+    if batcher not in BATCHERS:
+        raise PoprtError(f"batcher must be one of {', '.join(BATCHERS)}, got '{batcher}'")
 
 
 _ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32, "tensor(bool)": np.bool_}

@@ -88,7 +88,7 @@ def add_routes(app: FastAPI, front: Front) -> None:
                 front.release(n)
                 raise
 
-        return await front.call(request, None, prepare, respond, parsed_body=lambda body, headers: parse(front.engine, body, headers))
+        return await front.call(request, None, prepare, respond, parsed_body=lambda body, headers: parse(model(name), body, headers))
 
 
 def metadata(engine: Engine) -> dict[str, Any]:

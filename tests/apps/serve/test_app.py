@@ -20,7 +20,6 @@ import pytest
 
 from apps.serve.server import EMBED_MODEL, TOKENIZER, Server, cosine, original, reference_embedding, tokenizer
 
-pytest.importorskip("fastapi")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,92 @@
+"""The engine under the HTTP front: the three batchers give the original model's answers, and a
+sequence classifier (a config.json beside its tokenizer) serves /predict and /rerank."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from apps.serve.server import EMBED_MODEL, TESTDATA, TOKENIZER, cosine, original, reference_embedding, tokenizer
+
+
+from poprt_lite.apps.serve import Engine, Head, create_app
+
+TEXTS = ["hello world", "x", "a text long enough to be cut at twenty four tokens for sure", "mid length text"]
+PACK_ARGS = {"mode": "token_stream", "max_valid_num": "8", "max_tokens": "256", "segment_max_size": "24"}
+
+
+@pytest.mark.parametrize("batcher", ["packed", "dynamic", "single"])
+def test_every_batcher_answers_as_the_original(batcher):
+    engine = Engine.open(EMBED_MODEL, TOKENIZER, pack_args=PACK_ARGS, batcher=batcher, max_batch_requests=3, max_batch_tokens=48)
+    try:
+        assert engine.head is Head.embedding and engine.output == "sentence_embedding"
+        call = engine.submit_texts(TEXTS * 3, ["sentence_embedding"], truncate=True)
+        call.done().result(30)
+        assert call.error() is None
+        for text, got in zip(TEXTS * 3, call.outputs_block("sentence_embedding"), strict=True):
+            want = reference_embedding(text)
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+            assert cosine(got, want) >= 0.99999
+        sizes = {f.batch.requests for f in call.futures}
+        slots = {f.batch.token_slots for f in call.futures}
+        if batcher == "single":
+            assert sizes == {1}
+        if batcher == "dynamic":  # at most 3 requests, at most 48 padded slots (24 x 2: the long text pairs with one)
+            assert max(sizes) <= 3 and max(slots) <= 48
+    finally:
+        engine.close()
+
+
+def test_the_dynamic_batchers_need_the_original_model(tmp_path):
+    from poprt_lite.errors import PoprtError
+
+    from poprt_lite import compile, ir
+    from poprt_lite.compiler import CompileOptions
+
+    packed_onnx = tmp_path / "packed.onnx"
+    ir.save_model(compile(EMBED_MODEL, save=False, options=CompileOptions(pack_args=PACK_ARGS)).model, packed_onnx)
+    with pytest.raises(PoprtError, match="the dynamic batcher runs the original model: pass the exported ONNX model, not a packed one"):
+        Engine.open(packed_onnx, TOKENIZER, batcher="dynamic")
+
+
+@pytest.fixture(scope="module")
+def classifier_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cls")
+    shutil.copy(TOKENIZER, folder / "tokenizer.json")
+    shutil.copy(TESTDATA / "deberta_v2_cls.onnx", folder / "model.onnx")
+    labels = {"0": "negative", "1": "neutral", "2": "positive"}
+    (folder / "config.json").write_text(json.dumps({"architectures": ["DebertaV2ForSequenceClassification"], "id2label": labels}))
+    return folder
+
+
+def classifier_logits(text_or_pair) -> np.ndarray:
+    encoding = tokenizer().encode(*text_or_pair) if isinstance(text_or_pair, tuple) else tokenizer().encode(text_or_pair)
+    ids = np.asarray(encoding.ids, np.int64)[None]
+    return original(TESTDATA / "deberta_v2_cls.onnx").run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+
+
+def test_predict_serves_a_classifier(classifier_folder):
+    from fastapi.testclient import TestClient
+
+    engine = Engine.open(classifier_folder / "model.onnx")
+    try:
+        assert engine.head is Head.classifier and engine.labels == ["negative", "neutral", "positive"]
+        with TestClient(create_app(engine)) as client:
+            single = client.post("/predict", json={"inputs": "hello world"}).json()
+            logits = classifier_logits("hello world")
+            probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            order = np.argsort(-probs, kind="stable")
+            assert [p["label"] for p in single] == [engine.labels[k] for k in order]
+            np.testing.assert_allclose([p["score"] for p in single], probs[order], atol=1e-5, rtol=0)
+            batch = client.post("/predict", json={"inputs": [["hello", "world"], ["x"]], "raw_scores": True}).json()
+            pair = classifier_logits(("hello", "world"))
+            np.testing.assert_allclose(sorted((p["score"] for p in batch[0]), reverse=True), sorted(pair, reverse=True), atol=1e-4, rtol=0)
+            assert len(batch) == 2
+            refused = client.post("/rerank", json={"query": "a", "texts": ["b"]})
+            assert refused.status_code == 422
+            assert refused.json()["error"] == "/rerank needs a reranker (a sequence classifier with one label); this model is a classifier model"
+    finally:
+        engine.close()

@@ -1,0 +1,78 @@
+"""The process around the app: SIGTERM drains (every call in flight answered, then exit 0), and a
+model that cannot load ends the command with one line and exit 2."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+
+from apps.serve.server import EMBED_MODEL, ROOT, TOKENIZER, Server, cosine, free_port, reference_embedding
+
+
+
+def test_sigterm_answers_the_32_calls_in_flight_then_exits_0():
+    # The runner waits 3 s for a batch to fill: the 32 calls are all in flight when SIGTERM comes.
+    server = Server(EMBED_MODEL, "--tokenizer", TOKENIZER, "--timeout_microseconds", "3000000", "--graceful_shutdown_s", "10")
+    texts = [f"in flight {i}" for i in range(32)]
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            calls = [asyncio.create_task(http.post("/embed", json={"inputs": t, "normalize": False})) for t in texts]
+            for _ in range(1200):
+                if server.metric("te_queue_size") == 32:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the 32 calls never all reached the runner")
+            server.process.send_signal(signal.SIGTERM)
+            for _ in range(1200):  # the drain has begun once /health says so
+                health = await http.get("/health")
+                if health.status_code == 503:
+                    break
+                await asyncio.sleep(0.01)
+            refused = await http.post("/embed", json={"inputs": "too late"})
+            return health, refused, await asyncio.gather(*calls)
+
+    try:
+        health, refused, answers = asyncio.run(scenario())
+        code = server.process.wait(timeout=10)
+    finally:
+        server.stop()
+    assert health.json() == {"error": "the server is shutting down", "error_type": "unhealthy"}
+    assert refused.status_code == 503 and refused.json() == health.json()
+    assert [a.status_code for a in answers] == [200] * 32
+    for text, answer in zip(texts, answers, strict=True):
+        assert cosine(np.asarray(answer.json()[0]), reference_embedding(text)) >= 0.99999
+    assert code == 0, server.process.stdout.read()
+    assert "SIGTERM: draining (32 calls in flight)" in server.process.stdout.read()
+
+
+def test_a_model_that_cannot_load_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not onnx")
+    run = subprocess.run(
+        [sys.executable, "-m", "poprt_lite", "serve", str(bad), "--tokenizer", str(TOKENIZER), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 2
+    assert run.stdout == "" and run.stderr.splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in run.stderr
+
+
+def test_cli_refusals():
+    run = subprocess.run(
+        [sys.executable, "-m", "poprt_lite", "serve", str(EMBED_MODEL), "--max_concurrent_requests", "0"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert (run.returncode, run.stderr) == (2, "error: --max_concurrent_requests must be >= 1, got 0\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "poprt_lite", "serve", str(EMBED_MODEL), "--batcher", "bogus"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert (run.returncode, run.stderr) == (2, "error: batcher must be one of packed, dynamic, single, got 'bogus'\n")
