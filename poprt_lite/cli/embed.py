@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from poprt_lite.cli import options
 from poprt_lite.apps.embed import Embedder
+from poprt_lite.cli import options
 
 
 def embed_command(

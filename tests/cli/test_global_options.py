@@ -25,6 +25,7 @@ COMMANDS = {
     "inspect": ([BERT], [MISSING], f"error: '{MISSING}' does not exist or is not a file\n"),
     "bench": (None, ["--small", "--model", MISSING], f"error: model '{MISSING}' does not exist\n"),
     "embed": (None, [MISSING, "--input", "lines.txt", "--output", "v.npy"], f"error: model '{MISSING}' does not exist; pass an artifact or an .onnx file\n"),
+    "serve": (None, [MISSING], f"error: model '{MISSING}' does not exist; pass an artifact or an .onnx file\n"),
     "tf2onnx": (None, ["--saved_model"], "error: tf2onnx is not supported: convert TensorFlow models to ONNX with the tf2onnx package first\n"),
 }
 FLAGS = ["-v", "--verbose", "--quiet", "--debug"]

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from poprt_lite.embed import TOKENIZER_FILE, load_tokenizer, open_artifact
+from poprt_lite.apps.embed import TOKENIZER_FILE, load_tokenizer, open_artifact
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.runtime.config import PackRunnerConfig
 from poprt_lite.runtime.dynamic_batcher import DynamicBatcher

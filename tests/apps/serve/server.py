@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m poprt_lite serve ARGS` on a free port; `url`; `stop()` sends SIGTERM."""
+    """`python -m poprt_lite.cli serve ARGS` on a free port; `url`; `stop()` sends SIGTERM."""
 
     def __init__(self, *args: str, ready_s: float = 120.0, headers: dict[str, str] | None = None) -> None:
         self.headers = headers or {}
@@ -38,7 +38,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "poprt_lite", "serve", *map(str, args), "--port", str(self.port)],
+            [sys.executable, "-m", "poprt_lite.cli", "serve", *map(str, args), "--port", str(self.port)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
         )
         deadline = time.monotonic() + ready_s

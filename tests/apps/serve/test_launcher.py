@@ -57,7 +57,7 @@ def test_a_model_that_cannot_load_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not onnx")
     run = subprocess.run(
-        [sys.executable, "-m", "poprt_lite", "serve", str(bad), "--tokenizer", str(TOKENIZER), "--port", str(free_port())],
+        [sys.executable, "-m", "poprt_lite.cli", "serve", str(bad), "--tokenizer", str(TOKENIZER), "--port", str(free_port())],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert run.returncode == 2
@@ -67,12 +67,12 @@ def test_a_model_that_cannot_load_exits_2_with_one_line(tmp_path):
 
 def test_cli_refusals():
     run = subprocess.run(
-        [sys.executable, "-m", "poprt_lite", "serve", str(EMBED_MODEL), "--max_concurrent_requests", "0"],
+        [sys.executable, "-m", "poprt_lite.cli", "serve", str(EMBED_MODEL), "--max_concurrent_requests", "0"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert (run.returncode, run.stderr) == (2, "error: --max_concurrent_requests must be >= 1, got 0\n")
     run = subprocess.run(
-        [sys.executable, "-m", "poprt_lite", "serve", str(EMBED_MODEL), "--batcher", "bogus"],
+        [sys.executable, "-m", "poprt_lite.cli", "serve", str(EMBED_MODEL), "--batcher", "bogus"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert (run.returncode, run.stderr) == (2, "error: batcher must be one of packed, dynamic, single, got 'bogus'\n")

@@ -18,7 +18,7 @@ from apps.serve.server import QA_MODEL, ROOT, Server, reference_qa
 def qa_server(tmp_path_factory):
     out = tmp_path_factory.mktemp("qa")
     convert = [  # the README's one command
-        sys.executable, "-m", "poprt_lite", "--input_model", str(QA_MODEL), "--output_dir", str(out),
+        sys.executable, "-m", "poprt_lite.cli", "--input_model", str(QA_MODEL), "--output_dir", str(out),
         "--input_shape", "input_ids=16,256", "attention_mask=16,256", "token_type_ids=16,256",
         "--pack_args", "max_valid_num=40", "segment_max_size=256", "mode=attention_mask", "--export_popef",
     ]
