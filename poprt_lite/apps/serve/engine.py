@@ -263,20 +263,16 @@ class Engine:
     def submit(self, feeds: Sequence[dict[str, np.ndarray]], outputs: Sequence[str], *, characters: int = 0, tokenization_s: float = 0.0) -> Call:
         """Check every request, then queue them all, in order; each gets arrays for `outputs`
         (per-request outputs of all the call's requests share one `[n, ...]` block)."""
-        checked = [self.checker.check(f, None) for f in feeds]
+        checked = [self.checker.tokens(f) for f in feeds]  # (length, tokens): one bad input refuses the call
         specs = self.interface.outputs
         blocks = {name: np.empty((len(feeds), *specs[name].trailing), np.float32) for name in outputs if specs[name].layout is Layout.per_request}
-        arrays = []
-        for i, request in enumerate(checked):
-            arrays.append({
-                name: blocks[name][i] if name in blocks else np.zeros((request.length, *specs[name].trailing), np.float32)
-                for name in outputs
-            })
-        futures = []
-        for request, feed, out in zip(checked, feeds, arrays, strict=True):
-            # a PackRunner checks the feeds itself; a DynamicBatcher takes the checked tokens
-            futures.append(self.runner.execute_async(feed if self.batcher == "packed" else request.tokens, out))
-        return Call(futures, arrays, blocks, [r.length for r in checked], characters, tokenization_s)
+        arrays = [
+            {name: blocks[name][i] if name in blocks else np.zeros((n, *specs[name].trailing), np.float32) for name in outputs}
+            for i, (n, _) in enumerate(checked)
+        ]
+        # the requests are checked: the runner gets their tokens in the model's dtypes, filled in
+        futures = [self.runner.execute_async(tokens, out) for (_, tokens), out in zip(checked, arrays, strict=True)]
+        return Call(futures, arrays, blocks, [n for n, _ in checked], characters, tokenization_s)
 
     def submit_texts(
         self, texts: Sequence[str | tuple[str, str]], outputs: Sequence[str], *, truncate: bool, direction: Truncation = Truncation.right

