@@ -184,6 +184,7 @@ def main() -> int:
 
     from tokenizers import Tokenizer
 
+    args.model_given = args.model is not None
     if args.model is None:
         import make_models
 
@@ -238,7 +239,8 @@ def report(results, clients_list, names, args) -> None:
             table.append(row)
             print(f"{clients:7d} {name:9s} {np.median(rates):10.1f} ({min(rates):.1f}-{max(rates):.1f}){'':>3} {np.median(token_rates):9.0f} "
                   f"{p50:7.1f} {p90:7.1f} {p99:7.1f} {errors:6d} {ratio:9.2f}")
-    print(f"\ncommand: python benchmarks/serve_bench.py --clients {args.clients} --seconds {args.seconds} --rounds {args.rounds} "
+    model = f" --model {args.model} --tokenizer {args.tokenizer}" if args.model_given else ""
+    print(f"\ncommand: python benchmarks/serve_bench.py{model} --clients {args.clients} --seconds {args.seconds} --rounds {args.rounds} "
           f"--threads {args.threads} --servers {args.servers}{' --infinity ' + args.infinity if args.infinity else ''}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "rows": table}, indent=1, default=float))

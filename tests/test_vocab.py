@@ -13,6 +13,9 @@ from poprt_lite import vocab
 
 PACKAGE = Path(vocab.__file__).parent
 WORDS = {w.value for enum in (vocab.PackMode, vocab.Role, vocab.Layout, vocab.MetaKey) for w in enum}
+# Words of other protocols that happen to be spelled as ours: the HTTP server's JSON field `data`
+# (OpenAI's embeddings list, the Open Inference Protocol's tensor values).
+PROTOCOL_WORDS = {("poprt_lite/apps/serve/", "data")}
 
 
 def _literals(tree: ast.AST):
@@ -34,6 +37,9 @@ def vocabulary_literals(path: Path, root: Path = PACKAGE.parent) -> list[str]:
     found = []
     for node in _literals(tree):
         text = node.value
+        where = path.relative_to(root).as_posix()
+        if any(where.startswith(folder) and text == word for folder, word in PROTOCOL_WORDS):
+            continue
         if text in WORDS or text.startswith((vocab.ROLE_PREFIX, vocab.LAYOUT_PREFIX)):
             found.append(f"{path.relative_to(root)}:{node.lineno}: {text!r}")
     return found

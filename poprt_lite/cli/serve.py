@@ -35,7 +35,7 @@ def serve_command(
     api_key: Annotated[Optional[str], typer.Option("--api_key", envvar="POPRT_LITE_API_KEY", help="Require 'Authorization: Bearer KEY' (401 without).")] = None,
     auto_truncate: Annotated[bool, typer.Option("--auto_truncate", help="Truncate over-long inputs when a call does not say (TEI's default: refuse them, 422).")] = False,
     timeout_microseconds: Annotated[int, typer.Option("--timeout_microseconds", help="How long the PackRunner waits for a batch to fill (0: TEI's no wait timer, a batch runs as soon as the model is free).")] = 0,
-    batcher: Annotated[str, typer.Option("--batcher", help="packed (the artifact's PackRunner), dynamic (the original model, TEI's padded batches) or single (the original model, one request at a time).")] = "packed",
+    batcher: Annotated[str, typer.Option("--batcher", help="packing (the artifact's PackRunner), dynamic (the original model, TEI's padded batches) or single (the original model, one request at a time).")] = "packing",
     max_batch_requests: Annotated[int, typer.Option("--max_batch_requests", help="--batcher dynamic: most requests per padded batch.")] = 8,
     max_batch_tokens: Annotated[int, typer.Option("--max_batch_tokens", help="--batcher dynamic: most token slots (requests x longest) per padded batch.")] = 16384,
     graceful_shutdown_s: Annotated[float, typer.Option("--graceful_shutdown_s", help="On SIGTERM/SIGINT, how long calls in flight may take to finish.")] = 10.0,

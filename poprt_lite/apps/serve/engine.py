@@ -46,7 +46,7 @@ from poprt_lite.vocab import Layout, Role
 
 log = logging.getLogger(__name__)
 
-BATCHERS = ("packed", "dynamic", "single")
+BATCHERS = ("packing", "dynamic", "single")
 # TEI's defaults for its queue (router/src/main.rs): a padded batch of at most 16384 token slots.
 DEFAULT_MAX_BATCH_TOKENS = 16384
 DEFAULT_MAX_BATCH_REQUESTS = 8
@@ -135,7 +135,7 @@ class Engine:
         max_length: int | None = None,
         output: str | None = None,
         model_id: str | None = None,
-        batcher: str = "packed",
+        batcher: str = "packing",
     ) -> None:
         self.runner, self.interface, self.batcher = runner, interface, batcher
         self.checker = RequestChecker(interface)
@@ -180,7 +180,7 @@ class Engine:
         input_shape: dict[str, tuple[int, ...]] | None = None,
         threads: int = 0,
         config: PackRunnerConfig | None = None,
-        batcher: str = "packed",
+        batcher: str = "packing",
         max_batch_requests: int = DEFAULT_MAX_BATCH_REQUESTS,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         max_length: int | None = None,
@@ -193,11 +193,11 @@ class Engine:
             raise PoprtError(f"tokenizer '{tokenizer}' does not exist; pass a tokenizer.json or the model folder holding it")
         if tokenizer is None and (Path(model).parent / TOKENIZER_FILE).is_file():
             tokenizer = Path(model).parent
-        if batcher != "packed" and not _is_unpacked(model):
+        if batcher != "packing" and not _is_unpacked(model):
             raise PoprtError(f"the {batcher} batcher runs the original model: pass the exported ONNX model, not a packed one ('{model}')")
         built = open_artifact(model, tokenizer, pack_args=pack_args, input_shape=input_shape, max_length=max_length)
         common = {"tokenizer": tokenizer, "max_length": max_length, "output": output, "model_id": model_id or Path(model).stem, "batcher": batcher}
-        if batcher == "packed":
+        if batcher == "packing":
             runner = PackRunner(built, config, threads=threads)
             return cls(runner, runner.interface, **common)
         interface = read_packed_interface(built)  # the packed twin checks requests and names outputs

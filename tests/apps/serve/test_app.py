@@ -112,7 +112,7 @@ def test_tei_routes_and_headers(server):
     ]]
     info = httpx.get(f"{server.url}/info").json()
     assert info["model_type"] == {"embedding": {"output": "sentence_embedding"}} and info["max_input_length"] == 24
-    assert info["batcher"] == "packed" and info["pack_mode"] == "token_stream"
+    assert info["batcher"] == "packing" and info["pack_mode"] == "token_stream"
 
 
 # ------------------------------------------------------------------------------------ integrity

@@ -18,7 +18,7 @@ TEXTS = ["hello world", "x", "a text long enough to be cut at twenty four tokens
 PACK_ARGS = {"mode": "token_stream", "max_valid_num": "8", "max_tokens": "256", "segment_max_size": "24"}
 
 
-@pytest.mark.parametrize("batcher", ["packed", "dynamic", "single"])
+@pytest.mark.parametrize("batcher", ["packing", "dynamic", "single"])
 def test_every_batcher_answers_as_the_original(batcher):
     engine = Engine.open(EMBED_MODEL, TOKENIZER, pack_args=PACK_ARGS, batcher=batcher, max_batch_requests=3, max_batch_tokens=48)
     try:

@@ -71,4 +71,4 @@ def test_cli_refusals(capsys):
     assert main(["serve", str(EMBED_MODEL), "--max_concurrent_requests", "0"]) == 2
     assert capsys.readouterr().err == "error: --max_concurrent_requests must be >= 1, got 0\n"
     assert main(["serve", str(EMBED_MODEL), "--batcher", "bogus"]) == 2
-    assert capsys.readouterr().err == "error: batcher must be one of packed, dynamic, single, got 'bogus'\n"
+    assert capsys.readouterr().err == "error: batcher must be one of packing, dynamic, single, got 'bogus'\n"
