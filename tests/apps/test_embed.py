@@ -55,7 +55,7 @@ def original_embedding(name: str, ids: np.ndarray, output: str = "sentence_embed
 
 def assert_equal_to_original(embedder: Embedder, sentences, vectors, name=MODEL, output="sentence_embedding"):
     assert vectors.shape == (len(sentences), 64) and vectors.dtype == np.float32
-    for request, got in zip(embedder.requests(sentences), vectors):
+    for request, got in zip(embedder.requests(sentences), vectors, strict=True):
         want = original_embedding(name, request["input_ids"], output)
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
         assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.99999

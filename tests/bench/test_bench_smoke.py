@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 from poprt_lite.cli.main import main
 from tests.conftest import TESTDATA
@@ -71,13 +70,11 @@ def check_run(data: dict, requests: int) -> dict:
 def test_bench_small_preset(tmp_path, capsys):
     had_torch = "torch" in sys.modules
     out = tmp_path / "bench.json"
-    start = time.perf_counter()
     code = main([
         "bench", "--small", "--model", str(TESTDATA / "bert_qa_torchscript.onnx"),
         "--work_dir", str(tmp_path / "work"), "--json", str(out), "--plot", str(tmp_path / "bench.png"), "--no_progress",
     ])
     assert code == 0, capsys.readouterr().err
-    assert time.perf_counter() - start < 60
     assert had_torch or "torch" not in sys.modules  # the smoke run never needs torch
 
     stdout = capsys.readouterr().out
@@ -114,15 +111,18 @@ def test_bench_queries_workload(tmp_path, capsys):
 
 
 def test_bench_plot_without_matplotlib_fails_before_running(tmp_path, capsys, monkeypatch):
+    from poprt_lite.bench import measure
+
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    start = time.perf_counter()
+    ran = []
+    monkeypatch.setattr(measure, "run_benchmark", lambda *args: ran.append(args))
     code = main(["bench", "--small", "--model", str(TESTDATA / "bert_qa_torchscript.onnx"),
                  "--work_dir", str(tmp_path), "--plot", str(tmp_path / "b.png"), "--no_progress"])
     assert code == 2
     assert capsys.readouterr().err.strip() == (
         "error: --plot needs matplotlib; pip install 'poprt-lite[plot]' or drop --plot"
     )
-    assert time.perf_counter() - start < 5 and not list(tmp_path.iterdir())
+    assert ran == [] and not list(tmp_path.iterdir())
 
 
 def test_bench_rejects_bad_options(tmp_path, capsys):

@@ -98,7 +98,7 @@ def test_plugin_pass_runs_end_to_end(tmp_path, capsys):
     from poprt_lite import ir
 
     request = make_request(np.random.default_rng(1), 9)
-    for want, got in zip(run(base, request), run(scaled, request)):
+    for want, got in zip(run(base, request), run(scaled, request), strict=True):
         np.testing.assert_allclose(got, 0.5 * want, rtol=1e-6)
     # 2 layers x (Q, K, V, scores, context, output, 2 FFN) + the QA head
     assert ir.get_metadata(ir.load_model(scaled))["matmuls"] == "17"

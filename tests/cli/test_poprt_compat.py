@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from conftest import model_path
@@ -100,9 +101,54 @@ def _load_example():
     return example
 
 
-def test_packed_bert_example_runs_on_the_run_sh_models(run_sh, capsys):
+RUN_NAMES = [
+    "Original (padded)", "Pack Offline Unpack Repack", "Pack Online Unpack Repack", "Pack Offline AttentionMask",
+    "Pack Online AttentionMask(first_fit)", "Pack Online AttentionMask(next_fit)",
+]
+
+
+def record_example_runs(example, monkeypatch) -> tuple[list, dict]:
+    """The example's requests and its runs (name -> per request, each output's values), recorded as
+    main() makes and compares them, to check beyond the example's own comparison with its padded run."""
+    datasets, runs = [], {}
+    make, compare = example.synthetic_dataset, example.mean_absolute_errors
+
+    def synthetic_dataset(args):
+        datasets.extend(make(args))
+        return datasets
+
+    def mean_absolute_errors(expected, actual):
+        runs.update({expected.name: expected.outputs, actual.name: actual.outputs})
+        return compare(expected, actual)
+
+    monkeypatch.setattr(example, "synthetic_dataset", synthetic_dataset)
+    monkeypatch.setattr(example, "mean_absolute_errors", mean_absolute_errors)
+    return datasets, runs
+
+
+def max_error_against_the_source(datasets, runs) -> float:
+    """The largest difference, over every run, request, output and token, from the source model
+    (testdata/bert_qa_torchscript.onnx, float32) run on that request alone, unpadded."""
+    session = ort.InferenceSession(str(model_path("bert_qa_torchscript")), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    worst = 0.0
+    for k, data in enumerate(datasets):
+        feeds = {name: getattr(data, name)[None].astype(np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
+        want = dict(zip(names, (value[0] for value in session.run(None, feeds)), strict=True))
+        for outputs in runs.values():
+            assert set(outputs[k]) == set(want)
+            for name, value in want.items():
+                assert outputs[k][name].shape == value.shape
+                worst = max(worst, float(np.abs(outputs[k][name].astype(np.float64) - value).max()))
+    return worst
+
+
+def test_packed_bert_example_runs_on_the_run_sh_models(run_sh, capsys, monkeypatch):
+    """The example's own check (MAE against its padded run), and every run's every token against the
+    float32 source model run alone: the largest error (measured: at most 2e-3)."""
     folder, _ = run_sh
     example = _load_example()
+    datasets, runs = record_example_runs(example, monkeypatch)
     args = [
         "--model_without_packing", str(folder / OUTPUTS[0]), "--model_with_packing_unpack_repack", str(folder / OUTPUTS[1]),
         "--model_with_packing_attention_mask", str(folder / OUTPUTS[2]), "--precision", "fp16",
@@ -112,13 +158,12 @@ def test_packed_bert_example_runs_on_the_run_sh_models(run_sh, capsys):
     out = capsys.readouterr().out
     summary = out[out.index("Summary"):]
     rows = re.findall(r"^(.+?)\s+[\d.]+\s+[\d.]+x\s+([\d.e+-]+)\s+([\d.e+-]+)$", summary, re.M)
-    assert [name.strip() for name, _, _ in rows] == [
-        "Original (padded)", "Pack Offline Unpack Repack", "Pack Online Unpack Repack", "Pack Offline AttentionMask",
-        "Pack Online AttentionMask(first_fit)", "Pack Online AttentionMask(next_fit)",
-    ]
+    assert [name.strip() for name, _, _ in rows] == RUN_NAMES
     maes = [float(v) for _, start, end in rows for v in (start, end)]
     assert max(maes) < 1e-3, summary
     assert code == 0
+    assert sorted(runs) == sorted(RUN_NAMES) and len(datasets) == 2 * 16
+    assert max_error_against_the_source(datasets, runs) < 1e-2
 
 
 def test_attention_mask_runtime_takes_max_valid_num_from_the_config(tmp_path, capsys):

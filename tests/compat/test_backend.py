@@ -70,7 +70,7 @@ def test_converted_model_runs_without_writing_anything(converted, tmp_path, rng,
     data = dataset(rng, [5, 32])
     batch = packing_utils.pad_data(data, 0, B, S)
     start, end = sess.run(["start_logits", "end_logits"], batch.data)
-    for spec, out in zip(batch.specs, packing_utils.unpack_outputs(batch, start, across_rows=False)):
+    for spec, out in zip(batch.specs, packing_utils.unpack_outputs(batch, start, across_rows=False), strict=True):
         np.testing.assert_allclose(out, reference(data[spec.index])[0][0], atol=1e-4)
 
 
@@ -87,7 +87,7 @@ def test_offline_packing_with_a_packed_model(converted, rng, reference, mode):
             feeds["unpack_info"] = batch.unpack_info
         outputs = sess.run(["start_logits", "end_logits"], feeds)
         for k, out in enumerate(outputs):
-            for spec, got in zip(batch.specs, packing_utils.unpack_outputs(batch, out, across_rows)):
+            for spec, got in zip(batch.specs, packing_utils.unpack_outputs(batch, out, across_rows), strict=True):
                 np.testing.assert_allclose(got, reference(data[spec.index])[k][0], atol=1e-4)
         index = batch.count
 

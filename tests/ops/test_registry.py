@@ -127,7 +127,7 @@ def test_functions_follow_model_opset_and_run_everywhere(opset):
     ort_out = session(model).run(None, FEEDS)
     kernels_out = run_reference(model, FEEDS)
     bodies_out = run_reference(model, FEEDS, kernels=False)
-    for got, kernel, body in zip(ort_out, kernels_out, bodies_out):
+    for got, kernel, body in zip(ort_out, kernels_out, bodies_out, strict=True):
         np.testing.assert_array_equal(got, kernel)
         np.testing.assert_array_equal(got, body)
     np.testing.assert_array_equal(ort_out[1].reshape(-1, 2)[:7], FEEDS["x"].reshape(-1, 2)[:7])

@@ -18,7 +18,7 @@ def expected_rows(x, info, size):
     tokens = x.reshape(-1, *x.shape[2:])
     ends = np.cumsum(info)
     rows = np.zeros((len(info), size, *x.shape[2:]), x.dtype)
-    for i, (end, length) in enumerate(zip(ends, info)):
+    for i, (end, length) in enumerate(zip(ends, info, strict=True)):
         rows[i, :length] = tokens[end - length : end]
     return rows
 

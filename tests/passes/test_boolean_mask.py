@@ -30,7 +30,7 @@ def boolean_mask_model(tmp_path_factory):
 
 def test_boolean_mask_model_matches_the_additive_one(boolean_mask_model, rng):
     request = make_request(rng, 9)
-    for want, got in zip(run(model_path("bert_qa_torchscript"), request), run(boolean_mask_model, request)):
+    for want, got in zip(run(model_path("bert_qa_torchscript"), request), run(boolean_mask_model, request), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 

@@ -15,7 +15,7 @@ def padded_batch(rng, lengths, seq_len, pad_id, offset):
     feeds = {k: np.zeros((len(lengths), seq_len), np.int64) for k in requests[0]}
     feeds["input_ids"][:] = pad_id
     feeds["position_ids"] = np.zeros((len(lengths), seq_len), np.int64)
-    for row, (request, n) in enumerate(zip(requests, lengths)):
+    for row, (request, n) in enumerate(zip(requests, lengths, strict=True)):
         for key, value in request.items():
             feeds[key][row, :n] = value[0]
         feeds["position_ids"][row, :n] = np.arange(n) + offset
@@ -47,8 +47,8 @@ def test_exported_position_ids_with_static_shape_match_original_per_request(name
     lengths = [12, 5, 1]
     requests, feeds = padded_batch(rng, lengths, 12, PAD_ID.get(name, 0), int(meta["position_offset"]))
     packed_outputs = run(model, feeds)
-    for row, (request, n) in enumerate(zip(requests, lengths)):
-        for want, got in zip(run(source, request), packed_outputs):
+    for row, (request, n) in enumerate(zip(requests, lengths, strict=True)):
+        for want, got in zip(run(source, request), packed_outputs, strict=True):
             got_row = got[row, :n] if want.ndim >= 2 and want.shape[1] == n else got[row]
             np.testing.assert_allclose(got_row, want[0], atol=1e-4, rtol=0)
 

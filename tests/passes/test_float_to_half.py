@@ -16,18 +16,19 @@ def converted(name, **options):
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
-def test_fp16_runs_on_cpu_and_mae_is_small(name, rng, caplog):
+def test_fp16_runs_on_cpu_and_max_error_is_small(name, rng, caplog):
+    """Every token against the float32 original: the largest error, not a mean, so that one wrong
+    token fails (measured: at most 3.3e-3, bert_meanpool's hidden states)."""
     with caplog.at_level(logging.WARNING):
         model = converted(name)
     # the exporter's float32-min mask fill does not fit float16: clamped, with a warning
     assert "outside the float16 range were clamped" in caplog.text
     assert all(t.data_type != FLOAT for t in model.graph.initializer)
     request = make_request(rng, 11)
-    for want, got in zip(run(model_path(name), request), run(model, request)):
+    for want, got in zip(run(model_path(name), request), run(model, request), strict=True):
         assert got.dtype == np.float32  # the interface keeps float32
-        mae = np.abs(got - want).mean()
-        print(f"{name}: fp16 MAE {mae:.2e}")
-        assert mae < 1e-2
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() < 1e-2
 
 
 def test_fp16_io_makes_float_outputs_half(rng):

@@ -87,7 +87,7 @@ def test_fold_constants_removes_shape_arithmetic_without_changing_results(model,
     assert records[0].changed
     assert len(out.graph.node) < len(model.graph.node)
     feeds = make_request(rng, 7)
-    for want, got in zip(run(model, feeds), run(out, feeds)):
+    for want, got in zip(run(model, feeds), run(out, feeds), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 

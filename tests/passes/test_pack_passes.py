@@ -63,7 +63,7 @@ def run_packed(name: str, mode: str, lengths: list[int], seed: int = 0, precisio
     requests = verify.make_requests(np.random.default_rng(seed), lengths, VOCAB)
     batch, per_request = verify.run_packed(packed(name, mode, precision), requests, packed_session(name, mode, precision))
     results = [
-        ([o[0] for o in original(name, requests[spec.index])], got) for spec, got in zip(batch.specs, per_request)
+        ([o[0] for o in original(name, requests[spec.index])], got) for spec, got in zip(batch.specs, per_request, strict=True)
     ]
     return batch, results
 
@@ -81,7 +81,7 @@ def test_packed_outputs_equal_original_per_request(name, mode, lengths):
     batch, results = run_packed(name, mode, lengths)
     assert batch.count >= 1
     for want, got in results:
-        for w, g in zip(want, got):
+        for w, g in zip(want, got, strict=True):
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
 
@@ -90,15 +90,18 @@ def test_batch_with_empty_rows(mode):
     batch, results = run_packed("bert_qa_torchscript", mode, [3, 2])
     assert len(results) == 2 and batch.data["attention_mask"][2].sum() == 0
     for want, got in results:
-        for w, g in zip(want, got):
+        for w, g in zip(want, got, strict=True):
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", QA_MODELS)
-def test_fp16_packed_mae(name, mode):
-    _, results = run_packed(name, mode, [16, 9, 4, 1, 12], precision="fp16")
-    errors = [np.abs(g.astype(np.float64) - w).mean() for want, got in results for w, g in zip(want, got)]
+def test_fp16_packed_max_error_per_request(name, mode):
+    """Every token of every request against the float32 original alone: the largest error, not a
+    mean, so that one wrong token fails (measured: at most 1.8e-3)."""
+    batch, results = run_packed(name, mode, [16, 9, 4, 1, 12], precision="fp16")
+    assert len(results) == batch.count >= 4  # token_stream's 40 tokens hold the first four
+    errors = [float(np.abs(g.astype(np.float64) - w).max()) for want, got in results for w, g in zip(want, got, strict=True)]
     assert max(errors) < 1e-2, errors
 
 
@@ -109,7 +112,7 @@ def test_mean_pooling_is_per_request_in_unpack_repack_mode():
     assert [d.dim_value for d in model.graph.output[1].type.tensor_type.shape.dim] == [N, 64]
     _, results = run_packed("bert_meanpool", "unpack_repack", [5, 16, 2, 9])
     for want, got in results:
-        for w, g in zip(want, got):
+        for w, g in zip(want, got, strict=True):
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
 
@@ -122,7 +125,7 @@ def test_mean_pooling_is_per_request_in_token_stream_mode():
     batch, results = run_packed("bert_meanpool", STREAM, [5, 16, 2, 9, 1])
     assert batch.data["input_ids"].shape == (1, 33) and batch.unpack_info.tolist() == [5, 16, 2, 9, 1]
     for want, got in results:
-        for w, g in zip(want, got):
+        for w, g in zip(want, got, strict=True):
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
 
@@ -169,7 +172,7 @@ def test_token_stream_batch_is_as_long_as_its_tokens(lengths):
     batch, results = run_packed("bert_qa_torchscript", STREAM, lengths)
     assert batch.data["input_ids"].shape == (1, sum(lengths)) and batch.unpack_info.tolist() == lengths
     for want, got in results:
-        for w, g in zip(want, got):
+        for w, g in zip(want, got, strict=True):
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
 
@@ -196,6 +199,6 @@ def test_reference_evaluator_runs_packed_model_with_reference_kernels(mode):
     evaluator = ReferenceEvaluator(stripped, new_ops=ops.reference_ops())
     batch, per_request = verify.run_packed(model, requests, evaluator)
     assert len(batch.specs) == 3
-    for spec, got in zip(batch.specs, per_request):
-        for want, g in zip(original("bert_qa_torchscript", requests[spec.index]), got):
+    for spec, got in zip(batch.specs, per_request, strict=True):
+        for want, g in zip(original("bert_qa_torchscript", requests[spec.index]), got, strict=True):
             np.testing.assert_allclose(g, want[0], atol=1e-4)

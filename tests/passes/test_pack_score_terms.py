@@ -27,7 +27,7 @@ H = 4  # heads of the tiny models
 def assert_equal_per_request(results):
     assert results
     for want, got in results:
-        for w, g in zip(want, got):
+        for w, g in zip(want, got, strict=True):
             assert g.shape == w.shape
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
@@ -137,7 +137,7 @@ def test_hand_built_score_terms(tmp_path, term, mode):
         r["position_ids"] = np.arange(r["input_ids"].shape[1], dtype=np.int64)[None]
     batch, per_request = verify.run_packed(model, requests)
     assert len(batch.specs) >= 4
-    for spec, (got,) in zip(batch.specs, per_request):
+    for spec, (got,) in zip(batch.specs, per_request, strict=True):
         request = requests[spec.index]
         (want,) = source.run(None, {k: request[k] for k in ("input_ids", "attention_mask", "position_ids")})
         np.testing.assert_allclose(got, want[0], atol=1e-4, rtol=0)

@@ -44,7 +44,7 @@ POOLED = {
 def assert_equal_per_request(results):
     for want, got in results:
         assert len(want) == len(got)
-        for w, g in zip(want, got):
+        for w, g in zip(want, got, strict=True):
             assert w.shape == g.shape
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
@@ -110,7 +110,7 @@ def test_first_fit_puts_a_later_request_in_an_earlier_row(mode):
     pooled = packing_utils.unpack_outputs(batch, sentence_embedding, mode == "unpack_repack", Layout.per_request)
     tokens = packing_utils.unpack_outputs(batch, token_embeddings, mode == "unpack_repack")
     original = verify.session(ir.load_model(model_path("st_mean_norm_torchscript")))
-    for spec, p, t in zip(batch.specs, pooled, tokens):
+    for spec, p, t in zip(batch.specs, pooled, tokens, strict=True):
         want_tokens, want = original.run(None, requests[spec.index])
         np.testing.assert_allclose(p, want[0], atol=1e-4, rtol=0)
         np.testing.assert_allclose(t, want_tokens[0], atol=1e-4, rtol=0)
@@ -184,7 +184,7 @@ def check_edited(variant: str, model: onnx.ModelProto, lengths=(16, 3, 9, 1, 10)
     assert batch.count == len(lengths)
     assert_equal_per_request(
         ([o[0] for o in original.run(None, {k: v for k, v in requests[s.index].items() if k in names})], got)
-        for s, got in zip(batch.specs, per_request)
+        for s, got in zip(batch.specs, per_request, strict=True)
     )
 
 

@@ -57,7 +57,7 @@ def test_dynamic_rows_run_any_number_of_rows_up_to_the_bound():
     for rows in (1, 3, 4):
         feeds = {"input_ids": rng.integers(3, 1000, (rows, 32)), "attention_mask": np.ones((rows, 32), np.int64),
                  "token_type_ids": np.zeros((rows, 32), np.int64)}
-        for got, want in zip(session.run(None, feeds), original.run(None, feeds)):
+        for got, want in zip(session.run(None, feeds), original.run(None, feeds), strict=True):
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 

@@ -319,7 +319,7 @@ def test_artifact_over_the_limit_holds_the_weights_beside_the_model(capsys, src,
     _, want = verify.run_packed(graph, requests, verify.session(converted))
     _, got = verify.run_packed(graph, requests, ModelRunner(loaded).session)
     assert len(got) == len(want) == 3
-    for mine, theirs in zip(got, want):
+    for mine, theirs in zip(got, want, strict=True):
         np.testing.assert_array_equal(mine[0], theirs[0])
 
 

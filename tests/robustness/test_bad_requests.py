@@ -121,7 +121,7 @@ class Reference:
     def __call__(self, ids, types) -> dict[str, np.ndarray]:
         ids = np.asarray(ids, np.int64).reshape(1, -1)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.asarray(types, np.int64).reshape(1, -1)}
-        return {name: out[0] for name, out in zip(OUTPUTS, self.session.run(list(OUTPUTS), feeds))}
+        return {name: out[0] for name, out in zip(OUTPUTS, self.session.run(list(OUTPUTS), feeds), strict=True)}
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def padded_feeds(rng, lengths=(5, S)):
 
 def check_padded(runner, rng, reference, lengths=(5, S)):
     feeds = padded_feeds(rng, lengths)
-    for name, got in zip(OUTPUTS, runner.run(list(OUTPUTS), feeds)):
+    for name, got in zip(OUTPUTS, runner.run(list(OUTPUTS), feeds), strict=True):
         for row, n in enumerate(lengths):
             want = reference(feeds["input_ids"][row, :n], feeds["token_type_ids"][row, :n])[name]
             np.testing.assert_allclose(got[row, :n], want, atol=1e-4, rtol=0)
@@ -242,7 +242,7 @@ def test_get_session_dynamic_shapes(built, rng, reference, case):
     ids, types = request["input_ids"][None], request["token_type_ids"][None]
     got = session.run(list(OUTPUTS), {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": types,
                                       "position_ids": np.arange(7)[None]})
-    for name, out in zip(OUTPUTS, got):
+    for name, out in zip(OUTPUTS, got, strict=True):
         np.testing.assert_allclose(out[0], reference(ids, types)[name], atol=1e-4, rtol=0)
 
 
@@ -284,7 +284,7 @@ def test_get_session_offline_packing(built, rng, reference, case):
     change(feeds)
     assert_refused(lambda: session.run(None, feeds), message)
     feeds, requests = packed_batch(rng)
-    got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), feeds)))
+    got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), feeds), strict=True))
     for i, request in enumerate(requests):
         want = reference(request["input_ids"], request["token_type_ids"])
         n = len(request["input_ids"])
@@ -326,7 +326,7 @@ def test_get_session_token_stream(built, rng, reference, case):
     change(feeds)
     assert_refused(lambda: session.run(None, feeds), message)
     feeds, requests = stream_batch(rng, (3, S, 1))
-    got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), feeds)))
+    got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), feeds), strict=True))
     start = 0
     for request in requests:
         want = reference(request["input_ids"], request["token_type_ids"])

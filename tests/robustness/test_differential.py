@@ -110,12 +110,12 @@ def _run_alone(model: str, request: dict[str, np.ndarray]) -> dict[str, np.ndarr
     session = source(model)
     n = len(next(iter(request.values())))
     feeds = {i.name: np.asarray(request.get(i.name, np.ones(n, np.int64)))[None].astype(np.int64) for i in session.get_inputs()}
-    return {o.name: value[0] for o, value in zip(session.get_outputs(), session.run(None, feeds))}
+    return {o.name: value[0] for o, value in zip(session.get_outputs(), session.run(None, feeds), strict=True)}
 
 
 def assert_answers(model: str, requests: list[dict], answers: list[dict]) -> None:
     assert len(answers) == len(requests)
-    for i, (request, got) in enumerate(zip(requests, answers)):
+    for i, (request, got) in enumerate(zip(requests, answers, strict=True)):
         want = expected(model, request)
         assert set(got) == set(want), f"request {i}: outputs {sorted(got)} != {sorted(want)}"
         for name, value in want.items():
@@ -138,7 +138,7 @@ def pack_data_loop(runner, requests: list[dict], **arguments) -> list[dict]:
         feeds = {name: batch.data[name] for name in runner.inputs if name in batch.data}
         if interface.unpack_info is not None:
             feeds[interface.unpack_info[0]] = batch.unpack_info
-        results = dict(zip(runner.output_names, runner.run(None, feeds)))
+        results = dict(zip(runner.output_names, runner.run(None, feeds), strict=True))
         shares = {name: packing_utils.unpack_outputs(batch, out, layout=interface.outputs[name].layout) for name, out in results.items()}
         for k, spec in enumerate(batch.specs):
             answers[spec.index] = {name: parts[k] for name, parts in shares.items()}
@@ -178,7 +178,8 @@ def test_every_api_gives_the_original_models_answers(case, api, artifact):
         config = runtime.PackRunnerConfig(timeout_microseconds=20_000)
         with runtime.Runner(artifact, config) as runner:
             requests = requests_for(runner.interface)
-            futures = [runner.execute_async(r) for r in requests]  # no outputs given: allocated
+            with runner._cond:  # all queued before the serving thread takes a batch: they share batches
+                futures = [runner.execute_async(r) for r in requests]  # no outputs given: allocated
             answers = [future.result(timeout=60) for future in futures]
             assert runner.stats.batches < len(requests)  # requests shared batches
     else:

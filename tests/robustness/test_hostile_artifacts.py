@@ -398,7 +398,9 @@ def test_runner_refuses_before_creating_a_session(monkeypatch, tmp_path, good_me
 
 
 def test_many_members_are_refused_quickly(load_refused, tmp_path, good_members):
-    """50,000 copies of one name: refused at once (no quadratic scan of the member list)."""
+    """50,000 copies of one name: refused at once (no quadratic scan of the member list). The bound is
+    on this process's CPU time, which other processes' load does not stretch: 5 s is 25x the 0.2 s
+    measured (a quadratic scan of the names takes minutes)."""
     path = tmp_path / "many.popef"
     with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as archive:
         warnings.simplefilter("ignore")
@@ -406,9 +408,9 @@ def test_many_members_are_refused_quickly(load_refused, tmp_path, good_members):
             archive.writestr(name, data)
         for _ in range(50_000):
             archive.writestr(zipfile.ZipInfo("x"), b"")
-    start = time.perf_counter()
+    start = time.process_time()
     assert load_refused(path) == f"artifact '{path}' holds member 'x' more than once; refusing it"
-    assert time.perf_counter() - start < 5
+    assert time.process_time() - start < 5
 
 
 # --- the weights member of models over 2 GB ---------------------------------------------------

@@ -72,7 +72,7 @@ def alone(model: Path, request: SimpleNamespace) -> dict[str, np.ndarray]:
 def worst_diff(model: Path, datasets, batch, outputs: dict[str, np.ndarray], across_rows: bool) -> float:
     worst = 0.0
     for name, output in outputs.items():
-        for spec, got in zip(batch.specs, packing_utils.unpack_outputs(batch, output, across_rows)):
+        for spec, got in zip(batch.specs, packing_utils.unpack_outputs(batch, output, across_rows), strict=True):
             worst = max(worst, float(np.abs(got - alone(model, datasets[spec.index])[name]).max()))
     return worst
 
@@ -106,11 +106,11 @@ def test_case1_roberta_offline_packing_is_right_with_the_artifact_or_the_offset(
         feeds = {name: batch.data[name] for name in runner.inputs if name in batch.data}
         if across_rows:
             feeds["unpack_info"] = batch.unpack_info
-        outputs = dict(zip(runner.output_names, runner.run(None, feeds)))
+        outputs = dict(zip(runner.output_names, runner.run(None, feeds), strict=True))
         assert worst_diff(ROBERTA, datasets, batch, outputs, across_rows) < 1e-5
         assert batch.count == len(datasets)
     answers = runner.run_requests([{"input_ids": r.input_ids} for r in datasets])
-    for request, answer in zip(datasets, answers):
+    for request, answer in zip(datasets, answers, strict=True):
         for name, want in alone(ROBERTA, request).items():
             np.testing.assert_allclose(answer[name], want, atol=1e-5, rtol=0)
 
@@ -269,7 +269,7 @@ def test_case5_online_outputs_are_allocated_and_returned(roberta, outputs):
     with runtime.Runner(roberta[PackMode.attention_mask], runtime.PackRunnerConfig(timeout_microseconds=1000)) as runner:
         future = runner.execute_async({"input_ids": datasets[0].input_ids}, outputs)
         direct = runner.execute({"input_ids": datasets[1].input_ids}, outputs)
-        for request, result in zip(datasets, (future.result(timeout=60), direct)):
+        for request, result in zip(datasets, (future.result(timeout=60), direct), strict=True):
             assert sorted(result) == ["end_logits", "start_logits"]
             for name, want in alone(ROBERTA, request).items():
                 assert result[name].shape == (request.input_len,)

@@ -220,7 +220,7 @@ def check_batch(requests, config, index: int, batch) -> None:
     for name, expected in per_request.items():
         unpacked = unpack_outputs(batch, fake_output(batch, batch.data[name], config), across_rows)
         assert len(unpacked) == n
-        for got, want in zip(unpacked, expected):
+        for got, want in zip(unpacked, expected, strict=True):
             assert got.shape == (len(want), 2)
             assert np.array_equal(got[:, 0], want) and np.array_equal(got[:, 1], -want), name
 

@@ -52,7 +52,7 @@ def test_full_batch_at_once_then_timeout():
             f.result(10)
         assert [b["input_ids"].tolist() for b in session.batches] == [[[1, 2, 0], [3, 0, 0], [4, 5, 6]]]
         assert session.batches[0]["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
-        for (feeds, outputs), ids in zip(reqs[:3], ([1, 2], [3], [4, 5, 6])):
+        for (feeds, outputs), ids in zip(reqs[:3], ([1, 2], [3], [4, 5, 6]), strict=True):
             n = len(ids)
             assert outputs["out"][:n].tolist() == [i * 10 + 1 for i in ids]  # its own tokens only
             assert (outputs["out"][n:] == -1).all()

@@ -1,5 +1,7 @@
 """runtime/offline.py: the offline planner's default per layout."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -33,6 +35,6 @@ def test_token_stream_batches_hold_requests_of_similar_length():
     batches = plan_batches(layout, LENGTHS)
     assert sorted(i for idx, _ in batches for i in idx.tolist()) == list(range(len(LENGTHS)))
     ranges = sorted(((int(p.lengths.min()), int(p.lengths.max())) for _, p in batches), reverse=True)
-    assert all(lower[1] <= upper[0] for upper, lower in zip(ranges, ranges[1:]))  # runs of the sorted order
+    assert all(lower[1] <= upper[0] for upper, lower in itertools.pairwise(ranges))  # runs of the sorted order
     topped_up = plan_batches(layout, LENGTHS, PackAlgorithm.best_fit_decreasing)
     assert attention_cost(batches) < 0.8 * attention_cost(topped_up)

@@ -252,11 +252,14 @@ def test_missing_token_type_ids_default_to_zero(tmp_path, rng):
 
 @pytest.mark.parametrize("mode, algorithm", MODES)
 def test_many_clients_each_get_their_own_result(tmp_path, mode, algorithm):
-    """32 threads x 200 requests of random lengths: none lost, none duplicated, all correct."""
+    """32 threads x 200 requests of random lengths: none lost, none duplicated, all exact. The fake
+    model's values are exact in float32, so a float32 answer must equal the request's alone bit for
+    bit (a position off by one token changes start_logits by 0.25) and a float16 one must equal it
+    rounded to float16."""
     path = write_fake(tmp_path, mode, batch=4, seq=64, max_valid_num=12, segment_max_size=64, position_offset=2)
     config = config_for(mode, algorithm, timeout_microseconds=2000)
     clients, per_client = 32, 200
-    errors, done = [], []
+    errors, done, tokens = [], [], []
     with runtime.Runner(path, config) as runner:
 
         def client(seed):
@@ -277,30 +280,27 @@ def test_many_clients_each_get_their_own_result(tmp_path, mode, algorithm):
                         future.wait(timeout=30)
                     n = len(feeds["input_ids"])
                     want = expected(feeds["input_ids"], feeds["token_type_ids"], offset=2)
-                    tol = 0.5 if outputs["start_logits"].dtype == np.float16 else 1e-4
-                    np.testing.assert_allclose(outputs["start_logits"][:n], want["start_logits"], atol=tol, rtol=1e-3)
-                    np.testing.assert_allclose(outputs["end_logits"][:n], want["end_logits"], atol=1e-4, rtol=0)
-                    assert not outputs["end_logits"][n:].any()
+                    start = outputs["start_logits"]
+                    np.testing.assert_array_equal(start[:n], want["start_logits"].astype(start.dtype))
+                    np.testing.assert_array_equal(outputs["end_logits"][:n], want["end_logits"])
+                    assert not start[n:].any() and not outputs["end_logits"][n:].any()
                 done.append(len(pending))
+                tokens.append(sum(len(feeds["input_ids"]) for _, feeds, _ in pending))
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 
         threads = [threading.Thread(target=client, args=(seed,)) for seed in range(clients)]
-        start = time.monotonic()
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=120)
         assert not any(t.is_alive() for t in threads), "clients did not finish"
-        elapsed = time.monotonic() - start
         stats = runner.stats
     assert not errors, errors[0]
     assert sum(done) == clients * per_client
     assert stats.requests == clients * per_client and stats.failed_requests == 0
+    assert stats.tokens == sum(tokens) and stats.tokens <= stats.token_slots
     assert stats.batches == stats.batches_by_fullness + stats.batches_by_timeout + stats.batches_by_close
-    assert stats.mean_requests_per_batch > 1.5
-    assert 0.3 < stats.packing_efficiency <= 1
-    assert elapsed < 60
 
 
 def test_requests_are_neither_lost_nor_duplicated(tmp_path):
@@ -322,19 +322,20 @@ def test_requests_are_neither_lost_nor_duplicated(tmp_path):
 
 
 def test_lone_request_launches_after_the_timeout(tmp_path, rng):
+    """The order of events, with bounds 10x from the timeout either way: a lone request is still
+    waiting a tenth of the timeout after it came, runs no sooner than the timeout, and is done
+    within ten timeouts, launched by the timeout."""
     path = write_fake(tmp_path, "attention_mask")
-    timeout = 0.2
+    timeout = 0.3
     with runtime.Runner(path, config_for("attention_mask", timeout_microseconds=int(timeout * 1e6))) as runner:
         runner.execute(make_request(rng, 3))  # warm up
         start = time.monotonic()
         future = runner.execute_async(make_request(rng, 3))
-        time.sleep(timeout / 4)
+        time.sleep(timeout / 10)
         assert not future.done()
-        future.wait(timeout=5)
-        elapsed = time.monotonic() - start
+        future.wait(timeout=10 * timeout)
+        assert time.monotonic() - start >= timeout
         stats = runner.stats
-    # about the timeout plus one (tiny) batch; generous slack for a loaded machine
-    assert timeout <= elapsed < timeout + 0.25
     assert stats.batches == 2 and stats.batches_by_timeout == 2 and stats.batches_by_fullness == 0
 
 
@@ -353,11 +354,9 @@ def test_lone_request_launches_after_the_timeout(tmp_path, rng):
 def test_full_batches_launch_at_once(tmp_path, rng, mode, algorithm, lengths, batches):
     path = write_fake(tmp_path, mode)
     with runtime.Runner(path, config_for(mode, algorithm, timeout_microseconds=60_000_000)) as runner:
-        start = time.monotonic()
         futures = [runner.execute_async(make_request(rng, n)) for n in lengths]
         for f in futures:
-            f.wait(timeout=10)
-        assert time.monotonic() - start < 5
+            f.wait(timeout=10)  # the timeout is 60 s: only a full batch runs this soon
         stats = runner.stats
     assert stats.batches == stats.batches_by_fullness == batches
     assert stats.packing_efficiency == sum(lengths) / 16
@@ -517,7 +516,7 @@ def test_a_failing_batch_fails_only_its_requests(tmp_path, rng, monkeypatch):
                     feeds["input_ids"][1] = 999
                 group.append((runner.execute_async(feeds, out_arrays(runner, 8)), feeds))
             groups.append(group)
-        for poison, group in zip((False, True, False), groups):
+        for poison, group in zip((False, True, False), groups, strict=True):
             for future, feeds in group:
                 if poison:
                     with pytest.raises(PoprtError) as info:
@@ -531,7 +530,7 @@ def test_a_failing_batch_fails_only_its_requests(tmp_path, rng, monkeypatch):
         # the runner keeps serving
         requests = [make_request(rng, 2) for _ in range(4)]
         futures = [runner.execute_async(feeds, out_arrays(runner, 8)) for feeds in requests]
-        for future, feeds in zip(futures, requests):
+        for future, feeds in zip(futures, requests, strict=True):
             check_outputs(future.result(timeout=10), feeds)
         stats = runner.stats
     assert (stats.batches, stats.failed_batches, stats.failed_requests) == (4, 1, 4)
@@ -542,12 +541,10 @@ def test_close_drains_pending_requests(tmp_path, rng):
     runner = runtime.Runner(path, config_for("attention_mask", timeout_microseconds=60_000_000))
     requests = [make_request(rng, n) for n in (3, 2)]
     futures = [runner.execute_async(f, out_arrays(runner, 8)) for f in requests]
-    start = time.monotonic()
-    runner.close()
-    assert time.monotonic() - start < 5
-    for future, feeds in zip(futures, requests):
+    runner.close()  # the timeout is 60 s: close() launches the batch
+    for future, feeds in zip(futures, requests, strict=True):
         check_outputs(future.result(timeout=0), feeds)
-    assert runner.stats.batches_by_close == 1
+    assert runner.stats.batches_by_close == 1 and runner.stats.batches_by_timeout == 0
     with pytest.raises(PoprtError, match="closed"):
         runner.execute_async(make_request(rng, 3))
     runner.close()  # idempotent
@@ -584,19 +581,22 @@ def test_close_while_a_batch_runs_waits_for_it(tmp_path, rng, monkeypatch):
     path = write_fake(tmp_path, "unpack_repack")
     runner = runtime.Runner(path, config_for("unpack_repack", timeout_microseconds=0))
     real_run = runner.session.run
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
-    def slow_run(names, feeds):
+    def held_run(names, feeds):
         started.set()
-        time.sleep(0.2)
+        assert release.wait(10)
         return real_run(names, feeds)
 
-    monkeypatch.setattr(runner.session, "run", slow_run)
+    monkeypatch.setattr(runner.session, "run", held_run)
     first = runner.execute_async(make_request(rng, 3))
-    assert started.wait(5)
+    assert started.wait(10)
     second = runner.execute_async(make_request(rng, 3))  # queued behind the running batch
     closer = threading.Thread(target=runner.close)
     closer.start()
+    closer.join(timeout=0.2)
+    assert closer.is_alive() and not first.done()  # close() waits while the batch is held
+    release.set()
     closer.join(timeout=10)
     assert not closer.is_alive()
     assert first.exception() is None and second.exception() is None
@@ -781,24 +781,6 @@ def test_unpacked_artifact_is_refused(tmp_path):
     assert isinstance(runtime.Runner(path), runtime.ModelRunner)
 
 
-# ----------------------------------------------------------------------------------- performance
-
-
-def test_hot_path_cost_per_request(tmp_path, rng):
-    """Packing, feed building and unpacking stay cheap: well under a millisecond per request."""
-    path = write_fake(tmp_path, "attention_mask", batch=16, seq=256, max_valid_num=40, segment_max_size=256)
-    with runtime.Runner(path, config_for("attention_mask", timeout_microseconds=1000)) as runner:
-        requests = [make_request(rng, int(n)) for n in np.clip(rng.normal(128, 128, 800), 1, 256).astype(int)]
-        start = time.perf_counter()
-        futures = [runner.execute_async(f, {"start_logits": np.zeros(256, np.float32)}) for f in requests]
-        for f in futures:
-            f.wait(timeout=30)
-        per_request = (time.perf_counter() - start) / len(requests)
-        stats = runner.stats
-    assert stats.packing_efficiency > 0.7
-    assert per_request < 2e-3, per_request
-
-
 # ------------------------------------------------------------------- end to end on real exports
 
 
@@ -813,7 +795,7 @@ class Reference:
     def __call__(self, feeds):
         run_feeds = {k: np.asarray(feeds.get(k, np.ones_like(feeds["input_ids"]))).reshape(1, -1).astype(np.int64)
                      for k in self.inputs}
-        return dict(zip(self.outputs, self.session.run(None, run_feeds)))
+        return dict(zip(self.outputs, self.session.run(None, run_feeds), strict=True))
 
 
 def compile_packed(tmp_path, name, mode, inputs=("input_ids", "attention_mask", "token_type_ids"), batch=4,
@@ -852,6 +834,7 @@ def serve_and_check(path, config, reference, clients, per_client, max_len=64, se
                 for future, feeds, outputs in pending:
                     future.wait(timeout=60)
                     want = reference(feeds)
+                    assert set(outputs) == set(want)  # the artifact serves every output of the original
                     n = len(feeds["input_ids"])
                     for name, got in outputs.items():
                         layout = runner.interface.outputs[name].layout
@@ -881,11 +864,24 @@ def bert_artifacts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode, algorithm", REAL_MODES)
-def test_bert_qa_end_to_end(bert_artifacts, mode, algorithm):
+def test_bert_qa_end_to_end(bert_artifacts, mode, algorithm, rng):
     config = config_for(mode, algorithm, timeout_microseconds=3000)
-    stats = serve_and_check(bert_artifacts[mode], config, Reference("bert_qa_torchscript"), clients=8, per_client=20,
-                            with_positions=mode == "unpack_repack")
-    assert stats.mean_requests_per_batch > 1
+    reference = Reference("bert_qa_torchscript")
+    serve_and_check(bert_artifacts[mode], config, reference, clients=8, per_client=20, with_positions=mode == "unpack_repack")
+    # requests share a batch: 8 (max_valid_num) queued at once make one full batch, each answer its own
+    config = config_for(mode, algorithm, timeout_microseconds=60_000_000)
+    with runtime.Runner(bert_artifacts[mode], config) as runner:
+        requests = [make_request(rng, n) for n in (64, 1, 30, 7, 20, 2, 13, 50)]
+        with runner._cond:  # all queued before the serving thread takes a batch
+            futures = [runner.execute_async(feeds) for feeds in requests]
+        answers = [future.result(timeout=60) for future in futures]
+        stats = runner.stats
+    assert (stats.batches, stats.batches_by_fullness, stats.requests) == (1, 1, 8)
+    for feeds, got in zip(requests, answers, strict=True):
+        want = reference(feeds)
+        assert set(got) == set(want)
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value[0], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("mode, algorithm", REAL_MODES)
@@ -978,7 +974,7 @@ def test_dynamic_rows_run_the_rows_a_batch_uses(tmp_path, rng, mode):
     four = {name: np.concatenate([value[:2], np.zeros_like(value[:2])]) for name, value in two.items()}
     if mode == "unpack_repack":
         two["unpack_info"] = four["unpack_info"] = np.array([64, 64, 0, 0, 0, 0, 0, 0], np.int32)
-    for got, want in zip(runner.run(None, two), runner.run(None, four)):
+    for got, want in zip(runner.run(None, two), runner.run(None, four), strict=True):
         np.testing.assert_allclose(got[:2], want[:2], atol=1e-5, rtol=0)  # the requests of rows 0-1
 
 
@@ -991,15 +987,19 @@ def test_relative_position_encoders_per_request(tmp_path, name, mode):
 
 
 def test_packed_bert_example_runs(capsys, monkeypatch):
-    """examples/packed_bert, small: every mode's MAE against the padded baseline is below 1e-4."""
+    """examples/packed_bert, small: every mode's MAE against the padded baseline is below 1e-4, and
+    every run's every token equals the source model's on that request alone (1e-4)."""
     import importlib.util
     import sys
+
+    from cli.test_poprt_compat import RUN_NAMES, max_error_against_the_source, record_example_runs
 
     script = TESTDATA.parent / "examples" / "packed_bert" / "packed_bert_example.py"
     spec = importlib.util.spec_from_file_location("packed_bert_example", script)
     example = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, example)  # dataclasses look their module up
     spec.loader.exec_module(example)
+    datasets, runs = record_example_runs(example, monkeypatch)
     args = ["--batch_size", "4", "--max_seq_len", "64", "--avg_seq_len", "32", "--max_valid_num", "12",
             "--iterations", "10", "--latency_requests", "5", "--timeout_microseconds", "1000"]
     assert example.main(args) == 0
@@ -1009,3 +1009,5 @@ def test_packed_bert_example_runs(capsys, monkeypatch):
                  "[Pack Online AttentionMask(next_fit)]", "P99 latency"):
         assert mode in out
     assert "(below 0.0001)" in out
+    assert sorted(runs) == sorted(RUN_NAMES) and len(datasets) == 10 * 4
+    assert max_error_against_the_source(datasets, runs) < 1e-4

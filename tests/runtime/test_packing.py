@@ -178,13 +178,13 @@ def test_online_packer_invariants(algorithm, across_rows, batch_size, seq_len, m
             assert packer.placements() == before
             if algorithm == "first_fit" and not across_rows and len(placed) < max_valid_num:
                 fill = np.zeros(batch_size, dtype=int)
-                for (row, _), m in zip(before, placed):
+                for (row, _), m in zip(before, placed, strict=True):
                     fill[row] += m
                 assert (fill + n > seq_len).all()  # first fit tried every row
     assert len(packer) == len(placed) <= max_valid_num
     owner = np.full(batch_size * seq_len, -1)
     places = packer.placements()
-    for k, (place, n) in enumerate(zip(places, placed)):
+    for k, (place, n) in enumerate(zip(places, placed, strict=True)):
         start = place if across_rows else place[0] * seq_len + place[1]
         assert across_rows or place[1] + n <= seq_len  # a request stays in its row
         assert (owner[start : start + n] == -1).all()

@@ -31,7 +31,7 @@ def test_pack_runner_first_fit_out_of_order_rows():
         runner.close()  # runs the open batch at once: all four in one batch, request 2 in row 0
     assert runner.stats.batches == 1 and runner.stats.requests == 4
     original = verify.session(onnx.load(model_path(NAME)))
-    for request, future in zip(requests, futures):
+    for request, future in zip(requests, futures, strict=True):
         tokens, pooled = original.run(None, request)
         got = future.result()
         np.testing.assert_allclose(got["sentence_embedding"], pooled[0], atol=1e-4, rtol=0)

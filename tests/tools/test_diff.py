@@ -371,13 +371,15 @@ def bert_base_like(seed: int = 0, layers: int = 12, hidden: int = 768, heads: in
 
 @pytest.mark.slow
 def test_bert_base_size_diff_takes_seconds():
+    """The bound is on this process's CPU time, which other processes' load does not stretch: 10 s is
+    over 10x the 0.9 s measured."""
     model = bert_base_like()
     assert len(model.graph.node) > 900
     assert sum(int(np.prod(t.dims)) for t in model.graph.initializer) > 100_000_000
     changed = renamed_and_shuffled(model)
     next(n for n in changed.graph.node if n.op_type == "Softmax").attribute[0].i = 1
-    start = time.perf_counter()
+    start = time.process_time()
     result = diff_models(model, changed)
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     assert [(c.kind, c.op_type) for c in result.nodes] == [("changed", "Softmax")]
     assert seconds < 10, f"diff took {seconds:.1f} s"
