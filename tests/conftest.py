@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ ALL_MODELS = [*QA_MODELS, "bert_meanpool"]
 VOCAB = 1000
 # RoBERTa's padding id; other models pad with 0.
 PAD_ID = {"roberta_qa": 1}
+# Set by .ci/run, which installs every extra: a test skipped for a missing package
+# (pytest.importorskip) fails instead, so that CI cannot pass without running it.
+REQUIRE_EXTRAS = os.environ.get("POPRT_LITE_REQUIRE_EXTRAS") == "1"
 
 
 def model_path(name: str) -> Path:
@@ -51,3 +55,24 @@ def make_request(rng: np.random.Generator, length: int) -> dict[str, np.ndarray]
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(2023)
+
+
+def _fail_skips_for_missing_packages(report) -> None:
+    if not (REQUIRE_EXTRAS and report.skipped and isinstance(report.longrepr, tuple)):
+        return
+    reason = report.longrepr[2]
+    if reason.startswith("Skipped: could not import") or reason.startswith("could not import"):
+        report.outcome = "failed"
+        report.longrepr = f"{reason}; POPRT_LITE_REQUIRE_EXTRAS=1 (.ci/run): install every extra of pyproject.toml"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skips_for_missing_packages(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skips_for_missing_packages(outcome.get_result())
