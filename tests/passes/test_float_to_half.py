@@ -28,7 +28,8 @@ def test_fp16_runs_on_cpu_and_max_error_is_small(name, rng, caplog):
     for want, got in zip(run(model_path(name), request), run(model, request), strict=True):
         assert got.dtype == np.float32  # the interface keeps float32
         assert got.shape == want.shape
-        assert np.abs(got - want).max() < 1e-2
+        error = float(np.abs(got - want).max())
+        assert error < 1e-2, error
 
 
 def test_fp16_io_makes_float_outputs_half(rng):

@@ -127,4 +127,5 @@ def test_float16_fused_model_matches_the_unfused_one_and_the_original(workdir):
         assert set(got) == set(original)
         for name, want in original.items():
             assert got[name].shape == want.shape
-            assert np.abs(got[name].astype(np.float64) - want).max() < 1e-2, name
+            error = float(np.abs(got[name].astype(np.float64) - want).max())
+            assert error < 1e-2, (name, error)
