@@ -1,6 +1,6 @@
 """Text in, vectors out: sentence embeddings from a packed model and its tokenizer.json.
 
-    from poprt_lite.apps.embed import Embedder
+    from poprt_lite.embed import Embedder
 
     embedder = Embedder("out/executable.popef", "all-MiniLM-L6-v2/")  # or .../tokenizer.json
     vectors = embedder.embed(["A man is eating food.", "A man is riding a horse."])  # float32 [2, 384]
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -277,13 +276,13 @@ def open_artifact(
     if not path.is_file():
         raise PoprtError(f"model '{path}' does not exist; pass an artifact or an .onnx file")
     packing = {"pack_args": pack_args, "input_shape": input_shape}
-    if zipfile.is_zipfile(path):
+    loaded = artifact_module.load_model_or_artifact(path)
+    if isinstance(loaded, artifact_module.Artifact):
         _refuse_packing(packing)
-        return artifact_module.load_artifact(path)
-    source = ir.load_model(path)
-    if vocab.pack_spec_of(ir.get_metadata(source)) is not None:
+        return loaded
+    if vocab.pack_spec_of(ir.get_metadata(loaded)) is not None:
         _refuse_packing(packing)
-        return artifact_module.in_memory(path, source, artifact_module.converted_fields(source, path.read_bytes()))
+        return artifact_module.in_memory(path, loaded, artifact_module.converted_fields(loaded, path.read_bytes()))
     return pack_model(path, tokenizer, max_length=max_length, **packing)
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import onnx
 
-import poprt_lite
+from poprt_lite import __version__
 from poprt_lite.ir.artifact import Artifact, load_artifact
 from poprt_lite.compiler import CompileOptions
 from poprt_lite.compiler import compile as compile_model
+from poprt_lite.compiler.servable import export_artifact
 from poprt_lite.errors import ArtifactError, PoprtError
 from poprt_lite.runtime import modes
 from poprt_lite.vocab import INPUT_IDS, Layout, MetaKey
@@ -40,8 +41,8 @@ def file_sha256(path: Path) -> str:
 
 def compiler_hash() -> str:
     """Hash of the poprt-lite sources that shape a compiled model."""
-    root = Path(poprt_lite.__file__).parent
-    digest = hashlib.sha256(poprt_lite.__version__.encode())
+    root = Path(__file__).resolve().parents[1]  # the package
+    digest = hashlib.sha256(__version__.encode())
     for part in _SOURCE_PARTS:
         target = root / part
         files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
@@ -142,15 +143,13 @@ def fuse_artifact(path: Path) -> None:
 
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from poprt_lite.ir.artifact import write_artifact
-
     art = load_artifact(path)
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     model = art.model()
     heads, hidden = attention_geometry(model)
     fused = optimize_model(model, model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0).model
     manifest = art.manifest
-    write_artifact(path, fused, {
+    export_artifact(path, fused, {
         "source_sha256": manifest["source_model_sha256"], MetaKey.precision.value: manifest[MetaKey.precision.value],
         "pipeline": [*manifest["pipeline"], {"name": "onnxruntime.transformers.optimizer", "options": {"model_type": "bert"}}],
     })

@@ -17,8 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-import poprt_lite
-from poprt_lite import compiler, passes
+from poprt_lite import __version__, compiler, passes
 from poprt_lite.compiler import verify
 from poprt_lite.cli import config_yaml as yaml_config
 from poprt_lite.cli import listing, options, poprt_flags
@@ -123,7 +122,7 @@ def _convert(
             raise PoprtError(f"--logging_level must be one of {', '.join(LOGGING_LEVELS)}, got '{logging_level}'")
         logging.getLogger(options.LOGGER).setLevel(logging_level.upper())
     if version:
-        print(f"poprt-lite {poprt_lite.__version__}")
+        print(f"poprt-lite {__version__}")
         return
     if framework != "onnx":
         raise PoprtError(f"--framework {framework} is not supported: poprt-lite reads ONNX models; convert yours with tf2onnx or torch.onnx first")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
+import onnx
 import typer
 
-from poprt_lite.tools import load_model_or_artifact
+from poprt_lite.ir.artifact import Artifact, load_model_or_artifact
 from poprt_lite.tools.diff import IGNORABLE, diff_models, print_report
 
 
@@ -21,9 +22,7 @@ def diff_command(
     ] = None,
 ) -> None:
     ignored = [item.strip() for value in ignore or [] for item in value.split(",") if item.strip()]
-    result = diff_models(
-        load_model_or_artifact(a).model, load_model_or_artifact(b).model, ignore=ignored, labels=(str(a), str(b))
-    )
+    result = diff_models(_model(a), _model(b), ignore=ignored, labels=(str(a), str(b)))
     if json:
         print(result.to_json())
     else:
@@ -31,3 +30,8 @@ def diff_command(
     if not result.equal:
         # SystemExit, not typer.Exit: typer returns Exit's code without raising when not standalone.
         raise SystemExit(1)
+
+
+def _model(path: Path) -> onnx.ModelProto:
+    loaded = load_model_or_artifact(path)
+    return loaded.model() if isinstance(loaded, Artifact) else loaded

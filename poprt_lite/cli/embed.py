@@ -2,7 +2,7 @@
 
 MODEL is an artifact, a packed .onnx, or an exported sentence-embedding ONNX model (packed in memory
 with --pack_args, token_stream by default); the tokenizer.json is the one beside MODEL unless
---tokenizer names it (`poprt_lite.apps.embed`).
+--tokenizer names it (`poprt_lite.embed`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`get_session`, PopRT's `poprt.backend.get_session`, on onnxruntime.
 
 ```python
-from poprt_lite.compat.backend import get_session
+from poprt_lite.backend import get_session
 
 sess = get_session("bert_bs16_sl256.onnx", 1, "poprt").load()           # compile in memory
 get_session("bert_pack.onnx", 1, "poprt", output_dir=d, export_popef=True).load()  # d/executable.popef
@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import zipfile
 from pathlib import Path
 
-from poprt_lite import ir
-from poprt_lite.ir import artifact
+from poprt_lite.compiler import servable
 from poprt_lite.errors import PoprtError
+from poprt_lite.ir import artifact
 from poprt_lite.runtime.model_runner import ModelRunner
 
 BACKENDS = ("poprt", "poprt-lite", "poprt_lite", "onnxruntime", "cpu")
@@ -57,8 +56,8 @@ class Session:
         """Build (or load) the artifact and return a session with `.run(output_names, feeds)`."""
         if not self.model_path.is_file():
             raise PoprtError(f"model '{self.model_path}' does not exist")
-        if zipfile.is_zipfile(self.model_path):
-            loaded = artifact.load_artifact(self.model_path)
+        loaded = artifact.load_model_or_artifact(self.model_path)
+        if isinstance(loaded, artifact.Artifact):
             if self.export_popef:
                 target = self._target()
                 if target.resolve() != self.model_path.resolve():
@@ -66,12 +65,11 @@ class Session:
                     shutil.copyfile(self.model_path, target)
                 self.artifact_path = target
             return ModelRunner(loaded, threads=self.threads)
-        model = ir.load_model(self.model_path)
-        fields = artifact.converted_fields(model, self.model_path.read_bytes())
+        fields = artifact.converted_fields(loaded, self.model_path.read_bytes())
         if self.export_popef:
-            self.artifact_path = artifact.write_artifact(self._target(), model, fields)
+            self.artifact_path = servable.export_artifact(self._target(), loaded, fields)
             return ModelRunner(self.artifact_path, threads=self.threads)
-        return ModelRunner(artifact.in_memory(self.model_path, model, fields), threads=self.threads)
+        return ModelRunner(artifact.in_memory(self.model_path, loaded, fields), threads=self.threads)
 
     def _target(self) -> Path:
         if self.output_dir is None:

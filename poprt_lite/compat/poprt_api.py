@@ -1,4 +1,5 @@
-"""PopRT's pass API on poprt-lite's passes: model-level passes, `register`, `traverse_graph`.
+"""PopRT's pass API on poprt-lite's passes: model-level passes (with `register` and
+`Pass.traverse_graph`, which the pass layer has under PopRT's names).
 
 A pass file written for PopRT runs with its imports changed from `poprt` to `poprt_lite`:
 
@@ -17,13 +18,13 @@ every pass). PopRT passes take no options from the command line, and neither do 
 
 Every pass, built-in or not, is also callable on a ModelProto as in PopRT
 (`get_pass("float_to_half", skip_op_types=["Gelu"])(model)`): a graph-level pass then runs alone
-in a PassManager.
+in a PassManager, a model-level one on the model itself. Importing this module adds the model-level
+kind to the pass registry (`registry.add_kind`); `poprt_lite.compat` imports it.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import onnx
@@ -31,6 +32,7 @@ import onnx_graphsurgeon as gs
 
 from poprt_lite import ir
 from poprt_lite.errors import PoprtError
+from poprt_lite.passes import registry
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 
 
@@ -49,28 +51,11 @@ def is_model_level(cls: type) -> bool:
     return len(positional) == 2  # (self, onnx_model); poprt-lite's is (self, graph, ctx)
 
 
-def call(instance: Pass, model: onnx.ModelProto) -> onnx.ModelProto:
-    """`Pass.__call__`: run one pass on a ModelProto and return the resulting model."""
-    if is_model_level(type(instance)):
-        return _checked(instance, instance.run(model))
-    from poprt_lite.passes.manager import PassManager
-
-    result, _ = PassManager([instance]).run(model)
-    return result
-
-
-def traverse_graph(
-    graph: onnx.GraphProto, transform: Callable[[onnx.GraphProto, bool], onnx.GraphProto], is_main_graph: bool = True
-) -> onnx.GraphProto:
-    """PopRT's `Pass.traverse_graph`: apply `transform(graph, is_main_graph)` to the graph and,
-    first, to every subgraph of its nodes (If branches, Loop and Scan bodies)."""
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                attribute.g.CopyFrom(traverse_graph(attribute.g, transform, False))
-            for sub in attribute.graphs:
-                sub.CopyFrom(traverse_graph(sub, transform, False))
-    return transform(graph, is_main_graph)
+def call(instance: Pass, model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """`Pass.__call__` of a model-level pass: its `run` on the model itself (None for any other pass)."""
+    if not is_model_level(type(instance)):
+        return None
+    return _checked(instance, instance.run(model))
 
 
 class ModelPassAdapter(Pass):
@@ -91,8 +76,10 @@ class ModelPassAdapter(Pass):
         return PassResult(changed=changed, message="model edited (PopRT pass API)" if changed else "model unchanged")
 
 
-def adapt(cls: type[Pass]) -> type[Pass]:
-    """The class the registry stores for model-level pass `cls`."""
+def adapt(cls: Any) -> type[Pass] | None:
+    """The class the registry stores for model-level pass `cls` (None for any other class)."""
+    if not is_model_level(cls):
+        return None
     return type(cls.__name__, (ModelPassAdapter,), {"target": cls, "__module__": cls.__module__, "__doc__": cls.__doc__})
 
 
@@ -100,3 +87,13 @@ def _checked(instance: Any, result: Any) -> onnx.ModelProto:
     if not isinstance(result, onnx.ModelProto):
         raise PoprtError(f"{type(instance).__name__} returned {type(result).__name__}; a PopRT-style pass must return the onnx.ModelProto")
     return result
+
+
+class _ModelLevel:
+    """The model-level kind of pass, as the registry takes it (`registry.PassKind`)."""
+
+    adapt = staticmethod(adapt)
+    call = staticmethod(call)
+
+
+registry.add_kind(_ModelLevel())

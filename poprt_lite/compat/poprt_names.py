@@ -1,11 +1,14 @@
 """PopRT's pass names for the poprt-lite passes that do the same job.
 
-`--passes`, `--skip_passes`, `--pipeline`, `get_pass` and PopRT-style code accept either name;
-`--list_all_passes` shows both. A PopRT pass missing here has no counterpart: it either serves the
-IPU only or does something poprt-lite does not do.
+`--passes`, `--skip_passes`, `--pipeline`, `get_pass` and PopRT-style code accept either name
+(importing this module adds them to the pass registry as aliases); `--list_all_passes` shows both.
+A PopRT pass missing here has no counterpart: it either serves the IPU only or does something
+poprt-lite does not do.
 """
 
 from __future__ import annotations
+
+from poprt_lite.passes import registry
 
 # PopRT 1.5 name -> poprt-lite pass name (PopRT's user guide, "Built-in passes").
 POPRT_NAMES: dict[str, str] = {
@@ -22,11 +25,10 @@ POPRT_NAMES: dict[str, str] = {
 }
 
 
-def canonical_name(name: str) -> str:
-    """The poprt-lite name of a pass given by its poprt-lite or PopRT name."""
-    return POPRT_NAMES.get(name, name)
-
-
 def poprt_names_of(name: str) -> list[str]:
     """The PopRT names of poprt-lite pass `name` (empty when PopRT has none)."""
     return [poprt for poprt, ours in POPRT_NAMES.items() if ours == name]
+
+
+for _poprt, _ours in POPRT_NAMES.items():
+    registry.add_alias(_poprt, _ours)

@@ -14,10 +14,10 @@ import onnx
 
 from poprt_lite import ir, passes, vocab
 from poprt_lite.ir import artifact
-from poprt_lite.compiler import pack_args
+from poprt_lite.compiler import pack_args, servable
 from poprt_lite.errors import PoprtError, option
 from poprt_lite.passes import Pass, PassManager, PassRecord
-from poprt_lite.compat.poprt_names import canonical_name
+from poprt_lite.passes.registry import canonical_name
 from poprt_lite.runtime import modes
 from poprt_lite.vocab import MetaKey
 
@@ -236,7 +236,7 @@ def compile(
     """Convert `input_model`; write the model (and with `export_popef`, `output_dir/executable.popef`).
 
     A packed model that no runner could serve is refused before anything is written
-    (`passes.packing.check_servable`, then the packed runners' own reading of its manifest)."""
+    (`servable.check_servable`)."""
     options = options or CompileOptions()
     pipeline = build_pipeline(options)
     model = ir.open_model(input_model, onnxruntime_ops=any(p.accepts_onnxruntime_ops for p in pipeline))
@@ -244,7 +244,8 @@ def compile(
     manager = PassManager(pipeline, dump_after=options.dump_after, dump_dir=dump_dir, on_pass_done=on_pass_done)
     records = manager.run_model(model)
     model.set_metadata(MetaKey.precision, options.precision)
-    _check_servable(model, options.precision, input_model)
+    if vocab.pack_spec_of(model.metadata()) is not None:  # describing the model costs a copy of its graph
+        servable.check_servable(artifact.described_form(model), options.precision, input_model)
     result = CompileResult(converted=model, records=records)
     if not save:
         return result
@@ -266,13 +267,6 @@ def compile(
             {"source_sha256": artifact.sha256_file(input_model), MetaKey.precision.value: options.precision, "pipeline": pipeline_info},
         )
     return result
-
-
-def _check_servable(model: ir.Model, precision: str, input_model: str | os.PathLike) -> None:
-    """A packed model must be one the packed runners accept (`artifact.check_servable`), checked
-    before the converted model is written, artifact or not."""
-    if vocab.pack_spec_of(model.metadata()) is not None:
-        artifact.check_servable(ir.external_form(*model.layout(), artifact.WEIGHTS_MEMBER), precision, input_model)
 
 
 def _jsonable(value):
@@ -301,7 +295,7 @@ class Compiler:
         model: str | os.PathLike | onnx.ModelProto, outputs: Sequence[str] | None, filename: str | os.PathLike, options: CompilerOptions | None = None
     ) -> None:
         source, _ = _compiler_input(model, outputs, options)
-        artifact.write_artifact(filename, source, artifact.converted_fields(source, _source_bytes(model)))
+        servable.export_artifact(filename, source, artifact.converted_fields(source, _source_bytes(model)))
 
 
 def _compiler_input(model, outputs, options) -> tuple[onnx.ModelProto, Path]:

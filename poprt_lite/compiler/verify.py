@@ -25,7 +25,7 @@ from poprt_lite.errors import PoprtError, one_line
 from poprt_lite.runtime.packing_utils import PackedBatch, pack_data
 from poprt_lite.runtime.model_runner import ModelRunner
 from poprt_lite.runtime.session import create_session
-from poprt_lite.runtime import modes
+from poprt_lite.runtime.interface import read_packed_interface
 from poprt_lite.vocab import INPUT_IDS, UNPACK_INFO, MetaKey, Role
 
 DEFAULT_DYNAMIC = {0: 2, 1: 16}  # batch 2, sequence 16 where a dim is not fixed
@@ -174,15 +174,8 @@ def run_packed(
     """Pack `requests` (as many as fit, in order) for the packed model `converted`, run it, and
     return the batch and, per packed request, its outputs cut out by each output's layout."""
     meta = ir.get_metadata(converted)
-    pack = vocab.pack_spec_of(meta)
+    interface = read_packed_interface(artifact.manifest_only(converted))  # the batch geometry a runner reads
     inputs = {v.name: v for v in converted.graph.input}
-    rows = vocab.int_of(meta, MetaKey.rows)  # --dynamic_rows: the bound of the dynamic row dim
-    static = modes.get(pack.mode).static
-    if not static:  # one [1, T] stream of at most max_tokens tokens
-        batch_size, seq_len = 1, pack.max_tokens
-    else:
-        batch_size, seq_len = (d.dim_value for d in inputs[INPUT_IDS].type.tensor_type.shape.dim)
-        batch_size = batch_size or rows
     dataset = [
         SimpleNamespace(
             input_ids=r[INPUT_IDS][0],
@@ -195,13 +188,13 @@ def run_packed(
     batch = pack_data(
         dataset,
         0,
-        batch_size,
-        seq_len,
-        pack.max_valid_num,
-        position_offset=vocab.int_of(meta, MetaKey.position_offset),
-        segment_max_size=pack.segment_max_size,
-        mode=pack.mode,
-        dynamic_rows=bool(rows) and static,
+        interface.batch_size,
+        interface.seq_len,
+        interface.max_valid_num,
+        position_offset=interface.position_offset,
+        segment_max_size=interface.segment_max_size,
+        mode=interface.mode,
+        dynamic_rows=interface.dynamic_rows,
     )
     feeds = {name: batch.data[name] for name in inputs if name in batch.data}
     if UNPACK_INFO in inputs:

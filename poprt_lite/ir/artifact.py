@@ -13,8 +13,11 @@ nothing else) and whose sha256 the manifest holds (`weights_sha256`).
 
 Loading verifies the checksums and the format version before anything is parsed further, reads
 the small members into memory and maps the weights member (nothing is extracted to disk), and
-never imports or unpickles anything. `Artifact.session` gives the model its weights from the
-mapping.
+never imports or unpickles anything. `runtime.session.artifact_session` gives the model its
+weights from the mapping.
+
+This module is the format only: whether a packed model can be served is the compiler's check
+(compiler/servable.py), which runs before anything is written.
 """
 
 from __future__ import annotations
@@ -33,8 +36,7 @@ from typing import Any
 import onnx
 from onnx import external_data_helper
 
-import poprt_lite
-from poprt_lite import ir, vocab
+from poprt_lite import __version__, ir, vocab
 from poprt_lite.ir import wire
 from poprt_lite.errors import ArtifactError, PoprtError, one_line, option
 from poprt_lite.vocab import MetaKey
@@ -60,15 +62,6 @@ class Artifact:
     def model(self) -> onnx.ModelProto:
         """The model member; with a weights member its large tensors refer to that member."""
         return onnx.load_from_string(self.model_bytes)
-
-    def session(self, threads: int = 0, *, spinning: bool = True) -> Any:
-        """An onnxruntime session of the model (see `runtime.session`), given its weights from the mapping."""
-        from poprt_lite.runtime.session import create_session, session_options
-
-        options = session_options(threads, spinning=spinning)
-        if self.weights is not None:
-            options.add_external_initializers_from_files_in_memory([WEIGHTS_MEMBER], [self.weights], [self.weights.nbytes])
-        return create_session(self.model_bytes, options=options)
 
 
 def sha256(data: bytes) -> str:
@@ -117,7 +110,7 @@ def build_manifest(
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "poprt_lite_version": poprt_lite.__version__,
+        "poprt_lite_version": __version__,
         "source_model_sha256": source_sha256,
         "model_sha256": model_sha256,
         MetaKey.precision.value: precision,
@@ -169,6 +162,28 @@ def converted_fields(model: onnx.ModelProto, source_bytes: bytes) -> dict[str, A
     }
 
 
+def described_form(model: ir.Model) -> onnx.ModelProto:
+    """`model` with every initializer's name, type and shape but its weights in WEIGHTS_MEMBER: what
+    the manifest describes, without a copy of the weights."""
+    return ir.external_form(*model.layout(), WEIGHTS_MEMBER)
+
+
+def manifest_only(model: onnx.ModelProto, precision: str = "fp32") -> Artifact:
+    """The artifact `model` would make, with its manifest and without its model bytes: what a runner
+    would read of it (its packed interface), before anything is written."""
+    manifest = build_manifest(model, source_sha256="", model_sha256="", precision=precision, pipeline=[])
+    return Artifact(Path("<converted model>"), manifest, b"")
+
+
+def load_model_or_artifact(path: str | os.PathLike) -> Artifact | onnx.ModelProto:
+    """`path` read as an artifact when it is one (a zip archive), else as an ONNX model; either way
+    a bad file raises a one-line `PoprtError`. The one reader of "a model or an artifact"."""
+    path = Path(path)
+    if not path.is_file():
+        raise PoprtError(f"'{path}' does not exist or is not a file")
+    return load_artifact(path) if zipfile.is_zipfile(path) else ir.load_model(path)
+
+
 def in_memory(path: str | os.PathLike, model: onnx.ModelProto, manifest_fields: dict[str, Any]) -> Artifact:
     """The artifact `write_artifact` would write, without writing it (`path` names its source)."""
     model_bytes = model.SerializeToString()
@@ -176,33 +191,15 @@ def in_memory(path: str | os.PathLike, model: onnx.ModelProto, manifest_fields: 
     return Artifact(Path(path), manifest, model_bytes)
 
 
-def check_servable(described: onnx.ModelProto, precision: str, source: str | os.PathLike | None = None) -> None:
-    """Refuse a packed model that the packed runners would refuse, before anything is written: the
-    postconditions of packing with their fixes (`passes.packing.check_servable`; a node the passes
-    folded away is looked up in the `source` file), then the runners' own reading of the manifest the
-    model would get. `described`: the model with every tensor described (weights not needed)."""
-    if vocab.pack_spec_of(ir.get_metadata(described)) is None:
-        return
-    from poprt_lite.passes.packing import check_servable as postconditions  # the passes import late: no cycle
-    from poprt_lite.runtime.interface import read_packed_interface  # the runtime reads artifacts
-
-    postconditions(described, source)
-    manifest = build_manifest(described, source_sha256="", model_sha256="", precision=precision, pipeline=[])
-    try:
-        read_packed_interface(Artifact(Path("<converted model>"), manifest, b""))
-    except PoprtError as exc:
-        raise PoprtError(f"the converted model could not be served by a packed runner: {exc}") from exc
-
-
 def write_artifact(path: str | os.PathLike, model: onnx.ModelProto | ir.Model, manifest_fields: dict[str, Any]) -> Path:
     """Write the artifact atomically, each weight streamed into it; `manifest_fields` are passed
-    to `build_manifest`. A model over protobuf's 2 GB limit keeps its weights in WEIGHTS_MEMBER."""
+    to `build_manifest`. A model over protobuf's 2 GB limit keeps its weights in WEIGHTS_MEMBER.
+    Nothing is checked beyond the format: the compiler's `export_artifact` checks servability first."""
     path = Path(path)
     working = model if isinstance(model, ir.Model) else ir.Model.from_proto(model)
     proto, apart = working.layout()
     single = wire.model_size(proto, apart) <= ir.PROTOBUF_LIMIT
     described = ir.external_form(proto, apart, WEIGHTS_MEMBER)  # every initializer's name, type and shape
-    check_servable(described, manifest_fields.get(MetaKey.precision.value, "fp32"))
 
     def write(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:

@@ -65,19 +65,24 @@ class Pass:
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    # PopRT's pass API (compat/poprt_api.py): a subclass may implement `run(onnx_model)` or
-    # `__call__(model)` on an onnx.ModelProto instead, and any pass can be called on a ModelProto.
+    # Any pass can be called on a ModelProto; a pass kind registered with `registry.add_kind` (PopRT's
+    # model-level passes, compat/poprt_api.py) may run such a call its own way.
     def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """Run this pass alone on `model`; return the resulting model."""
-        from poprt_lite.compat import poprt_api
+        from poprt_lite.passes import registry  # the registry imports this module
 
-        return poprt_api.call(self, model)
+        return registry.call_alone(self, model)
 
     def traverse_graph(self, graph: onnx.GraphProto, transform: Any, is_main_graph: bool = True) -> onnx.GraphProto:
-        """Apply `transform(graph, is_main_graph)` to `graph` and its subgraphs (PopRT's helper)."""
-        from poprt_lite.compat import poprt_api
-
-        return poprt_api.traverse_graph(graph, transform, is_main_graph)
+        """Apply `transform(graph, is_main_graph)` to `graph` and, first, to every subgraph of its nodes
+        (If branches, Loop and Scan bodies): PopRT's helper for passes that edit a GraphProto."""
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    attribute.g.CopyFrom(self.traverse_graph(attribute.g, transform, False))
+                for sub in attribute.graphs:
+                    sub.CopyFrom(self.traverse_graph(sub, transform, False))
+        return transform(graph, is_main_graph)
 
     @classmethod
     def option_names(cls) -> list[str]:

@@ -1,22 +1,17 @@
-"""What the packing passes share (not a pass itself): options, preconditions, the metadata record,
-and the postconditions of a packed model (`check_servable`).
+"""What the packing passes share (not a pass itself): options, preconditions and the metadata record.
 
 Graph matching lives in `patterns/`; this module reads and writes the pass metadata that tells a
-runtime how the packed model is driven (pack spec, input roles, output layouts). `check_servable`
-refuses, at compile time, a packed model that no runner could serve (dynamic shapes where the mode
-needs static ones, a segment_max_size that no batch holds, an output no runner can split per
-request), naming what is wrong and the option that fixes it.
+runtime how the packed model is driven (pack spec, input roles, output layouts). Whether the packed
+model a whole pipeline made can be served is the compiler's check (compiler/servable.py).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-import onnx
 import onnx_graphsurgeon as gs
 
-from poprt_lite import ir, vocab
+from poprt_lite import vocab
 from poprt_lite.errors import PoprtError, option
 from poprt_lite.passes.base import PassContext
 from poprt_lite.patterns.attention import AttentionBlock, find_attention_blocks
@@ -67,7 +62,7 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
         )
     seq = (inputs[options.input_name].shape or [None, None])[1:2]
     if one_row and seq and isinstance(seq[0], int) and 0 < seq[0] < options.segment_max_size:
-        raise PoprtError(_row_too_short(options.segment_max_size, options.input_name, inputs[options.input_name].shape, options.mode or modes.of_pass(pass_name).name))
+        raise PoprtError(row_too_short(options.segment_max_size, options.input_name, inputs[options.input_name].shape, options.mode or modes.of_pass(pass_name).name))
     blocks = find_attention_blocks(graph, [options.attention_mask_name], [options.input_name])
     if not blocks:
         raise PoprtError("no attention blocks found (MatMul -> Softmax -> MatMul); packing needs a transformer encoder")
@@ -99,74 +94,7 @@ def record(ctx: PassContext, mode: str, options: PackOptions, layouts: dict[str,
         vocab.set_layout(ctx.metadata, name, layout)
 
 
-def check_servable(model: onnx.ModelProto, source: str | os.PathLike | None = None) -> None:
-    """Refuse a packed model that no runner can serve (see the module docstring); a model that is not
-    packed passes. Raises PoprtError naming the input, output or node and the option that fixes it
-    (the node is looked up in the `source` model file when the passes folded it away)."""
-    meta = ir.get_metadata(model)
-    spec = vocab.pack_spec_of(meta)
-    if spec is None:
-        return
-    shapes = {
-        value.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value.type.tensor_type.shape.dim]
-        for value in model.graph.input
-    }
-    dynamic = [name for name in shapes if vocab.role_of(meta, name) is Role.dynamic_input]
-    mode = modes.get(spec.mode)
-    if mode.static and dynamic:  # batches of a fixed [batch, seq_len]
-        name, dims = dynamic[0], shapes[dynamic[0]]
-        bound = vocab.int_of(meta, MetaKey.rows)  # --dynamic_rows: a dynamic row dim, at most this many
-        if bound and len(dims) == 2 and not isinstance(dims[0], int) and isinstance(dims[1], int):
-            dims = [bound, dims[1]]
-        if len(dims) != 2 or not all(isinstance(d, int) and d > 0 for d in dims):
-            raise PoprtError(
-                f"a packed model needs static shapes, but input '{name}' has shape [{', '.join(map(str, dims))}]: "
-                f"give input_shape {name}=B,S (the batch's rows and their length, e.g. {name}=16,256)"
-            )
-        rows, seq = dims
-        if mode.one_row and spec.segment_max_size > seq:
-            raise PoprtError(_row_too_short(spec.segment_max_size, name, dims, mode.name))
-        if mode.layout.across_rows and spec.segment_max_size > rows * seq:
-            raise PoprtError(
-                f"segment_max_size={spec.segment_max_size} is more than the {rows * seq} tokens of a batch of "
-                f"input '{name}' [{rows}, {seq}]; use pack_args segment_max_size<={rows * seq} or a larger input_shape"
-            )
-    tokens = shapes[dynamic[0]] if dynamic and mode.static else None
-    for output in model.graph.output:
-        layout = vocab.layout_of(meta, output.name)
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in output.type.tensor_type.shape.dim]
-        known = output.type.tensor_type.HasField("shape")
-        if layout is Layout.global_:
-            why = "holds neither per-token nor per-request values of a packed batch"
-        elif layout is Layout.packed and tokens is not None and known and not _leads_with(dims, tokens):
-            why = f"has shape [{', '.join(map(str, dims))}], not one value per token of the packed batch [{', '.join(map(str, tokens))}, ...]"
-        else:
-            continue
-        raise PoprtError(
-            f"output '{output.name}'{_produced_by(output.name, model, source)} {why}, so no runner can split it per "
-            f"request; remove it from the packed model (remove_outputs {output.name})"
-        )
-
-
-def _produced_by(name: str, model: onnx.ModelProto, source: str | os.PathLike | None) -> str:
-    """` (produced by node 'n' (Op))` for messages: the node in `model`, else in the source file
-    (read without its weights, only when needed), else nothing."""
-    graphs = [lambda: model]
-    if source is not None:
-        graphs.append(lambda: onnx.load(str(source), load_external_data=False))
-    for graph in graphs:
-        node = next((n for n in graph().graph.node if name in n.output), None)
-        if node is not None:
-            return f" (produced by node '{node.name}' ({node.op_type}))"
-    return ""
-
-
-def _leads_with(dims: list, lead: list) -> bool:
-    """`dims` starts with `lead`, where a symbolic dim (not inferred) may be anything."""
-    return len(dims) >= len(lead) and all(not isinstance(d, int) or d == want for d, want in zip(dims, lead))
-
-
-def _row_too_short(segment_max_size: int, name: str, dims: list, mode: str) -> str:
+def row_too_short(segment_max_size: int, name: str, dims: list, mode: str) -> str:
     seq = dims[1]
     return (
         f"segment_max_size={segment_max_size} does not fit a row of input '{name}' [{', '.join(map(str, dims))}]: in "

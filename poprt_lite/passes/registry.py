@@ -1,10 +1,13 @@
 """The pass registry: built-in passes and plugins, by name.
 
-Plugins are Python modules that register passes with `@register_pass` (or PopRT's `@register`,
-for passes written against PopRT's API: see poprt_api). A PopRT pass name finds the poprt-lite pass
-doing its job (poprt_names). Plugins are found through the entry-point group `poprt_lite.passes`
-of any installed distribution, or given explicitly as a file path or module name (`--plugin`,
-`--custom_pass_config`).
+Plugins are Python modules that register passes with `@register_pass` (or PopRT's name for it,
+`@register`). Plugins are found through the entry-point group `poprt_lite.passes` of any installed
+distribution, or given explicitly as a file path or module name (`--plugin`, `--custom_pass_config`).
+
+Two extension points let a layer above teach the registry another pass API without the registry
+knowing it: `add_alias` (other names of passes: PopRT's, compat/poprt_names.py) and `add_kind`
+(classes written against another pass API, adapted to passes: PopRT's model-level passes,
+compat/poprt_api.py).
 """
 
 from __future__ import annotations
@@ -15,18 +18,31 @@ import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import onnx
 import onnx_graphsurgeon as gs
 
 from poprt_lite.errors import PoprtError, one_line, option
-from poprt_lite.compat import poprt_api
 from poprt_lite.passes.base import Pass, PassContext, PassResult
-from poprt_lite.compat.poprt_names import canonical_name
+from poprt_lite.passes.manager import PassManager
 
 ENTRY_POINT_GROUP = "poprt_lite.passes"
 
+
+class PassKind(Protocol):
+    """Pass classes written against another API (`add_kind`)."""
+
+    def adapt(self, obj: Any) -> type[Pass] | None:
+        """The pass class the registry stores for `obj`, or None when `obj` is not of this kind."""
+
+    def call(self, instance: Pass, model: onnx.ModelProto) -> onnx.ModelProto | None:
+        """`instance(model)` run this kind's way, or None when `instance` is not of this kind."""
+
+
 _REGISTRY: dict[str, type[Pass]] = {}
+_ALIASES: dict[str, str] = {}  # another name of a pass -> its registered name
+_KINDS: list[PassKind] = []
 _loaded_entry_points = False
 _registered_by_import: list[str] | None = None  # names registered while load_plugin imports a module
 
@@ -39,8 +55,9 @@ def register_pass(name: str, description: str | None = None) -> Callable[[Any], 
 
     def decorate(obj: Any) -> Any:
         doc = description if description is not None else ((obj.__doc__ or "").strip().splitlines() or [""])[0]
-        if poprt_api.is_model_level(obj):
-            cls = poprt_api.adapt(obj)
+        adapted = next((cls for cls in (kind.adapt(obj) for kind in _KINDS) if cls is not None), None)
+        if adapted is not None:
+            cls = adapted
             obj.name, obj.description = name, doc.strip()
         elif isinstance(obj, type) and issubclass(obj, Pass):
             cls = obj
@@ -69,6 +86,31 @@ class _FunctionPass(Pass):
 
 
 register = register_pass  # PopRT's name: `from poprt.passes import register` ports as `from poprt_lite.passes import register`
+
+
+def add_alias(alias: str, name: str) -> None:
+    """Let `alias` name the pass registered as `name` (in `get_pass`, pipelines and pass options)."""
+    _ALIASES[alias] = name
+
+
+def canonical_name(name: str) -> str:
+    """The registered name of a pass given by that name or an alias."""
+    return _ALIASES.get(name, name)
+
+
+def add_kind(kind: PassKind) -> None:
+    """Adapt pass classes written against another API when they are registered or called."""
+    _KINDS.append(kind)
+
+
+def call_alone(instance: Pass, model: onnx.ModelProto) -> onnx.ModelProto:
+    """`Pass.__call__`: run one pass alone on a ModelProto (in a PassManager, unless its kind runs it)."""
+    for kind in _KINDS:
+        result = kind.call(instance, model)
+        if result is not None:
+            return result
+    result, _ = PassManager([instance]).run(model)
+    return result
 
 
 def get_pass(name: str) -> type[Pass]:

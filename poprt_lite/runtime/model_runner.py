@@ -23,6 +23,7 @@ from poprt_lite.runtime import offline
 from poprt_lite.runtime.interface import PackedInterface, read_packed_interface
 from poprt_lite.runtime.packing import PackAlgorithm
 from poprt_lite.runtime.requests import cast_ids
+from poprt_lite.runtime.session import artifact_session
 from poprt_lite.vocab import ID_ROLES, MetaKey, Role
 
 
@@ -35,7 +36,7 @@ class ModelRunner:
         self.manifest = self.artifact.manifest
         packed = vocab.manifest_pack_spec(self.manifest) is not None
         self.interface: PackedInterface | None = read_packed_interface(self.artifact) if packed else None
-        self.session = self.artifact.session(threads, spinning=spinning)
+        self.session = artifact_session(self.artifact, threads, spinning=spinning)
         self.inputs = {spec["name"]: spec for spec in self.manifest["inputs"]}
         self.outputs = {spec["name"]: spec for spec in self.manifest["outputs"]}
 

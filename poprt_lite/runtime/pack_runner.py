@@ -41,6 +41,7 @@ from poprt_lite.runtime.interface import read_packed_interface
 from poprt_lite.runtime.layouts import Placement
 from poprt_lite.runtime.packing import OnlinePacker
 from poprt_lite.runtime.requests import RequestChecker, build_feeds, split_outputs
+from poprt_lite.runtime.session import artifact_session
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class PackRunner:
             # onnxruntime's worker threads spin after each run by default, taking the cores from the
             # client threads and the serving thread between batches (measured up to 2x slower on
             # 2 cores); a PackRunner runs its session without spinning unless asked.
-            self.session = self.artifact.session(threads, spinning=spinning)
+            self.session = artifact_session(self.artifact, threads, spinning=spinning)
         except Exception as exc:
             raise PoprtError(f"onnxruntime cannot load artifact '{self.artifact.path}': {one_line(exc)}") from exc
         across_rows = self._layout.across_rows

@@ -31,6 +31,8 @@ from typing import Union
 import onnx
 import onnxruntime as ort
 
+from poprt_lite.ir.artifact import WEIGHTS_MEMBER, Artifact
+
 # onnxruntime graph transformers poprt-lite never wants (see the module docstring).
 DISABLED_OPTIMIZERS: tuple[str, ...] = ("MatMulAddFusion", "SkipLayerNormFusion")
 PROVIDERS = ["CPUExecutionProvider"]
@@ -74,3 +76,12 @@ def create_session(
     if options is None:
         options = session_options(threads, spinning=spinning, level=level)
     return ort.InferenceSession(model, options, providers=PROVIDERS, disabled_optimizers=list(disabled_optimizers))
+
+
+def artifact_session(artifact: Artifact, threads: int = 0, *, spinning: bool = True) -> ort.InferenceSession:
+    """A session of `artifact`'s model, given its weights from the artifact's mapping (a model over
+    protobuf's 2 GB limit keeps them in the weights member)."""
+    options = session_options(threads, spinning=spinning)
+    if artifact.weights is not None:
+        options.add_external_initializers_from_files_in_memory([WEIGHTS_MEMBER], [artifact.weights], [artifact.weights.nbytes])
+    return create_session(artifact.model_bytes, options=options)

@@ -13,14 +13,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from poprt_lite.ir import METADATA_PREFIX
-from poprt_lite.tools import load_model_or_artifact
+from poprt_lite.ir.artifact import Artifact, load_model_or_artifact
 from poprt_lite.tools.diff.model import dtype_name, op_name
 from poprt_lite.vocab import MetaKey
 
 
 def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
     loaded = load_model_or_artifact(path)
-    return summarize(loaded.model, loaded.manifest, str(path))
+    if isinstance(loaded, Artifact):
+        return summarize(loaded.model(), loaded.manifest, str(path))
+    return summarize(loaded, None, str(path))
 
 
 def summarize(model: onnx.ModelProto, manifest: dict[str, Any] | None = None, path: str = "") -> dict[str, Any]:

@@ -279,7 +279,7 @@ def test_case5_online_outputs_are_allocated_and_returned(roberta, outputs):
 def test_case3_a_per_token_output_without_the_batchs_token_dims_is_refused(tmp_path):
     """The safety net behind the passes' layouts: an output recorded as packed must be [B, S, ...]."""
     from poprt_lite import ir, vocab
-    from poprt_lite.passes.packing import check_servable
+    from poprt_lite.compiler.servable import check_servable
 
     source = model_with_a_shape_output(tmp_path)
     options = poprt_lite.CompileOptions(input_shape={"input_ids": (4, 64)}, pack_args={"max_valid_num": "8", "segment_max_size": "64"})
