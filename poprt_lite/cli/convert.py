@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Optional
 
 import typer
@@ -41,16 +43,8 @@ def convert(
         Optional[Path], typer.Option("--output_dir", help="Folder for the converted model, the artifact and dumps.")
     ] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16.")] = "fp32",
-    input_shape: Annotated[Multi, typer.Option("--input_shape", help="NAME=D0,D1 ... (several after one flag).")] = None,
-    pack_args: Annotated[
-        Multi,
-        typer.Option(
-            "--pack_args",
-            help="max_valid_num=N segment_max_size=L [mode=M] [max_tokens=T] [dynamic_groups=[[input_ids,]]]; "
-            "M: unpack_repack, attention_mask or token_stream (which takes max_tokens=T, a batch's most tokens, "
-            "and no --input_shape). AttentionMask mode derives both numbers from --input_shape.",
-        ),
-    ] = None,
+    input_shape: options.InputShapeOption = None,
+    pack_args: options.PackArgsOption = None,
     export_position_ids: Annotated[
         bool, typer.Option("--export_position_ids", help="Make position_ids a model input (implied by packing).")
     ] = False,
@@ -108,76 +102,106 @@ def convert(
     args = {name: value for name, value in locals().items() if name != "ctx"}
     if config_yaml is not None:
         args = yaml_config.merge(ctx, args, config_yaml)
-    _convert(**args)
+    _convert(SimpleNamespace(**args))
 
 
-def _convert(
-    *, input_model, output_model, output_dir, precision, input_shape, pack_args, export_position_ids, passes_,
-    skip_passes, pipeline, pass_option, list_all_passes, list_all_ops, plugin, custom_pass_config, dump_after,
-    export_popef, check, check_atol, run, fp16_io, fp16_skip_op_types, remove_outputs, checkpoints, max_tensor_size, dynamic_rows, framework, logging_level,
-    show, show_io_stat, version, config_yaml,
-) -> None:
-    if logging_level is not None:
-        if logging_level.upper() not in LOGGING_LEVELS:
-            raise PoprtError(f"--logging_level must be one of {', '.join(LOGGING_LEVELS)}, got '{logging_level}'")
-        logging.getLogger(options.LOGGER).setLevel(logging_level.upper())
-    if version:
+def _convert(flags: SimpleNamespace) -> None:
+    """The command's steps; `flags`: every flag by its parameter name, --config_yaml's merged in."""
+    _set_logging_level(flags.logging_level)
+    if _answered_without_converting(flags):
+        return
+    compile_options = _compile_options(flags)
+    result = _compile(flags, compile_options)
+    if flags.check or flags.run or flags.check_atol is not None:
+        _check_or_remove(flags.input_model, result.compiled, flags.check_atol, result.fresh_dir)
+    _report(result.compiled, result.console)
+
+
+def _set_logging_level(level: str | None) -> None:
+    if level is not None:
+        if level.upper() not in LOGGING_LEVELS:
+            raise PoprtError(f"--logging_level must be one of {', '.join(LOGGING_LEVELS)}, got '{level}'")
+        logging.getLogger(options.LOGGER).setLevel(level.upper())
+
+
+def _answered_without_converting(flags: SimpleNamespace) -> bool:
+    """--version, the listings and --show answer without converting; PopRT's flags poprt-lite cannot
+    honour, and a missing --input_model, stop the command. Plugins load first (a listing shows them)."""
+    if flags.version:
         print(f"poprt-lite {__version__}")
-        return
-    if framework != "onnx":
-        raise PoprtError(f"--framework {framework} is not supported: poprt-lite reads ONNX models; convert yours with tf2onnx or torch.onnx first")
-    if precision in ("fp8", "fp8_weight"):
-        raise PoprtError(f"--precision {precision} is not supported: {poprt_flags.FP8}")
-    options.load_plugins(plugin)
-    options.load_plugins(_names(custom_pass_config))
-    if list_all_passes or list_all_ops:
-        if list_all_passes:
+        return True
+    if flags.framework != "onnx":
+        raise PoprtError(f"--framework {flags.framework} is not supported: poprt-lite reads ONNX models; convert yours with tf2onnx or torch.onnx first")
+    if flags.precision in ("fp8", "fp8_weight"):
+        raise PoprtError(f"--precision {flags.precision} is not supported: {poprt_flags.FP8}")
+    options.load_plugins(flags.plugin)
+    options.load_plugins(_names(flags.custom_pass_config))
+    if flags.list_all_passes or flags.list_all_ops:
+        if flags.list_all_passes:
             listing.passes_command()
-        if list_all_ops:
+        if flags.list_all_ops:
             listing.ops_command()
-        return
-    if input_model is None:
+        return True
+    if flags.input_model is None:
         raise PoprtError("--input_model is required (or --list_all_passes / --list_all_ops)")
-    if show or show_io_stat:
-        print_inspection(inspect_path(input_model))
-        return
-    if export_popef and output_dir is None:
+    if flags.show or flags.show_io_stat:
+        print_inspection(inspect_path(flags.input_model))
+        return True
+    if flags.export_popef and flags.output_dir is None:
         raise PoprtError("--export_popef writes <output_dir>/executable.popef; give --output_dir")
-    if output_model is not None and output_dir is not None:
-        output_model = output_dir / output_model  # PopRT: the name is placed in --output_dir (an absolute path stays)
+    return False
+
+
+def _compile_options(flags: SimpleNamespace) -> compiler.CompileOptions:
     compile_options = compiler.CompileOptions(
-        precision=precision,
-        input_shape=compiler.parse_input_shapes(input_shape or []),
-        pack_args=compiler.parse_key_values(pack_args or [], "--pack_args"),
-        export_position_ids=export_position_ids,
-        passes=_names(passes_),
-        skip_passes=_names(skip_passes),
-        pipeline=_names(pipeline) if pipeline else None,
-        pass_options=_pass_options(pass_option or []),
-        fp16_io=fp16_io,
-        fp16_skip_op_types=_names(fp16_skip_op_types),
-        dump_after=dump_after or [],
-        remove_outputs=_names(remove_outputs),
-        checkpoints=_names(checkpoints),
-        max_tensor_size=max_tensor_size,
-        dynamic_rows=dynamic_rows,
+        precision=flags.precision,
+        input_shape=options.input_shapes_of(flags.input_shape),
+        pack_args=options.pack_args_of(flags.pack_args),
+        export_position_ids=flags.export_position_ids,
+        passes=_names(flags.passes_),
+        skip_passes=_names(flags.skip_passes),
+        pipeline=_names(flags.pipeline) if flags.pipeline else None,
+        pass_options=_pass_options(flags.pass_option or []),
+        fp16_io=flags.fp16_io,
+        fp16_skip_op_types=_names(flags.fp16_skip_op_types),
+        dump_after=flags.dump_after or [],
+        remove_outputs=_names(flags.remove_outputs),
+        checkpoints=_names(flags.checkpoints),
+        max_tensor_size=flags.max_tensor_size,
+        dynamic_rows=flags.dynamic_rows,
     )
     for configured in compiler.build_pipeline(compile_options):
         log.info("pass %s: %s", configured.name, _options_text(configured))
+    return compile_options
+
+
+@dataclass
+class _Converted:
+    compiled: compiler.CompileResult
+    console: Console
+    fresh_dir: Path | None  # --output_dir, if this run made it (removed again when --check fails)
+
+
+def _compile(flags: SimpleNamespace, compile_options: compiler.CompileOptions) -> _Converted:
+    output_model, output_dir = flags.output_model, flags.output_dir
+    if output_model is not None and output_dir is not None:
+        output_model = output_dir / output_model  # PopRT: the name is placed in --output_dir (an absolute path stays)
     quiet = options.current().quiet
     console = Console(quiet=quiet, highlight=False)
-    table = Table("pass", "changed", "time (ms)", "details", title="pipeline", title_justify="left")
     fresh_dir = output_dir if output_dir is not None and not output_dir.exists() else None
     with console.status("converting...") if not quiet and console.is_terminal else contextlib.nullcontext():
         result = compiler.compile(
-            input_model,
+            flags.input_model,
             output_model,
             output_dir=output_dir,
-            export_popef=export_popef,
+            export_popef=flags.export_popef,
             options=compile_options,
         )
-    if check or run or check_atol is not None:
-        _check_or_remove(input_model, result, check_atol, fresh_dir)
+    return _Converted(result, console, fresh_dir)
+
+
+def _report(result: compiler.CompileResult, console: Console) -> None:
+    table = Table("pass", "changed", "time (ms)", "details", title="pipeline", title_justify="left")
     for record in result.records:
         table.add_row(record.name, "yes" if record.changed else "no", f"{record.seconds * 1000:.1f}", record.message)
     console.print(table)

@@ -1,8 +1,9 @@
 """`poprt-lite embed MODEL --input lines.txt --output vectors.npy`: one embedding per line.
 
 MODEL is an artifact, a packed .onnx, or an exported sentence-embedding ONNX model (packed in memory
-with --pack_args, token_stream by default); the tokenizer.json is the one beside MODEL unless
---tokenizer names it (`poprt_lite.embed`).
+with --pack_args, by default mode=token_stream max_valid_num=64 max_tokens=4096; a static mode takes
+--input_shape too); the tokenizer.json is the one beside MODEL unless --tokenizer names it
+(`poprt_lite.embed`).
 """
 
 from __future__ import annotations

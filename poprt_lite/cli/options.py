@@ -4,8 +4,10 @@
 subcommand (`@global_options` adds them to a command), before or after the subcommand's name:
 `poprt-lite -v inspect M.onnx` and `poprt-lite inspect M.onnx -v` mean the same. Their values are
 applied while the command line is parsed, into the `Settings` object `main()` passes as the click
-context's `obj`. `PluginOption` is the one `--plugin` declaration, used by `convert` and `passes`.
-`flag` spells a library option as the CLI's flag, in every message made while a command runs.
+context's `obj`. `PluginOption` is the one `--plugin` declaration, used by `convert` and `passes`;
+`PackArgsOption` and `InputShapeOption` the one `--pack_args` and `--input_shape`, used by `convert`,
+`embed` and `serve` (and read by `pack_args_of`, `input_shapes_of`, `packing`). `flag` spells a
+library option as the CLI's flag, in every message made while a command runs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from poprt_lite import passes
+from poprt_lite import compiler, passes
+from poprt_lite.runtime import modes
 
 LOGGER = "poprt_lite"
 log = logging.getLogger(__name__)
@@ -124,25 +127,43 @@ def load_plugins(specs: Sequence[str] | None) -> None:
         log.info("plugin %s registered %s", spec, ", ".join(names) if names else "no pass")
 
 
-# Options of the commands that take a model as it comes (embed, serve): declared once here.
+# Options of several commands (--pack_args, --input_shape: convert, embed, serve; the others: the
+# commands that take a model as it comes, embed and serve): declared once here.
 TokenizerOption = Annotated[
     Optional[Path], typer.Option("--tokenizer", help="tokenizer.json, or its folder (default: beside MODEL).")
 ]
 PackArgsOption = Annotated[
     Optional[list[str]],
-    typer.Option("--pack_args", help="For an unpacked MODEL: KEY=VALUE ... as convert's (default mode=token_stream max_valid_num=64 max_tokens=4096)."),
+    typer.Option(
+        "--pack_args",
+        help="max_valid_num=N segment_max_size=L [mode=M] [max_tokens=T] [dynamic_groups=[[input_ids,]]]; "
+        f"M: {', '.join(modes.names()[:-1])} or {modes.names()[-1]} (which takes max_tokens=T, a batch's most tokens, "
+        "and no --input_shape). AttentionMask mode derives both numbers from --input_shape. embed and serve pack an "
+        "unpacked MODEL with them (default mode=token_stream max_valid_num=64 max_tokens=4096).",
+    ),
 ]
-InputShapeOption = Annotated[Optional[list[str]], typer.Option("--input_shape", help="For an unpacked MODEL in a static mode: NAME=D0,D1 ...")]
+InputShapeOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--input_shape", help="NAME=D0,D1 ... (several after one flag; embed and serve: for an unpacked MODEL in a static mode)."),
+]
 OutputNameOption = Annotated[Optional[str], typer.Option("--output_name", help="The pooled output, if the model has several.")]
 MaxLengthOption = Annotated[Optional[int], typer.Option("--max_length", help="Truncate sentences at this many tokens.")]
 ThreadsOption = Annotated[int, typer.Option("--threads", help="Onnxruntime intra-op threads (0: one per core).")]
 
 
+def pack_args_of(items: Sequence[str] | None) -> dict[str, str]:
+    """`--pack_args` as the library takes it."""
+    return compiler.parse_key_values(items or [], "--pack_args")
+
+
+def input_shapes_of(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    """`--input_shape` as the library takes it."""
+    return compiler.parse_input_shapes(items or [])
+
+
 def packing(pack_args: Sequence[str] | None, input_shape: Sequence[str] | None) -> dict[str, Any]:
     """`--pack_args` / `--input_shape` as `open_artifact` takes them (None where not given)."""
-    from poprt_lite import compiler
-
     return {
-        "pack_args": compiler.parse_key_values(pack_args, "--pack_args") if pack_args else None,
-        "input_shape": compiler.parse_input_shapes(input_shape) if input_shape else None,
+        "pack_args": pack_args_of(pack_args) if pack_args else None,
+        "input_shape": input_shapes_of(input_shape) if input_shape else None,
     }
