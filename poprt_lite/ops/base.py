@@ -59,6 +59,16 @@ ROW_LENGTH_BODY = """
         compiled = Constant <value_int: int = @segment_max_size> ()
     }>"""
 
+# The token grid of [N, size] request rows in a function body: `token` [N, size] is the flat token
+# slot of row i's j-th position (starts[i] + j) and `real` whether j is one of request i's tokens.
+# Needs `zero`, `one`, `ax1`, `lengths`, `starts` and `size` in scope.
+TOKEN_GRID_BODY = """
+    position = Range (zero, size, one)
+    length = Unsqueeze (lengths, ax1)
+    real = Less (position, length)
+    start = Unsqueeze (starts, ax1)
+    token = Add (start, position)"""
+
 
 def row_length(unpack_info: np.ndarray, segment_max_size: int, dynamic: int) -> int:
     """L of the rows Unpack and PaddingMask make (see ROW_LENGTH_BODY)."""

@@ -4,6 +4,7 @@ import numpy as np
 
 from poprt_lite.errors import PoprtError
 from poprt_lite.ops.base import (
+    TOKEN_GRID_BODY,
     CustomOp,
     ReferenceKernel,
     TensorSpec,
@@ -26,7 +27,8 @@ request are zero.
 # tokens inverts Unpack's map (padding slots go to distinct spare cells past `total`, so no index
 # repeats). The gathered tokens are followed by zeros up to B*S (made from an empty slice padded
 # with zeros, as CastLike needs opset 15).
-BODY = """
+BODY = (
+    """
 Repack (y, unpack_info, packed_shape) => (out) {
     zero = Constant <value_int: int = 0> ()
     one = Constant <value_int: int = 1> ()
@@ -37,12 +39,9 @@ Repack (y, unpack_info, packed_shape) => (out) {
     starts = CumSum <exclusive = 1> (lengths, zero)
     total = ReduceSum <keepdims = 0> (lengths)
     y_shape = Shape (y)
-    size = Gather (y_shape, one)
-    position = Range (zero, size, one)
-    length = Unsqueeze (lengths, ax1)
-    real = Less (position, length)
-    start = Unsqueeze (starts, ax1)
-    token = Add (start, position)
+    size = Gather (y_shape, one)"""
+    + TOKEN_GRID_BODY
+    + """
     grid_shape = Shape (real)
     num_rows = ReduceProd <keepdims = 0> (grid_shape)
     row = Range (zero, num_rows, one)
@@ -76,6 +75,7 @@ Repack (y, unpack_info, packed_shape) => (out) {
     out = Reshape (packed, out_shape)
 }
 """
+)
 
 
 class Repack(ReferenceKernel):

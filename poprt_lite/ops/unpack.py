@@ -6,6 +6,7 @@ from poprt_lite.errors import PoprtError
 from poprt_lite.ops.base import (
     DYNAMIC_ROWS_DOC,
     ROW_LENGTH_BODY,
+    TOKEN_GRID_BODY,
     ROW_SIZES,
     AttrSpec,
     CustomOp,
@@ -50,12 +51,8 @@ Unpack <max_valid_num, segment_max_size, dynamic: int = 0> (x, unpack_info) => (
     lengths = Reshape (info, flat)
     starts = CumSum <exclusive = 1> (lengths, zero)"""
     + ROW_LENGTH_BODY
+    + TOKEN_GRID_BODY
     + """
-    position = Range (zero, size, one)
-    length = Unsqueeze (lengths, ax1)
-    real = Less (position, length)
-    start = Unsqueeze (starts, ax1)
-    token = Add (start, position)
     x_shape = Shape (x)
     two = Constant <value_ints: ints = [2]> ()
     end = Constant <value_ints: ints = [9223372036854775807]> ()

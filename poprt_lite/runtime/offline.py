@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from poprt_lite.errors import PoprtError
 from poprt_lite.runtime.layouts import BatchLayout, Placement
@@ -209,6 +207,10 @@ def _progress_bar(enabled: bool, total: int | None) -> Iterator[Callable[[int], 
     if not enabled:
         yield lambda n: None
         return
+    # rich only where a bar is asked for: the runtime's serving paths never load it
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     columns = (TextColumn("requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("requests", total=total)
