@@ -46,7 +46,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import poprt_lite
+from poprt_lite import __version__
 from poprt_lite.apps.serve import schemas
 from poprt_lite.apps.serve.engine import Call, Engine, Head, Truncation
 from poprt_lite.apps.serve.metrics import Metrics
@@ -259,7 +259,7 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
         yield
         front.pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="poprt-lite", version=poprt_lite.__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="poprt-lite", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.front = front
 
     @app.exception_handler(StarletteHTTPException)
@@ -409,7 +409,7 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
             "max_client_batch_size": limits.max_client_batch_size,
             "auto_truncate": limits.auto_truncate,
             "tokenization_workers": front.pool._max_workers,
-            "version": poprt_lite.__version__,
+            "version": __version__,
         })
         return Response(orjson.dumps(data), media_type="application/json")
 

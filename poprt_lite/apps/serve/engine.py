@@ -323,14 +323,14 @@ _ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(floa
 
 
 def _is_unpacked(model: str | os.PathLike) -> bool:
-    import zipfile
-
     from poprt_lite import ir, vocab
+    from poprt_lite.ir.artifact import Artifact, load_model_or_artifact
 
     path = Path(model)
     if not path.is_file():
         raise PoprtError(f"model '{path}' does not exist; pass an artifact or an .onnx file")
-    return not zipfile.is_zipfile(path) and vocab.pack_spec_of(ir.get_metadata(ir.load_model(path))) is None
+    loaded = load_model_or_artifact(path)
+    return not isinstance(loaded, Artifact) and vocab.pack_spec_of(ir.get_metadata(loaded)) is None
 
 
 def _classifier_labels(config: Path) -> list[str]:

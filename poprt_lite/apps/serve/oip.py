@@ -19,7 +19,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-import poprt_lite
+from poprt_lite import __version__
 from poprt_lite.apps.serve.engine import Call, Engine
 from poprt_lite.vocab import Layout
 
@@ -47,7 +47,7 @@ def add_routes(app: FastAPI, front: Front) -> None:
 
     @app.get("/v2")
     async def server_metadata() -> Response:
-        return answer(lambda: {"name": "poprt-lite", "version": poprt_lite.__version__, "extensions": ["binary_tensor_data"]})
+        return answer(lambda: {"name": "poprt-lite", "version": __version__, "extensions": ["binary_tensor_data"]})
 
     @app.get("/v2/health/live")
     async def live() -> Response:
