@@ -486,6 +486,37 @@ def export_sentence_models() -> list:
     variants = PoolingVariants(build_bert_model()).eval()
     outputs = PoolingVariants.OUTPUTS
     export(variants, "pooling_variants.onnx", outputs, tuple(outputs[1:]), unmasked=("mean_unmasked",))
+    return results + export_pooling_mode_models()
+
+
+# sentence-transformers' pooling modes beyond mean / max / cls, one model each (TorchScript), and all
+# of them concatenated in one (dynamo; mean and mean_sqrt_len_tokens share their masked sum there)
+POOLING_MODE_MODELS = {
+    "st_mean_sqrt_len_torchscript.onnx": ("mean_sqrt_len_tokens", False),
+    "st_weightedmean_torchscript.onnx": ("weightedmean", False),
+    "st_lasttoken_torchscript.onnx": ("lasttoken", False),
+    "st_multi_pool_dynamo.onnx": (("mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"), True),
+}
+
+
+def export_pooling_mode_models() -> list:
+    """`POOLING_MODE_MODELS`: sentence-transformers' `Pooling` in each mode + `Normalize` (regenerate
+    only these with `cd testdata && python -c "import make_models; make_models.export_pooling_mode_models()"`)."""
+    in3 = ["input_ids", "attention_mask", "token_type_ids"]
+    te_se = ["token_embeddings", "sentence_embedding"]
+    ex = make_inputs([8, 5], 8, 0, seed=1, with_types=True)
+    checks = [make_inputs([16, 9], 16, 0, seed=2, with_types=True), make_inputs([7, 3, 11], 11, 0, seed=3, with_types=True)]
+    results = []
+    for name, (mode, dynamo) in POOLING_MODE_MODELS.items():
+        module = SentenceTransformerLike(build_bert_model(), mode, True).eval()
+        path = HERE / name
+        if dynamo:
+            export_dynamo(module, ex, in3, te_se, path)
+        else:
+            axes = {n: {0: "batch", 1: "sequence"} for n in [*in3, "token_embeddings"]}
+            axes["sentence_embedding"] = {0: "batch"}
+            export_torchscript(module, tuple(torch.from_numpy(ex[n]) for n in in3), in3, te_se, axes, path)
+        results.append((path, verify(module, path, in3, te_se, checks, per_request=("sentence_embedding",))))
     return results
 
 

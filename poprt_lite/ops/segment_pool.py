@@ -5,8 +5,8 @@ import numpy as np
 from poprt_lite.errors import PoprtError
 from poprt_lite.ops.base import AttrSpec, CustomOp, ReferenceKernel, TensorSpec, input_dims, tensor_type
 
-MEAN, MAX, FIRST = 0, 1, 2
-MODES = {MEAN: "MEAN", MAX: "MAX", FIRST: "FIRST"}
+MEAN, MAX, FIRST, MEAN_SQRT_LEN, WEIGHTED_MEAN, LAST = range(6)
+MODES = {MEAN: "MEAN", MAX: "MAX", FIRST: "FIRST", MEAN_SQRT_LEN: "MEAN_SQRT_LEN", WEIGHTED_MEAN: "WEIGHTED_MEAN", LAST: "LAST"}
 
 DOC = """Pool each request of packed rows x[B,S,H] into one row, out[N,H] (float32).
 
@@ -15,7 +15,9 @@ segment_ids[B,S] is AttentionMask mode's mask: in each row, the requests' tokens
 padding. Slot order: out[n] is the n-th request in row-major order, i.e. row 0's requests by
 segment id, then row 1's, and so on (the order of the requests' first tokens in the flattened
 B*S stream). Slots past the last request are zero. Attribute mode: 0 (MEAN) the mean of the
-request's tokens, 1 (MAX) their element-wise maximum, 2 (FIRST) its first token; max_valid_num (N).
+request's tokens, 1 (MAX) their element-wise maximum, 2 (FIRST) its first token, 3 (MEAN_SQRT_LEN)
+their sum over the square root of their number, 4 (WEIGHTED_MEAN) their mean weighted by position
+(the request's token i, counted from 1, weighs i), 5 (LAST) its last token; max_valid_num (N).
 The result is computed and returned in float32, the accumulation type sentence-transformers uses
 for half-precision models (Cast it for a float16 graph).
 """
@@ -24,7 +26,7 @@ for half-precision models (Cast it for a float16 graph).
 # row's largest id) plus its id - 1; padding goes to slot N, which is no slot. A one-hot [T,N]
 # comparison gives each slot's first token (ArgMax) and length (ReduceSum). Each request is then
 # gathered as a window of the longest request's length [N,L,H], positions past its length
-# repeating its first token (so they change neither the maximum nor, being weighted 0, the mean).
+# repeating its first token (so they change neither the maximum nor, being weighted 0, the means).
 # Every mode is computed and the attribute picks one: the body has no branches, and the pooling is
 # small next to the encoder. Float constants are Casts of int ones: onnx-graphsurgeon turns a
 # function's value_float Constant into a double tensor when it re-exports the model. TopK(k=1) takes the maximum: ReduceMax's axes moved from attribute to
@@ -38,6 +40,9 @@ SegmentPool <max_valid_num, mode: int = 0> (x, segment_ids) => (out) {
     one_1d = Constant <value_ints: ints = [1]> ()
     two_1d = Constant <value_ints: ints = [2]> ()
     three_1d = Constant <value_ints: ints = [3]> ()
+    three = Constant <value_int: int = 3> ()
+    four = Constant <value_int: int = 4> ()
+    five = Constant <value_int: int = 5> ()
     minus_one = Constant <value_ints: ints = [-1]> ()
     no_slot = Constant <value_int: int = @max_valid_num> ()
     ids = Cast <to = 7> (segment_ids)
@@ -83,13 +88,34 @@ SegmentPool <max_valid_num, mode: int = 0> (x, segment_ids) => (out) {
     one_f = Cast <to = 1> (one)
     divisor = Max (count_f, one_f)
     mean = Div (sums, divisor)
+    divisor_sqrt = Sqrt (divisor)
+    mean_sqrt_len = Div (sums, divisor_sqrt)
+    from_one = Add (position, one)
+    weight_int = Where (valid, from_one, zero)
+    weight_f = Cast <to = 1> (weight_int)
+    weight_sum = ReduceSum <keepdims = 1> (weight_f, one_1d)
+    weight_divisor = Max (weight_sum, one_f)
+    token_weight = Unsqueeze (weight_f, two_1d)
+    weighted_windows = Mul (windows, token_weight)
+    weighted_sums = ReduceSum <keepdims = 0> (weighted_windows, one_1d)
+    weighted_mean = Div (weighted_sums, weight_divisor)
     top, top_index = TopK <axis = 1> (windows, one_1d)
     maxima = Squeeze (top, one_1d)
     firsts = Gather (tokens, start)
+    end = Add (start, count)
+    last_raw = Sub (end, one)
+    last = Max (last_raw, zero)
+    lasts = Gather (tokens, last)
     chosen = Constant <value_int: int = @mode> ()
     is_max = Equal (chosen, one)
     is_first = Equal (chosen, two)
-    not_max = Where (is_first, firsts, mean)
+    is_mean_sqrt_len = Equal (chosen, three)
+    is_weighted_mean = Equal (chosen, four)
+    is_last = Equal (chosen, five)
+    not_last = Where (is_last, lasts, mean)
+    not_weighted_mean = Where (is_weighted_mean, weighted_mean, not_last)
+    not_mean_sqrt_len = Where (is_mean_sqrt_len, mean_sqrt_len, not_weighted_mean)
+    not_max = Where (is_first, firsts, not_mean_sqrt_len)
     picked = Where (is_max, maxima, not_max)
     used = Greater (count_col, zero)
     zero_f = Cast <to = 1> (zero)
@@ -114,9 +140,18 @@ class SegmentPool(ReferenceKernel):
     def compute(x, segment_ids, *, max_valid_num, mode):
         out = np.zeros((max_valid_num, x.shape[2]), np.float32)
         for slot, (row, offsets) in enumerate(slots_of(segment_ids)):
-            tokens = x[row, offsets].astype(np.float32)
-            out[slot] = tokens.mean(0) if mode == MEAN else tokens.max(0) if mode == MAX else tokens[0]
+            out[slot] = POOLINGS[mode](x[row, offsets].astype(np.float32))
         return out
+
+
+POOLINGS = {  # mode -> the pooling of one request's tokens [n, H]
+    MEAN: lambda tokens: tokens.mean(0),
+    MAX: lambda tokens: tokens.max(0),
+    FIRST: lambda tokens: tokens[0],
+    MEAN_SQRT_LEN: lambda tokens: tokens.sum(0) / np.sqrt(len(tokens)),
+    WEIGHTED_MEAN: lambda tokens: np.arange(1, len(tokens) + 1, dtype=np.float32) @ tokens / (len(tokens) * (len(tokens) + 1) / 2),
+    LAST: lambda tokens: tokens[-1],
+}
 
 
 def _check(x, segment_ids, *, max_valid_num, mode):
@@ -157,7 +192,7 @@ OP = CustomOp(
     output=TensorSpec("out", "T2", ("float32",), "one row per request [N,H], float32"),
     attributes=[
         AttrSpec("max_valid_num", "N, the number of request slots", minimum=1),
-        AttrSpec("mode", "0 (MEAN), 1 (MAX) or 2 (FIRST)", default=MEAN, choices=MODES),
+        AttrSpec("mode", ", ".join(f"{k} ({v})" for k, v in MODES.items()), default=MEAN, choices=MODES),
     ],
     reference=SegmentPool,
     infer=_infer,

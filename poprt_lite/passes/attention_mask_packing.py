@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from poprt_lite import ops
 from poprt_lite.errors import PoprtError, option
-from poprt_lite.ops.segment_pool import FIRST, MAX, MEAN
+from poprt_lite.ops.segment_pool import FIRST, LAST, MAX, MEAN, MEAN_SQRT_LEN, WEIGHTED_MEAN
 from poprt_lite.passes import pack_tail
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
@@ -35,7 +35,10 @@ from poprt_lite.runtime import modes
 from poprt_lite.vocab import Layout
 
 MODE = modes.ATTENTION_MASK.name
-SEGMENT_POOL_MODES = {PoolKind.mean: MEAN, PoolKind.max: MAX, PoolKind.first: FIRST}
+SEGMENT_POOL_MODES = {
+    PoolKind.mean: MEAN, PoolKind.max: MAX, PoolKind.first: FIRST,
+    PoolKind.mean_sqrt_len: MEAN_SQRT_LEN, PoolKind.weighted_mean: WEIGHTED_MEAN, PoolKind.last: LAST,
+}
 
 
 @register_pass("attention_mask_packing")

@@ -44,7 +44,7 @@ from poprt_lite.vocab import Layout
 # Ops that act along one axis given by the attribute `axis`, fine on rows unless that is axis 0.
 AXIS_ROW_OPS = {"LayerNormalization": -1, "Softmax": -1, "LogSoftmax": -1, "LpNormalization": -1}
 # Selections along one axis, fine on rows when their parameters are constants and the axis is not 0.
-SELECTIONS = ("Gather", "Slice", "Squeeze", "Unsqueeze", "Split", "Concat", "Transpose", "CumSum", "ArgMax", "ArgMin")
+SELECTIONS = ("Gather", "Slice", "Squeeze", "Unsqueeze", "Split", "Transpose", "CumSum", "ArgMax", "ArgMin")
 # Ops that take a shape as input 1: fine on rows when the shape is read from rows.
 SHAPED = ("Expand", "Reshape")
 
@@ -119,19 +119,39 @@ def pool_rows(placement: TailPlacement, head: PoolingHead, rows: gs.Tensor, leng
     name, dtype = head.output.name, np.dtype(head.hidden.dtype)
     to = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     node, const = placement.node, placement.const
+    kind = head.kind
     length = node("Cast", [lengths], f"{name}_lengths", np.int64, {"to": onnx.TensorProto.INT64})
     length_col = node("Unsqueeze", [length, const(f"{name}_axis_1", [1])], f"{name}_length_col", np.int64)
-    if head.kind is PoolKind.first:
+    if kind is PoolKind.first:
         return node("Gather", [rows, const(f"{name}_first", np.int64(0))], f"{name}_rows_first", dtype, {"axis": 1})
-    if head.kind is PoolKind.mean:
-        sums = node("ReduceSum", [rows, const(f"{name}_axis_1", [1])], f"{name}_rows_sum", dtype, {"keepdims": 0})
-        count = node("Cast", [length_col], f"{name}_count", dtype, {"to": to})
-        divisor = node("Max", [count, const(f"{name}_one", np.ones((), dtype))], f"{name}_divisor", dtype)
-        return node("Div", [sums, divisor], f"{name}_rows_mean", dtype)
+    if kind is PoolKind.last:  # an unused slot's row is zeros: its index 0 gives zeros
+        last = node("Sub", [length_col, const(f"{name}_one_index", np.int64(1))], f"{name}_last_index", np.int64)
+        last = node("Max", [last, const(f"{name}_zero_index", np.int64(0))], f"{name}_last_index_used", np.int64)
+        return node("GatherND", [rows, last], f"{name}_rows_last", dtype, {"batch_dims": 1})
+
+    def sum_over_tokens(values: gs.Tensor, what: str, keepdims: int = 0) -> gs.Tensor:
+        return node("ReduceSum", [values, const(f"{name}_axis_1", [1])], f"{name}_{what}_sum", dtype, {"keepdims": keepdims})
+
+    def at_least_one(value: gs.Tensor, what: str) -> gs.Tensor:
+        return node("Max", [value, const(f"{name}_one", np.ones((), dtype))], f"{name}_{what}_divisor", dtype)
+
+    if kind in (PoolKind.mean, PoolKind.mean_sqrt_len):
+        count = at_least_one(node("Cast", [length_col], f"{name}_count", dtype, {"to": to}), "count")
+        if kind is PoolKind.mean_sqrt_len:
+            count = node("Sqrt", [count], f"{name}_count_sqrt", dtype)
+        return node("Div", [sum_over_tokens(rows, "token"), count], f"{name}_rows_{kind}", dtype)
     shape = node("Shape", [rows], f"{name}_rows_shape", np.int64)
     longest = node("Gather", [shape, const(f"{name}_1", np.int64(1))], f"{name}_rows_length", np.int64)
     position = node("Range", [const(f"{name}_0", np.int64(0)), longest, const(f"{name}_1", np.int64(1))], f"{name}_positions", np.int64)
     valid = node("Less", [position, length_col], f"{name}_valid", np.bool_)
+    if kind is PoolKind.weighted_mean:  # token i (from 1) weighs i: sum(i * h_i) / sum(i)
+        from_one = node("Add", [position, const(f"{name}_1", np.int64(1))], f"{name}_positions_from_one", np.int64)
+        weights = node("Where", [valid, from_one, const(f"{name}_zero_index", np.int64(0))], f"{name}_weights_used", np.int64)
+        weights = node("Cast", [weights], f"{name}_weights", dtype, {"to": to})
+        total = at_least_one(sum_over_tokens(weights, "weights", keepdims=1), "weights")
+        weights = node("Unsqueeze", [weights, const(f"{name}_axis_2", [2])], f"{name}_token_weights", dtype)
+        weighted = node("Mul", [rows, weights], f"{name}_rows_weighted", dtype)
+        return node("Div", [sum_over_tokens(weighted, "weighted"), total], f"{name}_rows_weighted_mean", dtype)
     valid = node("Unsqueeze", [valid, const(f"{name}_axis_2", [2])], f"{name}_valid_tokens", np.bool_)
     # past a request's length, its first token: it changes no maximum (and needs no -inf constant)
     first = node("Slice", [rows, const(f"{name}_0", [0]), const(f"{name}_1", [1]), const(f"{name}_axis_1", [1])], f"{name}_rows_first", dtype)
@@ -214,6 +234,11 @@ class _Walker:
             fine = all(is_constant(t) for t in node.inputs[1:] if t.name) and node.attrs.get("axis", 1) != 0
         if op == "Transpose":
             fine = list(node.attrs.get("perm", [-1]))[:1] == [0]
+        if op == "Concat":  # several heads' rows side by side (a Pooling module with several modes)
+            axis = node.attrs.get("axis", 0)
+            if axis < 0 and node.inputs[0].shape is not None:
+                axis += len(node.inputs[0].shape)
+            fine = all(id(t) in self.rows for t in node.inputs) and (len(node.inputs) == 1 or axis > 0)
         if op in REDUCE_OPS:
             axes = node.attrs.get("axes") or (constant_ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None)
             fine = axes is not None and 0 not in axes

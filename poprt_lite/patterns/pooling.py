@@ -14,7 +14,17 @@ model-card `mean_pooling` function and plain indexing:
   (masked_fill), or `Where(m, h, fill)`; or an unmasked `ReduceMax(h, axis 1)`;
 - first token (CLS): `Gather(h, 0, axis=1)`, `Slice(h, 0:1, axis 1)`, or sentence-transformers'
   `GatherElements(h, Expand(Unsqueeze(ArgMax(m, axis 1))), axis=1)` (the first real token), each
-  optionally followed by `Squeeze(axis 1)` or TorchScript's `If(dim 1 == 1, Squeeze, Identity)`.
+  optionally followed by `Squeeze(axis 1)` or TorchScript's `If(dim 1 == 1, Squeeze, Identity)`;
+- sum over the square root of the count (sentence-transformers' `mean_sqrt_len_tokens`): the masked
+  mean with `Sqrt` on the clamped count;
+- weighted mean (its `weightedmean`): the masked mean with the mask `m` replaced by `w = m * p`,
+  `p` the positions counted from 1 (`Range(1, seq + 1, 1)` through Reshape / Cast, less the first
+  real token's index `ArgMax(m, axis 1)` when left padding is allowed for), numerator and count
+  both reading `w`;
+- last token (its `lasttoken`): `GatherElements(h [* m], seq - w - 1, axis=1)` with `w` the
+  position of the last real token counted from the end, `ArgMax` of the mask reversed along the
+  sequence (`Slice` with step -1), optionally through the `Where(max == 0, seq - 1, w)` of an
+  empty mask; then Squeeze or the If idiom as for the first token.
 
 An unpadded request's own run of any of these is the pooling of its tokens, which is what the
 replacement computes. L2 normalization (`F.normalize`: ReduceL2 -> Clip -> Expand -> Div; a Sqrt of
@@ -41,6 +51,9 @@ class PoolKind(str, enum.Enum):
     mean = "mean"
     max = "max"
     first = "first"
+    mean_sqrt_len = "mean_sqrt_len"  # the sum over sqrt(number of tokens)
+    weighted_mean = "weighted_mean"  # token i (counted from 1) weighted by i
+    last = "last"
 
     def __str__(self) -> str:
         return self.value
@@ -50,8 +63,10 @@ class PoolKind(str, enum.Enum):
 CASTS = ("Cast", "Identity")
 # Ops the 0/1 attention mask passes through on its way into a pooling: dtype and broadcast shape.
 MASK_PATH = (*CASTS, "Unsqueeze", "Expand", "Reshape")
-# Ops a first-token index passes through on its way into GatherElements.
+# Ops a token index passes through on its way into GatherElements.
 INDEX_PATH = (*CASTS, "Unsqueeze", "Expand")
+# Ops positions and token indices pass through as the exporter shapes them for broadcasting.
+POSITION_PATH = (*CASTS, "Reshape", "Unsqueeze", "Squeeze")
 MEAN_REDUCTIONS = ("ReduceSum", "ReduceMean")
 CLAMPS = ("Clip", "Max")  # torch.clamp(min=eps)
 # A masked_fill value at or below this is "minus infinity" for a maximum.
@@ -140,19 +155,31 @@ class _Matcher:
     # mean ---------------------------------------------------------------------------------------
 
     def masked_mean(self, div: gs.Node) -> PoolingHead | None:
+        """mean, mean_sqrt_len and weighted_mean: `sum(h * w, 1) / [Sqrt](clamp(sum(w, 1)))` with
+        `w` the mask (or the mask times the positions from 1)."""
         numerator = producer(origin(div.inputs[0], CASTS))
         if not self.over_sequence(numerator, MEAN_REDUCTIONS):
             return None
         mul = producer(origin(numerator.inputs[0], CASTS), ("Mul",))
         if mul is None:
             return None
-        hidden = None
+        hidden = kind = None
         for a, b in (mul.inputs, mul.inputs[::-1]):
-            if self.is_mask(b) and (hidden := self.hidden(a)) is not None:
+            if (hidden := self.hidden(a)) is None:
+                continue
+            if self.is_mask(b):
+                kind = PoolKind.mean
+            elif self.is_position_weights(b):
+                kind = PoolKind.weighted_mean
+            if kind is not None:
+                weights = origin(b, CASTS)
                 break
-        if hidden is None:
+        if kind is None:
             return None
         count = origin(div.inputs[1], CASTS)
+        root = producer(count, ("Sqrt",))
+        if root is not None and kind is PoolKind.mean:
+            kind, count = PoolKind.mean_sqrt_len, origin(root.inputs[0], CASTS)
         clamp = producer(count, CLAMPS)
         if clamp is not None:
             bound = _scalar(clamp.inputs[1]) if len(clamp.inputs) > 1 and clamp.inputs[1].name else None
@@ -160,9 +187,56 @@ class _Matcher:
                 return None
             count = origin(clamp.inputs[0], CASTS)
         denominator = producer(count)
-        if not self.over_sequence(denominator, (numerator.op,)) or not self.is_mask(denominator.inputs[0]):
+        if not self.over_sequence(denominator, (numerator.op,)):
             return None
-        return PoolingHead(PoolKind.mean, hidden, div.outputs[0], _keepdims(numerator), True, [div, numerator, mul, denominator])
+        counted = denominator.inputs[0]
+        if not (self.is_mask(counted) if kind is not PoolKind.weighted_mean else origin(counted, CASTS) is weights):
+            return None
+        return PoolingHead(kind, hidden, div.outputs[0], _keepdims(numerator), True, [div, numerator, mul, denominator])
+
+    def is_position_weights(self, tensor: gs.Tensor) -> bool:
+        """`m * p`: the mask times the positions from 1 (see the module docstring)."""
+        mul = producer(origin(tensor, CASTS), ("Mul",))
+        return mul is not None and any(self.is_mask(a) and self.is_positions_from_one(b) for a, b in (mul.inputs, mul.inputs[::-1]))
+
+    def is_positions_from_one(self, tensor: gs.Tensor) -> bool:
+        tensor = origin(tensor, POSITION_PATH)
+        shift = producer(tensor, ("Sub",))
+        if shift is not None:
+            if not self.is_first_real_index(shift.inputs[1]):
+                return False
+            tensor = origin(shift.inputs[0], POSITION_PATH)
+        positions = producer(tensor, ("Range",))
+        return positions is not None and _scalar(positions.inputs[0]) == 1 and _scalar(positions.inputs[2]) == 1
+
+    def is_first_real_index(self, tensor: gs.Tensor) -> bool:
+        """ArgMax(mask, axis 1): the first real token of each sequence (0 unless left-padded)."""
+        argmax = producer(origin(tensor, POSITION_PATH), ("ArgMax",))
+        return (
+            argmax is not None and argmax.attrs.get("axis", 0) == SEQUENCE_AXIS
+            and not argmax.attrs.get("select_last_index", 0) and self.is_mask(argmax.inputs[0])
+        )
+
+    def is_last_real_index(self, tensor: gs.Tensor) -> bool:
+        """`seq - w - 1` with `w` the ArgMax of the reversed mask (see the module docstring)."""
+        outer = producer(origin(tensor, POSITION_PATH), ("Sub",))
+        if outer is None or _scalar(outer.inputs[1]) != 1:
+            return False
+        inner = producer(origin(outer.inputs[0], POSITION_PATH), ("Sub",))
+        if inner is None:
+            return False
+        from_end = origin(inner.inputs[1], POSITION_PATH)
+        empty = producer(from_end, ("Where",))
+        if empty is not None:
+            from_end = origin(empty.inputs[2], POSITION_PATH)
+        argmax = producer(from_end, ("ArgMax",))
+        if argmax is None or argmax.attrs.get("axis", 0) != SEQUENCE_AXIS or argmax.attrs.get("select_last_index", 0):
+            return False
+        flip = producer(origin(argmax.inputs[0], CASTS), ("Slice",))
+        if flip is None or not self.is_mask(flip.inputs[0]) or len(flip.inputs) < 5:
+            return False
+        starts, ends, axes, steps = (constant_ints(t) for t in flip.inputs[1:5])
+        return starts == [-1] and steps == [-1] and axes in ([1], [-1]) and ends is not None and ends[0] <= -_rank(self.mask, 2) - 1
 
     def plain(self, node: gs.Node, ops: tuple[str, ...], kind: PoolKind) -> PoolingHead | None:
         if not self.over_sequence(node, ops) or (hidden := self.hidden(node.inputs[0])) is None:
@@ -200,39 +274,55 @@ class _Matcher:
     # first token --------------------------------------------------------------------------------
 
     def first_token(self, node: gs.Node) -> PoolingHead | None:
+        """first (CLS) and last: one token selected along the sequence."""
         data = node.inputs[0] if node.inputs else None
-        if data is None or (hidden := self.hidden(data)) is None:
+        if data is None:
             return None
-        if node.op == "Gather":
-            axis = node.attrs.get("axis", 0)
-            index = constant_ints(node.inputs[1])
-            if axis not in (1, -2) or index != [0]:
-                return None
-            keepdims = node.inputs[1].shape is not None and len(node.inputs[1].shape) == 1
-        elif node.op == "Slice":
-            bounds = [constant_ints(t) if t.name else None for t in node.inputs[1:]] + [None] * (5 - len(node.inputs))
-            starts, ends, axes, steps = bounds[:4]
-            if starts != [0] or ends != [1] or axes not in ([1], [-2]) or steps not in (None, [1]):
-                return None
-            keepdims = True
-        elif node.op == "GatherElements":
+        kind = PoolKind.first
+        if node.op == "GatherElements":
             if node.attrs.get("axis", 0) not in (1, -2):
                 return None
-            argmax = producer(origin(node.inputs[1], INDEX_PATH), ("ArgMax",))
-            if argmax is None or argmax.attrs.get("axis", 0) != 1 or argmax.attrs.get("select_last_index", 0):
+            index = origin(node.inputs[1], INDEX_PATH)
+            if self.is_last_real_index(index):
+                kind = PoolKind.last
+            elif not self.is_first_real_index(index):
                 return None
-            if not self.is_mask(argmax.inputs[0]):
-                return None
-            keepdims = True
+            keepdims, masked = True, True
+            hidden = self.hidden(self.unmasked(data))  # a real token times the mask is itself
         else:
+            hidden, masked = self.hidden(data), False
+            if node.op == "Gather":
+                axis = node.attrs.get("axis", 0)
+                index = constant_ints(node.inputs[1])
+                if axis not in (1, -2) or index != [0]:
+                    return None
+                keepdims = node.inputs[1].shape is not None and len(node.inputs[1].shape) == 1
+            elif node.op == "Slice":
+                bounds = [constant_ints(t) if t.name else None for t in node.inputs[1:]] + [None] * (5 - len(node.inputs))
+                starts, ends, axes, steps = bounds[:4]
+                if starts != [0] or ends != [1] or axes not in ([1], [-2]) or steps not in (None, [1]):
+                    return None
+                keepdims = True
+            else:
+                return None
+        if hidden is None:
             return None
-        head = PoolingHead(PoolKind.first, hidden, node.outputs[0], keepdims, node.op == "GatherElements", [node])
+        head = PoolingHead(kind, hidden, node.outputs[0], keepdims, masked, [node])
         if keepdims:
             squeeze = self.squeeze_of(node.outputs[0])
             if squeeze is not None:
                 head.output, head.keepdims = squeeze.outputs[0], False
                 head.nodes.append(squeeze)
         return head
+
+    def unmasked(self, tensor: gs.Tensor) -> gs.Tensor:
+        """`h` if `tensor` is `h * mask` (through Casts), else `tensor`."""
+        mul = producer(origin(tensor, CASTS), ("Mul",))
+        if mul is not None:
+            for a, b in (mul.inputs, mul.inputs[::-1]):
+                if self.is_mask(b) and self.hidden(a) is not None:
+                    return a
+        return tensor
 
     def squeeze_of(self, tensor: gs.Tensor) -> gs.Node | None:
         """What removes axis 1 of `tensor`, if that is all that reads it (besides Shape): a Squeeze,
@@ -281,7 +371,8 @@ def find_pooling_heads(graph: gs.Graph, mask: gs.Tensor | None, dims: TokenAxes,
     claimed: set[int] = set()
 
     def add(head: PoolingHead | None) -> None:
-        if head is not None and not claimed & {id(n) for n in head.nodes}:
+        # a head's other nodes may be another's too (mean and mean_sqrt_len share their sum)
+        if head is not None and id(head.nodes[0]) not in claimed:
             heads.append(head)
             claimed.update(id(n) for n in head.nodes)
 

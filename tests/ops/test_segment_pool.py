@@ -5,11 +5,10 @@ from hypothesis import strategies as st
 
 from poprt_lite import ops
 from poprt_lite.errors import PoprtError
-from poprt_lite.ops.segment_pool import FIRST, MAX, MEAN
+from poprt_lite.ops.segment_pool import FIRST, LAST, MAX, MEAN, MEAN_SQRT_LEN, MODES, WEIGHTED_MEAN
 
 from .helpers import one_node_model, run_ort, run_reference
 
-MODES = [MEAN, MAX, FIRST]
 
 
 @st.composite
@@ -36,13 +35,17 @@ def expected_pool(x, ids, slots, mode):
     for b in range(ids.shape[0]):
         for segment in range(1, int(ids[b].max(initial=0)) + 1):
             tokens = x[b][ids[b] == segment].astype(np.float64)
-            out[slot] = {MEAN: tokens.mean(0), MAX: tokens.max(0), FIRST: tokens[0]}[mode]
+            n = len(tokens)
+            out[slot] = {
+                MEAN: tokens.mean(0), MAX: tokens.max(0), FIRST: tokens[0], MEAN_SQRT_LEN: tokens.sum(0) / n**0.5,
+                WEIGHTED_MEAN: sum((i + 1) * t for i, t in enumerate(tokens)) / sum(range(1, n + 1)), LAST: tokens[-1],
+            }[mode]
             slot += 1
     return out
 
 
 @settings(max_examples=60, deadline=None)
-@given(packed_rows(), st.sampled_from(MODES), st.sampled_from(["float32", "float16"]), st.integers(0, 3), st.integers(0, 2**32 - 1))
+@given(packed_rows(), st.sampled_from(list(MODES)), st.sampled_from(["float32", "float16"]), st.integers(0, 3), st.integers(0, 2**32 - 1))
 def test_ort_matches_reference(layout, mode, dtype, spare, seed):
     ids, lengths = layout
     slots = len(lengths) + spare or 1
@@ -62,6 +65,9 @@ def test_hand_example():
     np.testing.assert_array_equal(results[MEAN], [1.5, 6, 3, 8, 0])
     np.testing.assert_array_equal(results[MAX], [2, 8, 3, 11, 0])
     np.testing.assert_array_equal(results[FIRST], [1, 4, 3, 5, 0])
+    np.testing.assert_allclose(results[MEAN_SQRT_LEN], [3 / 2**0.5, 12 / 2**0.5, 3, 16, 0], rtol=1e-6)
+    np.testing.assert_allclose(results[WEIGHTED_MEAN], [5 / 3, 20 / 3, 3, 9, 0], rtol=1e-6)
+    np.testing.assert_array_equal(results[LAST], [2, 8, 3, 11, 0])
 
 
 def test_negative_values_and_padding_between_requests():
@@ -104,8 +110,10 @@ def test_bad_segment_ids(ids, slots, message):
 
 def test_bad_mode_and_rank():
     with pytest.raises(PoprtError) as err:
-        ops.make_node("SegmentPool", ["x", "ids"], ["y"], max_valid_num=2, mode=3)
-    assert str(err.value) == "SegmentPool: attribute 'mode' must be 0 (MEAN), 1 (MAX) or 2 (FIRST), got 3"
+        ops.make_node("SegmentPool", ["x", "ids"], ["y"], max_valid_num=2, mode=6)
+    assert str(err.value) == (
+        "SegmentPool: attribute 'mode' must be 0 (MEAN), 1 (MAX), 2 (FIRST), 3 (MEAN_SQRT_LEN), 4 (WEIGHTED_MEAN) or 5 (LAST), got 6"
+    )
     with pytest.raises(PoprtError) as err:
         ops.validate_inputs("SegmentPool", np.zeros((2, 3), np.float32), np.ones((2, 3), np.int64), max_valid_num=2)
     assert str(err.value) == "SegmentPool: input 'x' must be a 3-D float32 or float16 tensor, got float32 of shape (2, 3)"

@@ -15,7 +15,7 @@ from conftest import VOCAB, model_path
 from poprt_lite import compile, ir, ops, vocab
 from poprt_lite.compiler import verify
 from poprt_lite.errors import PassError
-from poprt_lite.ops.segment_pool import FIRST, MAX, MEAN
+from poprt_lite.ops.segment_pool import FIRST, LAST, MAX, MEAN, MEAN_SQRT_LEN, WEIGHTED_MEAN
 from poprt_lite.vocab import Layout
 
 from .test_pack_passes import BATCH, MODES, SEQ, STATIC_MODES, STREAM, N, L, lengths_strategy, pack_options, packed, run_packed
@@ -28,8 +28,12 @@ SENTENCE_MODELS = [
     "st_card_mean_echo",
     "pooling_variants",
     "bert_meanpool",
+    "st_mean_sqrt_len_torchscript",
+    "st_weightedmean_torchscript",
+    "st_lasttoken_torchscript",
+    "st_multi_pool_dynamo",
 ]
-# Pooled outputs and the SegmentPool mode of their head.
+# Pooled outputs and the SegmentPool mode of their head (modes: heads concatenated).
 POOLED = {
     "st_mean_norm_torchscript": {"sentence_embedding": MEAN},
     "st_mean_norm_dynamo": {"sentence_embedding": MEAN},
@@ -38,6 +42,10 @@ POOLED = {
     "st_card_mean_echo": {"sentence_embedding": MEAN},
     "pooling_variants": {"cls_gather_sqrt_norm": FIRST, "cls_slice": FIRST, "mean_reducemean": MEAN, "mean_unmasked": MEAN, "max_where": MAX},
     "bert_meanpool": {"pooled": MEAN},
+    "st_mean_sqrt_len_torchscript": {"sentence_embedding": MEAN_SQRT_LEN},
+    "st_weightedmean_torchscript": {"sentence_embedding": WEIGHTED_MEAN},
+    "st_lasttoken_torchscript": {"sentence_embedding": LAST},
+    "st_multi_pool_dynamo": {"sentence_embedding": (MEAN, MEAN_SQRT_LEN, WEIGHTED_MEAN, LAST)},  # one head per mode, concatenated
 }
 
 
@@ -71,14 +79,15 @@ def test_layouts_shapes_and_ops(name, mode):
     for output, shape in outputs.items():
         if output in POOLED[name]:
             assert vocab.layout_of(meta, output) is Layout.per_request
-            assert shape == ([slots, 1, 64] if output == "cls_slice" else [slots, 64])
+            width = 64 * len(np.atleast_1d(POOLED[name][output]))
+            assert shape == ([slots, 1, 64] if output == "cls_slice" else [slots, width])
         else:
             assert vocab.layout_of(meta, output) is token_layout
             assert shape[:2] == token_shape
     pools = [n for n in model.graph.node if n.op_type == "SegmentPool"]
     if mode == "attention_mask":
         modes = sorted(onnx.helper.get_attribute_value(a) for n in pools for a in n.attribute if a.name == "mode")
-        assert modes == sorted(POOLED[name].values())
+        assert modes == sorted(np.hstack(list(POOLED[name].values())).tolist())
         assert all(n.input[1] == "attention_mask" and n.domain == ops.DOMAIN for n in pools)
     else:
         assert not pools
@@ -161,7 +170,14 @@ def edited_model(variant: str) -> onnx.ModelProto:
         graph.nodes.append(gs.Node("MatMul", "similarity", inputs=[pooled, flipped], outputs=[scores]))
         graph.outputs.append(scores)
 
+    def weights_from_zero(graph):
+        """st_weightedmean_torchscript with its positions counted from 0: a weighting no pattern
+        knows, whose weights come from the padded batch's length."""
+        (positions,) = [n for n in graph.nodes if n.op == "Range" and n.name.startswith("/pooling/")]
+        positions.inputs[0] = gs.Constant("start_0", np.array(0, np.float32))
+
     name, edit = {
+        "weights_from_zero": ("st_weightedmean_torchscript", weights_from_zero),
         "lp_normalization": ("st_mean_norm_torchscript", lp_normalization),
         "sum_pooling": ("bert_meanpool", sum_pooling),
         "centered": ("bert_meanpool", centered),
@@ -223,3 +239,17 @@ def test_an_op_moving_the_request_axis_is_refused(mode, tmp_path):
         message = r"^pass 'attention_mask_packing' failed: attention_mask packing cannot keep node 'flip' \(Transpose\) per request: it does not keep one row per request; use mode=unpack_repack$"
     with pytest.raises(PassError, match=message):
         compile_edited("similarity", mode, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("unpack_repack", "pass 'pack_unpack_repack' failed: unpack_repack cannot place node '/pooling/Reshape_1' (Reshape) after the encoder on per-request rows: it does not keep one row per request; remove it from the model"),
+        ("attention_mask", "pass 'attention_mask_packing' failed: attention_mask packing cannot keep node '/pooling/ArgMax' (ArgMax) per request: it mixes the tokens of a packed row; use mode=unpack_repack"),
+        (STREAM, "pass 'token_stream_packing' failed: token_stream cannot place node '/pooling/Reshape_1' (Reshape) after the encoder on per-request rows: it does not keep one row per request; remove it from the model"),
+    ],
+)
+def test_an_unknown_weighting_is_refused_naming_the_node(mode, message, tmp_path):
+    with pytest.raises(PassError) as err:
+        compile_edited("weights_from_zero", mode, tmp_path)
+    assert str(err.value) == message

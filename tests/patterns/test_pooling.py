@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
@@ -34,6 +35,21 @@ def heads_of(name: str) -> list[tuple]:
         ("st_max_torchscript", [("max", "token_embeddings", "/pooling/ReduceMax_output_0", False, True, "ReduceMax")]),
         ("st_card_mean_echo", [("mean", "token_embeddings", "/Div_output_0", False, True, "Div")]),
         ("bert_meanpool", [("mean", "last_hidden_state", "pooled", False, True, "Div")]),
+        # sum / Sqrt(Clip(count))
+        ("st_mean_sqrt_len_torchscript", [("mean_sqrt_len", "token_embeddings", "/pooling/Div_output_0", False, True, "Div")]),
+        # the mask times Range(1, seq + 1) - ArgMax(mask), in numerator and count
+        ("st_weightedmean_torchscript", [("weighted_mean", "token_embeddings", "/pooling/Div_output_0", False, True, "Div")]),
+        # GatherElements(h * mask, seq - ArgMax(flipped mask) - 1), then the If squeeze idiom
+        ("st_lasttoken_torchscript", [("last", "token_embeddings", "/pooling/If_output_0", False, True, "GatherElements")]),
+        (  # four modes concatenated; mean and mean_sqrt_len share their masked sum and count
+            "st_multi_pool_dynamo",
+            [
+                ("last", "token_embeddings", "squeeze", False, True, "GatherElements"),
+                ("mean", "token_embeddings", "div", False, True, "Div"),
+                ("mean_sqrt_len", "token_embeddings", "div_1", False, True, "Div"),
+                ("weighted_mean", "token_embeddings", "div_2", False, True, "Div"),
+            ],
+        ),
         (
             "pooling_variants",
             [
@@ -81,3 +97,27 @@ def test_echoes():
         ("input_ids_out", "input_ids"), ("attention_mask_out", "attention_mask"), ("token_type_ids_out", "token_type_ids"),
     ]
     assert find_echoes(graph_of("bert_meanpool")) == []
+
+
+def _heads_after(name: str, edit) -> list[str]:
+    graph = graph_of(name)
+    edit(graph)
+    mask = next(t for t in graph.inputs if t.name == "attention_mask")
+    return sorted(h.kind.value for h in find_pooling_heads(graph, mask, token_dims(graph, "input_ids")))
+
+
+def _replace_input(graph: gs.Graph, op: str, index: int, value) -> None:
+    (node,) = [n for n in graph.nodes if n.op == op and n.name.startswith("/pooling/")]
+    node.inputs[index] = gs.Constant(f"edited_{op}_{index}", np.array(value))
+
+
+def test_weights_must_be_the_positions_from_one():
+    assert _heads_after("st_weightedmean_torchscript", lambda g: None) == ["weighted_mean"]
+    # Range(0, ...): token i weighs i - 1, not sentence-transformers' weightedmean
+    assert _heads_after("st_weightedmean_torchscript", lambda g: _replace_input(g, "Range", 0, np.float32(0))) == []
+
+
+def test_last_token_index_must_come_from_the_reversed_mask():
+    assert _heads_after("st_lasttoken_torchscript", lambda g: None) == ["last"]
+    # the mask read forwards (step 1): ArgMax is the first real token, seq - it - 1 the last position, padding or not
+    assert _heads_after("st_lasttoken_torchscript", lambda g: _replace_input(g, "Slice", 4, np.array([1]))) == []
