@@ -6,8 +6,15 @@ Servers, each `poprt-lite serve` in its own process on the same model, `--thread
   batches it (padded to each batch's longest, at most 8 requests, 16384 padded token slots, no wait
   timer);
 - `single`: `--batcher single`, the original model one request at a time;
-- `infinity`: Infinity (`infinity_emb v2`, its optimum engine) when `--infinity PYTHON` names a
-  Python that has it (a venv of its own: its pins clash with poprt-lite's).
+- `infinity`: Infinity (`infinity_emb v2`, its optimum engine, fp32, `--pooling-method mean`) when
+  `--infinity PYTHON` names a Python that has it, serving `--infinity_folder DIR`. Set up (a venv
+  of its own: its pins clash with poprt-lite's; ~13 minutes and 5.9 GB here, torch from PyPI brings
+  CUDA): `pip install "infinity-emb[torch,optimum,server]==0.0.78" transformers==4.48.3
+  torch==2.7.1 "numpy<2" "pyarrow<20"`; DIR is a copy of the MiniLM folder with the model.onnx its
+  optimum engine reads (an output `last_hidden_state`): `optimum-cli export onnx --model DIR --task
+  feature-extraction --library-name transformers OUT` and copy OUT/model.onnx into DIR. Infinity
+  runs from DIR as `--model-id .` (given a path, it hands optimum an absolute file name that optimum
+  then does not find).
 
 Load: `--clients` concurrent async httpx clients (8, 32, 64), each sending one text per call to the
 OpenAI route (`/embeddings`, `encoding_format` float) and the next as soon as the answer is in.
@@ -18,6 +25,10 @@ warm-up; rounds interleave the servers. Printed per clients and server: calls/s 
 (median and range over rounds), p50/p90/p99 latency (all rounds' calls), errors, and calls/s as a
 ratio to `dynamic` (median of the per-round ratios). The driver runs on the same cores as the
 servers (as the issue's acceptance asks), so it takes its share of the CPU.
+
+`--in_process` instead drives the engines in this process (no HTTP: `Engine.submit_texts` from
+`--clients` threads, each call waited for before the next), interleaved rounds: what the batchers
+give before the HTTP layer takes its share.
 
 `--soak SECONDS` instead drives the packed server alone with 64 clients for that long, sampling
 the server's RSS every `--soak_every` seconds, and prints RSS over time (the 5-minute soak:
@@ -64,6 +75,19 @@ def queries_texts(tokenizer, count: int, seed: int = 2023) -> list[str]:
     return [" ".join(rng.choice(words, size=int(n) - 2)) for n in lengths]
 
 
+def original_embeddings(model: Path, tokenizer, texts: list[str]) -> np.ndarray:
+    """The exported model on each text alone (unpadded, truncated at 256 tokens)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    out = []
+    for text in texts:
+        ids = np.asarray(tokenizer.encode(text).ids[:256], np.int64)[None]
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        out.append(session.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[-1][0])
+    return np.stack(out)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,23 +97,29 @@ def free_port() -> int:
 class Process:
     """A server process on a free port, healthy once `url/health` answers 200."""
 
-    def __init__(self, name: str, command: list[str], port: int, health: str = "/health") -> None:
+    def __init__(self, name: str, command: list[str], port: int, *, cwd: Path = ROOT, env: dict | None = None) -> None:
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
         self.log = open(f"/tmp/serve_bench_{name}_{port}.log", "w")
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         deadline = time.monotonic() + 600
         while True:
             if self.process.poll() is not None:
                 raise SystemExit(f"{name} exited with {self.process.returncode}; see {self.log.name}")
             try:
-                if httpx.get(self.url + health, timeout=5).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
                 raise SystemExit(f"{name} did not become healthy; see {self.log.name}")
             time.sleep(0.2)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far."""
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_mib(self) -> float:
         with open(f"/proc/{self.process.pid}/status") as f:
@@ -115,19 +145,17 @@ def poprt_server(name: str, model: Path, tokenizer: Path, threads: int) -> Proce
     return Process(name, command, port)
 
 
-def infinity_server(python: str, model_dir: Path, threads: int) -> Process:
+def infinity_server(python: str, folder: Path, threads: int) -> Process:
     port = free_port()
-    env_threads = {"OMP_NUM_THREADS": str(threads)}
-    os.environ.update(env_threads)
-    command = [python, "-m", "infinity_emb.cli", "v2", "--model-id", str(model_dir), "--engine", "optimum", "--device", "cpu",
-               "--port", str(port), "--served-model-name", "minilm", "--pooling-method", "mean", "--no-bettertransformer"]
-    return Process("infinity", command, port)
+    command = [str(Path(python).parent / "infinity_emb"), "v2", "--model-id", ".", "--engine", "optimum", "--device", "cpu",
+               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "minilm", "--pooling-method", "mean"]
+    return Process("infinity", command, port, cwd=folder, env={"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"})
 
 
 async def drive(url: str, texts: list[str], clients: int, seconds: float, warmup: float = 1.0):
     """`clients` loops sending one text per call for `seconds` (after `warmup`): latencies, tokens, errors."""
     latencies: list[float] = []
-    tokens = errors = 0
+    tokens = errors = calls = 0
     start = time.perf_counter()
     measure_from = start + warmup
     stop_at = measure_from + seconds
@@ -135,7 +163,7 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float, warmup
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
 
         async def client(k: int) -> None:
-            nonlocal tokens, errors
+            nonlocal tokens, errors, calls
             i = k
             while True:
                 sent = time.perf_counter()
@@ -150,6 +178,7 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float, warmup
                 except httpx.HTTPError:
                     ok, used = False, 0
                 done = time.perf_counter()
+                calls += 1
                 if sent >= measure_from:
                     if ok:
                         latencies.append(done - sent)
@@ -158,7 +187,7 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float, warmup
                         errors += 1
 
         await asyncio.gather(*(client(k) for k in range(clients)))
-    return latencies, tokens, errors, seconds
+    return latencies, tokens, errors, seconds, calls
 
 
 def machine() -> str:
@@ -176,7 +205,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--infinity", help="a Python with infinity-emb installed (adds the Infinity server)")
+    parser.add_argument("--infinity_folder", type=Path, help="the model folder Infinity serves (see the docstring)")
     parser.add_argument("--texts", type=int, default=4000)
+    parser.add_argument("--in_process", action="store_true", help="drive the engines in process, without HTTP")
     parser.add_argument("--soak", type=float, help="drive the packed server alone this many seconds; print its RSS")
     parser.add_argument("--soak_every", type=float, default=10.0)
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -191,26 +222,39 @@ def main() -> int:
         args.model, args.tokenizer = make_models.cached_minilm("torchscript"), make_models.minilm_folder()
     folder = args.tokenizer if args.tokenizer.is_dir() else args.tokenizer.parent
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json" if args.tokenizer.is_dir() else args.tokenizer))
+    tokenizer.no_padding()  # requests are unpadded (MiniLM's tokenizer.json pads to 128)
+    tokenizer.no_truncation()
     texts = queries_texts(tokenizer, args.texts)
     print(f"machine: {machine()}; model {args.model.name}; {len(texts)} texts, {args.threads} threads per server", flush=True)
 
     if args.soak:
         return soak(args, texts)
+    if args.in_process:
+        return in_process(args, texts)
 
     names = [n for n in args.servers.split(",") if n]
     servers = {name: poprt_server(name, args.model, args.tokenizer, args.threads) for name in names}
     if args.infinity:
-        servers["infinity"] = infinity_server(args.infinity, folder, args.threads)
+        servers["infinity"] = infinity_server(args.infinity, args.infinity_folder, args.threads)
+    check = texts[:: max(1, len(texts) // 50)]
+    want = original_embeddings(args.model, tokenizer, check)
+    for name, server in servers.items():
+        got = np.asarray([d["embedding"] for d in httpx.post(f"{server.url}/embeddings", json={"input": check, "model": "minilm"}, timeout=120).json()["data"]])
+        cos = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        print(f"{name}: min cosine with the original model on each of {len(check)} texts alone: {cos.min():.7f}", flush=True)
     clients_list = [int(c) for c in args.clients.split(",")]
     results: dict[tuple[int, str], list] = {(c, n): [] for c in clients_list for n in servers}
     try:
         for round_ in range(args.rounds):
             for clients in clients_list:
                 for name, server in servers.items():
-                    latencies, tokens, errors, seconds = asyncio.run(drive(server.url, texts, clients, args.seconds))
-                    results[clients, name].append((latencies, tokens, errors, seconds))
+                    cpu = server.cpu_seconds()
+                    latencies, tokens, errors, seconds, calls = asyncio.run(drive(server.url, texts, clients, args.seconds))
+                    cpu_ms = (server.cpu_seconds() - cpu) / max(calls, 1) * 1000  # every call, warm-up included
+                    results[clients, name].append((latencies, tokens, errors, seconds, cpu_ms))
                     print(f"round {round_ + 1} clients {clients:3d} {name:9s} {len(latencies) / seconds:8.1f} calls/s "
-                          f"p99 {np.percentile(latencies, 99) * 1000 if latencies else float('nan'):7.1f} ms, {errors} errors", flush=True)
+                          f"p99 {np.percentile(latencies, 99) * 1000 if latencies else float('nan'):7.1f} ms, "
+                          f"server CPU {cpu_ms:5.2f} ms/call, {errors} errors", flush=True)
     finally:
         for server in servers.values():
             server.stop()
@@ -220,30 +264,67 @@ def main() -> int:
 
 def report(results, clients_list, names, args) -> None:
     print()
-    print(f"{'clients':>7} {'server':9} {'calls/s median (min-max)':>26} {'tokens/s':>9} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'errors':>6} {'x dynamic':>9}")
+    print(f"{'clients':>7} {'server':9} {'calls/s median (min-max)':>26} {'tokens/s':>9} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
+          f"{'errors':>6} {'x dynamic':>9} {'CPU ms/call':>11} {'CPU x dynamic':>13}")
     table = []
     for clients in clients_list:
         for name in names:
             runs = results[clients, name]
-            rates = [len(lat) / s for lat, _, _, s in runs]
-            token_rates = [tok / s for _, tok, _, s in runs]
-            latencies = np.concatenate([np.asarray(lat) for lat, _, _, _ in runs]) * 1000
-            errors = sum(e for _, _, e, _ in runs)
-            ratio = float("nan")
+            rates = [len(lat) / s for lat, _, _, s, _ in runs]
+            token_rates = [tok / s for _, tok, _, s, _ in runs]
+            cpu = [c for *_, c in runs]
+            latencies = np.concatenate([np.asarray(lat) for lat, *_ in runs]) * 1000
+            errors = sum(e for _, _, e, _, _ in runs)
+            ratio = cpu_ratio = float("nan")
             if "dynamic" in names:
-                base = [len(lat) / s for lat, _, _, s in results[clients, "dynamic"]]
+                base = [len(lat) / s for lat, _, _, s, _ in results[clients, "dynamic"]]
                 ratio = float(np.median([r / b for r, b in zip(rates, base, strict=True)]))
+                base_cpu = [c for *_, c in results[clients, "dynamic"]]
+                cpu_ratio = float(np.median([c / b for c, b in zip(cpu, base_cpu, strict=True)]))
             p50, p90, p99 = np.percentile(latencies, [50, 90, 99]) if len(latencies) else (np.nan,) * 3
             row = {"clients": clients, "server": name, "calls_per_s": rates, "tokens_per_s": token_rates,
-                   "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "errors": errors, "ratio_to_dynamic": ratio}
+                   "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "errors": errors, "ratio_to_dynamic": ratio,
+                   "server_cpu_ms_per_call": cpu, "cpu_ratio_to_dynamic": cpu_ratio}
             table.append(row)
             print(f"{clients:7d} {name:9s} {np.median(rates):10.1f} ({min(rates):.1f}-{max(rates):.1f}){'':>3} {np.median(token_rates):9.0f} "
-                  f"{p50:7.1f} {p90:7.1f} {p99:7.1f} {errors:6d} {ratio:9.2f}")
+                  f"{p50:7.1f} {p90:7.1f} {p99:7.1f} {errors:6d} {ratio:9.2f} {np.median(cpu):11.2f} {cpu_ratio:13.2f}")
     model = f" --model {args.model} --tokenizer {args.tokenizer}" if args.model_given else ""
     print(f"\ncommand: python benchmarks/serve_bench.py{model} --clients {args.clients} --seconds {args.seconds} --rounds {args.rounds} "
-          f"--threads {args.threads} --servers {args.servers}{' --infinity ' + args.infinity if args.infinity else ''}")
+          f"--threads {args.threads} --servers {args.servers}{f' --infinity {args.infinity} --infinity_folder {args.infinity_folder}' if args.infinity else ''}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "rows": table}, indent=1, default=float))
+
+
+def in_process(args, texts) -> int:
+    import threading
+
+    from poprt_lite.apps.serve import Engine
+
+    names = [n for n in args.servers.split(",") if n]
+    batchers = {"packed": "packing", "dynamic": "dynamic", "single": "single"}
+    for round_ in range(args.rounds):
+        for clients in (int(c) for c in args.clients.split(",")):
+            for name in names:
+                engine = Engine.open(args.model, args.tokenizer, batcher=batchers[name], threads=args.threads)
+                engine.submit_texts(texts[:64], [engine.output], truncate=True).done().result()  # warm-up
+                sizes: list[int] = []
+                engine.runner.batch_listeners.append(lambda batch: sizes.append(batch.requests))
+
+                def client(k: int) -> None:
+                    for text in texts[k::clients]:
+                        engine.submit_texts([text], [engine.output], truncate=True).done().result()
+
+                threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+                start, cpu = time.perf_counter(), time.process_time()
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+                engine.close()
+                print(f"round {round_ + 1} clients {clients:3d} {name:8s} {len(texts) / wall:7.1f} calls/s, "
+                      f"{np.mean(sizes):5.1f} requests/batch, {cpu / len(texts) * 1000:5.2f} ms CPU per call", flush=True)
+    return 0
 
 
 def soak(args, texts) -> int:
@@ -252,7 +333,7 @@ def soak(args, texts) -> int:
     start = time.monotonic()
     try:
         while time.monotonic() - start < args.soak:
-            latencies, _, errors, seconds = asyncio.run(drive(server.url, texts, 64, args.soak_every, warmup=0.0))
+            latencies, _, errors, seconds, _ = asyncio.run(drive(server.url, texts, 64, args.soak_every, warmup=0.0))
             samples.append((time.monotonic() - start, server.rss_mib()))
             print(f"{samples[-1][0]:7.0f} s  RSS {samples[-1][1]:7.1f} MiB  {len(latencies) / seconds:7.1f} calls/s  {errors} errors", flush=True)
     finally:
