@@ -46,24 +46,29 @@ SENTENCE_CONFIG = "sentence_bert_config.json"  # a sentence-transformers folder'
 DEFAULT_PACK_ARGS = {"mode": str(modes.TOKEN_STREAM.name), "max_valid_num": "64", "max_tokens": "4096"}
 
 
-def load_tokenizer(path: str | os.PathLike, max_length: int | None = None):
+def load_tokenizer(path: str | os.PathLike | Any, max_length: int | None = None):
     """`tokenizers.Tokenizer` from `path` (a tokenizer.json, or a folder holding one) with padding
     off and truncation at `max_length` (default: the folder's or the file's own limit, see the
-    module docstring); also returns that limit (None: no truncation)."""
+    module docstring); also returns that limit (None: no truncation). `path` may be a loaded
+    `Tokenizer` too (one shipped to another process): a copy is configured, its own truncation the
+    default limit."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
         raise PoprtError("embedding text needs the tokenizers package: pip install 'poprt-lite[text]'") from None
-    path = Path(path)
-    file = path / TOKENIZER_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise PoprtError(f"tokenizer '{file}' does not exist; pass a tokenizer.json or the model folder holding it")
-    try:
-        tokenizer = Tokenizer.from_file(str(file))
-    except Exception as exc:
-        raise PoprtError(f"'{file}' is not a tokenizers tokenizer.json ({' '.join(str(exc).split())})") from None
-    if max_length is None:
-        max_length = _folder_max_length(file.parent)
+    if isinstance(path, Tokenizer):
+        tokenizer = Tokenizer.from_str(path.to_str())
+    else:
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise PoprtError(f"tokenizer '{file}' does not exist; pass a tokenizer.json or the model folder holding it")
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+        except Exception as exc:
+            raise PoprtError(f"'{file}' is not a tokenizers tokenizer.json ({' '.join(str(exc).split())})") from None
+        if max_length is None:
+            max_length = _folder_max_length(file.parent)
     if max_length is None and tokenizer.truncation is not None:
         max_length = int(tokenizer.truncation["max_length"])
     tokenizer.no_padding()

@@ -29,7 +29,7 @@ from poprt_lite.runtime import modes
 LOGGER = "poprt_lite"
 log = logging.getLogger(__name__)
 # Library options whose flag is spelled otherwise; every other option `name` is the flag `--name`.
-FLAG_NAMES = {"pass_options": "pass_option", "load_plugin": "plugin"}
+FLAG_NAMES = {"pass_options": "pass_option", "load_plugin": "plugin", "ray_address": "ray"}
 
 
 def flag(name: str) -> str:

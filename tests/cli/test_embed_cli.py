@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import TESTDATA, model_path
 from poprt_lite.cli.main import main
@@ -45,3 +46,70 @@ def test_embed_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     code, _, err = cli(capsys, "embed", MODEL, "--tokenizer", TOKENIZER, "--input", str(lines), "--output", str(out), "--pack_args", "mode=sideways")
     assert code == 2 and err.startswith("error: ") and "mode" in err and err.count("\n") == 1
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lines.txt"]
+
+
+def corpus_rows(folder) -> tuple[list, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(folder)
+    ids = table.column("id").to_pylist() if "id" in table.column_names else None
+    return ids, np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+
+
+def test_embed_a_corpus_into_parquet_parts(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    sentences = ["hello world", "", "of the tiny tokenizer", "x"] * 5
+    pq.write_table(pa.table({"id": list(range(100, 120)), "body": sentences}), tmp_path / "c.parquet")
+    (tmp_path / "c.txt").write_text("\n".join(sentences) + "\n")
+    want = Embedder.open(MODEL, TOKENIZER).embed(sentences)
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, "embed", MODEL, "--tokenizer", TOKENIZER, "--input", str(tmp_path / "c.parquet"), "--output", str(out), "--column", "body", "--id_column", "id")
+    assert code == 0, err
+    assert stdout == f"20 rows -> {out}/ (columns 'id' and 'embedding': 64 float32 each, output 'sentence_embedding')\n"
+    ids, vectors = corpus_rows(out)
+    assert ids == list(range(100, 120)) and [p.name for p in out.iterdir()] == ["part-00000.parquet"]
+    np.testing.assert_allclose(vectors, want, atol=1e-6, rtol=0)
+
+    code, stdout, err = cli(capsys, "embed", MODEL, "--tokenizer", TOKENIZER, "--input", str(tmp_path / "c.txt"), "--output", str(out), "--overwrite", "--quiet")
+    assert code == 0 and stdout == "" and err == ""
+    ids, vectors = corpus_rows(out)
+    assert ids is None and vectors.shape == (20, 64)  # rows in line order
+    np.testing.assert_allclose(vectors, want, atol=1e-6, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.parquet", "c.txt", "out"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--output", "{d}/out"], "error: output folder '{d}/out' exists; pass --overwrite to replace it\n"),
+        (["--output", "{d}/new", "--column", "n"], "error: column 'n' of '{d}/c.parquet' holds int64 values, not text; pass --column with the column that holds the text\n"),
+        (["--output", "{d}/new", "--column", "nope"], "error: '{d}/c.parquet' has no column 'nope'; its columns are: n, text (pass --column NAME)\n"),
+        (["--output", "{d}/new", "--workers", "2"], "error: --workers applies with --ray; pass --ray auto|ADDRESS|local, or leave it out\n"),
+        (["--output", "{d}/v.npy", "--id_column", "n"], "error: --id_column applies to a folder of Parquet parts; give --output a folder, not a .npy file\n"),
+        (["--output", "{d}/new", "--ray", "local", "--threads", "2"], "error: --threads applies in this process; on Ray pass --threads_per_worker\n"),
+    ],
+)
+def test_embed_corpus_refusals_are_one_line_and_write_nothing(tmp_path, capsys, args, message):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"n": [1, 2], "text": ["a", None]}), tmp_path / "c.parquet")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("kept")
+    argv = [a.format(d=tmp_path) for a in args]
+    code, stdout, err = cli(capsys, "embed", MODEL, "--tokenizer", TOKENIZER, "--input", str(tmp_path / "c.parquet"), *argv)
+    assert (code, stdout, err) == (2, "", message.format(d=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.parquet", "out"] and (tmp_path / "out" / "mine.txt").read_text() == "kept"
+
+
+def test_a_null_text_fails_the_job_before_anything_is_written(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", "b", None]}), tmp_path / "c.parquet")
+    code, stdout, err = cli(capsys, "embed", MODEL, "--tokenizer", TOKENIZER, "--input", str(tmp_path / "c.parquet"), "--output", str(tmp_path / "out"))
+    assert (code, stdout) == (2, "")
+    assert err == f"error: column 'text' of '{tmp_path / 'c.parquet'}' holds a null at row 2, not text; give every row a string (the empty one for no text)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.parquet"]
