@@ -88,11 +88,9 @@ def read_corpus(path: str | os.PathLike, column: str = "text", id_column: str | 
         return Corpus(path, pa.table({column: pa.array(lines, pa.string())}), column, None)
     table = _read_table(path, kind)
     names = [name for name in (id_column, column) if name is not None]
-    for name, what in ((column, "column"), (id_column, "id_column")):
+    for name, spelled in ((column, option("column")), (id_column, option("id_column"))):
         if name is not None and name not in table.column_names:
-            raise PoprtError(
-                f"'{path}' has no column '{name}'; its columns are: {', '.join(table.column_names)} (pass {option(what)} NAME)"
-            )
+            raise PoprtError(f"'{path}' has no column '{name}'; its columns are: {', '.join(table.column_names)} (pass {spelled} NAME)")
     if id_column == column:
         raise PoprtError(f"{option('id_column')} and {option('column')} name the same column '{column}'")
     table = table.select(names)

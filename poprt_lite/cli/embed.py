@@ -74,14 +74,15 @@ def embed_command(
     settings = options.current()
     if ray is None:
         embedder = Embedder.open(model, tokenizer, threads=threads, **open_options)
-        with _rows_bar(progress and not settings.quiet, len(corpus)) as advance:
+        with _sentences_bar(progress and not settings.quiet, len(corpus)) as advance:
             _write(embed_in_process(embedder, corpus), corpus, embedder, output, overwrite, advance)
     else:
         from poprt_lite.apps.ray.cluster import connected, import_ray
 
         import_ray()
-        from poprt_lite.apps.ray.data import iter_embedded
+        from poprt_lite.apps.ray.data import check_counts, iter_embedded
 
+        check_counts(**ray_options)
         with connected(ray, verbose=settings.verbose):
             embedder = Embedder.open(model, tokenizer, threads=1, **open_options)  # shipped to the workers
             tables = iter_embedded(corpus, embedder, progress=progress and not settings.quiet, **ray_options)
@@ -103,12 +104,12 @@ def _write(tables: Iterator, corpus: Corpus, embedder: Embedder, output: Path, o
 
 
 @contextlib.contextmanager
-def _rows_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over rows on stderr while the block runs; its `advance(n)`."""
+def _sentences_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over the sentences on stderr while the block runs; its `advance(n)`."""
     if not enabled:
         yield lambda n: None
         return
-    columns = (TextColumn("rows"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (TextColumn("sentences"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("rows", total=total)
+        task = bar.add_task("sentences", total=total)
         yield lambda n: bar.advance(task, n)

@@ -47,7 +47,7 @@ def connected(address: str, *, verbose: bool = False) -> Iterator[None]:
         ray.init(address=address, logging_level=level, log_to_driver=verbose, include_dashboard=False if address == LOCAL else None)
     except ConnectionError as exc:  # `auto` with no cluster on this machine
         raise PoprtError(
-            f"no Ray cluster to join on this machine ({exc}); start one with `ray start --head`, "
+            f"no Ray cluster to join on this machine ({exc}); start its head here (`ray start`) "
             f"or pass {option('ray_address')} local"
         ) from None
     logging.getLogger("ray.data").setLevel(level)
@@ -71,5 +71,5 @@ def check_reachable(address: str) -> None:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise PoprtError(
             f"cannot reach the Ray cluster at '{address}' ({reason}); check the head's address "
-            f"(`ray start --head` prints it) or pass {option('ray_address')} local"
+            f"(`ray start` prints it on the head) or pass {option('ray_address')} local"
         ) from None

@@ -113,9 +113,7 @@ def embed_dataset(
     hold), each of `threads_per_worker` onnxruntime threads and as many CPUs, embed `batch_size` rows
     per call. Lazy, as Ray Data is: the work runs when the result is consumed. A worker's refusal
     (a value that is not text) reaches the driver inside Ray's exceptions: `user_error` finds it."""
-    for name, value in (("threads_per_worker", threads_per_worker), ("batch_size", batch_size), ("workers", workers)):
-        if value is not None and value < 1:
-            raise PoprtError(f"{option(name)} must be >= 1, got {value}")
+    check_counts(workers=workers, threads_per_worker=threads_per_worker, batch_size=batch_size)
     embedder = model if isinstance(model, Embedder) else Embedder.open(model, tokenizer, threads=1, **open_options)
     if workers is None:
         workers = max(1, int(ray.cluster_resources().get("CPU", 1) // threads_per_worker))
@@ -143,6 +141,7 @@ def iter_embedded(
     """Embed `corpus` on the connected Ray cluster; yield the embedded rows (`Corpus.output_schema`)
     in the corpus's order, as `corpus.embed_in_process` does. The driver's rows reach the actors in
     blocks of `batch_size` through the object store; the results come back to the driver."""
+    check_counts(workers=workers, threads_per_worker=threads_per_worker, batch_size=batch_size)
     if not len(corpus):
         return
     blocks = [corpus.table.slice(start, batch_size) for start in range(0, len(corpus), batch_size)]
@@ -163,6 +162,14 @@ def iter_embedded(
         if error is None:
             raise
         raise error from None
+
+
+def check_counts(workers: int | None = None, threads_per_worker: int | None = None, batch_size: int | None = None) -> None:
+    """Refuse a count below 1 (None: the default)."""
+    named = ((option("workers"), workers), (option("threads_per_worker"), threads_per_worker), (option("batch_size"), batch_size))
+    for name, value in named:
+        if value is not None and value < 1:
+            raise PoprtError(f"{name} must be >= 1, got {value}")
 
 
 def user_error(exc: BaseException) -> PoprtError | None:

@@ -156,14 +156,15 @@ def test_a_dataset_without_text_fails_with_the_worker_s_one_line(cluster, column
 @pytest.mark.parametrize(
     "address, message",
     [
-        ("127.0.0.1:1", "error: cannot reach the Ray cluster at '127.0.0.1:1' (Connection refused); check the head's address (`ray start --head` prints it) or pass --ray local\n"),
-        ("ray://127.0.0.1:1", "error: cannot reach the Ray cluster at 'ray://127.0.0.1:1' (Connection refused); check the head's address (`ray start --head` prints it) or pass --ray local\n"),
+        ("127.0.0.1:1", "error: cannot reach the Ray cluster at '127.0.0.1:1' (Connection refused); check the head's address (`ray start` prints it on the head) or pass --ray local\n"),
+        ("ray://127.0.0.1:1", "error: cannot reach the Ray cluster at 'ray://127.0.0.1:1' (Connection refused); check the head's address (`ray start` prints it on the head) or pass --ray local\n"),
         ("head-node", "error: 'head-node' is not a Ray address; pass --ray auto, local, HOST:PORT of the cluster's head or ray://HOST:PORT\n"),
+        ("local --batch_size 0", "error: --batch_size must be >= 1, got 0\n"),
     ],
 )
-def test_an_unreachable_ray_address_is_refused_at_once(tmp_path, capsys, address, message):
+def test_a_bad_ray_address_or_count_is_refused_at_once(tmp_path, capsys, address, message):
     (tmp_path / "c.txt").write_text("hello\n")
-    code = main(["embed", MODEL, "--tokenizer", TOKENIZER, "--input", str(tmp_path / "c.txt"), "--output", str(tmp_path / "out"), "--ray", address])
+    code = main(["embed", MODEL, "--tokenizer", TOKENIZER, "--input", str(tmp_path / "c.txt"), "--output", str(tmp_path / "out"), "--ray", *address.split()])
     stdout, err = capsys.readouterr()
     assert (code, stdout, err) == (2, "", message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]
