@@ -9,10 +9,13 @@ request order (`pack_tail`). The model's other readers of the mask (DeBERTa mult
 embeddings by it; an output echoing it) get its 0/1 view `Min(attention_mask, 1)`, the padding mask
 the model was written for.
 
-Score terms other than the mask (a relative-position bias, DeBERTa's c2p/p2c) stay as they are,
-computed on the packed row: for two tokens of one request the row gives them the same relative
-position as the request alone, and the mask hides the other pairs. A term that uses absolute
-positions in the row is refused, naming the node.
+Only the terms proven to be the padding mask alone are replaced (`patterns/mask_terms.py`). Every
+other score term stays as it is, computed on the packed row (reading the 0/1 mask where it reads
+the mask): a relative-position bias, DeBERTa's c2p/p2c, a sliding-window band or a causal mask
+combined with the padding mask. For two tokens of one request the row gives them the same relative
+position as the request alone, and the segment mask hides the other pairs. A term that is not the
+same for a request anywhere in a row as for the request alone (it uses absolute positions, or a
+table indexed by them) is refused, naming the node.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from poprt_lite.passes import pack_tail
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
 from poprt_lite.passes import packing
-from poprt_lite.patterns.attention import apply_mask, attention_cone, relative_position_sources, token_content
+from poprt_lite.patterns import mask_terms
+from poprt_lite.patterns.attention import apply_mask, attention_cone, relative_position_sources
 from poprt_lite.patterns.layout import token_dims
 from poprt_lite.patterns.pooling import PoolingHead, PoolKind
 from poprt_lite.runtime import modes
@@ -51,10 +55,10 @@ class AttentionMaskPacking(Pass):
         setup = packing.prepare(graph, ctx, self.options, self.name, one_row=True)
         if setup.attention_mask is None:
             raise PoprtError(f"{self.name} needs an '{self.options.attention_mask_name}' input to carry the segment ids")
-        dims = token_dims(graph, self.options.input_name)
+        dims = setup.dims
         cone = attention_cone(graph, setup.blocks)
         tail = {id(n) for n in graph.nodes if id(n) not in cone}
-        _refuse_absolute_positions(graph, setup, self.options)
+        _refuse_row_dependent_terms(graph, setup)
         mask_dtype = _mask_dtype(setup.blocks[0].scores.outputs[0])
         segment_mask = gs.Variable("segment_attention_mask", dtype=onnx.helper.tensor_dtype_to_np_dtype(mask_dtype))
         graph.nodes.append(
@@ -117,17 +121,35 @@ def _mask_dtype(scores: gs.Tensor) -> int:
     return onnx.TensorProto.FLOAT16 if scores.dtype == np.float16 else onnx.TensorProto.FLOAT
 
 
-def _refuse_absolute_positions(graph: gs.Graph, setup: packing.PackSetup, options: packing.PackOptions) -> None:
-    """A score term computed from positions in the row is right for the tokens of one request only
-    if it sees those positions as differences (relative positions); the others would need each
-    request's own positions, which only mode=unpack_repack recomputes."""
-    content = token_content(graph, [options.input_name])
+def _refuse_row_dependent_terms(graph: gs.Graph, setup: packing.PackSetup) -> None:
+    """Every score term the packed row keeps must be right for the tokens of one request wherever
+    the request lies in the row: positions it sees only as differences are (relative positions, a
+    band, a causal mask); absolute positions in the row are not, and only mode=unpack_repack
+    recomputes a term on each request's own positions. Terms that read no activations are checked
+    by value (`mask_terms.check_shift_invariant`); the others (DeBERTa's c2p) by structure."""
+    declared = tuple(setup.input_ids.shape[:2])
     for block in setup.blocks:
         for term in block.terms:
             for bias in term.biases:
-                sources = relative_position_sources(bias, content)
+                sources = relative_position_sources(bias, setup.content)
                 if sources:
                     raise PoprtError(
                         f"{MODE} packing cannot keep the score term that node '{term.node.name}' adds before Softmax '{block.softmax.name}': "
                         f"it uses absolute positions in the row (node '{sources[0].name}' ({sources[0].op})), which do not restart at each request; use {option('pack_args')} mode=unpack_repack"
                     )
+                if not mask_terms.reads_content(bias, setup.content):
+                    if mask_terms.shift_invariant(graph, bias, setup.attention_mask, declared, setup.row, setup.content) is False:
+                        raise PoprtError(_refusal(block, term.node, bias, setup.content))
+        for node, tensor in block.combined:
+            if mask_terms.reads_content(tensor, setup.content) or not mask_terms.shift_invariant(graph, tensor, setup.attention_mask, declared, setup.row, setup.content):
+                raise PoprtError(_refusal(block, node, tensor, setup.content, combined=True))
+
+
+def _refusal(block, node: gs.Node, tensor: gs.Tensor, content: set[int], combined: bool = False) -> str:
+    what, verb = ("the score term", "adds") if node.op == "Add" else ("the attention mask", "applies")
+    made_of = "it combines the padding mask with" if combined else "it is"
+    return (
+        f"{MODE} packing cannot keep {what} that node '{node.name}' ({node.op}) {verb} before Softmax '{block.softmax.name}': "
+        f"{made_of} {mask_terms.describe(tensor, content)}, which is not the same for a request placed later in a packed row "
+        f"as for the request alone; use {option('pack_args')} mode=unpack_repack, which recomputes it on each request's own row"
+    )

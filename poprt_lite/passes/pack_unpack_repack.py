@@ -36,6 +36,7 @@ from poprt_lite.patterns.layout import TokenAxes, token_dims
 from poprt_lite.patterns.pooling import PoolingHead
 
 MODE = modes.UNPACK_REPACK.name
+UNPACKED_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.float16, np.int32, np.int64))  # Unpack's types
 
 
 @register_pass("pack_unpack_repack")
@@ -48,7 +49,7 @@ class PackUnpackRepack(Pass):
         setup = packing.prepare(graph, ctx, self.options, self.name)
         if any(t.name == UNPACK_INFO for t in graph.inputs):
             raise PoprtError(f"model already has an '{UNPACK_INFO}' input; it is packed already")
-        dims = token_dims(graph, self.options.input_name)
+        dims = setup.dims
         cone = attention_cone(graph, setup.blocks)  # once: it walks the whole graph
         tail = [n for n in graph.nodes if id(n) not in cone]
         rewriter = _Rewriter(graph, self.options, setup.input_ids, dims)
@@ -158,7 +159,14 @@ class _Rewriter(pack_tail.TailPlacement):
 
     def unpack(self, tensor: gs.Tensor) -> gs.Tensor:
         if tensor.name not in self.unpacked:
-            self.unpacked[tensor.name] = self._unpack_node(tensor, f"{tensor.name}_unpacked")
+            dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else None
+            if dtype is None or dtype in UNPACKED_DTYPES:
+                self.unpacked[tensor.name] = self._unpack_node(tensor, f"{tensor.name}_unpacked")
+            else:  # a boolean or narrow mask a kept mask term reads: unpacked as int32, cast back
+                wide = self._node("Cast", [tensor], f"{tensor.name}_int32", np.int32, {"to": onnx.TensorProto.INT32})
+                rows = self._unpack_node(wide, f"{tensor.name}_unpacked_int32")
+                to = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+                self.unpacked[tensor.name] = self._node("Cast", [rows], f"{tensor.name}_unpacked", dtype, {"to": to})
         return self.unpacked[tensor.name]
 
     def refusal(self, node: gs.Node, why: str) -> str:

@@ -14,7 +14,9 @@ import onnx_graphsurgeon as gs
 from poprt_lite import vocab
 from poprt_lite.errors import PoprtError, option
 from poprt_lite.passes.base import PassContext
-from poprt_lite.patterns.attention import AttentionBlock, find_attention_blocks
+from poprt_lite.patterns import mask_terms
+from poprt_lite.patterns.attention import AttentionBlock, find_attention_blocks, token_content
+from poprt_lite.patterns.layout import TokenAxes, token_dims
 from poprt_lite.runtime import modes
 from poprt_lite.vocab import Layout, MetaKey, PackSpec, Role
 
@@ -41,11 +43,16 @@ class PackSetup:
     input_ids: gs.Variable
     attention_mask: gs.Variable | None
     blocks: list[AttentionBlock]
+    dims: TokenAxes
+    content: set[int]  # ids of the activations (`token_content`)
+    row: int  # the longest row a request is attended on: the packed row (one_row) or segment_max_size
 
 
 def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: str, one_row: bool = False) -> PackSetup:
-    """Check that `graph` can be packed with `options`; find its attention blocks. `one_row`: a
-    request lies inside one row, so a static row length bounds segment_max_size."""
+    """Check that `graph` can be packed with `options`; find its attention blocks and prove which of
+    their mask terms are the padding mask alone (`patterns/mask_terms.py`: only those may be
+    replaced). `one_row`: a request lies inside one row, so a static row length bounds
+    segment_max_size, and the row is what attention sees."""
     for key in ("max_valid_num", "segment_max_size"):
         if getattr(options, key) <= 0:
             raise PoprtError(f"{pass_name} needs {key} > 0 ({option('pack_args')} {key}=N)")
@@ -70,7 +77,12 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
         raise PoprtError(
             f"{pass_name} needs '{options.position_ids_name}' as a model input: run export_position_ids before it ({option('pack_args')} does), and if that finds no position-id computation, export the model with a '{options.position_ids_name}' input"
         )
-    return PackSetup(inputs[options.input_name], inputs.get(options.attention_mask_name), blocks)
+    row = seq[0] if one_row and seq and isinstance(seq[0], int) and seq[0] > 0 else options.segment_max_size
+    dims = token_dims(graph, options.input_name)
+    content = token_content(graph, [options.input_name])
+    mask = inputs.get(options.attention_mask_name)
+    mask_terms.prove_padding_masks(graph, blocks, mask, tuple(inputs[options.input_name].shape[:2]), row, content)
+    return PackSetup(inputs[options.input_name], mask, blocks, dims, content, row)
 
 
 def _relative_positions_only(graph: gs.Graph, options: PackOptions, blocks: list[AttentionBlock]) -> bool:

@@ -47,7 +47,7 @@ class TokenStreamPacking(Pass):
             )
         if any(t.name == UNPACK_INFO for t in graph.inputs):
             raise PoprtError(f"model already has an '{UNPACK_INFO}' input; it is packed already")
-        dims = token_dims(graph, self.options.input_name)
+        dims = setup.dims
         _check_dynamic(setup.input_ids, dims)
         cone = attention_cone(graph, setup.blocks)  # once: it walks the whole graph
         tail = [n for n in graph.nodes if id(n) not in cone]

@@ -12,10 +12,13 @@ The score path is any chain of
 Q, K and V may be `[batch, heads, seq, head_dim]` or `[batch*heads, seq, head_dim]` (DeBERTa): the
 Softmax input must be `[batch, heads, seq, seq]`.
 
-A summand is a *mask* when it reads one of the padding-mask inputs by value (not only its shape)
-without going through the activations (`token_content`: what depends on the token ids by value);
-every other summand is a *bias*. Biases
-stay: `relative_position_sources` tells whether a bias sees positions in the row only as differences
+A summand *reads the mask* when it reads one of the padding-mask inputs by value (not only its
+shape) without going through the activations (`token_content`: what depends on the token ids by
+value); every other summand is a *bias*. Which of the mask-reading summands (and which Where
+conditions) are the padding mask and nothing else is proven by evaluating them
+(`patterns/mask_terms.py`): only those are `masks`, the terms `apply_mask` may drop; a summand that
+combines the padding mask with more (a sliding-window band, a causal mask) is `combined` and stays.
+Biases stay: `relative_position_sources` tells whether a bias sees positions in the row only as differences
 (then packed rows keep it right for the pairs of one request); `passes/attention_rows.py` recomputes
 a block with everything it reads (biases included) on per-request rows.
 
@@ -59,11 +62,18 @@ class ScoreTerm:
     node: gs.Node
     index: int
     summands: list[gs.Tensor]
-    masks: list[gs.Tensor]  # the summands that are padding masks
+    mask_readers: list[gs.Tensor]  # the summands that read the padding mask
+    masks: list[gs.Tensor] = field(default_factory=list)  # of those, the ones proven to be the padding mask alone
 
     @property
     def biases(self) -> list[gs.Tensor]:
-        return [t for t in self.summands if not any(t is m for m in self.masks)]
+        """The summands that do not read the padding mask (relative-position bias, c2p, p2c)."""
+        return [t for t in self.summands if not any(t is m for m in self.mask_readers)]
+
+    @property
+    def combined(self) -> list[gs.Tensor]:
+        """The summands that read the padding mask and are not (proven to be) the padding mask alone."""
+        return [t for t in self.mask_readers if not any(t is m for m in self.masks)]
 
 
 @dataclass
@@ -74,6 +84,7 @@ class AttentionBlock:
     path: list[gs.Node] = field(default_factory=list)  # score MatMul -> Softmax, Softmax side first
     terms: list[ScoreTerm] = field(default_factory=list)
     where_masks: list[gs.Node] = field(default_factory=list)  # Where(keep, scores, fill) on the path
+    padding_wheres: list[gs.Node] = field(default_factory=list)  # of those, the ones proven to mask padding alone
 
     @property
     def query(self) -> gs.Tensor:
@@ -94,7 +105,15 @@ class AttentionBlock:
 
     @property
     def masked(self) -> bool:
-        return bool(self.where_masks or any(term.masks for term in self.terms))
+        """Is one of its masks proven to be the padding mask (`mask_terms.prove_padding_masks`)?"""
+        return bool(self.padding_wheres or any(term.masks for term in self.terms))
+
+    @property
+    def combined(self) -> list[tuple[gs.Node, gs.Tensor]]:
+        """What masks the scores besides the padding mask, as (node, tensor): the `combined` summands
+        of the terms (node: the Add) and the conditions of the Wheres not proven to mask padding alone."""
+        wheres = [(n, n.inputs[0]) for n in self.where_masks if not any(n is w for w in self.padding_wheres)]
+        return [(term.node, t) for term in self.terms for t in term.combined] + wheres
 
 
 def find_attention_blocks(graph: gs.Graph, mask_inputs: Iterable[str] = (), token_inputs: Iterable[str] = ()) -> list[AttentionBlock]:
@@ -224,8 +243,8 @@ def _read_terms(block: AttentionBlock, content: set[int], mask_inputs: set[str])
                 if writer is not None and id(writer) in on_path:
                     continue
                 summands = _summands(tensor)
-                masks = [t for t in summands if _reads_inputs(t, content) & mask_inputs]
-                block.terms.append(ScoreTerm(node, index, summands, masks))
+                readers = [t for t in summands if _reads_inputs(t, content) & mask_inputs]
+                block.terms.append(ScoreTerm(node, index, summands, readers))
 
 
 def _summands(tensor: gs.Tensor) -> list[gs.Tensor]:
@@ -267,12 +286,14 @@ def _dag(graph: gs.Graph) -> nx.DiGraph:
 
 
 def apply_mask(graph: gs.Graph, block: AttentionBlock, mask: gs.Tensor) -> None:
-    """Mask the block's scores with the additive `mask` instead of whatever masks it had.
+    """Mask the block's scores with the additive `mask` instead of the padding mask they had.
 
-    Masks on the path are taken out (a Where is bypassed, a mask summand dropped from its term) and
-    `mask` is added to the Softmax input; the old mask computations are left dead, for the clean-up.
+    Only what is proven to be the padding mask alone (`mask_terms.prove_padding_masks`) is taken out
+    (a Where bypassed, a summand dropped from its term); whatever else masks the scores (`combined`)
+    stays, and `mask` is added to the Softmax input. The old mask computations are left dead, for
+    the clean-up.
     """
-    for node in block.where_masks:
+    for node in block.padding_wheres:
         keep = next(t for t in node.inputs[1:] if not is_constant(t))
         ir.replace_all_uses(node.outputs[0], keep)
     for term in block.terms:

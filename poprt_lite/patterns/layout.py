@@ -105,10 +105,12 @@ def token_dims(graph: gs.Graph, input_name: str) -> TokenAxes:
     dims = tuple(token_input.shape[:2])
     static = all(isinstance(d, int) and d > 0 for d in dims)
     probe = tuple(int(d) for d in dims) if static else PROBE_DIMS
-    return TokenAxes(dims, probe, _probe_shapes(graph, dims, probe))
+    return TokenAxes(dims, probe, probe_shapes(graph, dims, probe))
 
 
-def _probe_shapes(graph: gs.Graph, dims: tuple, probe: tuple[int, int]) -> dict[str, tuple]:
+def probe_shapes(graph: gs.Graph, dims: tuple, probe: tuple[int, int]) -> dict[str, tuple]:
+    """Every tensor's shape (None for unknown dims) when the inputs leading with the token input's
+    declared `dims` get the concrete sizes `probe`, by shape inference on the weightless structure."""
     copy = graph.copy()
     for tensor in copy.inputs:
         if tensor.shape is not None and tuple(tensor.shape[:2]) == dims:

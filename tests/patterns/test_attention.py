@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import model_path
 from poprt_lite import ir
 from poprt_lite.errors import PoprtError
+from poprt_lite.patterns import mask_terms
 from poprt_lite.patterns.attention import (
     KEY_HEADS,
     QUERY_HEADS,
@@ -118,10 +119,15 @@ def score_term_model(term: str) -> onnx.ModelProto:
     return model
 
 
-def blocks_of(model: onnx.ModelProto):
+def blocks_of(model: onnx.ModelProto, longest: int = 16):
+    """The attention blocks, with their padding masks proven on requests of up to `longest` tokens."""
     graph = ir.to_graph(model)
     ir.infer_shapes_in_place(graph)
-    return graph, find_attention_blocks(graph, ["attention_mask"], ["input_ids"])
+    blocks = find_attention_blocks(graph, ["attention_mask"], ["input_ids"])
+    inputs = {t.name: t for t in graph.inputs}
+    content = token_content(graph, ["input_ids"])
+    mask_terms.prove_padding_masks(graph, blocks, inputs.get("attention_mask"), tuple(inputs["input_ids"].shape[:2]), longest, content)
+    return graph, blocks
 
 
 @pytest.mark.parametrize("name", ["bert_qa_torchscript", "bert_qa_dynamo", "roberta_qa", "distilbert_qa", "xlmr_sdpa", "xlmr_sdpa_dynamo"])
