@@ -101,6 +101,7 @@ class MetaKey(_Word):
     vocab_size = "vocab_size"  # rows of the token embedding table
     precision = "precision"  # fp32 | fp16
     rows = "rows"  # the most rows of a batch whose row dim is dynamic (--dynamic_rows: --input_shape's B)
+    attention_masks = "attention_masks"  # JSON: per attention block (its Softmax), the mask terms replaced and kept
 
 
 ROLE_PREFIX = "role."

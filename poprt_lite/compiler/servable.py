@@ -47,6 +47,11 @@ def export_artifact(path: str | os.PathLike, model: onnx.ModelProto | ir.Model, 
 def _postconditions(model: onnx.ModelProto, source: str | os.PathLike | None) -> None:
     """The postconditions of packing, each with its fix."""
     meta = ir.get_metadata(model)
+    if MetaKey.attention_masks.value not in meta:
+        raise PoprtError(
+            "the packed model has no record of how its attention masks were packed (a packing pass must end with "
+            "packing.account_masks); convert the original model with poprt-lite's packing passes"
+        )
     spec = vocab.pack_spec_of(meta)
     shapes = {
         value.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value.type.tensor_type.shape.dim]

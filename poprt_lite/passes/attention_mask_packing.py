@@ -72,6 +72,7 @@ class AttentionMaskPacking(Pass):
         )
         for block in setup.blocks:
             apply_mask(graph, block, segment_mask)
+        packing.account_masks(ctx, setup.blocks, lambda block: block.softmax)
         placement = _Placement(graph, self.options.max_valid_num, self.options.segment_max_size, setup.attention_mask)
         layouts = pack_tail.place_tail(graph, tail, dims, setup.attention_mask, placement)
         placement.zero_one_mask()

@@ -31,7 +31,7 @@ from poprt_lite.runtime import modes
 from poprt_lite.vocab import UNPACK_INFO, Layout, Role
 from poprt_lite.passes import packing
 from poprt_lite.passes.attention_rows import RowRebuilder
-from poprt_lite.patterns.attention import AttentionBlock, apply_mask, attention_cone
+from poprt_lite.patterns.attention import AttentionBlock, apply_mask, attention_cone, producer
 from poprt_lite.patterns.layout import TokenAxes, token_dims
 from poprt_lite.patterns.pooling import PoolingHead
 
@@ -55,6 +55,7 @@ class PackUnpackRepack(Pass):
         rewriter = _Rewriter(graph, self.options, setup.input_ids, dims)
         for block in setup.blocks:
             rewriter.rewrite_block(block)
+        packing.account_masks(ctx, setup.blocks, rewriter.softmax_on_rows, rewriter.on_rows)
         layouts = rewriter.rewrite_tail(tail, dims)
         vocab.set_role(ctx.metadata, UNPACK_INFO, Role.unpack_info)
         packing.record(ctx, MODE, self.options, layouts)
@@ -124,6 +125,14 @@ class _Rewriter(pack_tail.TailPlacement):
         end = self.rebuilder.end_of(block)
         packed = self.repack(self.rebuilder.rows_of(end), f"{end.name}_repacked")
         ir.replace_all_uses(end, packed)
+
+    def on_rows(self, tensor: gs.Tensor) -> gs.Tensor:
+        """What a rewritten block reads in place of `tensor`: its twin on rows, if it was recomputed."""
+        return self.rebuilder.twins.get(id(tensor), tensor)
+
+    def softmax_on_rows(self, block: AttentionBlock) -> gs.Node:
+        """The Softmax that computes `block` on rows once it is rewritten."""
+        return producer(self.on_rows(block.softmax.outputs[0]))
 
     def row_dims(self) -> gs.Tensor:
         """`rows` as an int64 [2] tensor: constant when static; when the rows follow the batch, one

@@ -7,11 +7,13 @@ model a whole pipeline made can be served is the compiler's check (compiler/serv
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from poprt_lite import vocab
+from poprt_lite import ops, vocab
 from poprt_lite.errors import PoprtError, option
 from poprt_lite.passes.base import PassContext
 from poprt_lite.patterns import mask_terms
@@ -104,6 +106,48 @@ def record(ctx: PassContext, mode: str, options: PackOptions, layouts: dict[str,
     vocab.set_role(ctx.metadata, options.attention_mask_name, Role.attention_mask)
     for name, layout in layouts.items():
         vocab.set_layout(ctx.metadata, name, layout)
+
+
+def account_masks(ctx: PassContext, blocks: list[AttentionBlock], softmax_of: Callable[[AttentionBlock], gs.Node], twin: Callable[[gs.Tensor], gs.Tensor] = lambda t: t) -> None:
+    """The guard every packing pass ends with: each attention block (the Softmax that now computes
+    it: `softmax_of(block)`) must be masked by packing's own mask (AttentionMask / PaddingMask), and
+    must still read every mask term that was not proven to be the padding mask alone (`twin(t)`: the
+    term as the pass placed it, e.g. recomputed on rows). Records what was replaced and kept
+    (`MetaKey.attention_masks`), which `check_servable` requires of a packed model."""
+    accounts = {}
+    for block in blocks:
+        softmax = softmax_of(block)
+        nodes, tensors = _ancestors(softmax.inputs[0])
+        if not any(n.domain == ops.DOMAIN and n.op in PACKING_MASKS for n in nodes):
+            raise PoprtError(f"packing left attention at Softmax '{block.softmax.name}' without a packing mask; refusing to write a model whose requests would see each other")
+        kept = []
+        for node, tensor in block.combined:
+            if id(twin(tensor)) not in tensors:
+                raise PoprtError(
+                    f"packing dropped the mask term that node '{node.name}' ({node.op}) applies before Softmax '{block.softmax.name}'; "
+                    "it is not the padding mask alone, so the packed model would answer wrongly"
+                )
+            kept.append(node.name)
+        replaced = [t.node.name for t in block.terms if t.masks] + [n.name for n in block.padding_wheres]
+        accounts[block.softmax.name] = {"replaced": replaced, "kept": kept}
+    ctx.metadata[MetaKey.attention_masks.value] = json.dumps(accounts, sort_keys=True)
+
+
+PACKING_MASKS = ("AttentionMask", "PaddingMask")
+
+
+def _ancestors(tensor: gs.Tensor) -> tuple[list[gs.Node], set[int]]:
+    """The nodes `tensor` is computed from, and the ids of the tensors on the way."""
+    nodes, seen, stack = [], set(), [tensor]
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if t.inputs:
+            nodes.append(t.inputs[0])
+            stack.extend(t.inputs[0].inputs)
+    return nodes, seen
 
 
 def row_too_short(segment_max_size: int, name: str, dims: list, mode: str) -> str:

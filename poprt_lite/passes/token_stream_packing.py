@@ -54,6 +54,7 @@ class TokenStreamPacking(Pass):
         rewriter = _StreamRewriter(graph, self.options, setup.input_ids)
         for block in setup.blocks:
             rewriter.rewrite_block(block)
+        packing.account_masks(ctx, setup.blocks, rewriter.softmax_on_rows, rewriter.on_rows)
         layouts = rewriter.rewrite_tail(tail, dims)
         _pin_stream(graph, dims, layouts)
         vocab.set_role(ctx.metadata, UNPACK_INFO, Role.unpack_info)
