@@ -49,7 +49,7 @@ MIN = torch.finfo(torch.float32).min
 class Layer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.qkv = nn.Linear(HIDDEN, 3 * HIDDEN)
+        self.q, self.k, self.v = nn.Linear(HIDDEN, HIDDEN), nn.Linear(HIDDEN, HIDDEN), nn.Linear(HIDDEN, HIDDEN)
         self.out = nn.Linear(HIDDEN, HIDDEN)
         self.norm = nn.LayerNorm(HIDDEN)
         self.ffn = nn.Sequential(nn.Linear(HIDDEN, 2 * HIDDEN), nn.GELU(), nn.Linear(2 * HIDDEN, HIDDEN))
@@ -57,7 +57,7 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, additive: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, HEADS, HIDDEN // HEADS).permute(2, 0, 3, 1, 4)
+        q, k, v = (proj(x).view(b, s, HEADS, HIDDEN // HEADS).transpose(1, 2) for proj in (self.q, self.k, self.v))
         scores = q @ k.transpose(-1, -2) / (HIDDEN // HEADS) ** 0.5
         if additive is not None:
             scores = scores + additive
