@@ -118,7 +118,6 @@ def evaluate(graph: gs.Graph, tensors: list[gs.Tensor], mask: gs.Variable, masks
     shape inference for the probe; sizes of what the cone computes itself are computed."""
     import onnxruntime as ort  # deferred: matching alone needs no session
 
-    shapes = probe_shapes(graph, dims, masks.shape)
     copy = graph.copy()
     by_name = copy.tensors()
     targets = [by_name[t.name] for t in tensors]
@@ -132,9 +131,10 @@ def evaluate(graph: gs.Graph, tensors: list[gs.Tensor], mask: gs.Variable, masks
     inputs = {t.name for t in copy.inputs}
     if any(t.name in inputs and t.name != mask.name for t in reached):
         return None
+    shapes: dict[str, tuple] = {}
     for node in [n for n in copy.nodes if id(n) in nodes and n.op in SIZE_OPS and n.inputs[0].name in outside]:
         source = node.inputs[0]
-        shape = masks.shape if source.name == mask.name else shapes.get(source.name)
+        shape = _probe_shape(graph, source, dims, masks.shape, shapes)
         if shape is None or None in shape:
             return None
         value = np.asarray(shape, np.int64)
@@ -162,6 +162,16 @@ def evaluate(graph: gs.Graph, tensors: list[gs.Tensor], mask: gs.Variable, masks
         return session.run(None, {mask.name: masks})
     except Exception:  # an op onnxruntime cannot run alone, a size inference missed: unproven
         return None
+
+
+def _probe_shape(graph: gs.Graph, tensor: gs.Tensor, dims: tuple, probe: tuple[int, int], shapes: dict[str, tuple]) -> tuple | None:
+    """`tensor`'s shape in the probe: a graph input leading with the token dims directly, any other
+    tensor by shape inference (`probe_shapes`, run once per probe into `shapes`)."""
+    if tensor.name in {t.name for t in graph.inputs} and tensor.shape is not None and tuple(tensor.shape[:2]) == dims:
+        return (*probe, *tensor.shape[2:])
+    if not shapes:
+        shapes.update(probe_shapes(graph, dims, probe))
+    return shapes.get(tensor.name)
 
 
 def _value_cone(tensor: gs.Tensor, sizes_through=lambda t: False) -> tuple[list[gs.Node], list[gs.Tensor]]:
