@@ -22,6 +22,9 @@ Layer 0 of each is a plain encoder layer under the additive padding mask. Every 
   ModernBertModel (rotary positions; layer 0 global, layer 1 local with a window of 16 tokens, shorter
   than the test sequences), exported with a ``position_ids`` input, plus mean pooling: the model of
   the silent wrong answer packing once gave.
+* ``modernbert_rotary_torchscript.onnx`` / ``modernbert_rotary_dynamo.onnx`` - the same model exported
+  as people do, without a ``position_ids`` input: the rotary angles are computed from
+  ``arange(seq)`` inside the graph.
 
 Tiny (hidden 32 or 64, vocab 1000), random weights after ``torch.manual_seed(0)``. After each export
 the script compares onnxruntime with PyTorch on a padded batch (< 1e-4). Needs ``pip install
@@ -102,6 +105,8 @@ class MaskedEncoder(nn.Module):
 
 
 class ModernBertMean(nn.Module):
+    """ModernBertModel + mean pooling; `forward(input_ids, attention_mask[, position_ids])`."""
+
     def __init__(self) -> None:
         super().__init__()
         from transformers import ModernBertConfig, ModernBertModel
@@ -114,7 +119,7 @@ class ModernBertMean(nn.Module):
         config._attn_implementation = "eager"
         self.model = ModernBertModel(config).eval()
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids=None):
         x = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         weights = attention_mask[:, :, None].float()
         return x, (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
@@ -130,23 +135,25 @@ def example(lengths=(40, 25), seq: int = 40) -> tuple[torch.Tensor, ...]:
     return ids, mask, positions
 
 
-def export(module: nn.Module, path: Path, dynamo: bool) -> None:
-    args = example()
+def export(module: nn.Module, path: Path, dynamo: bool, inputs: int = 3) -> None:
+    """Export with the first `inputs` of (input_ids, attention_mask, position_ids)."""
+    args = example()[:inputs]
+    names = dict(NAMES, input_names=NAMES["input_names"][:inputs])
     if dynamo:
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=POSITIONS)
-        shapes = {name: {0: batch, 1: seq} for name in NAMES["input_names"]}
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=18, dynamic_shapes=shapes, **NAMES)
+        shapes = {name: {0: batch, 1: seq} for name in names["input_names"]}
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=18, dynamic_shapes=shapes, **names)
         program.save(str(path), external_data=False)
     else:
-        axes = {name: {0: "batch", 1: "seq"} for name in NAMES["input_names"]}
-        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, dynamic_axes=axes, **NAMES)
-    check(module, path)
+        axes = {name: {0: "batch", 1: "seq"} for name in names["input_names"]}
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, dynamic_axes=axes, **names)
+    check(module, path, inputs)
 
 
-def check(module: nn.Module, path: Path) -> None:
+def check(module: nn.Module, path: Path, inputs: int) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for lengths, seq in (((40, 25), 40), ((7, 30, 12), 30)):
-        args = example(lengths, seq)
+        args = example(lengths, seq)[:inputs]
         with torch.no_grad():
             want = module(*args)
         got = session.run(None, dict(zip(NAMES["input_names"], (a.numpy() for a in args))))
@@ -170,7 +177,9 @@ def main() -> int:
     torch.manual_seed(0)
     modernbert = ModernBertMean().eval()
     for dynamo in (False, True):
-        export(modernbert, HERE / f"modernbert_window_{'dynamo' if dynamo else 'torchscript'}.onnx", dynamo)
+        exporter = "dynamo" if dynamo else "torchscript"
+        export(modernbert, HERE / f"modernbert_window_{exporter}.onnx", dynamo)
+        export(modernbert, HERE / f"modernbert_rotary_{exporter}.onnx", dynamo, inputs=2)
     return 0
 
 

@@ -3,7 +3,8 @@
 Exporters compute the ids fed to the position-embedding Gather inside the graph: a slice of a
 constant buffer driven by `Shape(input_ids)` (TorchScript BERT), a Range (DistilBERT, dynamo), or a
 cumulative sum over the non-padding tokens plus `padding_idx` (RoBERTa). Whatever the subgraph, it
-is found from the embedding sum: the word-embedding Gather reads `input_ids`; the Adds that its
+is found from the embedding sum (rotary encoders, which have no position table, in
+`patterns/rotary.py`: the position row their Cos / Sin angles are computed from): the word-embedding Gather reads `input_ids`; the Adds that its
 output flows into also receive the position-embedding Gather, the one with the largest table among
 those whose indices are computed in the graph. The subgraph is then evaluated once on a probe
 request to learn the offset of the first position (2 for RoBERTa), which is recorded in the model
@@ -15,12 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from poprt_lite import ir, vocab
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
+from poprt_lite.patterns.attention import token_content
+from poprt_lite.patterns.rotary import find_rotary_positions
 from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import MetaKey, Role
 
@@ -56,7 +60,7 @@ class ExportPositionIds(Pass):
             return PassResult(changed=False, message=f"'{name}' is already an input")
         gather = embeddings.position
         if gather is None:
-            return PassResult(changed=False, message="no position-id computation found; model unchanged")
+            return self._export_rotary(graph, ctx)
         indices = gather.inputs[1]
         offset = _probe_offset(graph, indices, embeddings)
         input_ids = next(t for t in graph.inputs if t.name == self.options.input_name)
@@ -67,6 +71,29 @@ class ExportPositionIds(Pass):
         vocab.set_int(ctx.metadata, MetaKey.position_table_size, gather.inputs[0].shape[0])
         vocab.set_role(ctx.metadata, name, Role.position_ids)
         return PassResult(changed=True, message=f"'{indices.name}' -> input '{name}' (offset {offset})")
+
+    def _export_rotary(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """Rotary encoders: the position row their angles are computed from becomes the input."""
+        rotary = find_rotary_positions(graph, token_content(graph, [self.options.input_name]))
+        if rotary is None:
+            return PassResult(changed=False, message="no position-id computation found; model unchanged")
+        name = self.options.position_ids_name
+        input_ids = next(t for t in graph.inputs if t.name == self.options.input_name)
+        position_ids = gs.Variable(name, dtype=np.dtype(self.options.dtype), shape=list(input_ids.shape))
+        graph.inputs.append(position_ids)
+        source = position_ids
+        if rotary.positions.dtype is not None and np.dtype(rotary.positions.dtype) != position_ids.dtype:
+            source = gs.Variable(ir.unique_name(graph, f"{name}_cast"), dtype=rotary.positions.dtype)
+            to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(rotary.positions.dtype))
+            graph.nodes.append(gs.Node("Cast", inputs=[position_ids], outputs=[source], attrs={"to": to}))
+        for node in rotary.readers:
+            for i, tensor in enumerate(node.inputs):
+                if tensor is rotary.positions:
+                    node.inputs[i] = source
+        vocab.set_int(ctx.metadata, MetaKey.position_offset, 0)
+        vocab.set_role(ctx.metadata, name, Role.position_ids)
+        angles = ", ".join(f"'{n.name}'" for n in rotary.angles[:2])
+        return PassResult(changed=True, message=f"rotary positions '{rotary.positions.name}' (angles {angles}, ...) -> input '{name}'")
 
 
 def find_embeddings(graph: gs.Graph, input_name: str = vocab.INPUT_IDS) -> Embeddings:
