@@ -9,8 +9,7 @@ import pytest
 
 from conftest import TESTDATA, model_path
 from poprt_lite.apps.embed import Embedder
-from poprt_lite.cli.main import app
-from typer.testing import CliRunner
+from poprt_lite.cli.main import main
 
 MODEL = "modernbert_rotary_torchscript"
 TOKENIZER = TESTDATA / "tiny_tokenizer.json"
@@ -46,8 +45,7 @@ def test_poprt_lite_embed_on_modernbert(tmp_path):
     text = tmp_path / "in.txt"
     text.write_text("\n".join(SENTENCES[:4]) + "\n")
     out = tmp_path / "vectors.npy"
-    result = CliRunner().invoke(app, ["embed", str(model_path(MODEL)), "--tokenizer", str(TOKENIZER), "--input", str(text), "--output", str(out)])
-    assert result.exit_code == 0, result.output
+    assert main(["embed", str(model_path(MODEL)), "--tokenizer", str(TOKENIZER), "--input", str(text), "--output", str(out), "--quiet"]) == 0
     vectors = np.load(out)
     embedder = Embedder.from_model(model_path(MODEL), TOKENIZER)
     for request, got in zip(embedder.requests(SENTENCES[:4]), vectors, strict=True):
