@@ -127,13 +127,18 @@ def account_masks(ctx: PassContext, blocks: list[AttentionBlock], softmax_of: Ca
                     f"packing dropped the mask term that node '{node.name}' ({node.op}) applies before Softmax '{block.softmax.name}'; "
                     "it is not the padding mask alone, so the packed model would answer wrongly"
                 )
-            kept.append(node.name)
-        replaced = [t.node.name for t in block.terms if t.masks] + [n.name for n in block.padding_wheres]
-        accounts[block.softmax.name] = {"replaced": replaced, "kept": kept}
+            kept.append(_name(node))
+        replaced = [_name(t.node) for t in block.terms if t.masks] + [_name(n) for n in block.padding_wheres]
+        accounts[_name(block.softmax)] = {"replaced": replaced, "kept": kept}
     ctx.metadata[MetaKey.attention_masks.value] = json.dumps(accounts, sort_keys=True)
 
 
 PACKING_MASKS = ("AttentionMask", "PaddingMask")
+
+
+def _name(node: gs.Node) -> str:
+    """A node by its name, or by its output's where the exporter gave it none."""
+    return node.name or node.outputs[0].name
 
 
 def _ancestors(tensor: gs.Tensor) -> tuple[list[gs.Node], set[int]]:

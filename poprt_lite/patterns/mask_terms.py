@@ -9,7 +9,7 @@ masks in many ways (`(1 - m) * min`, masked_fill, sdpa's boolean masks gathered 
 proof is by value, not by op names.
 
 A term that reads no activations is a function of the padding-mask input and the sequence length
-only. `prove_padding_masks` evaluates every such term (onnxruntime, on the term's own cone; the
+only. `prove_padding_masks` evaluates every such term (onnx's reference evaluator, on the term's own cone; the
 Shape nodes in it get the sizes shape inference gives for the probe) on right-padded masks of many
 request lengths, at the longest length the packed model serves and at a shorter one. A summand is
 the padding mask when, for every real query, it is one value on the request's keys and at least
@@ -30,6 +30,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx.reference import ReferenceEvaluator
 
 from poprt_lite.errors import PoprtError
 from poprt_lite.patterns.attention import AttentionBlock, constant_array, is_constant, producer
@@ -116,8 +117,6 @@ def evaluate(graph: gs.Graph, tensors: list[gs.Tensor], mask: gs.Variable, masks
     `masks` [B, S], or None when they read another input by value or cannot be evaluated. The
     sizes of the activations (`content`) and of other inputs, which a Shape node may read, come from
     shape inference for the probe; sizes of what the cone computes itself are computed."""
-    import onnxruntime as ort  # deferred: matching alone needs no session
-
     copy = graph.copy()
     by_name = copy.tensors()
     targets = [by_name[t.name] for t in tensors]
@@ -155,12 +154,8 @@ def evaluate(graph: gs.Graph, tensors: list[gs.Tensor], mask: gs.Variable, masks
         del model.graph.output[:]  # exporters leave the types of intermediates to inference
         inferred = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
         model.graph.output.extend(onnx.helper.make_tensor_value_info(name, inferred.get(name, 0), None) for name in names)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session.run(None, {mask.name: masks})
-    except Exception:  # an op onnxruntime cannot run alone, a size inference missed: unproven
+        return ReferenceEvaluator(model).run(None, {mask.name: masks})
+    except Exception:  # an op the reference evaluator lacks (a contrib op), a size inference missed: unproven
         return None
 
 

@@ -94,6 +94,7 @@ def float_model() -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     ir.set_metadata(model, "pack", json.dumps({"mode": "attention_mask", "max_valid_num": N, "segment_max_size": S}))
+    ir.set_metadata(model, "attention_masks", "{}")  # no attention: no mask term to account for
     ir.set_metadata(model, "vocab_size", str(VOCAB))
     for name in OUTPUTS:
         ir.set_metadata(model, f"layout.{name}", "packed")

@@ -133,6 +133,7 @@ def build_fake_model(mode: str, batch: int, seq: int, max_valid_num: int, segmen
     onnx.checker.check_model(model)
     stored_mode = "unpack_repack" if mode == "unpack_repack" else "attention_mask"
     ir.set_metadata(model, "pack", json.dumps({"mode": stored_mode, "max_valid_num": N, "segment_max_size": L}))
+    ir.set_metadata(model, "attention_masks", "{}")  # no attention: no mask term to account for
     ir.set_metadata(model, "position_offset", str(position_offset))
     ir.set_metadata(model, "vocab_size", str(VOCAB))
     for name, layout in layouts.items():
