@@ -21,6 +21,7 @@ from conftest import TESTDATA, model_path
 from passes.test_pack_passes import MODES, packed
 from poprt_lite import ir, ops, runtime
 from poprt_lite.compiler import CompileOptions
+from poprt_lite.compiler.servable import check_servable
 from poprt_lite.errors import PassError, PoprtError
 from poprt_lite.passes import packing
 from poprt_lite.passes.base import PassContext
@@ -126,11 +127,11 @@ def test_the_guard_refuses_a_pass_that_drops_a_combined_term():
 
 def test_a_packed_model_without_the_mask_record_is_not_servable():
     model = packed("bert_qa_torchscript", PackMode.attention_mask.value)
-    packing.check_servable(model)
+    check_servable(model)
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
     kept = [p for p in stripped.metadata_props if not p.key.endswith(MetaKey.attention_masks.value)]
     del stripped.metadata_props[:]
     stripped.metadata_props.extend(kept)
     with pytest.raises(PoprtError, match=r"^the packed model has no record of how its attention masks were packed"):
-        packing.check_servable(stripped)
+        check_servable(stripped)
