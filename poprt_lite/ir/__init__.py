@@ -707,6 +707,22 @@ def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> None:
         replace_input(consumer, old, new)
 
 
+class FreshNames:
+    """Names no tensor of a graph has, each handed out once: for a pass that adds many tensors
+    (`unique_name` reads the whole graph on every call)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.taken = set(graph.tensors())
+
+    def __call__(self, name: str) -> str:
+        candidate, i = name, 0
+        while candidate in self.taken:
+            i += 1
+            candidate = f"{name}_{i}"
+        self.taken.add(candidate)
+        return candidate
+
+
 def unique_name(graph: gs.Graph, name: str) -> str:
     """`name`, or `name_1`, `name_2`, ...: the first that no tensor of `graph` has."""
     tensors = graph.tensors()

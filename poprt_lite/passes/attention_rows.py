@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from poprt_lite import ir
 from poprt_lite.errors import PoprtError
 from poprt_lite.patterns.attention import AttentionBlock
 
@@ -45,15 +46,7 @@ class RowRebuilder:
         self.unpack = unpack
         self.row_shape = row_shape
         self.twins: dict[int, gs.Tensor] = {}
-        self.names = set(graph.tensors())
-
-    def _fresh(self, name: str) -> str:
-        candidate, i = name, 0
-        while candidate in self.names:
-            i += 1
-            candidate = f"{name}_{i}"
-        self.names.add(candidate)
-        return candidate
+        self._fresh = ir.FreshNames(graph)
 
     def end_of(self, block: AttentionBlock) -> gs.Tensor:
         """The first per-token tensor after the block's context MatMul (heads merged back)."""

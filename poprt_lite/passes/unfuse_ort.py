@@ -146,7 +146,7 @@ class _Builder:
 
     def __init__(self, graph: gs.Graph) -> None:
         self.graph = graph
-        self.names = set(graph.tensors())
+        self.unique = ir.FreshNames(graph)
         self.masks: dict[tuple, gs.Variable] = {}
         self.positions: dict[int, gs.Variable] = {}
         self.prefix = ""
@@ -160,13 +160,6 @@ class _Builder:
             self.inferred = True
         return _rank(tensor)
 
-    def unique(self, name: str) -> str:
-        candidate, i = name, 0
-        while candidate in self.names:
-            i += 1
-            candidate = f"{name}_{i}"
-        self.names.add(candidate)
-        return candidate
 
     def op(self, op: str, inputs: list, attrs: dict | None = None, out: gs.Variable | None = None, dtype=None) -> gs.Variable:
         """One node of `op`; it writes `out` (an output of the fused node) or a new tensor."""
