@@ -175,8 +175,11 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float, warmup
                     response = await http.post("/embeddings", json={"input": [text], "model": "minilm", "encoding_format": "float"})
                     ok = response.status_code == 200
                     used = response.json()["usage"]["prompt_tokens"] if ok else 0
-                except httpx.HTTPError:
-                    ok, used = False, 0
+                    kind = None if ok else f"HTTP {response.status_code}: {response.text[:200]}"
+                except httpx.HTTPError as exc:
+                    ok, used, kind = False, 0, f"{type(exc).__name__}: {exc}"
+                if kind is not None:
+                    print(f"error from {url}: {kind}", file=sys.stderr, flush=True)
                 done = time.perf_counter()
                 calls += 1
                 if sent >= measure_from:

@@ -95,12 +95,12 @@ class Front:
         self.limits = limits
         workers = limits.workers or min(4, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="poprt-lite-serve")
-        self.metrics = Metrics(pending=lambda: self._loaded().runner.pending if self._loaded() else 0)
+        self.metrics = Metrics(pending=lambda: self._ready_engine.runner.pending if self._ready_engine else 0)
         self.draining = False
         self.calls = 0  # calls in flight (the drain waits for 0)
         self._inputs = 0  # inputs in flight (max_concurrent_requests bounds them)
         self._lock = threading.Lock()
-        self._listening: Engine | None = None
+        self._ready_engine: Engine | None = None  # set once the engine exists (the Future, if any, is done)
         if isinstance(engine, Future):
             engine.add_done_callback(lambda f: f.exception() is None and self._attach(f.result()))
         else:
@@ -108,23 +108,20 @@ class Front:
 
     def _attach(self, engine: Engine) -> None:
         engine.runner.batch_listeners.append(self.metrics.observe_batch)
-        self._listening = engine
-
-    def _loaded(self) -> Engine | None:
-        return self._listening
+        self._ready_engine = engine
 
     @property
     def engine(self) -> Engine:
         """The engine, or 503 while it loads (or if it failed to)."""
-        if self._listening is not None:
-            return self._listening
+        if self._ready_engine is not None:
+            return self._ready_engine
         if isinstance(self._engine, Future) and self._engine.done():
             raise ServeError(503, "unhealthy", f"the model failed to load: {one_line(self._engine.exception())}")
         raise ServeError(503, "unhealthy", "the model is loading; retry shortly")
 
     @property
     def ready(self) -> bool:
-        return self._listening is not None and not self.draining
+        return self._ready_engine is not None and not self.draining
 
     def begin_drain(self) -> None:
         """Refuse new calls (503) and turn /health to 503; calls in flight finish."""
@@ -187,18 +184,18 @@ class Front:
                     raise ServeError(424, "backend", one_line(error, with_type=False))
             content, media_type, *extra = await loop.run_in_executor(self.pool, respond, state, call)
         except ServeError as error:
-            return self._refuse(error, openai, method)
+            return self.refuse(error, openai)
         except ValidationError as error:
-            return self._refuse(ServeError(422, "validation", _validation_message(error)), openai, method)
+            return self.refuse(ServeError(422, "validation", _validation_message(error)), openai)
         except QueueFullError as error:
-            return self._refuse(ServeError(429, "overloaded", str(error), {"Retry-After": str(RETRY_AFTER_S)}), openai, method)
+            return self.refuse(ServeError(429, "overloaded", str(error), {"Retry-After": str(RETRY_AFTER_S)}), openai)
         except RequestError as error:
-            return self._refuse(ServeError(422, "validation", str(error)), openai, method)
+            return self.refuse(ServeError(422, "validation", str(error)), openai)
         except PoprtError as error:  # the runner is closed: the server is going away
-            return self._refuse(ServeError(503, "unhealthy", str(error)), openai, method)
+            return self.refuse(ServeError(503, "unhealthy", str(error)), openai)
         except Exception as error:  # a bug: logged with its traceback here, one line to the client
             log.exception("call to %s failed", request.url.path)
-            return self._refuse(ServeError(500, "backend", f"internal error ({one_line(error)})"), openai, method)
+            return self.refuse(ServeError(500, "backend", f"internal error ({one_line(error)})"), openai)
         finally:
             self.calls -= 1
             self.metrics.request_count.labels(method).inc()
@@ -225,7 +222,8 @@ class Front:
             })
         return Response(content, media_type=media_type, headers=headers)
 
-    def _refuse(self, error: ServeError, openai: bool, method: str) -> Response:
+    def refuse(self, error: ServeError, openai: bool = False) -> Response:
+        """The error's TEI response; counted in te_request_failure."""
         self.metrics.request_failure.labels(error.error_type).inc()
         return Response(error_body(error, openai), status_code=error.status, media_type="application/json", headers=error.headers)
 
@@ -402,7 +400,7 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
         try:
             data = front.engine.info()
         except ServeError as error:
-            return front._refuse(error, False, "single")
+            return front.refuse(error)
         limits = front.limits
         data.update({
             "max_concurrent_requests": limits.max_concurrent_requests,
@@ -418,7 +416,7 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
         if front.ready:
             return Response(status_code=200)
         error = ServeError(503, "unhealthy", "the server is shutting down" if front.draining else _loading(front))
-        return front._refuse(error, False, "single")
+        return front.refuse(error)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -430,11 +428,11 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
 
     oip.add_routes(app, front)
 
-    app.add_middleware(_BodyLimit, front=front)
+    app.add_middleware(_Gate, front=front)
     return app
 
 
-class _BodyLimit:
+class _Gate:
     """ASGI middleware: the API key (401) and the payload limit (413), before the app reads a byte
     more than it must. Health probes need no key."""
 

@@ -8,8 +8,8 @@ are engines too: `batcher="dynamic"` (TEI's CPU backend: the original model, bat
 longest, at most `max_batch_requests` requests and `max_batch_tokens` padded slots, no wait timer)
 and `batcher="single"` (the original model, one request at a time).
 
-Everything here is synchronous and thread-safe: the HTTP front calls `prepare` (tokenize, check,
-queue) and `assemble`-style reads from a thread pool, never on its event loop. A client call of n
+Everything here is synchronous and thread-safe: the HTTP front tokenizes, checks and queues
+(`submit_texts`, `submit`) and reads the outputs from a thread pool, never on its event loop. A client call of n
 inputs becomes n requests of the runner, queued together and answered in order.
 
 The head decides which routes a model serves (`Head`): a sentence-embedding model (one pooled

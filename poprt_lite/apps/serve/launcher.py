@@ -25,6 +25,7 @@ from poprt_lite.apps.serve.engine import Engine
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+KEEP_ALIVE_S = 75  # nginx's default idle keep-alive
 
 
 class _DrainingServer(uvicorn.Server):
@@ -105,6 +106,9 @@ def serve(
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
         timeout_graceful_shutdown=graceful_shutdown_s,
+        # uvicorn's default 5 s closes the connection of a client that pauses that long, racing
+        # its next call (a load balancer's pool expects the server to keep connections longer)
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     server = _DrainingServer(config, app.state.front, loading, graceful_shutdown_s)
     print(f"poprt-lite serve: listening on http://{host}:{port} (loading the model)", file=sys.stderr, flush=True)

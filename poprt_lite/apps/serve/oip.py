@@ -43,7 +43,7 @@ def add_routes(app: FastAPI, front: Front) -> None:
         try:
             return Response(json.dumps(build()), media_type="application/json")
         except ServeError as error:
-            return front._refuse(error, False, "single")
+            return front.refuse(error)
 
     @app.get("/v2")
     async def server_metadata() -> Response:
@@ -68,7 +68,7 @@ def add_routes(app: FastAPI, front: Front) -> None:
         try:
             model(name)
         except ServeError as error:
-            return front._refuse(error, False, "single")
+            return front.refuse(error)
         return Response(status_code=200 if front.ready else 503)
 
     @app.post("/v2/models/{name}/infer")
