@@ -214,6 +214,7 @@ def main() -> int:
     parser.add_argument("--soak", type=float, help="drive the packed server alone this many seconds; print its RSS")
     parser.add_argument("--soak_every", type=float, default=10.0)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--plot", type=Path, help="draw calls/s and p99 against clients here (.png; needs matplotlib)")
     args = parser.parse_args()
 
     from tokenizers import Tokenizer
@@ -296,6 +297,34 @@ def report(results, clients_list, names, args) -> None:
           f"--threads {args.threads} --servers {args.servers}{f' --infinity {args.infinity} --infinity_folder {args.infinity_folder}' if args.infinity else ''}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "rows": table}, indent=1, default=float))
+    if args.plot:
+        plot(table, clients_list, names, args.plot)
+
+
+def plot(table: list[dict], clients_list: list[int], names: list[str], path: Path) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rate, tail) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in names:
+        rows = [next(r for r in table if r["server"] == name and r["clients"] == c) for c in clients_list]
+        medians = [float(np.median(r["calls_per_s"])) for r in rows]
+        low = [m - min(r["calls_per_s"]) for m, r in zip(medians, rows, strict=True)]
+        high = [max(r["calls_per_s"]) - m for m, r in zip(medians, rows, strict=True)]
+        rate.errorbar(clients_list, medians, yerr=[low, high], marker="o", capsize=3, label=name)
+        tail.plot(clients_list, [r["p99_ms"] for r in rows], marker="o", label=name)
+    rate.set(xlabel="concurrent clients", ylabel="calls/s (median, range over rounds)", xscale="log", xticks=clients_list)
+    tail.set(xlabel="concurrent clients", ylabel="p99 latency, ms", xscale="log", xticks=clients_list)
+    for axis in (rate, tail):
+        axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        axis.set_xticklabels([str(c) for c in clients_list])
+        axis.legend()
+    fig.suptitle("poprt-lite serve vs a TEI-like dynamic batcher, one at a time and Infinity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def in_process(args, texts) -> int:
