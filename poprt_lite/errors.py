@@ -12,6 +12,7 @@ name options the same way.
 
 import contextlib
 import contextvars
+import numbers
 from collections.abc import Callable, Iterator
 
 _SPELLING: contextvars.ContextVar[Callable[[str], str]] = contextvars.ContextVar("poprt_lite_option_spelling", default=str)
@@ -35,6 +36,15 @@ def spell_options(spelling: Callable[[str], str]) -> Iterator[None]:
 
 class PoprtError(Exception):
     """A problem with the user's input, reported as one line."""
+
+
+def whole_number(value: object, minimum: int, what: str, meaning: str = "") -> int:
+    """`value` if it is a whole number >= `minimum` (not a bool: `True` is no count), else a
+    PoprtError saying so; `what` names it (`option("threads")`), `meaning` explains a special
+    value, e.g. ' (0: one per core)'."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise PoprtError(f"{what} must be a whole number >= {minimum}{meaning}, got {value!r}")
+    return int(value)
 
 
 class PassError(PoprtError):

@@ -56,7 +56,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +64,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from poprt_lite.bench.torch_models import QAWithTypes, export_torchscript, randomise_
+from poprt_lite.ir.torch_export import QAWithTypes, export_dynamo, export_torchscript, randomise_
 
 HERE = Path(__file__).resolve().parent
 
@@ -76,7 +75,6 @@ HEADS = 4
 INTERMEDIATE = 128
 MAX_POS = 512
 TOL = 1e-4
-DYNAMO_OPSET = 18
 
 
 # --------------------------------------------------------------------------
@@ -258,56 +256,6 @@ def make_inputs(lengths: list[int], seq: int, pad_id: int, seed: int, with_types
 # --------------------------------------------------------------------------
 # export + verification
 # --------------------------------------------------------------------------
-
-
-def export_dynamo(module, example, input_names, output_names, path: Path) -> None:
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("sequence", min=2, max=MAX_POS)
-    dynamic_shapes = {n: {0: batch, 1: seq} for n in input_names}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(
-            module,
-            tuple(torch.from_numpy(example[n]) for n in input_names),
-            None,
-            dynamo=True,
-            opset_version=DYNAMO_OPSET,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_shapes=dynamic_shapes,
-            optimize=True,
-            verbose=False,
-        )
-    proto = prog.model_proto
-    # Make sure every initializer is inline (no external-data file).
-    for t in proto.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            raise RuntimeError(f"initializer {t.name} still external")
-    # Drop doc strings carrying local file paths / stack traces so the file is
-    # reproducible across machines.
-    _strip_doc_strings(proto)
-    onnx.save(proto, str(path), save_as_external_data=False)
-
-
-def _strip_doc_strings(proto: onnx.ModelProto) -> None:
-    def strip_graph(g: onnx.GraphProto) -> None:
-        g.doc_string = ""
-        for n in g.node:
-            n.doc_string = ""
-            del n.metadata_props[:]
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    strip_graph(a.g)
-                for sg in a.graphs:
-                    strip_graph(sg)
-
-    proto.doc_string = ""
-    strip_graph(proto.graph)
-    for f in proto.functions:
-        f.doc_string = ""
-        for n in f.node:
-            n.doc_string = ""
-            del n.metadata_props[:]
 
 
 def _session(path: Path, optimized: bool) -> ort.InferenceSession:
@@ -612,26 +560,48 @@ def export_tiny_tokenizer(path: Path = HERE / TINY_TOKENIZER) -> Path:
     return path
 
 
+ST_FOLDER = "st_tiny_folder"
+
+
+def export_st_folder(path: Path = HERE / ST_FOLDER) -> Path:
+    """A sentence-transformers model folder as `SentenceTransformer.save` writes it (modules.json,
+    model.safetensors, config.json, the tokenizer files, sentence_bert_config.json, 1_Pooling/,
+    2_Normalize/): `build_bert_model()` (bert_meanpool's encoder), `tiny_tokenizer.json` with its
+    padding and truncation off, max_seq_length 24, mean pooling, Normalize. For `poprt-lite export`
+    and the model-folder paths of embed; the tests copy it and edit 1_Pooling/config.json for the
+    other pooling modes. The generated model card (README.md) is left out."""
+    import shutil
+    import tempfile
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer.from_file(str(HERE / TINY_TOKENIZER))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+    with tempfile.TemporaryDirectory() as hf:
+        build_bert_model().save_pretrained(hf)
+        fast.save_pretrained(hf)
+        transformer = Transformer(hf, max_seq_length=24, model_kwargs={"add_pooling_layer": False})
+        st = SentenceTransformer(modules=[transformer, Pooling(HIDDEN, "mean"), Normalize()], device="cpu")
+        shutil.rmtree(path, ignore_errors=True)
+        st.save(str(path))
+    (path / "README.md").unlink(missing_ok=True)
+    return path
+
+
 # --------------------------------------------------------------------------
 # real weights: all-MiniLM-L6-v2, exported on demand into the cache (~90 MB each, never committed)
 # --------------------------------------------------------------------------
 
 MINILM = "all-MiniLM-L6-v2"
-MINILM_EXPORTERS = ("torchscript", "dynamo")
-
-
-class SentenceTransformerExport(nn.Module):
-    """A whole `SentenceTransformer` (Transformer -> Pooling -> Normalize, as its folder's
-    modules.json says) as (input_ids, attention_mask, token_type_ids) -> (token_embeddings,
-    sentence_embedding): what people export."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.st = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        features = self.st({"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids})
-        return features["token_embeddings"], features["sentence_embedding"]
+MINILM_EXPORTERS = ("torchscript", "dynamo")  # poprt_lite.apps.export.EXPORTERS
 
 
 def minilm_folder(cache_dir: Path | None = None) -> Path:
@@ -643,7 +613,7 @@ def minilm_folder(cache_dir: Path | None = None) -> Path:
     import tempfile
     import zipfile
 
-    from poprt_lite.bench.export import default_cache_dir
+    from poprt_lite.ir import default_cache_dir
 
     folder = (cache_dir or default_cache_dir()) / MINILM
     if (folder / "modules.json").is_file():
@@ -661,42 +631,6 @@ def minilm_folder(cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
-
-
-def export_minilm(path: Path, exporter: str = "torchscript", cache_dir: Path | None = None) -> Path:
-    """Export all-MiniLM-L6-v2 (its SentenceTransformer: BertModel with the default attention,
-    mean pooling, Normalize) with torch.onnx's `exporter` (torchscript: opset 17; dynamo: opset 18)
-    to `path`, dynamic [batch, sequence]; check it against sentence-transformers' own encode."""
-    from sentence_transformers import SentenceTransformer
-
-    if exporter not in MINILM_EXPORTERS:
-        raise ValueError(f"exporter must be one of {', '.join(MINILM_EXPORTERS)}, got {exporter!r}")
-    folder = minilm_folder(cache_dir)
-    st = SentenceTransformer(str(folder), device="cpu")
-    module = SentenceTransformerExport(st).eval()
-    in3 = ["input_ids", "attention_mask", "token_type_ids"]
-    outputs = ["token_embeddings", "sentence_embedding"]
-    sentences = ["A man is eating food.", "The quick brown fox jumps over the lazy dog near the river bank."]
-    batch = st.tokenize(sentences)
-    example = {n: batch[n].numpy() for n in in3}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if exporter == "dynamo":
-        export_dynamo(module, example, in3, outputs, tmp)
-    else:
-        axes = {n: {0: "batch", 1: "sequence"} for n in [*in3, "token_embeddings"]}
-        axes["sentence_embedding"] = {0: "batch"}
-        export_torchscript(module, tuple(torch.from_numpy(example[n]) for n in in3), in3, outputs, axes, tmp)
-    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    want = st.encode(sentences, convert_to_numpy=True)
-    for i, sentence in enumerate(sentences):
-        one = {n: v[i : i + 1, : int(example["attention_mask"][i].sum())] for n, v in example.items()}
-        got = session.run(["sentence_embedding"], one)[0][0]
-        if not np.abs(got - want[i]).max() < TOL:
-            raise AssertionError(f"{path.name}: sentence {i} differs from sentence-transformers by {np.abs(got - want[i]).max()}")
-    os.replace(tmp, path)
-    return path
 
 
 def made_up_sentences(tokenizer, count: int, seed: int = 2023) -> list[str]:
@@ -718,13 +652,12 @@ def made_up_sentences(tokenizer, count: int, seed: int = 2023) -> list[str]:
 
 
 def cached_minilm(exporter: str = "torchscript", cache_dir: Path | None = None) -> Path:
-    """all-MiniLM-L6-v2 exported with `exporter`, in the cache (exported on first use)."""
-    from poprt_lite.bench.export import default_cache_dir
+    """all-MiniLM-L6-v2 exported with `exporter` as `poprt-lite export` does (its SentenceTransformer:
+    BertModel with the default attention, mean pooling, Normalize), in the cache (exported on first
+    use by `poprt_lite.apps.export.cached_export`, its tokenizer and config beside it)."""
+    from poprt_lite.apps.export import cached_export
 
-    path = (cache_dir or default_cache_dir()) / f"{MINILM}.{exporter}.onnx"
-    if not path.is_file():
-        export_minilm(path, exporter, cache_dir)
-    return path
+    return cached_export(minilm_folder(cache_dir), exporter=exporter, cache_dir=cache_dir)
 
 
 def main() -> int:
@@ -806,6 +739,7 @@ def main() -> int:
     # 19-20. onnxruntime's transformer optimizer on two of them
     results += export_ort_optimized_models()
     export_tiny_tokenizer()
+    export_st_folder()
 
     print(f"{'file':26s} {'bytes':>8s}  max|ort-torch|  (ort optimised)  max|padded-unpadded|")
     for p, r in results:

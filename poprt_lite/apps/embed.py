@@ -4,17 +4,22 @@
 
     embedder = Embedder("out/executable.popef", "all-MiniLM-L6-v2/")  # or .../tokenizer.json
     vectors = embedder.embed(["A man is eating food.", "A man is riding a horse."])  # float32 [2, 384]
+    vector = Embedder.open("all-MiniLM-L6-v2/").embed("A man is eating food.")  # float32 [384]
 
 The model is a packed artifact whose pooling head was placed per request (see the README's
-"Sentence embeddings"), or an exported ONNX model, packed in memory by `Embedder.from_model`. The
+"Sentence embeddings"), or an exported ONNX model, packed in memory by `Embedder.from_model`, or
+(`Embedder.open`) a Hugging Face or sentence-transformers model folder, exported into the cache on
+first use (`apps/export.py`) and packed in memory. The
 tokenizer is the `tokenizers` library's (`pip install 'poprt-lite[text]'`), loaded from the model's
 own tokenizer.json (nothing is downloaded), without padding (requests are unpadded). Sentences are
-truncated at `max_length` tokens: the argument, else the `max_seq_length` of a sentence-transformers
-folder's sentence_bert_config.json, else the tokenizer.json's own truncation, and never more than
-the artifact takes (its segment_max_size).
+truncated at `max_length` tokens: the argument, else a sentence-transformers folder's
+max_seq_length (its sentence_bert_config.json's, else tokenizer_config.json's model_max_length, where
+newer sentence-transformers versions keep it), else the tokenizer.json's own truncation, and never more than
+the artifact takes (its segment_max_size); `embed` says how many were (a warning).
 
 `embed` / `embed_file` pack a whole set of sentences offline (`ModelRunner.run_requests`, longest
-first: see `iter_embed`) and return one row of the per-request output per sentence, in order.
+first: see `iter_embed`) and return one row of the per-request output per sentence, in order; one
+sentence given as a str gives its vector alone, as `SentenceTransformer.encode(str)` does.
 `online(config)` serves single sentences through a PackRunner instead.
 """
 
@@ -31,19 +36,30 @@ import numpy as np
 
 from poprt_lite.ir import artifact as artifact_module
 from poprt_lite import ir
-from poprt_lite.errors import PoprtError, option
+from poprt_lite.apps.export import resolve_model
+from poprt_lite.errors import PoprtError, option, whole_number
 from poprt_lite.runtime import modes
 from poprt_lite.runtime.config import PackRunnerConfig
 from poprt_lite.runtime.model_runner import ModelRunner
 from poprt_lite.runtime.pack_runner import PackFuture, PackRunner
+from poprt_lite.runtime.session import check_threads
 from poprt_lite.vocab import Layout, Role
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
-SENTENCE_CONFIG = "sentence_bert_config.json"  # a sentence-transformers folder's max_seq_length
+# Where sentence-transformers keeps a folder's max_seq_length: sentence_bert_config.json (folders its
+# older versions saved), else the tokenizer's model_max_length in tokenizer_config.json (newer ones).
+LENGTH_LIMITS = (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length"))
+NO_LIMIT = 10**9  # transformers writes model_max_length 1e30 for a tokenizer without a limit
 # `from_model`'s packing when none is given: one dynamic token stream per batch (no padding at all).
 DEFAULT_PACK_ARGS = {"mode": str(modes.TOKEN_STREAM.name), "max_valid_num": "64", "max_tokens": "4096"}
+
+
+def check_max_length(max_length: object) -> None:
+    """None (the tokenizer's or folder's own limit) or a whole number of tokens >= 1."""
+    if max_length is not None:
+        whole_number(max_length, 1, option("max_length"))
 
 
 def load_tokenizer(path: str | os.PathLike | Any, max_length: int | None = None):
@@ -56,6 +72,7 @@ def load_tokenizer(path: str | os.PathLike | Any, max_length: int | None = None)
         from tokenizers import Tokenizer
     except ImportError:
         raise PoprtError("embedding text needs the tokenizers package: pip install 'poprt-lite[text]'") from None
+    check_max_length(max_length)
     if isinstance(path, Tokenizer):
         tokenizer = Tokenizer.from_str(path.to_str())
     else:
@@ -79,21 +96,25 @@ def load_tokenizer(path: str | os.PathLike | Any, max_length: int | None = None)
 
 
 def _folder_max_length(folder: Path) -> int | None:
-    config = folder / SENTENCE_CONFIG
-    if not config.is_file():
-        return None
-    try:
-        value = json.loads(config.read_text()).get("max_seq_length")
-    except (ValueError, AttributeError):
-        raise PoprtError(f"'{config}' is not a JSON object with max_seq_length") from None
-    return int(value) if value else None
+    """The sentence-transformers max_seq_length of the model folder `folder` (`LENGTH_LIMITS`)."""
+    for name, key in LENGTH_LIMITS:
+        config = folder / name
+        if not config.is_file():
+            continue
+        try:
+            value = json.loads(config.read_text()).get(key)
+        except (ValueError, AttributeError):
+            raise PoprtError(f"'{config}' is not a JSON object with {key}") from None
+        if value and int(value) < NO_LIMIT:
+            return int(value)
+    return None
 
 
 class Embedder:
     """One embedding per sentence from a packed artifact with a per-request (pooled) output.
 
     `output` names that output when the model has several; `max_length` overrides the truncation
-    limit; `threads` is onnxruntime's intra-op thread count (0: every core).
+    limit; `threads` is onnxruntime's intra-op thread count (0: one per core).
     """
 
     def __init__(
@@ -144,8 +165,13 @@ class Embedder:
     @classmethod
     def open(cls, model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, **options: Any) -> "Embedder":
         """`model` as it comes (`open_artifact`, which takes `pack_args` / `input_shape` among
-        `options`). `tokenizer` defaults to the tokenizer.json beside the model."""
-        tokenizer = Path(model).parent if tokenizer is None else tokenizer
+        `options`), or a Hugging Face / sentence-transformers model folder (exported into the cache
+        on first use, `apps.export.resolve_model`, then packed in memory). `tokenizer` defaults to
+        the tokenizer.json beside the model (for a folder: its own, copied beside its export)."""
+        check_threads(options.get("threads", 0))  # before any export or packing
+        check_max_length(options.get("max_length"))
+        model = resolve_model(model)
+        tokenizer = model.parent if tokenizer is None else tokenizer
         packing = {name: options.pop(name, None) for name in ("pack_args", "input_shape")}
         built = open_artifact(model, tokenizer, max_length=options.get("max_length"), **packing)
         return cls(built, tokenizer, **options)
@@ -154,21 +180,29 @@ class Embedder:
 
     def requests(self, sentences: Sequence[str]) -> list[dict[str, np.ndarray]]:
         """One unpadded request per sentence (token ids, and token types if the model takes them)."""
+        return self._encode(sentences)[0]
+
+    def _encode(self, sentences: Sequence[str]) -> tuple[list[dict[str, np.ndarray]], int]:
+        """`requests(sentences)`, and how many sentences were truncated at `max_length`."""
         bad = next((i for i, s in enumerate(sentences) if not isinstance(s, str)), None)
         if bad is not None:
             raise PoprtError(f"sentence {bad} is a {type(sentences[bad]).__name__}, not a str")
-        requests = []
+        requests, truncated = [], 0
         for encoding in self.tokenizer.encode_batch(list(sentences)):
             request = {self.interface.dynamic_input: np.asarray(encoding.ids, np.int64)}
             if self._types is not None:
                 request[self._types] = np.asarray(encoding.type_ids, np.int64)
             requests.append(request)
-        return requests
+            truncated += bool(encoding.overflowing)
+        return requests, truncated
 
     # ------------------------------------------------------------------------------ offline
 
-    def embed(self, sentences: Sequence[str], *, progress: bool = False) -> np.ndarray:
-        """The embeddings of `sentences`, one row each, in order (`[len(sentences), *dimension]`)."""
+    def embed(self, sentences: str | Sequence[str], *, progress: bool = False) -> np.ndarray:
+        """The embeddings of `sentences`, one row each, in order (`[len(sentences), *dimension]`);
+        of one sentence given as a str, its embedding alone (`[*dimension]`)."""
+        if isinstance(sentences, str):
+            return self.embed([sentences], progress=progress)[0]
         return _stack(self.iter_embed(sentences, progress=progress), len(sentences), self.dimension)
 
     def iter_embed(self, sentences: Iterable[str], *, progress: bool = False, chunk: int = 4096) -> Iterator[np.ndarray]:
@@ -176,13 +210,21 @@ class Embedder:
 
         A chunk is packed with the artifact's offline default (`runtime.offline.default_algorithm`):
         in token_stream mode, whose attention rows are as long as the batch's longest request,
-        `longest_first`, so no batch pairs a paragraph with many short queries."""
+        `longest_first`, so no batch pairs a paragraph with many short queries. At the end, a
+        warning says how many sentences were truncated at `max_length` tokens, if any."""
+        if isinstance(sentences, str):
+            raise PoprtError("iter_embed takes an iterable of sentences, not one str; embed(sentence) embeds one")
         iterator = iter(sentences)
-        while True:
-            taken = [s for _, s in zip(range(chunk), iterator)]
-            if not taken:
-                return
-            yield from (answer[self.output] for answer in self.runner.run_requests(self.requests(taken), progress=progress))
+        count = truncated = 0
+        while taken := [s for _, s in zip(range(chunk), iterator)]:
+            requests, cut = self._encode(taken)
+            count, truncated = count + len(taken), truncated + cut
+            yield from (answer[self.output] for answer in self.runner.run_requests(requests, progress=progress))
+        if truncated:
+            log.warning(
+                "%d of %d sentences were longer than %d tokens and were truncated (%s)",
+                truncated, count, self.max_length, option("max_length"),
+            )
 
     def embed_file(self, lines: str | os.PathLike, output: str | os.PathLike, *, progress: bool = False) -> int:
         """Embed every line of the text file `lines` (line i -> row i; an empty line is the empty
@@ -222,8 +264,10 @@ class OnlineEmbedder:
         (request,) = self.embedder.requests([sentence])
         return self.runner.execute_async(request, {self.embedder.output: np.zeros(self.embedder.dimension, np.float32)})
 
-    def embed(self, sentences: Sequence[str]) -> np.ndarray:
-        """Submit every sentence, then wait for all: one row each, in order."""
+    def embed(self, sentences: str | Sequence[str]) -> np.ndarray:
+        """Submit every sentence, then wait for all: one row each, in order (one str: its row alone)."""
+        if isinstance(sentences, str):
+            return self.embed([sentences])[0]
         futures = [self.submit(s) for s in sentences]
         name = self.embedder.output
         return _stack((f.result()[name] for f in futures), len(futures), self.embedder.dimension)
@@ -274,12 +318,14 @@ def open_artifact(
     max_length: int | None = None,
 ) -> artifact_module.Artifact:
     """`model` as it comes: an artifact, a packed .onnx, or an exported ONNX model (packed in memory
-    by `pack_model`, with `pack_args` / `input_shape`, which a packed model refuses)."""
+    by `pack_model`, with `pack_args` / `input_shape`, which a packed model refuses). A model
+    folder is resolved to its export first (`apps.export.resolve_model`) by the caller, which also
+    takes its tokenizer from beside the export."""
     from poprt_lite import vocab
 
     path = Path(model)
     if not path.is_file():
-        raise PoprtError(f"model '{path}' does not exist; pass an artifact or an .onnx file")
+        raise PoprtError(f"model '{path}' does not exist; pass an artifact, an .onnx file or a model folder")
     packing = {"pack_args": pack_args, "input_shape": input_shape}
     loaded = artifact_module.load_model_or_artifact(path)
     if isinstance(loaded, artifact_module.Artifact):

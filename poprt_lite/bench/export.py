@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from poprt_lite.errors import PoprtError, option
+from poprt_lite.ir import default_cache_dir
 from poprt_lite.vocab import INPUT_IDS, Role
 
 
@@ -44,13 +45,6 @@ BERT_LARGE = Geometry(layers=24, hidden=1024, heads=16, intermediate=4096)  # ~1
 BERT_2_5GB = Geometry(layers=48, hidden=1024, heads=16, intermediate=4096)
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("POPRT_LITE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "poprt-lite"
-    )
-    return Path(root)
-
-
 def export_bert_qa(path: str | os.PathLike, geometry: Geometry = BERT_BASE, seed: int = 0) -> Path:
     """Export a BertForQuestionAnswering with random weights to `path` (inputs input_ids,
     attention_mask, token_type_ids with dynamic batch/sequence; outputs start_logits, end_logits)."""
@@ -58,7 +52,7 @@ def export_bert_qa(path: str | os.PathLike, geometry: Geometry = BERT_BASE, seed
         import torch
         from transformers import BertConfig, BertForQuestionAnswering
 
-        from poprt_lite.bench.torch_models import QAWithTypes, export_torchscript, randomise_
+        from poprt_lite.ir.torch_export import QAWithTypes, export_torchscript, randomise_
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise PoprtError(
             f"exporting the benchmark model needs torch and transformers ({exc}); "

@@ -9,6 +9,7 @@ import typer
 
 from poprt_lite.cli import options
 from poprt_lite.errors import PoprtError
+from poprt_lite.runtime.session import check_threads
 
 class _RichProgress:
     def __init__(self, console) -> None:
@@ -50,7 +51,7 @@ def bench_command(
     min_seq_len: Annotated[Optional[int], typer.Option("--min_seq_len", help="Shortest request (default: seed 1, queries 3).")] = None,
     max_seq_len: Annotated[Optional[int], typer.Option("--max_seq_len", help="Seq_len of a row and longest request (default: seed 256, queries 128).")] = None,
     max_valid_num: Annotated[Optional[int], typer.Option("--max_valid_num", help="Most requests per packed batch (default: seed 40, queries 256).")] = None,
-    threads: Annotated[int, typer.Option("--threads", help="Onnxruntime intra-op threads (0: one per core).")] = 0,
+    threads: options.ThreadsOption = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write every number to this JSON file.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw speed-up and latency per mode to this PNG (needs matplotlib: pip install '.[plot]').")] = None,
     small: Annotated[bool, typer.Option("--small", help="CI preset: tiny batches (and a tiny exported model unless --model).")] = False,
@@ -80,8 +81,7 @@ def bench_command(
     for k, v in values.items():
         if v is not None and v < (0 if k == "timeout_microseconds" else 1):
             raise PoprtError(f"--{k} must be a positive integer, got {v}")
-    if threads < 0:
-        raise PoprtError(f"--threads must be >= 0, got {threads}")
+    check_threads(threads)
     if model is not None and not model.is_file():
         raise PoprtError(f"model '{model}' does not exist")
     from poprt_lite.bench.packer import OFFLINE_ALGORITHMS

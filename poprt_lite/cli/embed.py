@@ -1,9 +1,10 @@
 """`poprt-lite embed MODEL --input CORPUS --output OUT`: one embedding per sentence.
 
-MODEL is an artifact, a packed .onnx, or an exported sentence-embedding ONNX model (packed in memory
+MODEL is an artifact, a packed .onnx, an exported sentence-embedding ONNX model (packed in memory
 with --pack_args, by default mode=token_stream max_valid_num=64 max_tokens=4096; a static mode takes
---input_shape too); the tokenizer.json is the one beside MODEL unless --tokenizer names it
-(`poprt_lite.apps.embed`).
+--input_shape too), or a Hugging Face / sentence-transformers model folder (exported into the cache
+on first use, then packed the same way); the tokenizer.json is the one beside MODEL (a folder's own)
+unless --tokenizer names it (`poprt_lite.apps.embed`).
 
 `--output V.npy`: the lines of a text file, one float32 array (`Embedder.embed_file`). Any other
 `--output` is a folder of Parquet parts (`poprt_lite.apps.corpus`): the `--input` is Parquet, JSON
@@ -28,10 +29,14 @@ from poprt_lite.apps.corpus import OUTPUT_COLUMN, Corpus, ParquetParts, check_ou
 from poprt_lite.apps.embed import Embedder
 from poprt_lite.cli import options
 from poprt_lite.errors import PoprtError
+from poprt_lite.runtime.session import check_threads
 
 
 def embed_command(
-    model: Annotated[Path, typer.Argument(help="An artifact, a packed .onnx or an exported ONNX model.", show_default=False, metavar="MODEL")],
+    model: Annotated[
+        Path,
+        typer.Argument(help="An artifact, a packed .onnx, an exported ONNX model or a model folder.", show_default=False, metavar="MODEL"),
+    ],
     input: Annotated[Path, typer.Option("--input", help="The sentences: a Parquet (.parquet), JSON Lines (.jsonl) or text (.txt, one per line, UTF-8) file.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", help="A folder for the Parquet parts, or V.npy for one float32 [lines, dim] array of a text file's lines.", show_default=False)],
     tokenizer: options.TokenizerOption = None,
@@ -58,20 +63,20 @@ def embed_command(
         raise PoprtError(f"--{next(iter(ray_options))} applies with --ray; pass --ray auto|ADDRESS|local, or leave it out")
     if ray is not None and threads:
         raise PoprtError("--threads applies in this process; on Ray pass --threads_per_worker")
-    if threads < 0:
-        raise PoprtError(f"--threads must be >= 0, got {threads}")
+    check_threads(threads)
+    settings = options.current()
     if output.suffix == ".npy":
         corpus_flags = {"--ray": ray is not None, "--id_column": id_column is not None, "--column": column != "text", "--overwrite": overwrite}
         named = next((flag for flag, on in corpus_flags.items() if on), None)
         if named:
             raise PoprtError(f"{named} applies to a folder of Parquet parts; give --output a folder, not a .npy file")
         embedder = Embedder.open(model, tokenizer, threads=threads, **open_options)
-        count = embedder.embed_file(input, output, progress=progress)
-        print(f"{count} lines -> {output} ({count} x {' x '.join(map(str, embedder.dimension))} float32, output '{embedder.output}')")
+        count = embedder.embed_file(input, output, progress=progress and not settings.quiet)
+        if not settings.quiet:
+            print(f"{count} lines -> {output} ({count} x {' x '.join(map(str, embedder.dimension))} float32, output '{embedder.output}')")
         return
     check_output(output, overwrite)  # refused before any work
     corpus = read_corpus(input, column, id_column)
-    settings = options.current()
     if ray is None:
         embedder = Embedder.open(model, tokenizer, threads=threads, **open_options)
         with _sentences_bar(progress and not settings.quiet, len(corpus)) as advance:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import typer
 from typer.exceptions import TyperException
 
-from poprt_lite.cli import bench, convert, diff, embed, inspect, listing, options, poprt_flags, serve
+from poprt_lite.cli import bench, convert, diff, embed, export, inspect, listing, options, poprt_flags, serve
 from poprt_lite.errors import PoprtError, spell_options
 
 app = typer.Typer(
@@ -36,6 +36,7 @@ COMMANDS = {
     "bench": (bench.bench_command, "Benchmark packed vs padded throughput, latency and accuracy on the same requests."),
     "embed": (embed.embed_command, "Embed the lines of a text file with a sentence-embedding model; write one vector per line (.npy)."),
     "serve": (serve.serve_command, "Serve a model over HTTP: OpenAI embeddings, text-embeddings-inference routes, KServe v2 (Triton) inference."),
+    "export": (export.export_command, "Export a Hugging Face or sentence-transformers model folder to one ONNX model (needs '.[export]')."),
     "tf2onnx": (listing.tf2onnx_command, "PopRT's TensorFlow converter: not supported (use the tf2onnx package)."),
 }
 TAKES_ANYTHING = {"tf2onnx"}  # refused whatever its arguments, so they are not parsed

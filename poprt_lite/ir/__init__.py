@@ -350,6 +350,15 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def default_cache_dir() -> Path:
+    """Where poprt-lite keeps the models it exports (`~/.cache/poprt-lite`; `POPRT_LITE_CACHE`, else
+    `XDG_CACHE_HOME`, moves it): never the repository."""
+    root = os.environ.get("POPRT_LITE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "poprt-lite"
+    )
+    return Path(root)
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it into place; on any
     failure the temporary file is removed, so nothing half-written is left."""

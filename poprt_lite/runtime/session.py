@@ -31,6 +31,7 @@ from typing import Union
 import onnx
 import onnxruntime as ort
 
+from poprt_lite.errors import option, whole_number
 from poprt_lite.ir.artifact import WEIGHTS_MEMBER, Artifact
 
 # onnxruntime graph transformers poprt-lite never wants (see the module docstring).
@@ -38,6 +39,12 @@ DISABLED_OPTIMIZERS: tuple[str, ...] = ("MatMulAddFusion", "SkipLayerNormFusion"
 PROVIDERS = ["CPUExecutionProvider"]
 
 ModelSource = Union[bytes, str, os.PathLike, onnx.ModelProto]
+
+
+def check_threads(threads: object) -> int:
+    """`threads` if it is an intra-op thread count (a whole number >= 0, 0: one per core), else a
+    one-line PoprtError; callers that do work before making a session check it first too."""
+    return whole_number(threads, 0, option("threads"), " (0: one per core)")
 
 
 def session_options(
@@ -48,7 +55,7 @@ def session_options(
 ) -> ort.SessionOptions:
     """The options every poprt-lite session starts from."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
+    options.intra_op_num_threads = check_threads(threads)
     options.graph_optimization_level = level
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

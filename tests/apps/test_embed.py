@@ -165,3 +165,50 @@ def test_open_takes_an_exported_model_a_packed_model_or_an_artifact(tmp_path):
     with pytest.raises(PoprtError) as err:
         Embedder.open(packed, TOKENIZER, pack_args={"mode": "token_stream"})
     assert str(err.value) == "pack_args applies to an ONNX model that is not packed yet; this model is packed already"
+
+
+# ------------------------------------------------------------- the user path, as sentence-transformers users expect
+
+
+def test_one_str_gives_one_vector():
+    """`SentenceTransformer.encode(str)` returns one vector, not one per character."""
+    embedder = Embedder(artifact(MODEL, "token_stream"), TOKENIZER)
+    vector = embedder.embed("hello world")
+    assert vector.shape == (64,)
+    np.testing.assert_array_equal(vector, embedder.embed(["hello world"])[0])
+    with embedder.online() as online:
+        online_vector = online.embed("hello world")
+    assert online_vector.shape == (64,)
+    np.testing.assert_allclose(online_vector, vector, atol=1e-6, rtol=0)
+    with pytest.raises(PoprtError) as err:
+        next(embedder.iter_embed("hello world"))
+    assert str(err.value) == "iter_embed takes an iterable of sentences, not one str; embed(sentence) embeds one"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"threads": -1}, "threads must be a whole number >= 0 (0: one per core), got -1"),
+        ({"threads": 2.5}, "threads must be a whole number >= 0 (0: one per core), got 2.5"),
+        ({"threads": True}, "threads must be a whole number >= 0 (0: one per core), got True"),
+        ({"max_length": 0}, "max_length must be a whole number >= 1, got 0"),
+        ({"max_length": -1}, "max_length must be a whole number >= 1, got -1"),
+        ({"max_length": 2.5}, "max_length must be a whole number >= 1, got 2.5"),
+    ],
+)
+def test_threads_and_max_length_are_checked(options, message):
+    with pytest.raises(PoprtError) as err:
+        Embedder.open(model_path(MODEL), TOKENIZER, **options)
+    assert str(err.value) == message
+    with pytest.raises(PoprtError) as err:
+        Embedder(artifact(MODEL, "token_stream"), TOKENIZER, **options)
+    assert str(err.value) == message
+
+
+def test_a_notice_says_how_many_sentences_were_truncated(caplog):
+    embedder = Embedder(artifact(MODEL, "token_stream"), TOKENIZER)  # SENTENCES[3] (76 tokens) and [5] (32) are cut at 24
+    with caplog.at_level(logging.WARNING, logger="poprt_lite.apps.embed"):
+        embedder.embed(SENTENCES[:3])
+        assert caplog.messages == []
+        embedder.embed(SENTENCES)
+    assert caplog.messages == ["6 of 18 sentences were longer than 24 tokens and were truncated (max_length)"]

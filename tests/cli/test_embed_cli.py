@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -42,7 +44,7 @@ def test_embed_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     assert code == 2 and stdout == ""
     assert err == f"error: tokenizer '{TESTDATA / 'tokenizer.json'}' does not exist; pass a tokenizer.json or the model folder holding it\n"
     code, _, err = cli(capsys, "embed", str(tmp_path / "none.onnx"), "--input", str(lines), "--output", str(out))
-    assert code == 2 and err == f"error: model '{tmp_path / 'none.onnx'}' does not exist; pass an artifact or an .onnx file\n"
+    assert code == 2 and err == f"error: model '{tmp_path / 'none.onnx'}' does not exist; pass an artifact, an .onnx file or a model folder\n"
     code, _, err = cli(capsys, "embed", MODEL, "--tokenizer", TOKENIZER, "--input", str(lines), "--output", str(out), "--pack_args", "mode=sideways")
     assert code == 2 and err.startswith("error: ") and "mode" in err and err.count("\n") == 1
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lines.txt"]
@@ -113,3 +115,53 @@ def test_a_null_text_fails_the_job_before_anything_is_written(tmp_path, capsys):
     assert (code, stdout) == (2, "")
     assert err == f"error: column 'text' of '{tmp_path / 'c.parquet'}' holds a null at row 2, not text; give every row a string (the empty one for no text)\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.parquet"]
+
+
+def embed_lines(capsys, tmp_path, *flags: str) -> tuple[int, str, str]:
+    """`poprt-lite embed` of two lines, the second longer than the tiny tokenizer's 24 tokens."""
+    lines = tmp_path / "lines.txt"
+    lines.write_text("hello world\n" + "of the tiny tokenizer " * 3 + "\n")
+    return cli(capsys, "embed", MODEL, "--tokenizer", TOKENIZER, "--input", str(lines), "--output", str(tmp_path / "v.npy"), *flags)
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("poprt_lite") and r.levelno >= logging.WARNING]
+
+
+def test_embed_threads_notice_and_quiet(tmp_path, capsys, caplog):
+    with caplog.at_level(logging.WARNING):
+        code, stdout, err = embed_lines(capsys, tmp_path, "--threads", "1")
+    assert (code, err) == (0, "")
+    assert stdout == f"2 lines -> {tmp_path / 'v.npy'} (2 x 64 float32, output 'sentence_embedding')\n"
+    assert warnings_of(caplog) == ["1 of 2 sentences were longer than 24 tokens and were truncated (--max_length)"]
+    vectors = np.load(tmp_path / "v.npy")
+    (tmp_path / "v.npy").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        code, stdout, err = embed_lines(capsys, tmp_path, "--threads", "1", "--quiet")
+    assert (code, stdout, err, warnings_of(caplog)) == (0, "", "", [])
+    np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), vectors)
+
+
+def test_threads_option_is_one_declaration():
+    import inspect
+
+    from poprt_lite.cli import bench, embed, options
+
+    for command in (embed.embed_command, bench.bench_command):
+        assert inspect.signature(command).parameters["threads"].annotation in (options.ThreadsOption, "options.ThreadsOption")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--threads", "-1"], "--threads must be a whole number >= 0 (0: one per core), got -1"),
+        (["--threads", "2.5"], "Invalid value for '--threads': Input should be a valid integer, unable to parse string as an integer"),
+        (["--max_length", "-1"], "--max_length must be a whole number >= 1, got -1"),
+        (["--max_length", "0"], "--max_length must be a whole number >= 1, got 0"),
+    ],
+)
+def test_embed_threads_and_max_length_are_checked(tmp_path, capsys, flags, message):
+    code, stdout, err = embed_lines(capsys, tmp_path, *flags)
+    assert (code, stdout, err) == (2, "", f"error: {message}\n")
+    assert not (tmp_path / "v.npy").exists()
