@@ -15,8 +15,8 @@ JSON, text and .model files (tokenizer.json, vocabularies, config.json, sentence
 ...; not modules.json, whose modules are in the graph) are copied beside the model, so
 `Embedder.open(model)` finds its tokenizer and length limit.
 
-A model argument that is a folder (`resolve_model`: `Embedder.open`, `poprt-lite embed`, `poprt-lite
-serve`) is exported on first use into the cache (`~/.cache/poprt-lite/exports/`, `POPRT_LITE_CACHE`
+A model argument that is a folder (`resolve_model`, which every command taking a model calls first:
+`Embedder.open`, `poprt-lite embed`) is exported on first use into the cache (`~/.cache/poprt-lite/exports/`, `POPRT_LITE_CACHE`
 to move it), keyed by the folder's content, and read from there afterwards.
 
 torch, transformers and sentence-transformers are imported only while exporting (`pip install
@@ -86,8 +86,11 @@ def cached_export(folder: str | os.PathLike, *, exporter: str = DEFAULT_EXPORTER
     if model.is_file():
         return model
     log.warning("exporting '%s' with torch.onnx (%s) into %s; later runs read it from there", folder, exporter, entry)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
+    except OSError as exc:
+        raise PoprtError(f"cannot write the export cache '{root}' ({exc.strerror or exc}); set POPRT_LITE_CACHE to a writable folder") from exc
     try:
         _export_into(folder, staging, MODEL_FILE, exporter)
         try:
@@ -103,7 +106,7 @@ def cached_export(folder: str | os.PathLike, *, exporter: str = DEFAULT_EXPORTER
 def export_folder(folder: str | os.PathLike, output: str | os.PathLike, *, exporter: str = DEFAULT_EXPORTER) -> list[Path]:
     """Export the model folder `folder` to the ONNX file `output`, its tokenizer and config files
     beside it (see the module docstring); returns the files written, the model first. Nothing is
-    written unless the export succeeds and matches sentence-transformers."""
+    written unless the export succeeds and matches its torch modules."""
     folder = _model_folder(folder)
     _check_exporter(exporter)
     output = Path(output)

@@ -226,3 +226,13 @@ def test_a_folder_that_does_not_load_leaves_nothing_behind(tmp_path, capsys):
     stdout, err = capsys.readouterr()
     assert stdout == "" and err.startswith(f"error: sentence-transformers cannot load '{broken}' (") and err.count("\n") == 1
     assert not any((tmp_path / "out").iterdir())
+
+
+def test_an_unwritable_cache_is_one_line(tmp_path, monkeypatch, capsys):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("POPRT_LITE_CACHE", str(blocked))
+    assert main(["embed", str(FOLDER), "--input", "l.txt", "--output", "v.npy"]) == 2
+    assert capsys.readouterr() == (
+        "", f"error: cannot write the export cache '{blocked / 'exports'}' (Not a directory); set POPRT_LITE_CACHE to a writable folder\n"
+    )
