@@ -55,8 +55,8 @@ def serve_command(
     if threads < 0 or graceful_shutdown_s < 0:
         raise PoprtError(f"--threads and --graceful_shutdown_s must be >= 0, got {threads} and {graceful_shutdown_s}")
     check_batcher(batcher)
-    if not model.is_file():
-        raise PoprtError(f"model '{model}' does not exist; pass an artifact or an .onnx file")
+    if not model.exists():
+        raise PoprtError(f"model '{model}' does not exist; pass an artifact, an .onnx file or a model folder")
     packing = options.packing(pack_args, input_shape)
     config = PackRunnerConfig(timeout_microseconds=timeout_microseconds)
 

@@ -26,7 +26,7 @@ COMMANDS = {
     "bench": (None, ["--small", "--model", MISSING], f"error: model '{MISSING}' does not exist\n"),
     "embed": (None, [MISSING, "--input", "lines.txt", "--output", "v.npy"], f"error: model '{MISSING}' does not exist; pass an artifact, an .onnx file or a model folder\n"),
     "export": (None, [MISSING, "-o", "m.onnx"], f"error: model folder '{MISSING}' does not exist\n"),
-    "serve": (None, [MISSING], f"error: model '{MISSING}' does not exist; pass an artifact or an .onnx file\n"),
+    "serve": (None, [MISSING], f"error: model '{MISSING}' does not exist; pass an artifact, an .onnx file or a model folder\n"),
     "tf2onnx": (None, ["--saved_model"], "error: tf2onnx is not supported: convert TensorFlow models to ONNX with the tf2onnx package first\n"),
 }
 FLAGS = ["-v", "--verbose", "--quiet", "--debug"]

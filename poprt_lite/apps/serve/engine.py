@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from poprt_lite.apps.embed import TOKENIZER_FILE, load_tokenizer, open_artifact
+from poprt_lite.apps.export import resolve_model
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.runtime.config import PackRunnerConfig
 from poprt_lite.runtime.dynamic_batcher import DynamicBatcher
@@ -189,6 +190,8 @@ class Engine:
     ) -> Engine:
         """An engine for `model` as it comes; `batcher` picks the runner (see the module docstring)."""
         check_batcher(batcher)
+        model_id = model_id or Path(model).stem
+        model = resolve_model(model)  # a model folder: its export, made on first use
         if tokenizer is not None and not Path(tokenizer).exists():
             raise PoprtError(f"tokenizer '{tokenizer}' does not exist; pass a tokenizer.json or the model folder holding it")
         if tokenizer is None and (Path(model).parent / TOKENIZER_FILE).is_file():
@@ -196,7 +199,7 @@ class Engine:
         if batcher != "packing" and not _is_unpacked(model):
             raise PoprtError(f"the {batcher} batcher runs the original model: pass the exported ONNX model, not a packed one ('{model}')")
         built = open_artifact(model, tokenizer, pack_args=pack_args, input_shape=input_shape, max_length=max_length)
-        common = {"tokenizer": tokenizer, "max_length": max_length, "output": output, "model_id": model_id or Path(model).stem, "batcher": batcher}
+        common = {"tokenizer": tokenizer, "max_length": max_length, "output": output, "model_id": model_id, "batcher": batcher}
         if batcher == "packing":
             runner = PackRunner(built, config, threads=threads)
             return cls(runner, runner.interface, **common)
