@@ -47,10 +47,7 @@ def embed_command(
     progress: Annotated[bool, typer.Option("--progress", help="Show progress on stderr (on Ray: Ray Data's progress bars).")] = False,
     column: Annotated[str, typer.Option("--column", help="Parquet / JSON Lines: the column holding the text.")] = "text",
     id_column: Annotated[Optional[str], typer.Option("--id_column", help="Parquet / JSON Lines: a column copied to each output row beside its embedding.")] = None,
-    ray: Annotated[
-        Optional[str],
-        typer.Option("--ray", help="Run on Ray: auto (the cluster this machine belongs to), HOST:PORT of a cluster's head, ray://HOST:PORT, or local (a Ray instance started for the job).", show_default=False),
-    ] = None,
+    ray: options.RayOption = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="With --ray: embedding actors (default: as many as the cluster's CPUs hold).", show_default=False)] = None,
     threads_per_worker: Annotated[Optional[int], typer.Option("--threads_per_worker", help="With --ray: onnxruntime threads (and CPUs) per actor (default 1).", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch_size", help="With --ray: sentences per actor call (default 1024).", show_default=False)] = None,

@@ -149,6 +149,15 @@ InputShapeOption = Annotated[
 OutputNameOption = Annotated[Optional[str], typer.Option("--output_name", help="The pooled output, if the model has several.")]
 MaxLengthOption = Annotated[Optional[int], typer.Option("--max_length", help="Truncate sentences at this many tokens.")]
 ThreadsOption = Annotated[int, typer.Option("--threads", help="Onnxruntime intra-op threads (0: one per core).")]
+RayOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ray",
+        help="Run on Ray: auto (the cluster this machine belongs to), HOST:PORT of a cluster's head, ray://HOST:PORT "
+        "(Ray Client), or local (a Ray instance started for the job).",
+        show_default=False,
+    ),
+]
 
 
 def pack_args_of(items: Sequence[str] | None) -> dict[str, str]:

@@ -4,7 +4,9 @@
 MODEL is an artifact, a packed .onnx, or an exported ONNX model packed at start (--pack_args,
 token_stream by default, as `poprt-lite embed`). The limits are text-embeddings-inference's flags;
 `--batcher dynamic|single` serves the original model the way TEI's CPU backend does, or one request
-at a time (the benchmark's baselines).
+at a time (the benchmark's baselines). `--ray auto|ADDRESS|local` serves the same app on Ray Serve,
+`--replicas N` replicas (or `--autoscaling_config`) of `--threads` threads each (default 1)
+(`poprt_lite.apps.ray.serve`, `pip install 'poprt-lite[ray]'`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def serve_command(
     max_batch_requests: Annotated[int, typer.Option("--max_batch_requests", help="--batcher dynamic: most requests per padded batch.")] = 8,
     max_batch_tokens: Annotated[int, typer.Option("--max_batch_tokens", help="--batcher dynamic: most token slots (requests x longest) per padded batch.")] = 16384,
     graceful_shutdown_s: Annotated[float, typer.Option("--graceful_shutdown_s", help="On SIGTERM/SIGINT, how long calls in flight may take to finish.")] = 10.0,
+    ray: options.RayOption = None,
+    replicas: Annotated[Optional[int], typer.Option("--replicas", help="With --ray: replicas of the server, each with its own PackRunner of --threads threads (default 1).", show_default=False)] = None,
+    autoscaling_config: Annotated[
+        Optional[str],
+        typer.Option("--autoscaling_config", help='With --ray, instead of --replicas: Ray Serve\'s autoscaling as JSON, e.g. \'{"min_replicas": 1, "max_replicas": 4}\'.', show_default=False),
+    ] = None,
 ) -> None:
     try:
         from poprt_lite.apps.serve import Engine, Limits
@@ -67,5 +75,42 @@ def serve_command(
         )
 
     limits = Limits(max_concurrent_requests, max_client_batch_size, payload_limit, api_key, auto_truncate)
-    serve(open_engine, limits, host=host, port=port, graceful_shutdown_s=graceful_shutdown_s,
-          log_level="info" if options.current().verbose else "warning")
+    if ray is None:
+        if replicas is not None or autoscaling_config is not None:
+            raise PoprtError(f"{'--replicas' if replicas is not None else '--autoscaling_config'} applies with --ray; pass --ray auto|ADDRESS|local")
+        serve(open_engine, limits, host=host, port=port, graceful_shutdown_s=graceful_shutdown_s,
+              log_level="info" if options.current().verbose else "warning")
+        return
+    _serve_on_ray(ray, model, tokenizer, packing, output_name, max_length, model_id, config, limits, threads, batcher,
+                  replicas, autoscaling_config, host, port, graceful_shutdown_s)
+
+
+def _serve_on_ray(address, model, tokenizer, packing, output_name, max_length, model_id, config, limits, threads, batcher,
+                  replicas, autoscaling_config, host, port, graceful_shutdown_s) -> None:
+    """`poprt_lite.apps.ray.serve`: the same app on Ray Serve replicas."""
+    import json
+
+    if batcher != "packing":
+        raise PoprtError(f"--batcher {batcher} runs in one process; on Ray each replica runs the artifact's PackRunner")
+    if replicas is not None and autoscaling_config is not None:
+        raise PoprtError("--replicas and --autoscaling_config exclude each other; pass one")
+    if replicas is not None and replicas < 1:
+        raise PoprtError(f"--replicas must be >= 1, got {replicas}")
+    scaling = None
+    if autoscaling_config is not None:
+        try:
+            scaling = json.loads(autoscaling_config)
+        except ValueError as exc:
+            raise PoprtError(f"--autoscaling_config is not JSON ({exc}); pass e.g. '{{\"min_replicas\": 1, \"max_replicas\": 4}}'") from None
+        if not isinstance(scaling, dict) or not scaling:
+            raise PoprtError("--autoscaling_config must be a JSON object of Ray Serve's autoscaling fields, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
+    from poprt_lite.apps.ray.cluster import connected, import_ray
+
+    import_ray()
+    from poprt_lite.apps.ray.serve import ShippedServer, run
+
+    with connected(address, verbose=options.current().verbose):
+        shipped = ShippedServer.of(model, tokenizer, max_length=max_length, output=output_name, model_id=model_id, **packing)
+        shipped.engine(config, threads=1).close()  # a model that cannot be served is refused here, in one line
+        run(shipped, limits, config, threads=threads or 1, replicas=replicas or 1, autoscaling_config=scaling,
+            host=host, port=port, graceful_shutdown_s=graceful_shutdown_s)

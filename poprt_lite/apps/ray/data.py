@@ -29,7 +29,6 @@ workers share.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,8 +40,8 @@ import ray.data
 
 from poprt_lite.apps.corpus import OUTPUT_COLUMN, Corpus, embedding_array, text_problem
 from poprt_lite.apps.embed import Embedder
+from poprt_lite.apps.ray.shipped import ShippedArtifact
 from poprt_lite.errors import PoprtError, option
-from poprt_lite.ir.artifact import Artifact
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -53,23 +52,19 @@ DEFAULT_BATCH_SIZE = 1024  # rows per map_batches call: seconds of work for Mini
 @dataclass(frozen=True)
 class ShippedEmbedder:
     """What a worker needs to open an `Embedder`, as it travels through the object store: the
-    artifact (its weights member, if any, as bytes) and the tokenizer configured on the driver."""
+    artifact and the tokenizer configured on the driver."""
 
-    artifact: Artifact
-    weights: bytes | None
+    artifact: ShippedArtifact
     tokenizer: Any  # tokenizers.Tokenizer (it pickles)
     output: str
     max_length: int
 
     @classmethod
     def of(cls, embedder: Embedder) -> "ShippedEmbedder":
-        artifact = embedder.artifact
-        weights = None if artifact.weights is None else bytes(artifact.weights)
-        return cls(dataclasses.replace(artifact, weights=None), weights, embedder.tokenizer, embedder.output, embedder.max_length)
+        return cls(ShippedArtifact.of(embedder.artifact), embedder.tokenizer, embedder.output, embedder.max_length)
 
     def open(self, threads: int) -> Embedder:
-        artifact = self.artifact if self.weights is None else dataclasses.replace(self.artifact, weights=memoryview(self.weights))
-        return Embedder(artifact, self.tokenizer, output=self.output, max_length=self.max_length, threads=threads)
+        return Embedder(self.artifact.open(), self.tokenizer, output=self.output, max_length=self.max_length, threads=threads)
 
 
 class EmbedBatches:

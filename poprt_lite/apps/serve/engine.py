@@ -192,10 +192,7 @@ class Engine:
         check_batcher(batcher)
         model_id = model_id or Path(model).stem
         model = resolve_model(model)  # a model folder: its export, made on first use
-        if tokenizer is not None and not Path(tokenizer).exists():
-            raise PoprtError(f"tokenizer '{tokenizer}' does not exist; pass a tokenizer.json or the model folder holding it")
-        if tokenizer is None and (Path(model).parent / TOKENIZER_FILE).is_file():
-            tokenizer = Path(model).parent
+        tokenizer = tokenizer_of(model, tokenizer)
         if batcher != "packing" and not _is_unpacked(model):
             raise PoprtError(f"the {batcher} batcher runs the original model: pass the exported ONNX model, not a packed one ('{model}')")
         built = open_artifact(model, tokenizer, pack_args=pack_args, input_shape=input_shape, max_length=max_length)
@@ -315,6 +312,16 @@ class Engine:
             "max_batch_tokens": io.batch_size * io.seq_len,
             "tokenizer": self.has_tokenizer,
         }
+
+
+def tokenizer_of(model: str | os.PathLike, tokenizer: str | os.PathLike | None) -> str | os.PathLike | None:
+    """The tokenizer an engine of `model` reads: `tokenizer`, else the model's folder when it holds a
+    tokenizer.json, else None (token ids only)."""
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise PoprtError(f"tokenizer '{tokenizer}' does not exist; pass a tokenizer.json or the model folder holding it")
+    if tokenizer is None and (Path(model).parent / TOKENIZER_FILE).is_file():
+        return Path(model).parent
+    return tokenizer
 
 
 def check_batcher(batcher: str) -> None:

@@ -61,10 +61,10 @@ def assert_same_rows(got_ids, got, want_ids, want):
     assert cosine.min() >= 0.99999
 
 
-def finished_batches_per_node() -> collections.Counter:
+def finished_batches_per_node(cluster) -> collections.Counter:
     from ray.util.state import list_tasks
 
-    tasks = list_tasks(filters=[("name", "=", f"{WORKER}.submit"), ("state", "=", "FINISHED")], limit=10_000, raise_on_missing_output=False)
+    tasks = list_tasks(address=cluster.address, filters=[("name", "=", f"{WORKER}.submit"), ("state", "=", "FINISHED")], limit=10_000, raise_on_missing_output=False)
     return collections.Counter(t.node_id for t in tasks)
 
 
@@ -79,7 +79,7 @@ def test_the_shipped_embedder_opens_as_the_driver_s():
 
 @pytest.mark.slow
 def test_two_nodes_embed_the_corpus_as_one_process_does(cluster, corpus_file, in_process, tmp_path, capsys):
-    before = finished_batches_per_node()
+    before = finished_batches_per_node(cluster)
     out = tmp_path / "out"
     code = main(["embed", MODEL, "--tokenizer", TOKENIZER, "--input", str(corpus_file), "--output", str(out), "--id_column", "id",
                  "--ray", cluster.address, "--workers", "2", "--batch_size", str(BATCH)])
@@ -93,7 +93,7 @@ def test_two_nodes_embed_the_corpus_as_one_process_does(cluster, corpus_file, in
     nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
     deadline = time.monotonic() + 60
     while True:
-        done = finished_batches_per_node() - before
+        done = finished_batches_per_node(cluster) - before
         if sum(done.values()) >= ROWS // BATCH or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -105,7 +105,7 @@ def test_a_worker_killed_mid_job_costs_time_not_rows(cluster, corpus_file, in_pr
     from ray.util.state import list_actors
 
     corpus = read_corpus(corpus_file, "text", "id")
-    earlier = {actor.actor_id for actor in list_actors(filters=[("class_name", "=", WORKER)])}  # other tests' pools
+    earlier = {actor.actor_id for actor in list_actors(address=cluster.address, filters=[("class_name", "=", WORKER)])}  # other tests' pools
     tables, failure = [], []
 
     def consume():
@@ -119,7 +119,7 @@ def test_a_worker_killed_mid_job_costs_time_not_rows(cluster, corpus_file, in_pr
     deadline = time.monotonic() + 120
     alive: list = []
     while len(alive) < 2 and consumer.is_alive() and time.monotonic() < deadline:
-        alive = [a for a in list_actors(filters=[("class_name", "=", WORKER), ("state", "=", "ALIVE")], detail=True) if a.actor_id not in earlier]
+        alive = [a for a in list_actors(address=cluster.address, filters=[("class_name", "=", WORKER), ("state", "=", "ALIVE")], detail=True) if a.actor_id not in earlier]
     assert len(alive) == 2, "the job's two actors never came up"
     victim = alive[0]
     # The pool's handles live in this process (Ray Data's executor is the driver): kill one, restart allowed.
@@ -129,7 +129,7 @@ def test_a_worker_killed_mid_job_costs_time_not_rows(cluster, corpus_file, in_pr
     consumer.join(timeout=300)
     assert not consumer.is_alive() and not failure, failure
     assert done_at_kill < ROWS // BATCH  # the kill landed mid-job
-    (after,) = list_actors(filters=[("actor_id", "=", victim.actor_id)], detail=True)
+    (after,) = list_actors(address=cluster.address, filters=[("actor_id", "=", victim.actor_id)], detail=True)
     assert after.num_restarts >= 1  # Ray started the killed worker again
     rows = pa.concat_tables(tables)
     assert_same_rows(rows.column("id").to_pylist(), vectors_of(rows), *in_process)
