@@ -36,7 +36,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from poprt_lite.apps.embed import SENTENCE_CONFIG, TOKENIZER_FILE, open_artifact
+from poprt_lite.apps.embed import LENGTH_LIMITS, TOKENIZER_FILE, open_artifact
 from poprt_lite.apps.ray.shipped import ShippedArtifact
 from poprt_lite.apps.serve.app import Limits, create_app
 from poprt_lite.apps.serve.engine import CONFIG_FILE, Engine, tokenizer_of
@@ -44,7 +44,7 @@ from poprt_lite.runtime.config import PackRunnerConfig
 from poprt_lite.runtime.pack_runner import PackRunner
 
 APP_NAME = "poprt-lite"
-FOLDER_FILES = (SENTENCE_CONFIG, CONFIG_FILE)  # what an engine reads beside the tokenizer.json
+FOLDER_FILES = (*(name for name, _ in LENGTH_LIMITS), CONFIG_FILE)  # what an engine reads beside the tokenizer.json
 
 
 @dataclass(frozen=True)
