@@ -43,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "testdata"))
 
+import poprt_lite  # noqa: E402
 from poprt_lite.apps.corpus import Corpus, embed_in_process  # noqa: E402
 from poprt_lite.apps.embed import Embedder, load_tokenizer  # noqa: E402
 
@@ -86,8 +87,9 @@ def main() -> int:
     print(f"model: {model.name}, packed {embedder.interface.mode.value}; {len(sentences)} sentences, {tokens} tokens "
           f"(mean {tokens / len(sentences):.1f}, truncated at {embedder.max_length}); Ray batches of {args.batch_size}")
 
-    # The nodes' workers import this checkout's poprt_lite.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    # The nodes' workers import the poprt_lite this script runs (the same code on both sides).
+    source = str(Path(poprt_lite.__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes.add_node(num_cpus=1)
     ray.init(address=nodes.address, logging_level=logging.WARNING, log_to_driver=False)
