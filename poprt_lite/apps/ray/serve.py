@@ -37,6 +37,7 @@ import ray
 from ray import serve
 
 from poprt_lite.apps.embed import LENGTH_LIMITS, TOKENIZER_FILE, open_artifact
+from poprt_lite.apps.export import resolve_model
 from poprt_lite.apps.ray.shipped import ShippedArtifact
 from poprt_lite.apps.serve.app import Limits, create_app
 from poprt_lite.apps.serve.engine import CONFIG_FILE, Engine, tokenizer_of
