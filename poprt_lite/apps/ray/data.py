@@ -118,7 +118,9 @@ def embed_dataset(
         fn_constructor_args=([shipped], column, output_column, keep_columns, threads_per_worker),
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
+        # one batch in flight per actor: a batch is seconds of work, so queueing more on an actor
+        # gains nothing and leaves the last ones waiting behind a busy actor while another idles
+        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
         num_cpus=threads_per_worker,
     )
 

@@ -544,7 +544,11 @@ def _need(engine: Engine, head: Head, route: str) -> Engine:
         Head.classifier: "a sequence classifier with several labels (a config.json beside the tokenizer with its id2label)",
         Head.reranker: "a reranker (a sequence classifier with one label)",
     }[head]
-    raise ServeError(422, "validation", f"{route} needs {what}; this model is a {engine.head.value} model")
+    raise ServeError(422, "validation", f"{route} needs {what}; this model is {_a(engine.head.value)} model")
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 def _predict_inputs(inputs) -> tuple[bool, list]:

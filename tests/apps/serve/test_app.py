@@ -169,8 +169,8 @@ def post(url: str, body, **kwargs) -> httpx.Response:
     ("/embed", {"inputs": "x" * 30, "truncate": False}, f"`inputs` must have less than 24 tokens. Given: {len(tokenizer(truncate=False).encode('x' * 30).ids)}"),
     ("/embed", {"inputs": [[5, 2000]]}, "feed 'input_ids' has ids >= the vocabulary size 1000"),
     ("/embed", {"inputs": "a", "truncation_direction": "up"}, "`truncation_direction`: Input should be 'left', 'right', 'Left' or 'Right'"),
-    ("/predict", {"inputs": "a"}, "/predict needs a sequence classifier with several labels (a config.json beside the tokenizer with its id2label); this model is a embedding model"),
-    ("/rerank", {"query": "a", "texts": ["b"]}, "/rerank needs a reranker (a sequence classifier with one label); this model is a embedding model"),
+    ("/predict", {"inputs": "a"}, "/predict needs a sequence classifier with several labels (a config.json beside the tokenizer with its id2label); this model is an embedding model"),
+    ("/rerank", {"query": "a", "texts": ["b"]}, "/rerank needs a reranker (a sequence classifier with one label); this model is an embedding model"),
     ("/v1/embeddings", {"input": "a", "dimensions": 65}, "`dimensions` 65 > the model's embedding size 64"),
 ])
 def test_422_validation(server, route, body, message):

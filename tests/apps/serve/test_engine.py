@@ -90,3 +90,54 @@ def test_predict_serves_a_classifier(classifier_folder):
             assert refused.json()["error"] == "/rerank needs a reranker (a sequence classifier with one label); this model is a classifier model"
     finally:
         engine.close()
+
+
+@pytest.fixture(scope="module")
+def reranker_folder(tmp_path_factory, classifier_folder):
+    """A cross-encoder with one score: the classifier's first logit (a Slice after its head)."""
+    import onnx
+    from onnx import helper
+
+    folder = tmp_path_factory.mktemp("rerank")
+    shutil.copy(TOKENIZER, folder / "tokenizer.json")
+    model = onnx.load(TESTDATA / "deberta_v2_cls.onnx")
+    graph = model.graph
+    (logits,) = [o for o in graph.output if o.name == "logits"]
+    for name, value in (("rerank_starts", 0), ("rerank_ends", 1), ("rerank_axes", 1)):
+        graph.initializer.append(onnx.numpy_helper.from_array(np.asarray([value], np.int64), name))
+    for node in graph.node:
+        node.output[:] = ["all_logits" if o == "logits" else o for o in node.output]
+    graph.node.append(helper.make_node("Slice", ["all_logits", "rerank_starts", "rerank_ends", "rerank_axes"], ["logits"]))
+    logits.type.tensor_type.shape.dim[1].dim_value = 1
+    onnx.save(model, folder / "model.onnx")
+    (folder / "config.json").write_text(json.dumps({"architectures": ["DebertaV2ForSequenceClassification"], "id2label": {"0": "relevant"}}))
+    return folder
+
+
+def test_rerank_serves_a_one_label_classifier(reranker_folder):
+    from fastapi.testclient import TestClient
+
+    engine = Engine.open(reranker_folder / "model.onnx")
+    try:
+        assert engine.head is Head.reranker and engine.labels == ["relevant"]
+        query, texts = "hello", ["world", "x", "the world", "hello"]
+        scores = np.asarray([classifier_logits((query, text))[0] for text in texts])
+        order = np.argsort(-scores, kind="stable")
+        with TestClient(create_app(engine)) as client:
+            response = client.post("/rerank", json={"query": query, "texts": texts, "raw_scores": True, "return_text": True})
+            assert response.status_code == 200, response.text
+            raw = response.json()
+            assert [r["index"] for r in raw] == order.tolist()
+            assert [r["text"] for r in raw] == [texts[i] for i in order]
+            np.testing.assert_allclose([r["score"] for r in raw], scores[order], atol=1e-4, rtol=0)
+            sigmoid = client.post("/rerank", json={"query": query, "texts": texts}).json()
+            assert [r["index"] for r in sigmoid] == order.tolist() and "text" not in sigmoid[0]
+            np.testing.assert_allclose([r["score"] for r in sigmoid], 1 / (1 + np.exp(-scores[order])), atol=1e-5, rtol=0)
+            refused = client.post("/predict", json={"inputs": "a"})
+            assert refused.status_code == 422
+            assert refused.json()["error"] == (
+                "/predict needs a sequence classifier with several labels (a config.json beside the tokenizer with its id2label); "
+                "this model is a reranker model"
+            )
+    finally:
+        engine.close()
