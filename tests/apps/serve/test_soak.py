@@ -1,4 +1,4 @@
-"""A soak (slow): 64 clients for a minute against the tiny model; the server's memory stays flat and
+"""A soak (slow): 64 clients for five minutes against the tiny model; the server's memory stays flat and
 every call is answered. The 5-minute soak on the real MiniLM is `benchmarks/serve_bench.py --soak 300`."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from apps.serve.server import EMBED_MODEL, TOKENIZER, Server
 
-SECONDS, EVERY = 60, 10
+SECONDS, EVERY = 300, 30  # the issue's 5-minute soak
 
 
 def rss_mib(pid: int) -> float:
@@ -20,7 +20,7 @@ def rss_mib(pid: int) -> float:
 
 
 @pytest.mark.slow
-def test_rss_stays_flat_under_a_minute_of_64_clients():
+def test_rss_stays_flat_under_five_minutes_of_64_clients():
     with Server(EMBED_MODEL, "--tokenizer", TOKENIZER, "--auto_truncate") as server:
 
         async def interval(seconds: float) -> tuple[int, int]:
