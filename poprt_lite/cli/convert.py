@@ -113,7 +113,7 @@ def _convert(flags: SimpleNamespace) -> None:
     compile_options = _compile_options(flags)
     result = _compile(flags, compile_options)
     if flags.check or flags.run or flags.check_atol is not None:
-        _check_or_remove(flags.input_model, result.compiled, flags.check_atol, result.fresh_dir)
+        _check_or_remove(flags.input_model, result.compiled, compile_options, flags.check_atol, result.fresh_dir)
     _report(result.compiled, result.console)
 
 
@@ -210,18 +210,24 @@ def _report(result: compiler.CompileResult, console: Console) -> None:
         console.print(f"wrote {result.artifact}")
 
 
-def _check_or_remove(input_model: Path, result: compiler.CompileResult, atol: float | None, fresh_dir: Path | None) -> None:
+def _check_or_remove(
+    input_model: Path, result: compiler.CompileResult, compile_options: compiler.CompileOptions, atol: float | None, fresh_dir: Path | None
+) -> None:
     """--check as a gate: the figures are the command's report (printed even with --quiet); above the
-    tolerance, or if the check cannot run, what the conversion wrote is removed (exit 1, or 2)."""
+    tolerance, with an output one model lacks (other than --remove_outputs / --checkpoints), or if the
+    check cannot run, what the conversion wrote is removed (exit 1, or 2)."""
     try:
-        report = verify.check(input_model, result.output_model, atol, packed=result.artifact)
+        report = verify.check(
+            input_model, result.output_model, atol, packed=result.artifact,
+            removed=compile_options.remove_outputs, added=compile_options.checkpoints,
+        )
     except PoprtError:
         _remove_written(result, fresh_dir)
         raise
     print("\n".join(report.lines()))
     if not report.passed:
         _remove_written(result, fresh_dir)
-        print(f"error: check failed: max abs diff {report.worst:.3g} > atol {report.atol:g}; nothing written", file=sys.stderr)
+        print(f"error: check failed: {report.failure}; nothing written", file=sys.stderr)
         raise SystemExit(1)  # 1: the check failed (2 is for errors); typer.Exit would not set the code here
 
 

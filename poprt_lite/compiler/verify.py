@@ -4,13 +4,16 @@ A packed model is checked the way it is meant to be used: random requests go thr
 runner of its artifact (`ModelRunner.run_requests`: packed, run, split per request by each output's
 layout) and every request is compared with the source model run on that request alone, unpadded.
 
-`check` makes it a gate: the largest difference against a tolerance (`DEFAULT_ATOL` per precision);
-a model that cannot even be run is a one-line PoprtError, never an internal error.
+`check` makes it a gate: the largest difference against a tolerance (`DEFAULT_ATOL` per precision),
+and every output of one model present in the other (an output the conversion dropped or added is a
+failure naming it, not an output left uncompared); a model that cannot even be run is a one-line
+PoprtError, never an internal error.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +24,7 @@ import onnxruntime as ort
 
 from poprt_lite import ir, vocab
 from poprt_lite.ir import artifact
-from poprt_lite.errors import PoprtError, one_line
+from poprt_lite.errors import PoprtError, one_line, option
 from poprt_lite.runtime.packing_utils import PackedBatch, pack_data
 from poprt_lite.runtime.model_runner import ModelRunner
 from poprt_lite.runtime.session import create_session
@@ -37,10 +40,12 @@ DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 5e-2}
 
 @dataclass(frozen=True)
 class CheckReport:
-    """`check`'s result: the max abs difference per output, and the tolerance it was held to."""
+    """`check`'s result: the max abs difference per output, the tolerance it was held to, and the
+    output one model has and the other lacks, if any (`unmatched_output`)."""
 
     diffs: dict[str, float]
     atol: float
+    unmatched: str | None = None
 
     @property
     def worst(self) -> float:
@@ -48,13 +53,18 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        return self.worst <= self.atol  # NaN fails
+        return self.unmatched is None and self.worst <= self.atol  # NaN fails
+
+    @property
+    def failure(self) -> str:
+        """Why the check failed, in one line ('' if it passed)."""
+        if self.unmatched is not None:
+            return self.unmatched
+        return "" if self.passed else f"max abs diff {self.worst:.3g} > atol {self.atol:g}"
 
     def lines(self) -> list[str]:
-        verdict = "ok" if self.passed else "FAILED"
-        return [f"check: {name} max abs diff {diff:.3g}" for name, diff in self.diffs.items()] + [
-            f"check: {verdict}: max abs diff {self.worst:.3g} {'<=' if self.passed else '>'} atol {self.atol:g}"
-        ]
+        verdict = f"ok: max abs diff {self.worst:.3g} <= atol {self.atol:g}" if self.passed else f"FAILED: {self.failure}"
+        return [f"check: {name} max abs diff {diff:.3g}" for name, diff in self.diffs.items()] + [f"check: {verdict}"]
 
 
 def check(
@@ -63,11 +73,17 @@ def check(
     atol: float | None = None,
     seed: int = 0,
     packed: str | os.PathLike | None = None,
+    *,
+    removed: Sequence[str] = (),
+    added: Sequence[str] = (),
 ) -> CheckReport:
-    """`max_abs_diff` held to `atol` (default: `DEFAULT_ATOL` of the converted model's precision).
-    A failure to run either model is a PoprtError naming it, never an internal error."""
+    """`max_abs_diff` held to `atol` (default: `DEFAULT_ATOL` of the converted model's precision),
+    and the outputs paired by name (`unmatched_output`; `removed` / `added`: the outputs the
+    conversion was asked to remove, remove_outputs, or add, checkpoints). A failure to run either
+    model is a PoprtError naming it, never an internal error."""
     try:
-        precision = ir.get_metadata(_graph_of(converted)).get(MetaKey.precision.value, "fp32")
+        converted_graph = _graph_of(converted)
+        precision = ir.get_metadata(converted_graph).get(MetaKey.precision.value, "fp32")
     except Exception as exc:
         raise PoprtError(f"check could not read the converted model: {one_line(exc)}") from exc
     if atol is None:
@@ -75,12 +91,38 @@ def check(
     if not atol >= 0:
         raise PoprtError(f"check_atol must be a non-negative number, got {atol}")
     try:
+        unmatched = unmatched_output(_graph_of(source), converted_graph, removed, added)
+        if unmatched is not None:
+            return CheckReport({}, float(atol), unmatched)
         diffs = max_abs_diff(source, converted, seed, packed)
     except PoprtError as exc:
         raise PoprtError(f"check could not run the models: {exc}") from exc
     except Exception as exc:  # onnxruntime or a layout this check does not know: still one line
         raise PoprtError(f"check could not run the models: {one_line(exc)}") from exc
     return CheckReport(diffs, float(atol))
+
+
+def unmatched_output(
+    source: onnx.ModelProto, converted: onnx.ModelProto, removed: Sequence[str] = (), added: Sequence[str] = ()
+) -> str | None:
+    """Which output one model has and the other lacks, as a one-line failure (None: they pair one
+    to one by name), leaving out the source outputs in `removed` and the converted ones in `added`.
+    `max_abs_diff` compares the outputs both have, so an unpaired one would go unnoticed."""
+    source_names = [v.name for v in source.graph.output if v.name not in removed]
+    converted_names = [v.name for v in converted.graph.output if v.name not in added]
+    lacking = next((name for name in source_names if name not in converted_names), None)
+    if lacking is not None:
+        return (
+            f"the converted model lacks output '{lacking}', which the source model has "
+            f"(to drop it on purpose: {option('remove_outputs')} {lacking})"
+        )
+    extra = next((name for name in converted_names if name not in source_names), None)
+    if extra is not None:
+        return (
+            f"the converted model has output '{extra}', which the source model lacks "
+            f"(to add an intermediate tensor on purpose: {option('checkpoints')} {extra})"
+        )
+    return None
 
 
 def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0) -> ort.InferenceSession:
@@ -135,24 +177,28 @@ def max_abs_diff(
     seed: int = 0,
     packed: str | os.PathLike | None = None,
 ) -> dict[str, float]:
-    """The largest absolute difference per output between source and converted model, over real
-    tokens. Either may be a path, e.g. for models whose weights are external data (over 2 GB). A
-    packed model runs through its artifact: `packed` (a written one), else one built in memory."""
+    """The largest absolute difference per output both models have (paired by name), between source
+    and converted model, over real tokens. Either may be a path, e.g. for models whose weights are
+    external data (over 2 GB). A packed model runs through its artifact: `packed` (a written one),
+    else one built in memory."""
     converted_graph = _graph_of(converted)
     if vocab.pack_spec_of(ir.get_metadata(converted_graph)) is not None:
         return _packed_max_abs_diff(source, converted, converted_graph, seed, packed)
     feeds = random_feeds(converted_graph, seed)
-    source_inputs = {v.name for v in _graph_of(source).graph.input}
-    expected = session(source).run(None, {k: v for k, v in feeds.items() if k in source_inputs})
-    actual = session(converted).run(None, feeds)
+    source_graph = _graph_of(source).graph
+    source_inputs = {v.name for v in source_graph.input}
+    source_outputs = {v.name for v in source_graph.output}
+    names = [v.name for v in converted_graph.graph.output if v.name in source_outputs]
+    expected = session(source).run(names, {k: v for k, v in feeds.items() if k in source_inputs})
+    actual = session(converted).run(names, feeds)
     meta = ir.get_metadata(converted_graph)
     mask = next((v for k, v in feeds.items() if vocab.role_of(meta, k) is Role.attention_mask), None)
     diffs = {}
-    for value, want, got in zip(converted_graph.graph.output, expected, actual):
+    for name, want, got in zip(names, expected, actual, strict=True):
         delta = np.abs(want.astype(np.float64) - got.astype(np.float64))
         if mask is not None and delta.shape[:2] == mask.shape:
             delta = delta[mask.astype(bool)]
-        diffs[value.name] = float(delta.max()) if delta.size else 0.0
+        diffs[name] = float(delta.max()) if delta.size else 0.0
     return diffs
 
 
@@ -223,10 +269,11 @@ def _packed_max_abs_diff(source, converted, converted_graph: onnx.ModelProto, se
     answers = runner.run_requests([{k: v for k, v in r.items() if k in names} for r in requests])
     source_session = session(source)
     source_inputs = {i.name for i in source_session.get_inputs()}
-    diffs = {name: 0.0 for name in interface.outputs}
-    for request, got in zip(requests, answers):
+    source_outputs = {o.name for o in source_session.get_outputs()}
+    diffs = {name: 0.0 for name in interface.outputs if name in source_outputs}
+    for request, got in zip(requests, answers, strict=True):
         want = source_session.run(list(diffs), {k: v for k, v in request.items() if k in source_inputs})
-        for name, w in zip(diffs, want):
+        for name, w in zip(diffs, want, strict=True):
             delta = float(np.abs(w[0].astype(np.float64) - got[name].astype(np.float64)).max())
             diffs[name] = float(np.maximum(diffs[name], delta))  # NaN propagates: a NaN answer fails
     return diffs

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
+import poprt_lite
 from conftest import model_path
 from poprt_lite import load_artifact
+from poprt_lite.compiler import verify
 from poprt_lite.cli.main import expand_multi_value_flags, main
 from poprt_lite.runtime import ModelRunner
 
@@ -183,6 +186,53 @@ def test_check_on_packed_model_compares_each_request_with_the_original(tmp_path,
     assert lines[-1] == f"check: ok: max abs diff {max(diffs):.3g} <= atol 0.0001"
     manifest = load_artifact(tmp_path / "executable.popef").manifest
     assert manifest["pack"] == {"mode": mode, "max_valid_num": 6, "segment_max_size": 32}
+
+
+PACKED = ["--input_shape", "input_ids=4,32", "--pack_args", "max_valid_num=6", "segment_max_size=32", "--export_popef"]
+
+
+def test_check_fails_naming_an_output_the_packed_model_dropped(tmp_path, capsys):
+    """A pass that drops an output (remove_outputs run through --passes, not asked for with
+    --remove_outputs) leaves nothing to compare it with: the check fails, it does not pass on the rest."""
+    out_dir = tmp_path / "out"
+    code, out, err = cli(
+        capsys, "--input_model", BERT, "--output_dir", str(out_dir), *PACKED, "--check", "--quiet",
+        "--passes", "remove_outputs", "--pass_option", "remove_outputs.outputs=end_logits",
+    )
+    message = (
+        "the converted model lacks output 'end_logits', which the source model has "
+        "(to drop it on purpose: --remove_outputs end_logits)"
+    )
+    assert (code, out, err) == (1, f"check: FAILED: {message}\n", f"error: check failed: {message}; nothing written\n")
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, compared",
+    [
+        ([*PACKED, "--remove_outputs", "end_logits"], ["start_logits"]),
+        (["--checkpoints", "/model/bert/embeddings/LayerNorm/LayerNormalization_output_0"], ["start_logits", "end_logits"]),
+    ],
+    ids=["remove_outputs", "checkpoints"],
+)
+def test_check_compares_the_outputs_left_after_remove_outputs_or_checkpoints(tmp_path, capsys, argv, compared):
+    code, out, err = cli(capsys, "--input_model", BERT, "--output_dir", str(tmp_path), *argv, "--check", "--quiet")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert [line.split(" max abs diff ")[0] for line in lines[:-1]] == [f"check: {name}" for name in compared]
+    assert lines[-1].startswith("check: ok: max abs diff ")
+
+
+def test_check_fails_naming_an_output_the_source_model_lacks(tmp_path):
+    source = onnx.load(BERT)
+    del source.graph.output[1]  # end_logits
+    converted = poprt_lite.compile(BERT, tmp_path / "m.onnx", options=poprt_lite.CompileOptions()).output_model
+    report = verify.check(source, converted)
+    assert (report.passed, report.diffs) == (False, {})
+    assert report.failure == (
+        "the converted model has output 'end_logits', which the source model lacks "
+        "(to add an intermediate tensor on purpose: checkpoints end_logits)"
+    )
 
 
 def test_list_all_ops(capsys):
