@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from poprt_lite.compiler import servable
@@ -28,29 +29,15 @@ from poprt_lite.runtime.model_runner import ModelRunner
 BACKENDS = ("poprt", "poprt-lite", "poprt_lite", "onnxruntime", "cpu")
 
 
+@dataclass
 class Session:
-    """A model to be loaded: `load()` returns the runnable session (a ModelRunner)."""
+    """A model to be loaded (`get_session`): `load()` returns the runnable session (a ModelRunner)."""
 
-    def __init__(
-        self,
-        model_path: str | os.PathLike,
-        num_devices: int = 1,
-        backend_name: str = "poprt",
-        output_dir: str | os.PathLike | None = None,
-        export_popef: bool = False,
-        threads: int = 0,
-    ) -> None:
-        if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
-            raise PoprtError(f"num_devices must be a positive integer, got {num_devices!r}")
-        if num_devices != 1:
-            raise PoprtError(f"num_devices={num_devices}: poprt-lite runs on one CPU device; pass 1")
-        if backend_name not in BACKENDS:
-            raise PoprtError(f"unknown backend '{backend_name}'; use one of {', '.join(BACKENDS)}")
-        self.model_path = Path(model_path)
-        self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.export_popef = export_popef
-        self.threads = threads
-        self.artifact_path: Path | None = None
+    model_path: Path
+    output_dir: Path | None
+    export_popef: bool
+    threads: int
+    artifact_path: Path | None = field(default=None, init=False)  # the artifact written or loaded by load()
 
     def load(self) -> ModelRunner:
         """Build (or load) the artifact and return a session with `.run(output_names, feeds)`."""
@@ -90,4 +77,10 @@ def get_session(
     With `export_popef=True`, `load()` also writes the artifact `output_dir/executable.popef`
     (for `runtime.Runner`). `threads` is onnxruntime's intra-op thread count (0: every core).
     """
-    return Session(model_path, num_devices, backend_name, output_dir, export_popef, threads)
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+        raise PoprtError(f"num_devices must be a positive integer, got {num_devices!r}")
+    if num_devices != 1:
+        raise PoprtError(f"num_devices={num_devices}: poprt-lite runs on one CPU device; pass 1")
+    if backend_name not in BACKENDS:
+        raise PoprtError(f"unknown backend '{backend_name}'; use one of {', '.join(BACKENDS)}")
+    return Session(Path(model_path), Path(output_dir) if output_dir is not None else None, export_popef, threads)
