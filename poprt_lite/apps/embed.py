@@ -25,6 +25,7 @@ sentence given as a str gives its vector alone, as `SentenceTransformer.encode(s
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -310,23 +311,17 @@ def pack_model(
 
 
 def open_artifact(
-    model: str | os.PathLike,
-    tokenizer: str | os.PathLike | None = None,
-    *,
-    pack_args: dict[str, str] | None = None,
-    input_shape: dict[str, tuple[int, ...]] | None = None,
-    max_length: int | None = None,
+    model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *, max_length: int | None = None, **packing: Any
 ) -> artifact_module.Artifact:
     """`model` as it comes: an artifact, a packed .onnx, or an exported ONNX model (packed in memory
-    by `pack_model`, with `pack_args` / `input_shape`, which a packed model refuses). A model
-    folder is resolved to its export first (`apps.export.resolve_model`) by the caller, which also
-    takes its tokenizer from beside the export."""
+    by `pack_model`, with `packing`, its keywords `pack_args` / `input_shape`, which a packed model
+    refuses). A model folder is resolved to its export first (`apps.export.resolve_model`) by the
+    caller, which also takes its tokenizer from beside the export."""
     from poprt_lite import vocab
 
     path = Path(model)
     if not path.is_file():
         raise PoprtError(f"model '{path}' does not exist; pass an artifact, an .onnx file or a model folder")
-    packing = {"pack_args": pack_args, "input_shape": input_shape}
     loaded = artifact_module.load_model_or_artifact(path)
     if isinstance(loaded, artifact_module.Artifact):
         _refuse_packing(packing)
@@ -342,8 +337,9 @@ def embed(model: str | os.PathLike, tokenizer: str | os.PathLike, sentences: Seq
     return Embedder(model, tokenizer, **options).embed(sentences)
 
 
-def _refuse_packing(options: dict[str, Any]) -> None:
-    given = [n for n, value in options.items() if value]
+def _refuse_packing(packing: dict[str, Any]) -> None:
+    inspect.signature(pack_model).bind_partial(**packing)  # an unknown keyword: TypeError, as pack_model gives
+    given = [n for n, value in packing.items() if value]
     if given:
         raise PoprtError(f"{given[0]} applies to an ONNX model that is not packed yet; this model is packed already")
 
