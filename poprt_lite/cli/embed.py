@@ -15,20 +15,18 @@ with `--ray auto|ADDRESS|local` (`poprt_lite.apps.ray`, `pip install 'poprt-lite
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from poprt_lite.apps.corpus import OUTPUT_COLUMN, Corpus, ParquetParts, check_output, embed_in_process, read_corpus
 from poprt_lite.apps.embed import Embedder
 from poprt_lite.cli import options
 from poprt_lite.errors import PoprtError
+from poprt_lite.runtime.offline import progress_bar
 from poprt_lite.runtime.session import check_threads
 
 
@@ -76,7 +74,7 @@ def embed_command(
     corpus = read_corpus(input, column, id_column)
     if ray is None:
         embedder = Embedder.open(model, tokenizer, threads=threads, **open_options)
-        with _sentences_bar(progress and not settings.quiet, len(corpus)) as advance:
+        with progress_bar(progress and not settings.quiet, len(corpus), "sentences") as advance:
             _write(embed_in_process(embedder, corpus), corpus, embedder, output, overwrite, advance)
     else:
         from poprt_lite.apps.ray.cluster import connected, import_ray
@@ -103,15 +101,3 @@ def _write(tables: Iterator, corpus: Corpus, embedder: Embedder, output: Path, o
         for table in tables:
             parts.write(table)
             advance(table.num_rows)
-
-
-@contextlib.contextmanager
-def _sentences_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over the sentences on stderr while the block runs; its `advance(n)`."""
-    if not enabled:
-        yield lambda n: None
-        return
-    columns = (TextColumn("sentences"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("sentences", total=total)
-        yield lambda n: bar.advance(task, n)

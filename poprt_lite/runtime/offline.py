@@ -165,7 +165,7 @@ def iter_requests(
     chunk = chunk or CHUNK_BATCHES * interface.max_valid_num
     names = list(interface.outputs)
     iterator = iter(enumerate(requests))
-    with _progress_bar(progress, total) as advance:
+    with progress_bar(progress, total) as advance:
         while True:
             taken = list(itertools.islice(iterator, chunk))
             if not taken:
@@ -202,8 +202,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, np.ndarray]]:
 
 
 @contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over requests (on stderr) while the block runs; its `advance(n)`."""
+def progress_bar(enabled: bool, total: int | None, counted: str = "requests") -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over `total` `counted` (on stderr) while the block runs; its `advance(n)`."""
     if not enabled:
         yield lambda n: None
         return
@@ -211,7 +211,7 @@ def _progress_bar(enabled: bool, total: int | None) -> Iterator[Callable[[int], 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = (TextColumn("requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (TextColumn(counted), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("requests", total=total)
+        task = bar.add_task(counted, total=total)
         yield lambda n: bar.advance(task, n)
