@@ -31,6 +31,8 @@ next to this script:
 * ``bert_qa_ort_optimized.onnx`` / ``st_mean_norm_ort_optimized.onnx`` -
   models as onnxruntime's transformer optimizer leaves them (com.microsoft
   fused ops), see ``export_ort_optimized_models``.
+* ``roformer_torchscript.onnx`` / ``roformer_dynamo.onnx`` - RoFormerModel
+  (rotary positions from a sinusoidal table), see ``export_rotary_models``.
 
 All models are tiny (2 layers, hidden 64, 4 heads, intermediate 128,
 vocab 1000) and use random weights drawn after ``torch.manual_seed(0)``; no
@@ -401,6 +403,35 @@ def make_relative_position_models() -> list[tuple[Path, dict[str, float]]]:
     return results
 
 
+def build_roformer() -> nn.Module:
+    """RoFormerModel: rotary positions from a sinusoidal [512, 16] table (no position embedding)."""
+    from transformers import RoFormerConfig, RoFormerModel
+
+    return _build(RoFormerConfig, RoFormerModel, **BERT_FIELDS, embedding_size=HIDDEN, rotary_value=False)
+
+
+def export_rotary_models() -> list:
+    """RoFormer (issue 24), TorchScript and dynamo: ``roformer_torchscript.onnx`` /
+    ``roformer_dynamo.onnx``, RoFormerModel's last hidden state from ``input_ids`` and
+    ``attention_mask`` (token types zeros, computed in the graph). Its rotary sin / cos rows are a
+    Gather from the sinusoidal table by ``Range(0, seq)``, made ``[1, 1, seq, 16]`` (regenerate only
+    these with ``cd testdata && python -c "import make_models; make_models.export_rotary_models()"``)."""
+    in2, outputs = ["input_ids", "attention_mask"], ["last_hidden_state"]
+    module = TwoInputs(build_roformer(), outputs).eval()
+    example = make_inputs([8, 5], 8, 0, seed=1, with_types=False)
+    checks = [make_inputs([16, 9], 16, 0, seed=2, with_types=False), make_inputs([7, 3, 11], 11, 0, seed=3, with_types=False)]
+    results = []
+    for exporter in ("torchscript", "dynamo"):
+        path = HERE / f"roformer_{exporter}.onnx"
+        if exporter == "dynamo":
+            export_dynamo(module, example, in2, outputs, path)
+        else:
+            axes = {n: {0: "batch", 1: "sequence"} for n in [*in2, *outputs]}
+            export_torchscript(module, tuple(torch.from_numpy(example[n]) for n in in2), in2, outputs, axes, path)
+        results.append((path, verify(module, path, in2, outputs, checks, ())))
+    return results
+
+
 def export_sentence_models() -> list:
     """The sentence-embedding test models (tiny BertModel, eager attention, random weights).
     `python -c "import make_models; make_models.export_sentence_models()"` (in testdata/)
@@ -738,6 +769,8 @@ def main() -> int:
     results += export_sentence_models()
     # 19-20. onnxruntime's transformer optimizer on two of them
     results += export_ort_optimized_models()
+    # 21-22. rotary positions from a sinusoidal table (RoFormer)
+    results += export_rotary_models()
     export_tiny_tokenizer()
     export_st_folder()
 

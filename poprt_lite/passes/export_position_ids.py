@@ -23,8 +23,8 @@ from poprt_lite import ir, vocab
 from poprt_lite.errors import PoprtError
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
-from poprt_lite.patterns.attention import token_content
-from poprt_lite.patterns.rotary import find_rotary_positions
+from poprt_lite.patterns.attention import constant_array, producer, token_content
+from poprt_lite.patterns.rotary import find_rotary_positions, unsqueeze_axes
 from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import MetaKey, Role
 
@@ -90,10 +90,39 @@ class ExportPositionIds(Pass):
             for i, tensor in enumerate(node.inputs):
                 if tensor is rotary.positions:
                     node.inputs[i] = source
+        for chain in rotary.broadcast:
+            _broadcast_by_row(graph, chain)
+        for reshape in rotary.pinned:
+            _keep_batch(graph, reshape)
         vocab.set_int(ctx.metadata, MetaKey.position_offset, 0)
         vocab.set_role(ctx.metadata, name, Role.position_ids)
         angles = ", ".join(f"'{n.name}'" for n in rotary.angles[:2])
         return PassResult(changed=True, message=f"rotary positions '{rotary.positions.name}' (angles {angles}, ...) -> input '{name}'")
+
+
+def _broadcast_by_row(graph: gs.Graph, chain: list[gs.Node]) -> None:
+    """A table lookup now reads position ids [batch, seq]: its [batch, seq, d] rows take the place
+    of [1, ..., 1, seq, d] (the `chain` of Unsqueezes adding k leading axes) as [batch, 1, ..., seq, d]:
+    the last Unsqueeze reads the lookup and adds axes 1 .. k-1 (an Identity when k is 1)."""
+    leading = sum(len(unsqueeze_axes(node)) for node in chain)
+    last = chain[-1]
+    last.inputs[0] = chain[0].inputs[0]
+    if leading == 1:
+        last.op, last.inputs[1:], last.attrs = "Identity", [], {}
+        return
+    axes = np.arange(1, leading, dtype=np.int64)
+    if "axes" in last.attrs:
+        last.attrs["axes"] = axes.tolist()
+    else:
+        last.inputs[1] = gs.Constant(ir.unique_name(graph, f"{last.name}_row_axes"), axes)
+
+
+def _keep_batch(graph: gs.Graph, reshape: gs.Node) -> None:
+    """A Reshape to a constant shape of batch 1 keeps the batch of its input instead (0: copy)."""
+    shape = np.asarray(constant_array(reshape.inputs[1])).copy()
+    shape[0] = 0
+    reshape.inputs[1] = gs.Constant(ir.unique_name(graph, f"{reshape.name}_batch_shape"), shape)
+    reshape.attrs["allowzero"] = 0
 
 
 def find_embeddings(graph: gs.Graph, input_name: str = vocab.INPUT_IDS) -> Embeddings:
@@ -125,9 +154,23 @@ def find_embeddings(graph: gs.Graph, input_name: str = vocab.INPUT_IDS) -> Embed
         and node is not word
         and not isinstance(node.inputs[1], gs.Constant)
         and node.inputs[1] not in graph.inputs
+        and not _is_fill(node.inputs[1])
     ]
     position = max(computed, key=lambda n: n.inputs[0].shape[0], default=None)
     return Embeddings(word=word, position=position)
+
+
+def _is_fill(tensor: gs.Tensor) -> bool:
+    """`tensor` is one value repeated to a computed shape (token types of zeros when the model is
+    exported without them: ConstantOfShape, or a constant expanded or sliced), not positions."""
+    node = producer(tensor)
+    while node is not None and node.op in ("Expand", "Slice", "Cast", "Unsqueeze", "Reshape", "Squeeze"):
+        tensor = node.inputs[0]
+        node = producer(tensor)
+    if node is not None and node.op == "ConstantOfShape":
+        return True
+    value = constant_array(tensor)
+    return value is not None and value.size > 0 and bool(np.all(value == value.reshape(-1)[0]))
 
 
 def _is_table_lookup(node: gs.Node) -> bool:
