@@ -24,7 +24,7 @@ from poprt_lite.errors import PoprtError
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
 from poprt_lite.patterns.attention import constant_array, producer, token_content
-from poprt_lite.patterns.rotary import find_rotary_positions, unsqueeze_axes
+from poprt_lite.patterns.rotary import find_rotary_positions, unrecognized_rotary, unsqueeze_axes
 from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import MetaKey, Role
 
@@ -74,9 +74,12 @@ class ExportPositionIds(Pass):
 
     def _export_rotary(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         """Rotary encoders: the position row their angles are computed from becomes the input."""
-        rotary = find_rotary_positions(graph, token_content(graph, [self.options.input_name]))
+        content = token_content(graph, [self.options.input_name])
+        rotary = find_rotary_positions(graph, content)
         if rotary is None:
-            return PassResult(changed=False, message="no position-id computation found; model unchanged")
+            unrecognized = unrecognized_rotary(graph, content)
+            found = f"rotary positions not recognized: {unrecognized}" if unrecognized else "no position-id computation found"
+            return PassResult(changed=False, message=f"{found}; model unchanged")
         name = self.options.position_ids_name
         input_ids = next(t for t in graph.inputs if t.name == self.options.input_name)
         position_ids = gs.Variable(name, dtype=np.dtype(self.options.dtype), shape=list(input_ids.shape))

@@ -19,6 +19,7 @@ from poprt_lite.passes.base import PassContext
 from poprt_lite.patterns import mask_terms
 from poprt_lite.patterns.attention import AttentionBlock, find_attention_blocks, token_content
 from poprt_lite.patterns.layout import TokenAxes, token_dims
+from poprt_lite.patterns.rotary import unrecognized_rotary
 from poprt_lite.runtime import modes
 from poprt_lite.vocab import Layout, MetaKey, PackSpec, Role
 
@@ -76,6 +77,12 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
     if not blocks:
         raise PoprtError("no attention blocks found (MatMul -> Softmax -> MatMul); packing needs a transformer encoder")
     if options.position_ids_name not in inputs and not _relative_positions_only(graph, options, blocks):
+        unrecognized = unrecognized_rotary(graph, token_content(graph, [options.input_name]))
+        if unrecognized:
+            raise PoprtError(
+                f"{pass_name} needs rotary positions that restart at each request, and {unrecognized}: not a form export_position_ids can replace with a '{options.position_ids_name}' input; "
+                f"export the model with a '{options.position_ids_name}' input that the angles are computed from"
+            )
         raise PoprtError(
             f"{pass_name} needs '{options.position_ids_name}' as a model input: run export_position_ids before it ({option('pack_args')} does), and if that finds no position-id computation, export the model with a '{options.position_ids_name}' input"
         )

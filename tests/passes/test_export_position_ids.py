@@ -1,10 +1,12 @@
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 
 from conftest import ALL_MODELS, PAD_ID, make_request, model_path, run
 from poprt_lite import compile, ir
 from poprt_lite.compiler import CompileOptions
+from poprt_lite.errors import PoprtError
 from poprt_lite.passes import PassContext, PassManager, get_pass
 
 EXPECTED_OFFSET = {"roberta_qa": 2}
@@ -88,3 +90,65 @@ def test_context_metadata_reaches_model():
     model, _ = PassManager([get_pass("export_position_ids")()]).run(ir.load_model(model_path("distilbert_qa")), ctx)
     assert ctx.metadata["role.position_ids"] == "position_ids"
     assert ir.get_metadata(model)["role.position_ids"] == "position_ids"
+
+
+def _exported(name: str):
+    model, records = PassManager([get_pass("export_position_ids")()]).run(ir.load_model(model_path(name)))
+    return ir.to_graph(model), records[0]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_roformer_table_lookup_reads_position_ids_and_keeps_the_batch(exporter):
+    """RoFormer's sin / cos rows, a Gather from its sinusoidal table by Range(0, seq) made
+    [1, 1, seq, 16], become position_ids' rows [batch, 1, seq, 16]; the token types of zeros the
+    export computes are left alone."""
+    graph, record = _exported(f"roformer_{exporter}")
+    assert record.changed
+    lookup = next(n for n in graph.nodes if n.op == "Gather" and n.inputs[0].name == "model.encoder.embed_positions.weight")
+    assert lookup.inputs[1].name == "position_ids"
+    (broadcast,) = lookup.outputs[0].outputs
+    assert broadcast.op == "Unsqueeze" and broadcast.inputs[1].values.tolist() == [1]
+    types = next(n for n in graph.nodes if n.op == "Gather" and n.inputs[0].name == "model.embeddings.token_type_embeddings.weight")
+    assert types.inputs[1].name != "position_ids"
+    reshapes = [n for n in graph.nodes if n.op == "Reshape" and isinstance(n.inputs[1], gs.Constant) and n.inputs[1].values.tolist() == [0, 1, -1, 16]]
+    assert len(reshapes) == (2 if exporter == "dynamo" else 0)  # dynamo's [1, 1, -1, 16] views of the rows
+    assert all(n.attrs["allowzero"] == 0 for n in reshapes)
+
+
+def _range_from_one(name: str, range_node: str) -> onnx.ModelProto:
+    """`name` with Range node `range_node` counting from 1: positions 1, 2, ... the pattern must not take."""
+    model = ir.load_model(model_path(name))
+    graph = ir.to_graph(model)
+    node = next(n for n in graph.nodes if n.name == range_node)
+    start = node.inputs[0]
+    node.inputs[0] = gs.Constant(f"{range_node}_from_one", np.ones((), dtype=start.dtype or np.int64))
+    return ir.to_model(graph.cleanup(), model)
+
+
+UNRECOGNIZED = {  # model, its Range node -> what the refusal says of it counting from 1
+    ("modernbert_rotary_torchscript", "/model/Range"): "the rotary angles of Cos node '/model/rotary_emb/Cos' are computed from Range node '/model/Range', which does not count 0, 1, 2, ...",
+    ("modernbert_rotary_dynamo", "node_arange"): "the rotary angles of Cos node 'node_cos' are computed from Range node 'node_arange', which does not count 0, 1, 2, ...",
+    ("roformer_torchscript", "/model/encoder/embed_positions/Range"): "the rotary table lookup Gather node '/model/encoder/embed_positions/Gather' reads Range node '/model/encoder/embed_positions/Range', which does not count 0, 1, 2, ...",
+    ("roformer_dynamo", "node_arange_2"): "the rotary table lookup Gather node 'node_embedding_2' reads Range node 'node_arange_2', which does not count 0, 1, 2, ...",
+}
+
+
+@pytest.mark.parametrize("case", UNRECOGNIZED, ids=lambda c: c[0])
+def test_unrecognized_rotary_positions_are_refused_naming_the_node(case, tmp_path):
+    """Rotary positions of a form export_position_ids does not replace: the pass says what it found
+    and leaves the model; packing refuses in one line naming the node and saying what to do."""
+    source = tmp_path / "model.onnx"
+    onnx.save(_range_from_one(*case), source)
+    _, records = PassManager([get_pass("export_position_ids")()]).run(onnx.load(source))
+    assert records[0].changed is False
+    assert records[0].message == f"rotary positions not recognized: {UNRECOGNIZED[case]}; model unchanged"
+    options = CompileOptions(pack_args={"max_valid_num": "4", "segment_max_size": "16", "mode": "token_stream", "max_tokens": "64"})
+    with pytest.raises(PoprtError) as info:
+        compile(source, tmp_path / "out" / "model.onnx", options=options)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.endswith(
+        f"token_stream_packing needs rotary positions that restart at each request, and {UNRECOGNIZED[case]}: not a form export_position_ids can replace "
+        "with a 'position_ids' input; export the model with a 'position_ids' input that the angles are computed from"
+    )
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.onnx"))
