@@ -33,6 +33,9 @@ next to this script:
   fused ops), see ``export_ort_optimized_models``.
 * ``roformer_torchscript.onnx`` / ``roformer_dynamo.onnx`` - RoFormerModel
   (rotary positions from a sinusoidal table), see ``export_rotary_models``.
+* ``bert_token_cls.onnx``, ``bert_reranker.onnx`` / ``bert_reranker_dynamo.onnx``
+  - a token-classification head and a cross-encoder reranker ([batch, 1]
+  score), see ``export_head_models``.
 
 All models are tiny (2 layers, hidden 64, 4 heads, intermediate 128,
 vocab 1000) and use random weights drawn after ``torch.manual_seed(0)``; no
@@ -361,15 +364,15 @@ def build_xlmr(attn: str) -> nn.Module:
 
 
 class TwoInputs(nn.Module):
-    """(input_ids, attention_mask) -> the named fields of the model's output."""
+    """(input_ids, attention_mask[, token_type_ids]) -> the named fields of the model's output."""
 
     def __init__(self, model: nn.Module, outputs: list[str]):
         super().__init__()
         self.model = model
         self.outputs = outputs
 
-    def forward(self, input_ids, attention_mask):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True)
         return tuple(getattr(out, name) for name in self.outputs)
 
 
@@ -429,6 +432,46 @@ def export_rotary_models() -> list:
             axes = {n: {0: "batch", 1: "sequence"} for n in [*in2, *outputs]}
             export_torchscript(module, tuple(torch.from_numpy(example[n]) for n in in2), in2, outputs, axes, path)
         results.append((path, verify(module, path, in2, outputs, checks, ())))
+    return results
+
+
+def build_bert_head(model_cls_name: str, labels: int) -> nn.Module:
+    """A BERT task head (`model_cls_name` of transformers) of `labels` outputs on the tiny encoder."""
+    import transformers
+    from transformers import BertConfig
+
+    return _build(BertConfig, getattr(transformers, model_cls_name), **BERT_FIELDS, num_labels=labels)
+
+
+HEAD_MODELS = {  # file -> transformers class, labels, exporter
+    "bert_token_cls": ("BertForTokenClassification", 5, "torchscript"),
+    "bert_reranker": ("BertForSequenceClassification", 1, "torchscript"),
+    "bert_reranker_dynamo": ("BertForSequenceClassification", 1, "dynamo"),
+}
+
+
+def export_head_models() -> list:
+    """Task heads on the tiny BERT (issue 24): ``bert_token_cls.onnx``, a token-classification head
+    (``logits`` ``[batch, sequence, 5]``), and ``bert_reranker.onnx`` / ``bert_reranker_dynamo.onnx``,
+    a cross-encoder reranker (sequence classification with one label: the pooler on the first
+    token, ``logits`` ``[batch, 1]``, the score of a (query, passage) pair told apart by token
+    types). Inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (regenerate only these with
+    ``cd testdata && python -c "import make_models; make_models.export_head_models()"``)."""
+    in3, outputs = ["input_ids", "attention_mask", "token_type_ids"], ["logits"]
+    example = make_inputs([8, 5], 8, 0, seed=1, with_types=True)
+    checks = [make_inputs([16, 9], 16, 0, seed=2, with_types=True), make_inputs([7, 3, 11], 11, 0, seed=3, with_types=True)]
+    results = []
+    for name, (cls, labels, exporter) in HEAD_MODELS.items():
+        path = HERE / f"{name}.onnx"
+        module = TwoInputs(build_bert_head(cls, labels), outputs).eval()
+        per_request = ("logits",) if cls == "BertForSequenceClassification" else ()
+        if exporter == "dynamo":
+            export_dynamo(module, example, in3, outputs, path)
+        else:
+            axes = {n: {0: "batch", 1: "sequence"} for n in in3}
+            axes["logits"] = {0: "batch"} if per_request else {0: "batch", 1: "sequence"}
+            export_torchscript(module, tuple(torch.from_numpy(example[n]) for n in in3), in3, outputs, axes, path)
+        results.append((path, verify(module, path, in3, outputs, checks, per_request)))
     return results
 
 
@@ -771,6 +814,8 @@ def main() -> int:
     results += export_ort_optimized_models()
     # 21-22. rotary positions from a sinusoidal table (RoFormer)
     results += export_rotary_models()
+    # 23-25. token classification, cross-encoder reranker
+    results += export_head_models()
     export_tiny_tokenizer()
     export_st_folder()
 
