@@ -3,12 +3,14 @@
 Exporters compute the ids fed to the position-embedding Gather inside the graph: a slice of a
 constant buffer driven by `Shape(input_ids)` (TorchScript BERT), a Range (DistilBERT, dynamo), or a
 cumulative sum over the non-padding tokens plus `padding_idx` (RoBERTa). Whatever the subgraph, it
-is found from the embedding sum (rotary encoders, which have no position table, in
-`patterns/rotary.py`: the position row their Cos / Sin angles are computed from): the word-embedding Gather reads `input_ids`; the Adds that its
+is found from the embedding sum: the word-embedding Gather reads `input_ids`; the Adds that its
 output flows into also receive the position-embedding Gather, the one with the largest table among
-those whose indices are computed in the graph. The subgraph is then evaluated once on a probe
-request to learn the offset of the first position (2 for RoBERTa), which is recorded in the model
-metadata (`poprt_lite.position_offset`) so a runtime fills position ids correctly.
+those whose indices are computed in the graph (and are not one value repeated, as token types of
+zeros are). The subgraph is then evaluated once on a probe request to learn the offset of the first
+position (2 for RoBERTa), which is recorded in the model metadata (`poprt_lite.position_offset`) so
+a runtime fills position ids correctly. Rotary encoders have no position table: `patterns/rotary.py`
+finds the position row their Cos / Sin angles are computed from, or the Range indexing their table
+of sin / cos rows (whose rows are then broadcast per batch row).
 """
 
 from __future__ import annotations
@@ -105,14 +107,11 @@ class ExportPositionIds(Pass):
 
 def _broadcast_by_row(graph: gs.Graph, chain: list[gs.Node]) -> None:
     """A table lookup now reads position ids [batch, seq]: its [batch, seq, d] rows take the place
-    of [1, ..., 1, seq, d] (the `chain` of Unsqueezes adding k leading axes) as [batch, 1, ..., seq, d]:
-    the last Unsqueeze reads the lookup and adds axes 1 .. k-1 (an Identity when k is 1)."""
+    of [1, ..., 1, seq, d] (the `chain` of Unsqueezes adding k >= 2 leading axes) as
+    [batch, 1, ..., seq, d]: the last Unsqueeze reads the lookup and adds axes 1 .. k-1."""
     leading = sum(len(unsqueeze_axes(node)) for node in chain)
     last = chain[-1]
     last.inputs[0] = chain[0].inputs[0]
-    if leading == 1:
-        last.op, last.inputs[1:], last.attrs = "Identity", [], {}
-        return
     axes = np.arange(1, leading, dtype=np.int64)
     if "axes" in last.attrs:
         last.attrs["axes"] = axes.tolist()
@@ -125,7 +124,8 @@ def _keep_batch(graph: gs.Graph, reshape: gs.Node) -> None:
     shape = np.asarray(constant_array(reshape.inputs[1])).copy()
     shape[0] = 0
     reshape.inputs[1] = gs.Constant(ir.unique_name(graph, f"{reshape.name}_batch_shape"), shape)
-    reshape.attrs["allowzero"] = 0
+    if "allowzero" in reshape.attrs:  # opset 14 on; 0 (copy the input's dim) is the default
+        reshape.attrs["allowzero"] = 0
 
 
 def find_embeddings(graph: gs.Graph, input_name: str = vocab.INPUT_IDS) -> Embeddings:

@@ -154,8 +154,8 @@ def _batch_of_one(views: list[gs.Node]) -> list[gs.Node]:
 
 
 def _leading_unsqueezes(tensor: gs.Tensor) -> list[gs.Node] | None:
-    """The Unsqueezes, one reading the other, that add leading axes 0, 1, ... to `tensor` (its only
-    readers until the last), or None if it is used otherwise."""
+    """The Unsqueezes, one reading the other, that add two or more leading axes (batch and heads)
+    to `tensor` (its only readers until the last), or None if it is used otherwise."""
     chain, leading = [], 0
     while len(tensor.outputs) == 1 and tensor.outputs[0].op == "Unsqueeze":
         node = tensor.outputs[0]
@@ -165,7 +165,7 @@ def _leading_unsqueezes(tensor: gs.Tensor) -> list[gs.Node] | None:
             return None
         chain.append(node)
         tensor = node.outputs[0]
-    return chain or None
+    return chain if leading >= 2 else None
 
 
 def _cone(tensor: gs.Tensor, through_sizes: bool = False) -> list[gs.Node]:
