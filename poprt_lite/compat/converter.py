@@ -90,6 +90,9 @@ class Converter:
         for record in records:
             self.logger.info("pass %s: %.1f ms, %s", record.name, record.seconds * 1000, record.message)
         if self.check:
+            unmatched = verify.unmatched_output(model, converted, self.options.remove_outputs, self.options.checkpoints)
+            if unmatched is not None:
+                self.logger.warning("check: %s", unmatched)
             for name, diff in verify.max_abs_diff(model, converted).items():
                 self.logger.warning("check: %s max abs diff %.3g", name, diff)
         return converted

@@ -13,6 +13,7 @@ from conftest import model_path
 from poprt_lite import compile, ir
 from poprt_lite.compiler import CompileOptions, Compiler, CompilerOptions
 from poprt_lite.errors import PoprtError
+from poprt_lite.passes import register_pass
 from poprt_lite.runtime import ModelRunner
 from poprt_lite.tools.diff import diff_models
 
@@ -31,6 +32,30 @@ def test_converter_gives_the_graph_compile_gives_for_the_same_flags():
     expected = compile(BERT, save=False, options=options).model
     assert diff_models(expected, converted).equal
     assert ir.get_metadata(converted)["precision"] == "fp16"
+
+
+def test_converter_check_names_an_output_a_pass_dropped(caplog):
+    @register_pass("drop_end_logits_test")
+    def drop_end_logits_test(graph, ctx) -> bool:
+        """Drop the output end_logits unasked (what check must not pass over)."""
+        graph.outputs = [t for t in graph.outputs if t.name != "end_logits"]
+        return True
+
+    with caplog.at_level(logging.WARNING):
+        poprt_lite.Converter(check=True, used_passes=["drop_end_logits_test"]).convert(onnx.load(BERT))
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == (
+        "check: the converted model lacks output 'end_logits', which the source model has "
+        "(to drop it on purpose: remove_outputs end_logits)"
+    )
+    assert [m.split(" max abs diff ")[0] for m in messages[1:]] == ["check: start_logits"]
+
+
+def test_converter_check_compares_the_outputs_left_by_remove_outputs(caplog):
+    with caplog.at_level(logging.WARNING):
+        poprt_lite.Converter(check=True, remove_outputs=["end_logits"]).convert(onnx.load(BERT))
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("check: start_logits max abs diff ") and float(message.rsplit(" ", 1)[1]) < 1e-4
 
 
 def test_converter_takes_popRT_pack_args_values():
