@@ -99,7 +99,7 @@ class MetaKey(_Word):
     position_offset = "position_offset"  # first position id of a request (2 for RoBERTa)
     position_table_size = "position_table_size"  # rows of the position embedding table
     vocab_size = "vocab_size"  # rows of the token embedding table
-    precision = "precision"  # fp32 | fp16
+    precision = "precision"  # fp32 | fp16 | int8
     rows = "rows"  # the most rows of a batch whose row dim is dynamic (--dynamic_rows: --input_shape's B)
     attention_masks = "attention_masks"  # JSON: per attention block (its Softmax), the mask terms replaced and kept
 

@@ -725,6 +725,41 @@ def made_up_sentences(tokenizer, count: int, seed: int = 2023) -> list[str]:
     return sentences
 
 
+def documentation_texts(count: int, seed: int = 2023) -> list[str]:
+    """`count` texts of real English prose, made without a download: CPython's own documentation
+    (`pydoc_data.topics`, shipped with every Python; its prose paragraphs, split into sentences),
+    drawn with numpy's `seed`: 60% queries (a sentence's first 2 to 12 words, lower case, without
+    the final stop, as typed into a search box), 25% whole sentences, 15% passages (2 to 25
+    consecutive sentences, at most 250 words: up to about 500 tokens). For the real-weights checks
+    and the peers benchmark: what a semantic search embeds."""
+    import re
+
+    import pydoc_data.topics
+
+    sentences = []
+    for key in sorted(pydoc_data.topics.topics):
+        for paragraph in re.split(r"\n\s*\n", pydoc_data.topics.topics[key]):
+            lines = paragraph.split("\n")
+            if any(line.startswith(("   ", "+", "|")) for line in lines):  # code, grammar, tables
+                continue
+            text = " ".join(line.strip() for line in lines)
+            if len(text.split()) >= 4:
+                sentences.extend(re.split(r"(?<=[.?!])\s+(?=[A-Z\"])", text))
+    rng = np.random.default_rng(seed)
+    texts = []
+    for kind in rng.choice(3, size=count, p=[0.6, 0.25, 0.15]):
+        first = int(rng.integers(len(sentences)))
+        if kind == 0:
+            words = sentences[first].split()[: int(rng.integers(2, 13))]
+            texts.append(" ".join(words).rstrip(".:;,").lower())
+        elif kind == 1:
+            texts.append(sentences[first])
+        else:
+            words = " ".join(sentences[first : first + int(rng.integers(2, 26))]).split()
+            texts.append(" ".join(words[:250]))
+    return texts
+
+
 def cached_minilm(exporter: str = "torchscript", cache_dir: Path | None = None) -> Path:
     """all-MiniLM-L6-v2 exported with `exporter` as `poprt-lite export` does (its SentenceTransformer:
     BertModel with the default attention, mean pooling, Normalize), in the cache (exported on first

@@ -69,9 +69,9 @@ MISTAKES = [
         id="token_stream-static",
     ),
     pytest.param(
-        lambda tmp: _compile(precision="int8"),
-        ["--precision", "int8"],
-        "{precision} must be fp32 or fp16, got 'int8'",
+        lambda tmp: _compile(precision="int4"),
+        ["--precision", "int4"],
+        "{precision} must be fp32, fp16 or int8, got 'int4'",
         id="precision",
     ),
     pytest.param(

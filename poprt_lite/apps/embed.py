@@ -158,14 +158,15 @@ class Embedder:
         output: str | None = None,
         max_length: int | None = None,
         threads: int = 0,
+        precision: str | None = None,
     ) -> "Embedder":
         """Pack an exported ONNX model in memory (`pack_model`) and embed with it."""
-        built = pack_model(model, tokenizer, pack_args=pack_args, input_shape=input_shape, max_length=max_length)
+        built = pack_model(model, tokenizer, pack_args=pack_args, input_shape=input_shape, max_length=max_length, precision=precision)
         return cls(built, tokenizer, output=output, max_length=max_length, threads=threads)
 
     @classmethod
     def open(cls, model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, **options: Any) -> "Embedder":
-        """`model` as it comes (`open_artifact`, which takes `pack_args` / `input_shape` among
+        """`model` as it comes (`open_artifact`, which takes `pack_args` / `input_shape` / `precision` among
         `options`), or a Hugging Face / sentence-transformers model folder (exported into the cache
         on first use, `apps.export.resolve_model`, then packed in memory). `tokenizer` defaults to
         the tokenizer.json beside the model (for a folder: its own, copied beside its export)."""
@@ -173,7 +174,7 @@ class Embedder:
         check_max_length(options.get("max_length"))
         model = resolve_model(model)
         tokenizer = model.parent if tokenizer is None else tokenizer
-        packing = {name: options.pop(name, None) for name in ("pack_args", "input_shape")}
+        packing = {name: options.pop(name, None) for name in ("pack_args", "input_shape", "precision")}
         built = open_artifact(model, tokenizer, max_length=options.get("max_length"), **packing)
         return cls(built, tokenizer, **options)
 
@@ -290,10 +291,12 @@ def pack_model(
     pack_args: dict[str, str] | None = None,
     input_shape: dict[str, tuple[int, ...]] | None = None,
     max_length: int | None = None,
+    precision: str | None = None,
 ) -> artifact_module.Artifact:
     """Pack an exported ONNX model in memory (`poprt_lite.compile`) into an artifact. `pack_args`
     are --pack_args' keys (default: `DEFAULT_PACK_ARGS`, segment_max_size the tokenizer's limit);
-    `input_shape` is needed by the static modes."""
+    `input_shape` is needed by the static modes; `precision` is compile's (default fp32; int8:
+    weights per channel, activations per token)."""
     from poprt_lite.compiler import CompileOptions, compile
 
     args = dict(DEFAULT_PACK_ARGS if pack_args is None else pack_args)
@@ -304,7 +307,7 @@ def pack_model(
         if limit is None:
             raise PoprtError("the tokenizer sets no length limit; give pack_args segment_max_size (or max_length)")
         args["segment_max_size"] = str(limit)
-    options = CompileOptions(input_shape=dict(input_shape or {}), pack_args=args)
+    options = CompileOptions(input_shape=dict(input_shape or {}), pack_args=args, precision=precision or "fp32")
     converted = compile(model, save=False, options=options).model
     fields = artifact_module.converted_fields(converted, Path(model).read_bytes())
     return artifact_module.in_memory(model, converted, fields)
@@ -314,8 +317,8 @@ def open_artifact(
     model: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *, max_length: int | None = None, **packing: Any
 ) -> artifact_module.Artifact:
     """`model` as it comes: an artifact, a packed .onnx, or an exported ONNX model (packed in memory
-    by `pack_model`, with `packing`, its keywords `pack_args` / `input_shape`, which a packed model
-    refuses). A model folder is resolved to its export first (`apps.export.resolve_model`) by the
+    by `pack_model`, with `packing`, its keywords `pack_args` / `input_shape` / `precision`, which a
+    packed model refuses). A model folder is resolved to its export first (`apps.export.resolve_model`) by the
     caller, which also takes its tokenizer from beside the export."""
     from poprt_lite import vocab
 

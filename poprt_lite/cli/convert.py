@@ -42,7 +42,7 @@ def convert(
     output_dir: Annotated[
         Optional[Path], typer.Option("--output_dir", help="Folder for the converted model, the artifact and dumps.")
     ] = None,
-    precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16.")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or int8 (weights per channel, activations per token).")] = "fp32",
     input_shape: options.InputShapeOption = None,
     pack_args: options.PackArgsOption = None,
     export_position_ids: Annotated[
@@ -71,7 +71,7 @@ def convert(
     ] = False,
     check_atol: Annotated[
         Optional[float],
-        typer.Option("--check_atol", help=f"--check's largest accepted max abs diff (implies --check; default {verify.DEFAULT_ATOL['fp32']:g} fp32, {verify.DEFAULT_ATOL['fp16']:g} fp16)."),
+        typer.Option("--check_atol", help=f"--check's largest accepted max abs diff (implies --check; default {verify.DEFAULT_ATOL['fp32']:g} fp32, {verify.DEFAULT_ATOL['fp16']:g} fp16, {verify.DEFAULT_ATOL['int8']:g} int8)."),
     ] = None,
     run: Annotated[bool, typer.Option("--run", help="Run the converted model on random inputs (as --check).")] = False,
     fp16_io: Annotated[bool, typer.Option("--fp16_io", help="With fp16: make float inputs/outputs float16 too.")] = False,

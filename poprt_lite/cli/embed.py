@@ -42,6 +42,7 @@ def embed_command(
     max_length: options.MaxLengthOption = None,
     pack_args: options.PackArgsOption = None,
     input_shape: options.InputShapeOption = None,
+    precision: options.PrecisionOption = None,
     progress: Annotated[bool, typer.Option("--progress", help="Show progress on stderr (on Ray: Ray Data's progress bars).")] = False,
     column: Annotated[str, typer.Option("--column", help="Parquet / JSON Lines: the column holding the text.")] = "text",
     id_column: Annotated[Optional[str], typer.Option("--id_column", help="Parquet / JSON Lines: a column copied to each output row beside its embedding.")] = None,
@@ -52,7 +53,7 @@ def embed_command(
     threads: options.ThreadsOption = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --output folder if it exists.")] = False,
 ) -> None:
-    open_options = {"output": output_name, "max_length": max_length, **options.packing(pack_args, input_shape)}
+    open_options = {"output": output_name, "max_length": max_length, **options.packing(pack_args, input_shape, precision)}
     ray_options = {name: value for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker), ("batch_size", batch_size)) if value is not None}
     if ray is None and ray_options:
         raise PoprtError(f"--{next(iter(ray_options))} applies with --ray; pass --ray auto|ADDRESS|local, or leave it out")

@@ -146,6 +146,7 @@ InputShapeOption = Annotated[
     Optional[list[str]],
     typer.Option("--input_shape", help="NAME=D0,D1 ... (several after one flag; embed and serve: for an unpacked MODEL in a static mode)."),
 ]
+PrecisionOption = Annotated[Optional[str], typer.Option("--precision", help="For an unpacked MODEL: fp32, fp16 or int8 (as convert's).")]
 OutputNameOption = Annotated[Optional[str], typer.Option("--output_name", help="The pooled output, if the model has several.")]
 MaxLengthOption = Annotated[Optional[int], typer.Option("--max_length", help="Truncate sentences at this many tokens.")]
 ThreadsOption = Annotated[int, typer.Option("--threads", help="Onnxruntime intra-op threads (0: one per core).")]
@@ -170,9 +171,10 @@ def input_shapes_of(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
     return compiler.parse_input_shapes(items or [])
 
 
-def packing(pack_args: Sequence[str] | None, input_shape: Sequence[str] | None) -> dict[str, Any]:
-    """`--pack_args` / `--input_shape` as `open_artifact` takes them (None where not given)."""
+def packing(pack_args: Sequence[str] | None, input_shape: Sequence[str] | None, precision: str | None = None) -> dict[str, Any]:
+    """`--pack_args` / `--input_shape` / `--precision` as `open_artifact` takes them (None where not given)."""
     return {
         "pack_args": pack_args_of(pack_args) if pack_args else None,
         "input_shape": input_shapes_of(input_shape) if input_shape else None,
+        "precision": precision,
     }

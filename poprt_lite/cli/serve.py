@@ -27,6 +27,7 @@ def serve_command(
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
     pack_args: options.PackArgsOption = None,
     input_shape: options.InputShapeOption = None,
+    precision: options.PrecisionOption = None,
     threads: options.ThreadsOption = 0,
     output_name: options.OutputNameOption = None,
     max_length: options.MaxLengthOption = None,
@@ -65,7 +66,7 @@ def serve_command(
     check_batcher(batcher)
     if not model.exists():
         raise PoprtError(f"model '{model}' does not exist; pass an artifact, an .onnx file or a model folder")
-    packing = options.packing(pack_args, input_shape)
+    packing = options.packing(pack_args, input_shape, precision)
     config = PackRunnerConfig(timeout_microseconds=timeout_microseconds)
 
     def open_engine() -> Engine:

@@ -33,7 +33,7 @@ class PoprtFlag:
         return self.flag.lstrip("-")
 
 
-FP8 = "FP8 is an IPU number format and onnxruntime's CPU provider has no FP8 MatMul; use --precision fp16 or fp32"
+FP8 = "FP8 is an IPU number format and onnxruntime's CPU provider has no FP8 MatMul; use --precision int8, fp16 or fp32"
 IPU_TUNING = "it tunes named MatMuls for IPU memory and cycles; onnxruntime picks its own kernels"
 
 # One row per flag: flag | what it takes | status | how poprt-lite does it, or why not.
@@ -86,7 +86,7 @@ TABLE = """
 --passes                           | value  | implemented | passes added to the default pipeline, PopRT or poprt-lite names (--pipeline gives the whole pipeline)
 --perf_tuner                       | switch | notice      | it is not implemented in PopRT either
 --popart_options                   | values | notice      | they are PopART session options; the runtime configures onnxruntime's sessions
---precision                        | value  | implemented | fp32 or fp16; fp8 and fp8_weight are refused: {FP8}
+--precision                        | value  | implemented | fp32, fp16 or int8 (the CPU's 8-bit: weights per channel, activations per token); fp8 and fp8_weight are refused: {FP8}
 --precision_compare                | switch | refused     | compares FP8 layers with the source: {FP8} (--check compares outputs)
 --print_completion                 | value  | refused     | poprt-lite ships no shell completion script
 --remap_mode                       | value  | notice      | it places IPU Remap ops (see --enable_insert_remap)

@@ -21,7 +21,9 @@ from poprt_lite.passes.registry import canonical_name
 from poprt_lite.runtime import modes
 from poprt_lite.vocab import MetaKey
 
-LAST_STAGE = "float_to_half"
+# The last stage: the pass converting the model to the precision asked for (none for fp32).
+PRECISION_PASSES = {"fp16": "float_to_half", "int8": "quantize_int8"}
+PRECISIONS = ("fp32", *PRECISION_PASSES)
 log = logging.getLogger(__name__)
 
 
@@ -47,14 +49,13 @@ class CompileOptions:
     _pack: pack_args.PackArgs | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "fp16"):
-            raise PoprtError(f"{option('precision')} must be fp32 or fp16, got '{self.precision}'")
+        if self.precision not in PRECISIONS:
+            raise PoprtError(f"{option('precision')} must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got '{self.precision}'")
         if self.pipeline is not None and (self.passes or self.skip_passes):
             raise PoprtError("pipeline gives every pass to run; add or leave out passes in it instead of passes / skip_passes")
         if self.max_tensor_size < -1:
             raise PoprtError(f"max_tensor_size must be -1 (no limit of its own) or a size in bytes, got {self.max_tensor_size}")
-        if LAST_STAGE in map(canonical_name, self.passes):
-            self.precision = "fp16"  # PopRT: --passes float_to_half converts to float16 like --precision fp16
+        self.precision = _precision_named(self.precision, self.passes)
         mode = _packing_mode(self.pipeline if self.pipeline is not None else self.passes)
         if self.pack_args or mode is not None:
             self._pack = pack_args.parse(self.pack_args, self.input_shape, mode)
@@ -144,12 +145,12 @@ def build_pipeline(options: CompileOptions) -> list[Pass]:
 
 
 def default_pipeline(options: CompileOptions, notify: bool = False) -> list[str]:
-    """The default pipeline: the stages the options ask for, the extra `passes`, then float_to_half.
+    """The default pipeline: the stages the options ask for, the extra `passes`, then the precision pass.
 
     PopRT's order rules: a pass named in `passes` that is a stage of the default pipeline (under its
     PopRT or poprt-lite name) switches that stage on at its place (a packing pass packs in its mode);
-    any other pass runs after the stages, in the order given, before float_to_half (so it sees the
-    float32 model with static shapes, and whatever it adds is converted too). `skip_passes` then
+    any other pass runs after the stages, in the order given, before the precision pass (so it sees
+    the float32 model with static shapes, and whatever it adds is converted too). `skip_passes` then
     leaves passes out (with `notify`, a name not in the pipeline gets a notice).
     """
     pack = options.pack
@@ -164,14 +165,13 @@ def default_pipeline(options: CompileOptions, notify: bool = False) -> list[str]
         "static_shape": bool(options.input_shape),
         "fold_constants": True,
         "eliminate_dead_code": True,
-        LAST_STAGE: options.precision == "fp16",
     }
     if pack is not None:
         wanted[modes.get(pack.mode).pass_name] = True
     names = [name for name in stages if wanted.get(name) or name in extra]
-    names += [name for name in extra if name not in stages and name != LAST_STAGE]
-    if wanted[LAST_STAGE]:
-        names.append(LAST_STAGE)
+    names += [name for name in extra if name not in stages and name not in PRECISION_PASSES.values()]
+    if options.precision in PRECISION_PASSES:
+        names.append(PRECISION_PASSES[options.precision])
     for name in options.skip_passes:
         canonical = passes.get_pass(name).name  # an unknown name is an error, as in passes
         if canonical in names:
@@ -187,8 +187,9 @@ def _check_pipeline(names: Sequence[str], options: CompileOptions) -> None:
         "static_shape": "input_shape" if options.input_shape else None,
         "remove_outputs": "remove_outputs" if options.remove_outputs else None,
         "export_position_ids": "export_position_ids" if options.export_position_ids else None,
-        LAST_STAGE: "precision fp16" if options.precision == "fp16" else None,
     }
+    if options.precision in PRECISION_PASSES:
+        needs[PRECISION_PASSES[options.precision]] = f"precision {options.precision}"
     if options.pack is not None:
         needs[modes.get(options.pack.mode).pass_name] = "pack_args"
     for name, needed_by in needs.items():
@@ -201,11 +202,24 @@ def _check_pipeline(names: Sequence[str], options: CompileOptions) -> None:
 
 def _stages() -> tuple[str, ...]:
     """The default pipeline, in order; a stage runs when the options ask for it (see default_pipeline).
-    Passes named by `passes` that are not stages run after the last of these, before float_to_half.
+    Passes named by `passes` that are not stages run after the last of these, before the precision pass.
     unfuse_ort comes first: onnxruntime's ops of the ONNX domain would fail the checks after any pass."""
     packing = dict.fromkeys(mode.pass_name for mode in modes.registered())
     return ("unfuse_ort", "add_checkpoints", "eliminate_identity", "remove_outputs", "export_position_ids", *packing,
             "static_shape", "fold_constants", "eliminate_dead_code")
+
+
+def _precision_named(precision: str, passes: Sequence[str]) -> str:
+    """PopRT: `passes` naming float_to_half converts to float16 like precision fp16 (and
+    quantize_int8 to int8 like precision int8)."""
+    named = [p for p, pass_name in PRECISION_PASSES.items() if pass_name in map(canonical_name, passes)]
+    if not named:
+        return precision
+    if len(named) > 1 or precision not in ("fp32", named[0]):
+        given = [f"precision {precision}"] if precision != "fp32" else []
+        given += [f"passes {PRECISION_PASSES[p]}" for p in named]
+        raise PoprtError(f"{' and '.join(given)} ask for different precisions; a model has one: give one of them")
+    return named[0]
 
 
 def _packing_mode(names: Sequence[str]) -> str | None:

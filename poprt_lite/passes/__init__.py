@@ -16,6 +16,7 @@ from poprt_lite.passes import (  # noqa: E402,F401  isort: skip
     float_to_half,
     fuse_packed_attention,
     pack_unpack_repack,
+    quantize_int8,
     remove_outputs,
     static_shape,
     token_stream_packing,

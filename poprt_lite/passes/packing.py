@@ -64,6 +64,7 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
     inputs = {t.name: t for t in graph.inputs}
     if options.input_name not in inputs:
         raise PoprtError(f"model has no input '{options.input_name}'; packing needs the token ids as an input")
+    _refuse_whole_tensor_quantization(graph)
     table = vocab.int_of(ctx.metadata, MetaKey.position_table_size)
     offset = vocab.int_of(ctx.metadata, MetaKey.position_offset)
     if table and options.segment_max_size + offset > table:
@@ -92,6 +93,24 @@ def prepare(graph: gs.Graph, ctx: PassContext, options: PackOptions, pass_name: 
     mask = inputs.get(options.attention_mask_name)
     mask_terms.prove_padding_masks(graph, blocks, mask, tuple(inputs[options.input_name].shape[:2]), row, content)
     return PackSetup(inputs[options.input_name], mask, blocks, dims, content, row)
+
+
+# Ops that quantize an activation with one scale for the whole tensor: onnxruntime.quantization's
+# quantize_dynamic inserts DynamicQuantizeLinear before each MatMulInteger; onnxruntime's own
+# optimizer fuses the pair into DynamicQuantizeMatMul.
+WHOLE_TENSOR_QUANTIZERS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul")
+
+
+def _refuse_whole_tensor_quantization(graph: gs.Graph) -> None:
+    """A scale computed over the whole packed batch would make each request's answer depend on the
+    others in its batch, in every mode: refuse, naming the first such node."""
+    node = next((n for n in graph.nodes if n.op in WHOLE_TENSOR_QUANTIZERS), None)
+    if node is not None:
+        raise PoprtError(
+            f"node '{node.name}' ({node.op}) quantizes its input with one scale for the whole tensor (quantize_dynamic's "
+            f"activations): in a packed batch every request's answer would depend on the other requests in it, in every "
+            f"packing mode; pack the float32 model with {option('precision')} int8 (activations quantized per token) instead"
+        )
 
 
 def _relative_positions_only(graph: gs.Graph, options: PackOptions, blocks: list[AttentionBlock]) -> bool:

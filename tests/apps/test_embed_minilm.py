@@ -45,13 +45,14 @@ def exported(exporter: str):
 
 
 @functools.cache
-def packed(exporter: str, mode: str):
+def packed(exporter: str, mode: str, precision: str = "fp32"):
     args = {"mode": mode, "max_valid_num": str(N), "segment_max_size": str(L)}
     if mode == "token_stream":
         args["max_tokens"], shape = str(MAX_TOKENS), {}
     else:
         shape = {n: (BATCH, SEQ) for n in ("input_ids", "attention_mask", "token_type_ids")}
-    return compile(exported(exporter), save=False, options=CompileOptions(input_shape=shape, pack_args=args)).model
+    options = CompileOptions(input_shape=shape, pack_args=args, precision=precision)
+    return compile(exported(exporter), save=False, options=options).model
 
 
 @pytest.mark.parametrize("mode", ["unpack_repack", "attention_mask", "token_stream"])
@@ -113,3 +114,35 @@ def test_the_folder_to_vectors_in_one_command_equals_sentence_transformers(tmp_p
     cosine = (vectors * want).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(want, axis=1)
     assert cosine.min() >= 0.99999, cosine.min()
     np.testing.assert_allclose(vectors, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["unpack_repack", "attention_mask", "token_stream"])
+def test_int8_request_vectors_do_not_depend_on_the_batch(mode):
+    model = packed("torchscript", mode, "int8")
+    session = verify.session(model)
+    rng = np.random.default_rng(6)
+    requests = verify.make_requests(rng, [128, 3, 77, 1, 40, 9, 60, 33], VOCAB)
+    output = [o.name for o in model.graph.output].index("sentence_embedding")
+
+    def vectors(order):
+        batch, per_request = verify.run_packed(model, [requests[i] for i in order], session)
+        return {order[spec.index]: answer[output] for spec, answer in zip(batch.specs, per_request, strict=True)}
+
+    one, other = vectors(list(range(8))), vectors([5, 2, 7, 0, 3, 6, 1, 4])
+    assert set(one) == set(other) == set(range(8))
+    for i in range(8):
+        assert np.abs(one[i] - other[i]).max() <= 1e-6
+        assert np.abs(one[i] - vectors([i])[i]).max() <= 1e-6
+
+
+def test_int8_vectors_against_sentence_transformers_float32():
+    from sentence_transformers import SentenceTransformer
+
+    folder = make_models.minilm_folder()
+    texts = make_models.documentation_texts(1000, seed=2023)
+    want = SentenceTransformer(str(folder), device="cpu").encode(texts, batch_size=32, convert_to_numpy=True)
+    got = Embedder.from_model(exported("torchscript"), folder, precision="int8").embed(texts)
+    cosine = np.sum(got * want, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    print(f"int8 against sentence-transformers float32 on {len(texts)} texts: cosine min {cosine.min():.4f}, mean {cosine.mean():.5f}")
+    assert cosine.min() >= 0.99
+    assert cosine.mean() >= 0.998

@@ -210,6 +210,7 @@ CASES = [
     GoldenCase("static_shape", "shape_arithmetic", {"input_shape": {"x": (2, 3)}, "dynamic_rows": True}, "dynamic_rows"),
     GoldenCase("export_position_ids", "embeddings"),
     GoldenCase("float_to_half", "small_mlp"),
+    GoldenCase("quantize_int8", "small_mlp"),
     GoldenCase("pack_unpack_repack", "tiny_encoder", PACK),
     GoldenCase("attention_mask_packing", "tiny_encoder", PACK),
     GoldenCase("remove_outputs", "two_heads", {"outputs": ("end",)}),

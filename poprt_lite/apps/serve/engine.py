@@ -187,6 +187,7 @@ class Engine:
         max_length: int | None = None,
         output: str | None = None,
         model_id: str | None = None,
+        precision: str | None = None,
     ) -> Engine:
         """An engine for `model` as it comes; `batcher` picks the runner (see the module docstring)."""
         check_batcher(batcher)
@@ -195,7 +196,7 @@ class Engine:
         tokenizer = tokenizer_of(model, tokenizer)
         if batcher != "packing" and not _is_unpacked(model):
             raise PoprtError(f"the {batcher} batcher runs the original model: pass the exported ONNX model, not a packed one ('{model}')")
-        built = open_artifact(model, tokenizer, pack_args=pack_args, input_shape=input_shape, max_length=max_length)
+        built = open_artifact(model, tokenizer, pack_args=pack_args, input_shape=input_shape, max_length=max_length, precision=precision)
         common = {"tokenizer": tokenizer, "max_length": max_length, "output": output, "model_id": model_id, "batcher": batcher}
         if batcher == "packing":
             runner = PackRunner(built, config, threads=threads)
