@@ -130,7 +130,8 @@ def load_way(way: str, work: Path, threads: int):
 
 
 def load_own_way(way: str, work: Path, threads: int):
-    """onnxruntime and poprt-lite, in this interpreter."""
+    """onnxruntime and poprt-lite, in this interpreter (poprt-lite from this checkout)."""
+    sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     sys.path.insert(0, str(ROOT / "testdata"))
     import make_models
