@@ -22,6 +22,15 @@ activations, Softmax, LayerNorm, GELU, pooling) stays float32.
   by it, which leaves `x W` unchanged and splits the range between activation and weight. The
   channel maxima `max|x[:, k]|` come from running the model on `CALIBRATION_LENGTHS` requests of
   random token ids (seed 0; no data set), laid out as the graph takes them (`calibration_feeds`).
+- attention_mask mode: a row holds several requests and each attention Softmax runs over the whole
+  row, its keys masked to the request's own. onnxruntime's Softmax sums a row in vector lanes, so a
+  request's probabilities change in the last bit with its offset in the row (1e-7); in float32 that
+  is noise, but quantizing rounds to the nearest level, and a last-bit change that crosses a
+  rounding boundary moves a whole level: on the real MiniLM a request's vector changed by 4e-3 with
+  its batch. There each Softmax becomes `e = Exp(x - max x)` over `e @ ones` (`_sum_in_key_order`):
+  the product adds the keys one after another, the masked ones as exact zeros, so the sum is the same
+  wherever the request lies in the row (onnxruntime's float32 MatMul adds along a block of 256 keys
+  in order: rows up to 256 tokens, what `tests/passes/test_quantize_int8.py` checks).
 
 Why this kernel and not `MatMulInteger` or `MatMulNBits`, and the accuracy: README "int8".
 """
@@ -40,7 +49,8 @@ from poprt_lite import ir, vocab
 from poprt_lite.errors import PoprtError, one_line
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
-from poprt_lite.vocab import MetaKey, Role
+from poprt_lite.runtime.session import create_session
+from poprt_lite.vocab import MetaKey, PackMode, Role
 
 ORT_DOMAIN = "com.microsoft"
 KERNEL = "MatMulIntegerToFloat"
@@ -83,11 +93,14 @@ class QuantizeInt8(Pass):
             rows = _quantize_rows(graph, x, len(smoothing), asymmetric)
             for node, weight in zip(nodes, weights, strict=True):
                 _replace(graph, node, weight * smoothing[:, None], rows)
+        pack = vocab.pack_spec_of(ctx.metadata)
+        softmaxes = _sum_in_key_order(graph) if pack is not None and pack.mode == PackMode.attention_mask else 0
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         count = sum(len(nodes) for nodes in groups.values())
+        summed = f"; {softmaxes} Softmaxes summed in key order" if softmaxes else ""
         return PassResult(
             changed=True,
-            message=f"{count} MatMuls to int8 ({len(groups)} activations quantized per token, {one_sided} of them one-sided: with a zero point)",
+            message=f"{count} MatMuls to int8 ({len(groups)} activations quantized per token, {one_sided} of them one-sided: with a zero point){summed}",
         )
 
 
@@ -122,10 +135,8 @@ def channel_ranges(graph: gs.Graph, metadata: dict[str, str], names: list[str]) 
         tensor.dtype, tensor.shape = np.float32, None
     probe.cleanup(remove_unused_graph_inputs=False).toposort()
     model = ir.Model(probe, onnx.ModelProto(ir_version=graph.ir_version or onnx.IR_VERSION)).to_proto()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = create_session(model, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     except Exception as exc:
         raise PoprtError(f"quantize_int8 could not run the model to calibrate its activations: {one_line(exc)}") from exc
     rng = np.random.default_rng(0)
@@ -285,3 +296,36 @@ def _replace(graph: gs.Graph, node: gs.Node, weight: np.ndarray, rows: Quantized
     integer_product = gs.Variable(ir.unique_name(graph, f"{name}_int8_output"))
     graph.nodes.append(gs.Node(KERNEL, name=ir.unique_name(graph, f"{name}_int8"), domain=ORT_DOMAIN, inputs=inputs, outputs=[integer_product]))
     graph.nodes.append(gs.Node("Cast", inputs=[integer_product], outputs=[product], attrs={"to": onnx.TensorProto.FLOAT}))
+
+
+def _sum_in_key_order(graph: gs.Graph) -> int:
+    """Each Softmax over the last axis -> `Exp(x - max x) / (Exp(x - max x) @ ones)`, whose sum
+    does not depend on where a request's keys lie in the row (see the module docstring). Returns
+    how many were rewritten (opset < 13 Softmax flattens its axes: left as it is)."""
+    if graph.opset < 13:
+        return 0
+    softmaxes = [n for n in graph.nodes if n.op == "Softmax" and n.domain in (None, "", "ai.onnx") and n.attrs.get("axis", -1) == -1]
+    for softmax in softmaxes:
+        x, outputs = softmax.inputs[0], list(softmax.outputs)
+        softmax.outputs.clear()
+
+        def node(op: str, inputs: list, suffix: str, dtype=np.float32, **attrs) -> gs.Variable:
+            out = gs.Variable(ir.unique_name(graph, f"{x.name}_{suffix}"), dtype=dtype)
+            graph.nodes.append(gs.Node(op, inputs=inputs, outputs=[out], attrs=attrs))
+            return out
+
+        def const(suffix: str, values) -> gs.Constant:
+            return gs.Constant(ir.unique_name(graph, f"{x.name}_{suffix}"), np.asarray(values))
+
+        if graph.opset >= 18:
+            largest = node("ReduceMax", [x, const("last_axis", np.array([-1], np.int64))], "max", keepdims=1)
+        else:
+            largest = node("ReduceMax", [x], "max", axes=[-1], keepdims=1)
+        exp = node("Exp", [node("Sub", [x, largest], "shifted")], "exp")
+        # a [keys, 1] column of ones, keys read from x at run time
+        keys = node("Slice", [node("Shape", [x], "shape", np.int64), const("minus_one", np.array([-1], np.int64)), const("end", np.array([np.iinfo(np.int64).max], np.int64))], "keys", np.int64)
+        column = node("Concat", [keys, const("one", np.array([1], np.int64))], "ones_shape", np.int64, axis=0)
+        ones = node("ConstantOfShape", [column], "ones", value=onnx.numpy_helper.from_array(np.array([1], np.float32)))
+        total = node("MatMul", [exp, ones], "sum")
+        graph.nodes.append(gs.Node("Div", inputs=[exp, total], outputs=outputs))
+    return len(softmaxes)
