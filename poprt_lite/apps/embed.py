@@ -174,7 +174,7 @@ class Embedder:
         check_max_length(options.get("max_length"))
         model = resolve_model(model)
         tokenizer = model.parent if tokenizer is None else tokenizer
-        packing = {name: options.pop(name, None) for name in ("pack_args", "input_shape", "precision")}
+        packing = {name: options.pop(name) for name in PACKING_KEYWORDS if name in options}
         built = open_artifact(model, tokenizer, max_length=options.get("max_length"), **packing)
         return cls(built, tokenizer, **options)
 
@@ -338,6 +338,10 @@ def open_artifact(
 def embed(model: str | os.PathLike, tokenizer: str | os.PathLike, sentences: Sequence[str], **options: Any) -> np.ndarray:
     """`Embedder(model, tokenizer, **options).embed(sentences)`."""
     return Embedder(model, tokenizer, **options).embed(sentences)
+
+
+# pack_model's keywords that only a model not packed yet takes (max_length applies to any model)
+PACKING_KEYWORDS = tuple(name for name, p in inspect.signature(pack_model).parameters.items() if p.kind is p.KEYWORD_ONLY and name != "max_length")
 
 
 def _refuse_packing(packing: dict[str, Any]) -> None:

@@ -173,8 +173,8 @@ def input_shapes_of(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
 
 def packing(pack_args: Sequence[str] | None, input_shape: Sequence[str] | None, precision: str | None = None) -> dict[str, Any]:
     """`--pack_args` / `--input_shape` / `--precision` as `open_artifact` takes them (None where not given)."""
-    return {
-        "pack_args": pack_args_of(pack_args) if pack_args else None,
-        "input_shape": input_shapes_of(input_shape) if input_shape else None,
-        "precision": precision,
-    }
+    return dict(
+        pack_args=pack_args_of(pack_args) if pack_args else None,
+        input_shape=input_shapes_of(input_shape) if input_shape else None,
+        precision=precision,
+    )

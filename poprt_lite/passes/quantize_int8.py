@@ -257,7 +257,7 @@ def _quantize_rows(graph: gs.Graph, x: gs.Tensor, k: int, asymmetric: bool) -> Q
         scale = node("Div", [magnitude, const("levels", np.float32(LEVELS))], "row_scale", np.float32)
         offset = None
     # QuantizeLinear's per-axis form: rows on axis 0 of a 2-D view, one scale and zero point each
-    rows = node("Reshape", [x, const("rows_shape", np.array([-1, k], np.int64))], "rows", np.float32)
+    rows = node("Reshape", [x, const("token_rows_shape", np.array([-1, k], np.int64))], "token_rows", np.float32)
     flat_scale = node("Reshape", [scale, const("flat", np.array([-1], np.int64))], "row_scales", np.float32)
     if not asymmetric:
         count = node("Shape", [flat_scale], "row_count", np.int64)
