@@ -1,5 +1,9 @@
+from __future__ import annotations
+
 import json
 import zipfile
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,28 +77,29 @@ def test_runner_validates_feeds_against_the_manifest(packed_artifact):
         runner.run(None, {**feeds, "position_ids": np.tile(np.arange(32) + 2, (2, 1))})
 
 
-def test_corrupted_model_member_is_refused(packed_artifact, tmp_path):
-    bad = tmp_path / "executable.popef"
-    with zipfile.ZipFile(packed_artifact) as src, zipfile.ZipFile(bad, "w") as dst:
+def edited_copy(artifact: Path, member: str, edit: Callable[[bytes], bytes], tmp_path: Path) -> Path:
+    """A copy of `artifact` with `member`'s bytes passed through `edit` (the checksums left as they were)."""
+    copy = tmp_path / "executable.popef"
+    with zipfile.ZipFile(artifact) as src, zipfile.ZipFile(copy, "w") as dst:
         for info in src.infolist():
             data = src.read(info.filename)
-            if info.filename == "model.onnx":
-                data = data[:-10] + b"0123456789"
-            dst.writestr(info, data)
+            dst.writestr(info, edit(data) if info.filename == member else data)
+    return copy
+
+
+def test_corrupted_model_member_is_refused(packed_artifact, tmp_path):
+    bad = edited_copy(packed_artifact, "model.onnx", lambda data: data[:-10] + b"0123456789", tmp_path)
     with pytest.raises(ArtifactError, match=r"model checksum mismatch \(corrupted or tampered\); re-export it$"):
         load_artifact(bad)
 
 
 def test_edited_manifest_is_refused(packed_artifact, tmp_path):
-    bad = tmp_path / "executable.popef"
-    with zipfile.ZipFile(packed_artifact) as src, zipfile.ZipFile(bad, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info.filename)
-            if info.filename == "manifest.json":
-                manifest = json.loads(data)
-                manifest["pack"]["max_valid_num"] = 40
-                data = json.dumps(manifest).encode()
-            dst.writestr(info, data)
+    def more_requests(data: bytes) -> bytes:
+        manifest = json.loads(data)
+        manifest["pack"]["max_valid_num"] = 40
+        return json.dumps(manifest).encode()
+
+    bad = edited_copy(packed_artifact, "manifest.json", more_requests, tmp_path)
     with pytest.raises(ArtifactError, match=r"manifest checksum mismatch \(corrupted or edited\); re-export it$"):
         load_artifact(bad)
 
