@@ -50,7 +50,7 @@ HOME = Path.home() / ".cache" / "poprt-lite" / "peers"
 PEERS = {
     "sentence-transformers": ["torch==2.13.0+cpu", "sentence-transformers[onnx]>=5,<6", "transformers==4.57.6"],
     "fastembed": ["fastembed==0.9.1"],
-    "infinity": ["torch==2.13.0+cpu", "infinity-emb[torch,optimum]==0.0.78", "transformers==4.48.3", "numpy<2", "pyarrow<20"],
+    "infinity": ["torch==2.13.0+cpu", "infinity-emb[torch,optimum,server]==0.0.78", "transformers==4.48.3", "numpy<2", "pyarrow<20"],
 }
 # way -> (venv, None for this interpreter); the reference way comes first
 WAYS = {

@@ -14,7 +14,13 @@ Servers, each `poprt-lite serve` in its own process on the same model, `--thread
   optimum engine reads (an output `last_hidden_state`): `optimum-cli export onnx --model DIR --task
   feature-extraction --library-name transformers OUT` and copy OUT/model.onnx into DIR. Infinity
   runs from DIR as `--model-id .` (given a path, it hands optimum an absolute file name that optimum
-  then does not find).
+  then does not find). `python benchmarks/cpu_peers.py --setup` makes that venv
+  (~/.cache/poprt-lite/peers/infinity, with the `[server]` extra) and both folders:
+  peers/work/infinity (fp32) and peers/work/infinity-int8 (sentence-transformers' int8 export as
+  `model_quantized.onnx`, which the optimum engine picks on a CPU).
+
+`--precision int8` serves the packed server as `poprt-lite serve --precision int8` (the baselines
+keep the original fp32 model): with the int8 Infinity folder, int8 against int8.
 
 Load: `--clients` concurrent async clients (8, 32, 64; httpx, or aiohttp with `--client aiohttp`),
 each on its own connection, sending one text per call to the OpenAI route (`/embeddings`,
@@ -138,12 +144,14 @@ class Process:
         self.log.close()
 
 
-def poprt_server(name: str, model: Path, tokenizer: Path, threads: int) -> Process:
+def poprt_server(name: str, model: Path, tokenizer: Path, threads: int, precision: str = "fp32") -> Process:
     port = free_port()
     command = [sys.executable, "-m", "poprt_lite.cli", "serve", str(model), "--tokenizer", str(tokenizer), "--port", str(port),
                "--threads", str(threads), "--model_id", "minilm", "--auto_truncate", "--max_concurrent_requests", "4096"]
     if name != "packed":
         command += ["--batcher", name]
+    elif precision != "fp32":  # the baselines run the original model as it is
+        command += ["--precision", precision]
     return Process(name, command, port)
 
 
@@ -233,6 +241,8 @@ def main() -> int:
     parser.add_argument("--infinity", help="a Python with infinity-emb installed (adds the Infinity server)")
     parser.add_argument("--infinity_folder", type=Path, help="the model folder Infinity serves (see the docstring)")
     parser.add_argument("--texts", type=int, default=4000)
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                        help="the packed server's (--precision of poprt-lite serve); the baselines run the original fp32 model")
     parser.add_argument("--client", choices=("httpx", "aiohttp"), default="httpx", help="the load generator's HTTP client library")
     parser.add_argument("--in_process", action="store_true", help="drive the engines in process, without HTTP")
     parser.add_argument("--soak", type=float, help="drive the packed server alone this many seconds; print its RSS")
@@ -261,7 +271,7 @@ def main() -> int:
         return in_process(args, texts)
 
     names = [n for n in args.servers.split(",") if n]
-    servers = {name: poprt_server(name, args.model, args.tokenizer, args.threads) for name in names}
+    servers = {name: poprt_server(name, args.model, args.tokenizer, args.threads, args.precision) for name in names}
     if args.infinity:
         servers["infinity"] = infinity_server(args.infinity, args.infinity_folder, args.threads)
     check = texts[:: max(1, len(texts) // 50)]
@@ -319,7 +329,7 @@ def report(results, clients_list, names, args) -> None:
                   f"{p50:7.1f} {p90:7.1f} {p99:7.1f} {errors:6d} {ratio:9.2f} {np.median(cpu):11.2f} {cpu_ratio:13.2f}")
     model = f" --model {args.model} --tokenizer {args.tokenizer}" if args.model_given else ""
     print(f"\ncommand: python benchmarks/serve_bench.py{model} --clients {args.clients} --seconds {args.seconds} --rounds {args.rounds} "
-          f"--threads {args.threads} --servers {args.servers} --client {args.client}{f' --infinity {args.infinity} --infinity_folder {args.infinity_folder}' if args.infinity else ''}")
+          f"--threads {args.threads} --servers {args.servers} --client {args.client} --precision {args.precision}{f' --infinity {args.infinity} --infinity_folder {args.infinity_folder}' if args.infinity else ''}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "rows": table}, indent=1, default=float))
     if args.plot:
