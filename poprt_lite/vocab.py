@@ -32,6 +32,7 @@ class PackMode(_Word):
     unpack_repack = "unpack_repack"  # one token stream over [B*S]; attention on unpacked rows (PopRT's default)
     attention_mask = "attention_mask"  # each request inside one row; block-diagonal attention mask
     token_stream = "token_stream"  # one dynamic stream of real tokens [T]; attention on unpacked rows
+    token_stream_loop = "token_stream_loop"  # token_stream with attention in a Loop, at each request's own length
 
     @classmethod
     def named(cls, value: str) -> str:

@@ -19,6 +19,7 @@ from poprt_lite.passes import (  # noqa: E402,F401  isort: skip
     quantize_int8,
     remove_outputs,
     static_shape,
+    token_stream_loop_packing,
     token_stream_packing,
     unfuse_ort,
 )

@@ -57,7 +57,7 @@ def _fold(graph: gs.Graph, size_threshold: int) -> None:
         size_threshold=size_threshold,
         # Custom ops are not in onnxruntime's schema set when folding, so they are left alone,
         # and so are their function bodies (onnx-graphsurgeon cannot fold inside functions).
-        should_exclude_node=lambda node: node.domain == ops.DOMAIN,
+        should_exclude_node=lambda node: node.domain == ops.DOMAIN or node.op == "SequenceEmpty",  # a sequence is no constant tensor
         recurse_functions=False,
     )
     try:

@@ -10,6 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from poprt_lite import ir
+from poprt_lite.errors import PoprtError
 from poprt_lite.passes.base import Pass, PassContext, PassResult
 from poprt_lite.passes.registry import register_pass
 
@@ -31,6 +32,9 @@ class FloatToHalf(Pass):
         skip_op_types: tuple[str, ...] = field(default_factory=tuple)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        looped = next((n for n in graph.nodes if any(isinstance(v, onnx.GraphProto) for v in n.attrs.values())), None)
+        if looped is not None:  # token_stream_loop's attention bodies, built for float32 and opaque to this pass
+            raise PoprtError(f"{self.name} cannot convert node '{looped.name}' ({looped.op}): its body is an attention Loop over the requests (mode=token_stream_loop), built in float32; use precision fp32 with that mode, or mode=token_stream")
         skip = set(self.options.skip_op_types)
         kept_fp32 = _constants_only_used_by(graph, skip)
         converted = clamped = 0

@@ -36,6 +36,7 @@ class TokenStreamPacking(Pass):
     """One dynamic [1, T] token stream per batch; attention unpacked per request (--pack_args mode=token_stream)."""
 
     Options = packing.StreamOptions
+    mode = MODE
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         setup = packing.prepare(graph, ctx, self.options, self.name)
@@ -48,7 +49,7 @@ class TokenStreamPacking(Pass):
         if any(t.name == UNPACK_INFO for t in graph.inputs):
             raise PoprtError(f"model already has an '{UNPACK_INFO}' input; it is packed already")
         dims = setup.dims
-        _check_dynamic(setup.input_ids, dims)
+        _check_dynamic(setup.input_ids, dims, self.mode)
         cone = attention_cone(graph, setup.blocks)  # once: it walks the whole graph
         tail = [n for n in graph.nodes if id(n) not in cone]
         rewriter = _StreamRewriter(graph, self.options, setup.input_ids)
@@ -58,7 +59,7 @@ class TokenStreamPacking(Pass):
         layouts = rewriter.rewrite_tail(tail, dims)
         _pin_stream(graph, dims, layouts)
         vocab.set_role(ctx.metadata, UNPACK_INFO, Role.unpack_info)
-        packing.record(ctx, MODE, self.options, layouts)
+        packing.record(ctx, self.mode, self.options, layouts)
         return PassResult(changed=True, message=f"{len(setup.blocks)} attention blocks unpacked/repacked per request")
 
 
@@ -76,11 +77,11 @@ class _StreamRewriter(_Rewriter):
         return Layout.stream
 
 
-def _check_dynamic(input_ids: gs.Variable, dims: TokenAxes) -> None:
+def _check_dynamic(input_ids: gs.Variable, dims: TokenAxes, mode: str) -> None:
     batch, seq = dims.dims
     if isinstance(seq, int) or isinstance(batch, int) and batch != 1:
         raise PoprtError(
-            f"input '{input_ids.name}' has shape {list(input_ids.shape)}; mode={MODE} feeds one stream "
+            f"input '{input_ids.name}' has shape {list(input_ids.shape)}; mode={mode} feeds one stream "
             "of any length as [1, tokens]: convert the model exported with dynamic [batch, sequence] axes, "
             f"without {option('input_shape')}"
         )

@@ -137,3 +137,13 @@ TOKEN_STREAM = register(ModeDescriptor(
     example=f"mode={PackMode.token_stream} max_valid_num=40 segment_max_size=256 max_tokens=4096",
     label="token stream",
 ))
+TOKEN_STREAM_LOOP = register(ModeDescriptor(
+    name=PackMode.token_stream_loop,
+    pass_name="token_stream_loop_packing",
+    layout=TokenStream,
+    needed=("max_valid_num", "segment_max_size", "max_tokens"),
+    static=False,
+    token_output=Layout.stream,
+    example=f"mode={PackMode.token_stream_loop} max_valid_num=40 segment_max_size=256 max_tokens=4096",
+    label="token stream, attention per request",
+))

@@ -15,15 +15,17 @@ MODES = [
     "offline_unpack_repack",
     "offline_attention_mask",
     "offline_token_stream",
+    "offline_token_stream_loop",
     "online_dynamic_per_request",
     "online_dynamic_batching",
     "online_unpack_repack",
     "online_attention_mask_first_fit",
     "online_attention_mask_next_fit",
     "online_token_stream",
+    "online_token_stream_loop",
 ]
 DYNAMIC = [m for m in MODES if "_dynamic_" in m]
-PACKED_ONLINE = ["online_unpack_repack", "online_attention_mask_first_fit", "online_attention_mask_next_fit", "online_token_stream"]
+PACKED_ONLINE = ["online_unpack_repack", "online_attention_mask_first_fit", "online_attention_mask_next_fit", "online_token_stream", "online_token_stream_loop"]
 
 
 def check_run(data: dict, requests: int) -> dict:
@@ -85,7 +87,7 @@ def test_bench_small_preset(tmp_path, capsys):
     modes = check_run(data, 8 * 4)
     assert modes["online_dynamic_batching"]["requests_per_batch"] <= 4  # batch_size of the --small preset
     host = data["host_packing"]
-    assert set(host) == {"unpack_repack", "attention_mask", "token_stream"}
+    assert set(host) == {"unpack_repack", "attention_mask", "token_stream", "token_stream_loop"}
     ops = {(o["model"], o["op"]) for o in data["op_costs"]["ops"]}
     assert {("unpack_repack", "Unpack"), ("unpack_repack", "Repack"), ("attention_mask", "AttentionMask")} <= ops
     assert "| offline AttentionMask |" in data["markdown_table"]

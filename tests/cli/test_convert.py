@@ -136,7 +136,7 @@ def test_plugin_pass_runs_end_to_end(tmp_path, capsys):
         (["--pack_args", "max_valid_num=0", "segment_max_size=256"], "error: --pack_args max_valid_num must be a positive integer, got 0"),
         (["--pack_args", "max_valid_num=4", "segment_max_size=-3"], "error: --pack_args segment_max_size must be a positive integer, got -3"),
         (["--pack_args", "max_valid_num=4", "segment_max_size=1000"], "error: pass 'pack_unpack_repack' failed: segment_max_size=1000 exceeds the model's position table (512 positions); use --pack_args segment_max_size<=512"),
-        (["--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=magic"], "error: --pack_args mode must be one of unpack_repack, attention_mask, token_stream, got 'magic'"),
+        (["--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=magic"], "error: --pack_args mode must be one of unpack_repack, attention_mask, token_stream, token_stream_loop, got 'magic'"),
         (["--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=token_stream"], "error: --pack_args needs max_tokens=N (e.g. --pack_args mode=token_stream max_valid_num=40 segment_max_size=256 max_tokens=4096)\n"),
         (["--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=token_stream", "max_tokens=0"], "error: --pack_args max_tokens must be a positive integer, got 0\n"),
         (["--pack_args", "max_valid_num=4", "segment_max_size=8", "mode=attention_mask", "max_tokens=64"], "error: --pack_args max_tokens does not apply to attention_mask mode; drop it\n"),

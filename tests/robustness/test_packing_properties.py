@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from poprt_lite.errors import PoprtError, RequestError
 from poprt_lite.ops.unpack import Unpack
 from poprt_lite.runtime.packing_utils import pack_data, unpack_outputs
+from poprt_lite.runtime import modes
 from poprt_lite.runtime.packing import PackAlgorithm, pack
 from poprt_lite.vocab import PackMode
 
@@ -109,7 +110,7 @@ class Request:
 def datasets(draw):
     mode = draw(st.sampled_from(list(PackMode)))
     across_rows = mode is not PackMode.attention_mask
-    batch_size = 1 if mode is PackMode.token_stream else draw(st.integers(1, 6))  # token_stream: seq_len = max_tokens
+    batch_size = 1 if not modes.get(mode).static else draw(st.integers(1, 6))  # token_stream: seq_len = max_tokens
     seq_len = draw(st.integers(1, 48))
     max_valid_num = draw(st.integers(1, 16))
     if across_rows:
@@ -129,7 +130,7 @@ def datasets(draw):
         ids = rng.integers(1, 30_000, n + extra)
         types = rng.integers(1, 3, n + extra) if with_types else None
         requests.append(Request(ids, n, types))
-    dynamic_rows = mode is not PackMode.token_stream and draw(st.booleans())  # --dynamic_rows artifacts
+    dynamic_rows = modes.get(mode).static and draw(st.booleans())  # --dynamic_rows artifacts
     config = dict(
         batch_size=batch_size, seq_len=seq_len, max_valid_num=max_valid_num, across_rows=across_rows,
         position_offset=position_offset, algorithm=algorithm, segment_max_size=segment_max_size, mode=mode,
@@ -157,7 +158,7 @@ def check_batch(requests, config, index: int, batch) -> None:
     assert 1 <= n <= max_valid_num
     assert [s.index for s in specs] == list(range(index, batch.count))
     assert [s.length for s in specs] == lengths
-    stream = config["mode"] is PackMode.token_stream
+    stream = not modes.get(config["mode"]).static
     shape = (1, sum(lengths)) if stream else (B, S)  # a token stream is as long as its real tokens
     if config["dynamic_rows"]:  # only the rows up to the last one a request uses
         shape = (max((s.row * S + s.offset + s.length - 1) // S for s in batch.specs) + 1, S)

@@ -40,7 +40,7 @@ def toy_mode():
 
 def test_built_in_modes_are_the_pack_mode_words_in_order():
     assert modes.names() == tuple(PackMode)
-    assert [m.pass_name for m in modes.registered()] == ["pack_unpack_repack", "attention_mask_packing", "token_stream_packing"]
+    assert [m.pass_name for m in modes.registered()] == ["pack_unpack_repack", "attention_mask_packing", "token_stream_packing", "token_stream_loop_packing"]
     assert [m.name for m in modes.registered() if m.static] == [PackMode.unpack_repack, PackMode.attention_mask]
     assert [m.name for m in modes.registered() if m.one_row] == [PackMode.attention_mask]
 
@@ -48,7 +48,7 @@ def test_built_in_modes_are_the_pack_mode_words_in_order():
 def test_unknown_and_duplicate_modes_are_refused():
     with pytest.raises(PoprtError) as err:
         modes.get("toy_stream")
-    assert str(err.value) == "pack mode must be one of unpack_repack, attention_mask, token_stream, got 'toy_stream'"
+    assert str(err.value) == "pack mode must be one of unpack_repack, attention_mask, token_stream, token_stream_loop, got 'toy_stream'"
     with pytest.raises(PoprtError) as err:
         modes.register(modes.TOKEN_STREAM)
     assert str(err.value) == "pack mode 'token_stream' is registered already"
