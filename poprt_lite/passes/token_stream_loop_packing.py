@@ -42,7 +42,7 @@ class TokenStreamLoopPacking(TokenStreamPacking):
         if graph.opset < MIN_OPSET:
             raise PoprtError(f"{self.name} needs opset >= {MIN_OPSET} (a Loop over sequences); the model has opset {graph.opset}: export it at a newer opset")
         super().run(graph, ctx)
-        graph.toposort(mode="nodes")
+        graph.toposort()
         looper = _Looper(graph, next(t for t in graph.inputs if t.name == UNPACK_INFO))
         repacks = [n for n in graph.nodes if n.domain == ops.DOMAIN and n.op == "Repack"]
         for node in repacks:
@@ -56,8 +56,7 @@ class _Looper:
     The body is held as an onnx GraphProto, which onnx-graphsurgeon leaves alone (its copies and
     folds of subgraphs that read outer tensors recurse forever). So that it sees what the body
     reads, every outer tensor the body reads goes in as a loop-carried value passed through
-    unchanged (the body's output is its input: onnxruntime copies nothing per iteration); constants
-    are copied into the body.
+    unchanged (the body's output is its input); constants are copied into the body.
     """
 
     def __init__(self, graph: gs.Graph, unpack_info: gs.Variable) -> None:
@@ -75,9 +74,7 @@ class _Looper:
         self.count = self._node(graph.nodes, "Reshape", [count, gs.Constant(self.fresh("scalar"), np.zeros(0, np.int64))], "loop_count", np.int64)
 
     def _node(self, nodes: list, op: str, inputs: list, name: str, dtype, attrs=None) -> gs.Variable:
-        out = gs.Variable(self.fresh(name), dtype=dtype)
-        nodes.append(gs.Node(op, inputs=inputs, outputs=[out], attrs=attrs or {}))
-        return out
+        return _append(nodes, self.fresh, op, inputs, name, dtype, attrs)
 
     def _row_level(self, node: gs.Node) -> bool:
         """Computed from the batch's rows: reads unpack_info or a row tensor (Repack makes a stream)."""
@@ -146,9 +143,7 @@ class _Body:
         self._aliases: dict[int, gs.Tensor] = {}
 
     def node(self, op: str, inputs: list, name: str, dtype, attrs=None) -> gs.Variable:
-        out = gs.Variable(self.fresh(name), dtype=dtype)
-        self.nodes.append(gs.Node(op, inputs=inputs, outputs=[out], attrs=attrs or {}))
-        return out
+        return _append(self.nodes, self.fresh, op, inputs, name, dtype, attrs)
 
     def const(self, name: str, values) -> gs.Variable:
         return self.read(gs.Constant(self.fresh(name), np.asarray(values, np.int64)))
@@ -180,6 +175,13 @@ class _Body:
             [onnx.helper.make_tensor_value_info(cond_out.name, onnx.TensorProto.BOOL, []), *carried,
              onnx.helper.make_tensor_sequence_value_info(seq_out, _elem_type(rows), None)],
         )
+
+
+def _append(nodes: list, fresh: ir.FreshNames, op: str, inputs: list, name: str, dtype, attrs=None) -> gs.Variable:
+    """Append a one-output node to `nodes`; return its output."""
+    out = gs.Variable(fresh(name), dtype=dtype)
+    nodes.append(gs.Node(op, inputs=inputs, outputs=[out], attrs=attrs or {}))
+    return out
 
 
 def _elem_type(tensor: gs.Tensor) -> int:
