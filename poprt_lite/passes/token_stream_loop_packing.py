@@ -43,6 +43,7 @@ class TokenStreamLoopPacking(TokenStreamPacking):
             raise PoprtError(f"{self.name} needs opset >= {MIN_OPSET} (a Loop over sequences); the model has opset {graph.opset}: export it at a newer opset")
         super().run(graph, ctx)
         graph.toposort()
+        ir.infer_shapes_in_place(graph)  # a body declares the types of the outer tensors it reads
         looper = _Looper(graph, next(t for t in graph.inputs if t.name == UNPACK_INFO))
         repacks = [n for n in graph.nodes if n.domain == ops.DOMAIN and n.op == "Repack"]
         for node in repacks:

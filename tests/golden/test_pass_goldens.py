@@ -216,6 +216,7 @@ CASES = [
     GoldenCase("remove_outputs", "two_heads", {"outputs": ("end",)}),
     GoldenCase("add_checkpoints", "two_heads", {"tensors": ("trunk", "shifted")}),
     GoldenCase("token_stream_packing", "tiny_encoder", {**PACK, "max_tokens": 16}),
+    GoldenCase("token_stream_loop_packing", "tiny_encoder", {**PACK, "max_tokens": 16}),
     GoldenCase("unfuse_ort", "ort_fused_encoder"),
     GoldenCase(
         "fuse_packed_attention", "tiny_encoder",
