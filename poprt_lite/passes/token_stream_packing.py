@@ -53,6 +53,7 @@ class TokenStreamPacking(Pass):
         cone = attention_cone(graph, setup.blocks)  # once: it walks the whole graph
         tail = [n for n in graph.nodes if id(n) not in cone]
         rewriter = _StreamRewriter(graph, self.options, setup.input_ids)
+        rewriter.mode = self.mode  # its messages name the mode packed
         for block in setup.blocks:
             rewriter.rewrite_block(block)
         packing.account_masks(ctx, setup.blocks, rewriter.softmax_on_rows, rewriter.on_rows)

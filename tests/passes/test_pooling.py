@@ -15,6 +15,7 @@ from conftest import VOCAB, model_path
 from poprt_lite import compile, ir, ops, vocab
 from poprt_lite.compiler import verify
 from poprt_lite.errors import PassError
+from poprt_lite.runtime import modes as pack_modes
 from poprt_lite.ops.segment_pool import FIRST, LAST, MAX, MEAN, MEAN_SQRT_LEN, WEIGHTED_MEAN
 from poprt_lite.vocab import Layout
 
@@ -73,9 +74,10 @@ def test_layouts_shapes_and_ops(name, mode):
     model = packed(name, mode)
     meta = ir.get_metadata(model)
     outputs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
-    token_layout = {"unpack_repack": Layout.unpacked, "attention_mask": Layout.packed, STREAM: Layout.stream}[mode]
-    token_shape = {"unpack_repack": [N, L], "attention_mask": [BATCH, SEQ], STREAM: [1, 0]}[mode]  # 0: symbolic
-    slots = 0 if mode == STREAM else N
+    kind = mode if pack_modes.get(mode).static else STREAM  # token_stream_loop lays out its batches as token_stream
+    token_layout = {"unpack_repack": Layout.unpacked, "attention_mask": Layout.packed, STREAM: Layout.stream}[kind]
+    token_shape = {"unpack_repack": [N, L], "attention_mask": [BATCH, SEQ], STREAM: [1, 0]}[kind]  # 0: symbolic
+    slots = 0 if kind == STREAM else N
     for output, shape in outputs.items():
         if output in POOLED[name]:
             assert vocab.layout_of(meta, output) is Layout.per_request
@@ -95,7 +97,7 @@ def test_layouts_shapes_and_ops(name, mode):
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
     for node in [n for n in model.graph.node if n.op_type.startswith("Reduce")]:
-        assert shapes[node.input[0]][0] == (N if mode != STREAM else "requests"), (node.name, shapes[node.input[0]])
+        assert shapes[node.input[0]][0] == (N if kind != STREAM else "requests"), (node.name, shapes[node.input[0]])
 
 
 @pytest.mark.parametrize("mode", STATIC_MODES)
@@ -233,7 +235,7 @@ def test_attention_mask_mode_refuses_what_it_cannot_place(variant, node, op, why
 @pytest.mark.parametrize("mode", MODES)
 def test_an_op_moving_the_request_axis_is_refused(mode, tmp_path):
     if mode != "attention_mask":
-        pass_name = "pack_unpack_repack" if mode == "unpack_repack" else "token_stream_packing"
+        pass_name = pack_modes.get(mode).pass_name
         message = rf"^pass '{pass_name}' failed: {mode} cannot place node 'flip' \(Transpose\) after the encoder on per-request rows: it does not keep one row per request; remove it from the model$"
     else:
         message = r"^pass 'attention_mask_packing' failed: attention_mask packing cannot keep node 'flip' \(Transpose\) per request: it does not keep one row per request; use mode=unpack_repack$"
