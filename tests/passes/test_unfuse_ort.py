@@ -28,6 +28,7 @@ from conftest import model_path, run
 from passes.test_pack_passes import MODES, run_packed
 from poprt_lite import compile, ir
 from poprt_lite.compiler import CompileOptions, verify
+from poprt_lite.runtime import modes as pack_modes
 from poprt_lite.errors import PassError, PoprtError
 from poprt_lite.passes import PassManager, get_pass
 from poprt_lite.patterns.attention import find_attention_blocks
@@ -334,7 +335,7 @@ def test_other_fusions_pack_and_equal_the_optimized_model(variant, mode, variant
     fused = {n.op_type for n in onnx.load(path).graph.node if n.domain == ORT}
     assert fused >= (VARIANTS[variant][1] if variant in VARIANTS else {"FusedMatMul", "BiasGelu"})
     pack_args = {**PACK, "mode": mode}
-    options = CompileOptions(pack_args={**pack_args, "max_tokens": "64"}) if mode == "token_stream" else CompileOptions(input_shape={"input_ids": (2, 32)}, pack_args=pack_args)
+    options = CompileOptions(pack_args={**pack_args, "max_tokens": "64"}) if not pack_modes.get(mode).static else CompileOptions(input_shape={"input_ids": (2, 32)}, pack_args=pack_args)
     result = compile(path, save=False, options=options)
     assert result.records[0].name == "unfuse_ort" and result.records[0].changed
     assert not ort_nodes(result.model)
