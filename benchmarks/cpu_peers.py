@@ -291,7 +291,10 @@ def main() -> int:
             seconds[way].append(json.loads(workers[way].stdout.readline())["seconds"])
     for process in workers.values():
         process.stdin.close()
-        process.wait()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # Infinity's engine threads keep its worker alive after its stdin closes
+            process.kill()
     load_after = os.getloadavg()
 
     reference = np.load(args.work / f"{REFERENCE}.npy") if REFERENCE in workers else None
