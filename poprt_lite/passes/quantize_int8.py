@@ -134,6 +134,9 @@ def channel_ranges(graph: gs.Graph, metadata: dict[str, str], names: list[str]) 
     for tensor in probe.outputs:
         tensor.dtype, tensor.shape = np.float32, None
     probe.cleanup(remove_unused_graph_inputs=False).toposort()
+    for tensor in probe.tensors().values():  # onnxruntime infers them; a sequence (a Loop's) has no gs type
+        if isinstance(tensor, gs.Variable) and tensor not in probe.inputs and tensor not in probe.outputs:
+            tensor.dtype, tensor.shape = None, None
     model = ir.Model(probe, onnx.ModelProto(ir_version=graph.ir_version or onnx.IR_VERSION)).to_proto()
     try:
         session = create_session(model, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)

@@ -17,14 +17,14 @@ from poprt_lite.errors import PoprtError
 from poprt_lite.passes.quantize_int8 import KERNEL, LEVELS, ORT_DOMAIN
 
 EMBEDDINGS = ["st_mean_norm_torchscript", "st_cls_norm_torchscript", "st_max_torchscript", "st_mean_norm_dynamo"]
-MODES = ["token_stream", "attention_mask", "unpack_repack"]
+MODES = ["token_stream", "token_stream_loop", "attention_mask", "unpack_repack"]
 N, L = 8, 64
 
 
 def packed(name: str, mode: str, precision: str = "int8") -> onnx.ModelProto:
     args = {"mode": mode, "max_valid_num": str(N), "segment_max_size": str(L)}
     shape = {}
-    if mode == "token_stream":
+    if mode.startswith("token_stream"):  # token_stream, token_stream_loop
         args["max_tokens"] = str(4 * L)
     else:
         inputs = [i.name for i in onnx.load(str(model_path(name)), load_external_data=False).graph.input]
@@ -123,7 +123,7 @@ def quantize_dynamic_model(tmp_path_factory):
 def test_quantize_dynamic_models_are_refused_naming_the_node(quantize_dynamic_model, mode):
     args = {"mode": mode, "max_valid_num": str(N), "segment_max_size": str(L)}
     shape = {}
-    if mode == "token_stream":
+    if mode.startswith("token_stream"):  # token_stream, token_stream_loop
         args["max_tokens"] = str(4 * L)
     else:
         shape = {n: (3, L) for n in ("input_ids", "attention_mask", "token_type_ids")}
