@@ -271,18 +271,20 @@ def main() -> int:
         return in_process(args, texts)
 
     names = [n for n in args.servers.split(",") if n]
-    servers = {name: poprt_server(name, args.model, args.tokenizer, args.threads, args.precision) for name in names}
-    if args.infinity:
-        servers["infinity"] = infinity_server(args.infinity, args.infinity_folder, args.threads)
-    check = texts[:: max(1, len(texts) // 50)]
-    want = original_embeddings(args.model, tokenizer, check)
-    for name, server in servers.items():
-        got = np.asarray([d["embedding"] for d in httpx.post(f"{server.url}/embeddings", json={"input": check, "model": "minilm"}, timeout=120).json()["data"]])
-        cos = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
-        print(f"{name}: min cosine with the original model on each of {len(check)} texts alone: {cos.min():.7f}", flush=True)
+    servers: dict[str, Process] = {}
     clients_list = [int(c) for c in args.clients.split(",")]
-    results: dict[tuple[int, str], list] = {(c, n): [] for c in clients_list for n in servers}
-    try:
+    try:  # every server started is stopped, whichever fails to start or answer
+        for name in names:
+            servers[name] = poprt_server(name, args.model, args.tokenizer, args.threads, args.precision)
+        if args.infinity:
+            servers["infinity"] = infinity_server(args.infinity, args.infinity_folder, args.threads)
+        check = texts[:: max(1, len(texts) // 50)]
+        want = original_embeddings(args.model, tokenizer, check)
+        for name, server in servers.items():
+            got = np.asarray([d["embedding"] for d in httpx.post(f"{server.url}/embeddings", json={"input": check, "model": "minilm"}, timeout=120).json()["data"]])
+            cos = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+            print(f"{name}: min cosine with the original model on each of {len(check)} texts alone: {cos.min():.7f}", flush=True)
+        results: dict[tuple[int, str], list] = {(c, n): [] for c in clients_list for n in servers}
         for round_ in range(args.rounds):
             for clients in clients_list:
                 for name, server in servers.items():
