@@ -224,19 +224,28 @@ class QuantizedRows:
     offset: gs.Tensor | None
 
 
+class _Appender:
+    """Appends nodes to `graph`, naming their outputs and constants `{prefix}_{suffix}` (made unique)."""
+
+    def __init__(self, graph: gs.Graph, prefix: str) -> None:
+        self.graph, self.prefix = graph, prefix
+
+    def node(self, op: str, inputs: list, suffix: str, dtype=np.float32, **attrs) -> gs.Variable:
+        out = gs.Variable(ir.unique_name(self.graph, f"{self.prefix}_{suffix}"), dtype=dtype)
+        self.graph.nodes.append(gs.Node(op, inputs=inputs, outputs=[out], attrs=attrs))
+        return out
+
+    def const(self, suffix: str, values) -> gs.Constant:
+        return gs.Constant(ir.unique_name(self.graph, f"{self.prefix}_{suffix}"), np.asarray(values))
+
+    def bind(self):
+        return self.node, self.const
+
+
 def _quantize_rows(graph: gs.Graph, x: gs.Tensor, k: int, asymmetric: bool) -> QuantizedRows:
     """`x [..., K]` in uint8 per row (token): symmetric around ZERO_POINT, or with asymmetric, from
     the row's minimum to its maximum (zero included) with the row's own zero point."""
-    name = x.name
-
-    def node(op: str, inputs: list, suffix: str, dtype, **attrs) -> gs.Variable:
-        out = gs.Variable(ir.unique_name(graph, f"{name}_{suffix}"), dtype=dtype)
-        graph.nodes.append(gs.Node(op, inputs=inputs, outputs=[out], attrs=attrs))
-        return out
-
-    def const(suffix: str, values) -> gs.Constant:
-        return gs.Constant(ir.unique_name(graph, f"{name}_{suffix}"), np.asarray(values))
-
+    node, const = _Appender(graph, x.name).bind()
     if graph.opset >= 18:
         last = const("last_axis", np.array([-1], np.int64))
         largest = node("ReduceMax", [x, last], "row_max", np.float32, keepdims=1)
@@ -311,15 +320,7 @@ def _sum_in_key_order(graph: gs.Graph) -> int:
     for softmax in softmaxes:
         x, outputs = softmax.inputs[0], list(softmax.outputs)
         softmax.outputs.clear()
-
-        def node(op: str, inputs: list, suffix: str, dtype=np.float32, **attrs) -> gs.Variable:
-            out = gs.Variable(ir.unique_name(graph, f"{x.name}_{suffix}"), dtype=dtype)
-            graph.nodes.append(gs.Node(op, inputs=inputs, outputs=[out], attrs=attrs))
-            return out
-
-        def const(suffix: str, values) -> gs.Constant:
-            return gs.Constant(ir.unique_name(graph, f"{x.name}_{suffix}"), np.asarray(values))
-
+        node, const = _Appender(graph, x.name).bind()
         if graph.opset >= 18:
             largest = node("ReduceMax", [x, const("last_axis", np.array([-1], np.int64))], "max", keepdims=1)
         else:
