@@ -40,6 +40,7 @@ import onnxruntime as ort
 
 import poprt_lite
 from poprt_lite import runtime
+from poprt_lite.runtime import modes
 from poprt_lite.errors import PoprtError
 from poprt_lite.vocab import PackMode
 
@@ -50,7 +51,7 @@ VOCAB = 1000
 TOLERANCE = 1e-4  # max |packed - original| per logit (fp32; observed ~1e-6)
 INJECTED = "injected failure (soak test)"
 MODES = tuple((mode.value, runtime.PackAlgorithm.first_fit) for mode in PackMode)
-STREAMS = (PackMode.unpack_repack, PackMode.token_stream)  # requests one after another, lengths in unpack_info
+STREAMS = (PackMode.unpack_repack, PackMode.token_stream, PackMode.token_stream_loop)  # requests one after another, lengths in unpack_info
 
 
 def rss_mb() -> float:
@@ -100,7 +101,7 @@ def make_workload(requests: int, max_len: int, seed: int, chunk: int = 64) -> Wo
 
 def compile_artifact(workdir: Path, mode: str, batch: int, seq: int, max_valid_num: int, segment_max_size: int) -> Path:
     pack_args = {"max_valid_num": str(max_valid_num), "segment_max_size": str(segment_max_size), "mode": mode}
-    if mode == PackMode.token_stream:  # no static shape: a batch holds up to batch x seq tokens
+    if not modes.get(mode).static:  # a token stream: a batch holds up to batch x seq tokens
         shape, pack_args["max_tokens"] = {}, str(batch * seq)
     else:
         shape = {n: (batch, seq) for n in ("input_ids", "attention_mask", "token_type_ids")}

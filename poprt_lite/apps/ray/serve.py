@@ -65,16 +65,16 @@ class ShippedServer:
         model: str | os.PathLike,
         tokenizer: str | os.PathLike | None = None,
         *,
-        pack_args: dict[str, str] | None = None,
-        input_shape: dict[str, tuple[int, ...]] | None = None,
         max_length: int | None = None,
         output: str | None = None,
         model_id: str | None = None,
+        **packing: Any,
     ) -> "ShippedServer":
+        """`packing`: open_artifact's keywords (pack_args, input_shape, precision) for an exported model."""
         model_id = model_id or Path(model).stem
         model = resolve_model(model)  # a model folder: its export, made on first use (as Engine.open)
         tokenizer = tokenizer_of(model, tokenizer)
-        artifact = open_artifact(model, tokenizer, pack_args=pack_args, input_shape=input_shape, max_length=max_length)
+        artifact = open_artifact(model, tokenizer, max_length=max_length, **packing)
         files = {}
         if tokenizer is not None:
             file = Path(tokenizer) / TOKENIZER_FILE if Path(tokenizer).is_dir() else Path(tokenizer)
