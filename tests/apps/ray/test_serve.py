@@ -199,3 +199,25 @@ def test_serving_on_ray_refuses_in_one_line(capsys, args, message):
     code = main(["serve", str(EMBED_MODEL), "--tokenizer", str(TOKENIZER), *args])
     stdout, err = capsys.readouterr()
     assert (code, stdout, err) == (2, "", f"error: {message}\n")
+
+
+def test_a_shipped_server_takes_every_packing_option_the_cli_passes():
+    """Without a cluster (the replica's side of the object store): what `serve --ray` ships, built with
+    the CLI's packing options (here --precision int8), answers as the single-process engine does."""
+    from poprt_lite.apps.ray.serve import ShippedServer
+    from poprt_lite.apps.serve import Engine
+    from poprt_lite.cli import options
+
+    texts = ["hello world", "of the tiny tokenizer", "x"]
+    packing = options.packing(None, None, "int8")
+    shipped = ShippedServer.of(EMBED_MODEL, TOKENIZER, **packing)
+    replica, single = shipped.engine(None, threads=1), Engine.open(EMBED_MODEL, TOKENIZER, threads=1, **packing)
+    try:
+        calls = [engine.submit_texts(texts, [engine.output], truncate=True) for engine in (replica, single)]
+        for call in calls:
+            call.done().result(30)
+            assert call.error() is None
+        np.testing.assert_array_equal(*(call.outputs_block(replica.output) for call in calls))
+    finally:
+        replica.close()
+        single.close()
