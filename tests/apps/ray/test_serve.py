@@ -3,8 +3,6 @@ single-process server does; a replica killed under load loses and crosses no cal
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from apps.serve.server import EMBED_MODEL, TOKENIZER, Server, cosine, reference_embedding
+from apps.serve.server import EMBED_MODEL, TOKENIZER, Server, cosine, reference_embedding, sigterm_with_calls_in_flight
 from poprt_lite.cli.main import main
 
 ray = pytest.importorskip("ray")
@@ -150,26 +148,8 @@ def test_sigterm_drains_the_replicas_as_the_single_process_server_drains(cluster
     server = ray_server(cluster, "--replicas", "1", "--timeout_microseconds", "5000000", "--graceful_shutdown_s", "30")
     texts = [f"{a} {b}" for a, b in zip(WORDS, reversed(WORDS), strict=True)]
 
-    async def scenario():
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-            calls = [asyncio.create_task(http.post("/embed", json={"inputs": t})) for t in texts]
-            for _ in range(1200):
-                if server.metric("te_queue_size") == len(texts):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the calls never all reached the runner")
-            server.process.send_signal(signal.SIGTERM)
-            for _ in range(3000):  # the drain has begun once /health says so
-                health = await http.get("/health")
-                if health.status_code == 503:
-                    break
-                await asyncio.sleep(0.01)
-            refused = await http.post("/embed", json={"inputs": "too late"})
-            return health, refused, await asyncio.gather(*calls)
-
     try:
-        health, refused, answers = asyncio.run(scenario())
+        health, refused, answers = sigterm_with_calls_in_flight(server, texts, 60)
         code = server.process.wait(timeout=120)
     finally:
         server.stop()

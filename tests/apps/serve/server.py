@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -110,3 +111,29 @@ def reference_qa(ids: np.ndarray) -> dict[str, np.ndarray]:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def sigterm_with_calls_in_flight(server: Server, texts: list[str], timeout: float, **body) -> tuple:
+    """Send one /embed call per text, wait until all are queued on the runner, SIGTERM the server,
+    wait for /health to turn 503, and send one more call: (that /health, the late call's answer,
+    the answers to `texts`). `body`: more fields of each call."""
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, timeout=timeout) as http:
+            calls = [asyncio.create_task(http.post("/embed", json={"inputs": t, **body})) for t in texts]
+            for _ in range(1200):
+                if server.metric("te_queue_size") == len(texts):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"the {len(texts)} calls never all reached the runner")
+            server.process.send_signal(signal.SIGTERM)
+            for _ in range(3000):  # the drain has begun once /health says so
+                health = await http.get("/health")
+                if health.status_code == 503:
+                    break
+                await asyncio.sleep(0.01)
+            refused = await http.post("/embed", json={"inputs": "too late"})
+            return health, refused, await asyncio.gather(*calls)
+
+    return asyncio.run(scenario())

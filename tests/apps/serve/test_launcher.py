@@ -3,16 +3,13 @@ model that cannot load ends the command with one line and exit 2."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
 import subprocess
 import sys
 
-import httpx
 import numpy as np
 
-from apps.serve.server import EMBED_MODEL, ROOT, TOKENIZER, Server, cosine, free_port, reference_embedding
+from apps.serve.server import EMBED_MODEL, ROOT, TOKENIZER, Server, cosine, free_port, reference_embedding, sigterm_with_calls_in_flight
 
 
 
@@ -21,26 +18,8 @@ def test_sigterm_answers_the_32_calls_in_flight_then_exits_0():
     server = Server(EMBED_MODEL, "--tokenizer", TOKENIZER, "--timeout_microseconds", "3000000", "--graceful_shutdown_s", "10")
     texts = [f"in flight {i}" for i in range(32)]
 
-    async def scenario():
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-            calls = [asyncio.create_task(http.post("/embed", json={"inputs": t, "normalize": False})) for t in texts]
-            for _ in range(1200):
-                if server.metric("te_queue_size") == 32:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the 32 calls never all reached the runner")
-            server.process.send_signal(signal.SIGTERM)
-            for _ in range(1200):  # the drain has begun once /health says so
-                health = await http.get("/health")
-                if health.status_code == 503:
-                    break
-                await asyncio.sleep(0.01)
-            refused = await http.post("/embed", json={"inputs": "too late"})
-            return health, refused, await asyncio.gather(*calls)
-
     try:
-        health, refused, answers = asyncio.run(scenario())
+        health, refused, answers = sigterm_with_calls_in_flight(server, texts, 30, normalize=False)
         code = server.process.wait(timeout=10)
     finally:
         server.stop()
