@@ -51,7 +51,7 @@ VOCAB = 1000
 TOLERANCE = 1e-4  # max |packed - original| per logit (fp32; observed ~1e-6)
 INJECTED = "injected failure (soak test)"
 MODES = tuple((mode.value, runtime.PackAlgorithm.first_fit) for mode in PackMode)
-STREAMS = (PackMode.unpack_repack, PackMode.token_stream, PackMode.token_stream_loop)  # requests one after another, lengths in unpack_info
+STREAMS = tuple(m.name for m in modes.registered() if not m.one_row)  # requests one after another, lengths in unpack_info
 
 
 def rss_mb() -> float:
