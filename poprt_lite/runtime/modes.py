@@ -15,6 +15,7 @@ manifest records like any other.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -137,13 +138,11 @@ TOKEN_STREAM = register(ModeDescriptor(
     example=f"mode={PackMode.token_stream} max_valid_num=40 segment_max_size=256 max_tokens=4096",
     label="token stream",
 ))
-TOKEN_STREAM_LOOP = register(ModeDescriptor(
+# token_stream to the host (layout, feeds, outputs); only the graph's attention differs
+TOKEN_STREAM_LOOP = register(dataclasses.replace(
+    TOKEN_STREAM,
     name=PackMode.token_stream_loop,
     pass_name="token_stream_loop_packing",
-    layout=TokenStream,
-    needed=("max_valid_num", "segment_max_size", "max_tokens"),
-    static=False,
-    token_output=Layout.stream,
     example=f"mode={PackMode.token_stream_loop} max_valid_num=40 segment_max_size=256 max_tokens=4096",
     label="token stream, attention per request",
 ))
