@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 
 from poprt_lite.bench.measure import workload_context
-from poprt_lite.bench.monitor import own_cpu
-from poprt_lite.bench.opcost import profile_by_op_type
+from poprt_lite.bench.opcost import profile_by_op_type, time_interleaved
 from poprt_lite.bench.packer import Batch, plan_dynamic
 from poprt_lite.runtime.interface import read_packed_interface
 from poprt_lite.runtime.session import create_session
@@ -92,17 +90,7 @@ def _run(ctx, kind: str, batches: list[np.ndarray], layout, threads: int, args) 
     rows = sum(len(idx) * m * m for idx, m in zip(batches, longest, strict=True))
     print(f"\n{kind}: {len(batches)} batches, {count} requests, {int(sum(lengths[idx].sum() for idx in batches))} tokens, "
           f"longest {longest}; attention pairs at own lengths / on longest rows: {own / rows:.2f}")
-    sessions = {name: create_session(model, args.threads, spinning=False) for name, (model, _) in ways.items()}
-    wall, cpu = {name: [] for name in ways}, {name: [] for name in ways}
-    for r in range(args.rounds + 1):  # the first pass warms up
-        for name, (_, feeds_list) in ways.items():
-            cpu0, start = own_cpu(), time.perf_counter()
-            for feeds in feeds_list:
-                sessions[name].run(None, feeds)
-            if r:
-                wall[name].append((time.perf_counter() - start) * 1e3)
-                cpu[name].append((own_cpu() - cpu0) * 1e3)
-    del sessions
+    wall, cpu = time_interleaved(ways, args.threads, args.rounds)
     base = "original, each alone"
     print(f"{'way':28s}{'wall ms median (min-max)':>28s}{'CPU ms median (min-max)':>28s}{'alone/way wall':>24s}{'alone/way CPU':>24s}")
     for name in ways:

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 
 from poprt_lite.bench.measure import workload_context
-from poprt_lite.bench.monitor import own_cpu
-from poprt_lite.bench.opcost import profile_by_op_type
+from poprt_lite.bench.opcost import profile_by_op_type, time_interleaved
 from poprt_lite.bench.packer import Batch, plan_dynamic
 from poprt_lite.runtime.interface import read_packed_interface
 from poprt_lite.runtime.session import create_session
@@ -55,17 +53,7 @@ def main() -> None:
     print(f"workload {args.workload}: {config.geometry.tag}; the {len(indices)} requests ({int(lengths.sum())} tokens) of the first "
           f"offline AttentionMask batch ({batch.placement.tokens / batch.slots:.1%} of its {batch.slots} slots); "
           f"{args.threads or os.cpu_count()} threads; ms for all of them")
-    sessions = {name: create_session(model, args.threads, spinning=False) for name, (model, _) in ways.items()}
-    wall, cpu = {name: [] for name in ways}, {name: [] for name in ways}
-    for r in range(args.rounds + 1):  # the first round warms up
-        for name, (_, feeds_list) in ways.items():
-            cpu0, start = own_cpu(), time.perf_counter()
-            for feeds in feeds_list:
-                sessions[name].run(None, feeds)
-            if r:
-                wall[name].append((time.perf_counter() - start) * 1e3)
-                cpu[name].append((own_cpu() - cpu0) * 1e3)
-    del sessions
+    wall, cpu = time_interleaved(ways, args.threads, args.rounds)
     print(f"{'timed, median of ' + str(args.rounds):26s}" + "".join(f"{name:>26s}" for name in ways))
     for label, values in (("wall ms (min-max)", wall), ("CPU ms (min-max)", cpu)):
         print(f"{label:26s}" + "".join(f"{np.median(v):12.0f} ({min(v):5.0f}-{max(v):5.0f})" for v in values.values()))

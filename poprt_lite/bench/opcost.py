@@ -60,6 +60,26 @@ def profile_by_op_type(
     return dict(by_op)
 
 
+def time_interleaved(
+    ways: dict[str, tuple[Any, list[dict[str, np.ndarray]]]], threads: int, rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Run each way's feeds through a session of its model, the ways interleaved round by round
+    after one warm-up round: per way, each round's wall and this process's CPU milliseconds."""
+    from poprt_lite.bench.monitor import own_cpu
+
+    sessions = {name: create_session(model, threads, spinning=False) for name, (model, _) in ways.items()}
+    wall, cpu = {name: [] for name in ways}, {name: [] for name in ways}
+    for r in range(rounds + 1):
+        for name, (_, feeds_list) in ways.items():
+            cpu0, start = own_cpu(), time.perf_counter()
+            for feeds in feeds_list:
+                sessions[name].run(None, feeds)
+            if r:
+                wall[name].append((time.perf_counter() - start) * 1e3)
+                cpu[name].append((own_cpu() - cpu0) * 1e3)
+    return wall, cpu
+
+
 def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     return create_session(model, threads)
 
