@@ -47,6 +47,9 @@ class ModeDescriptor:
     example: str = "max_valid_num=40 segment_max_size=256"  # --pack_args, for the message of a missing key
     label: str = ""  # the bench's name of the mode
     online_algorithms: tuple[PackAlgorithm, ...] = (PackAlgorithm.first_fit,)  # the bench's online runs
+    # Attention pads every request to the batch's longest: a PackRunner runs a batch of mixed
+    # lengths as several model calls of similar lengths (runtime/packing.length_groups).
+    length_groups: bool = False
 
     @property
     def one_row(self) -> bool:
@@ -137,12 +140,14 @@ TOKEN_STREAM = register(ModeDescriptor(
     token_output=Layout.stream,
     example=f"mode={PackMode.token_stream} max_valid_num=40 segment_max_size=256 max_tokens=4096",
     label="token stream",
+    length_groups=True,
 ))
 # token_stream to the host (layout, feeds, outputs); only the graph's attention differs
 TOKEN_STREAM_LOOP = register(dataclasses.replace(
     TOKEN_STREAM,
     name=PackMode.token_stream_loop,
     pass_name="token_stream_loop_packing",
+    length_groups=False,  # each request attends at its own length already
     example=f"mode={PackMode.token_stream_loop} max_valid_num=40 segment_max_size=256 max_tokens=4096",
     label="token stream, attention per request",
 ))

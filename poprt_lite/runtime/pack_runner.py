@@ -5,7 +5,9 @@ and get a future; `execute` blocks until the request's `outputs` arrays are fill
 placed, in arrival order, into the open batch by an `OnlinePacker` (first_fit / next_fit over rows
 in AttentionMask mode; one stream of `batch_size * seq_len` tokens in unpack/repack mode; in
 token_stream mode one stream of at most `max_tokens` tokens, run at its own length `[1, T]`). A
-request that does not fit waits for the next batch. A background thread launches the open batch
+request that does not fit waits for the next batch. In token_stream mode, whose attention pads every
+request to the batch's longest, a batch of mixed lengths runs as several model calls of similar
+lengths (`runtime/packing.length_groups`); each call is a `BatchRun`. A background thread launches the open batch
 when the model is free and the batch is full (a request did not fit, or it holds `max_valid_num`
 requests, or no token slot is left), or when its oldest request has waited `timeout_microseconds`.
 While the previous batch still runs, later requests may fill the room a refused request left, until
@@ -39,7 +41,7 @@ from poprt_lite.errors import PoprtError, QueueFullError, RequestError, one_line
 from poprt_lite.runtime.config import PackRunnerConfig, resolve_batching
 from poprt_lite.runtime.interface import read_packed_interface
 from poprt_lite.runtime.layouts import Placement
-from poprt_lite.runtime.packing import OnlinePacker
+from poprt_lite.runtime.packing import OnlinePacker, length_groups
 from poprt_lite.runtime.requests import RequestChecker, build_feeds, split_outputs
 from poprt_lite.runtime.session import artifact_session
 
@@ -81,7 +83,7 @@ class BatchRun:
 class PackRunnerStats:
     """Counters of a PackRunner since it started (a snapshot)."""
 
-    batches: int  # batches run (including failed ones)
+    batches: int  # model calls run (including failed ones): a token_stream batch may run as several
     requests: int  # requests in those batches
     tokens: int  # real tokens in those batches
     token_slots: int  # token slots the model ran: batch_size * seq_len per batch (token_stream: its tokens)
@@ -322,7 +324,8 @@ class PackRunner:
                     taken = self._take()
                 if taken is None:
                     return
-                self._run(*taken)
+                for call in self._calls(*taken):
+                    self._run(*call)
                 taken = None
         except BaseException as exc:  # a bug in the runner: fail everything rather than hang
             with self._cond:
@@ -356,6 +359,17 @@ class PackRunner:
             if self._closing:
                 return None
             self._cond.wait()
+
+    def _calls(self, requests: list[_Request], starts: np.ndarray, reason: str) -> list[tuple[list[_Request], np.ndarray, str]]:
+        """The model calls that run a taken batch: the batch itself or, in a mode whose attention pads
+        every request to the batch's longest, its groups of similar lengths (`length_groups`)."""
+        if not self.interface.descriptor.length_groups or len(requests) < 2:
+            return [(requests, starts, reason)]
+        calls = []
+        for group in length_groups([r.length for r in requests]):
+            members = [requests[i] for i in group]
+            calls.append((members, self._layout.placement([r.length for r in members]).starts, reason))
+        return calls
 
     def _run(self, requests: list[_Request], starts: np.ndarray, reason: str) -> None:
         """Build the packed feeds, run the model and hand each request its outputs."""

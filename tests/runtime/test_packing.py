@@ -1,4 +1,4 @@
-"""Packing algorithms (`pack`) and the online packer of one batch (`OnlinePacker`)."""
+"""Packing algorithms (`pack`), the online packer of one batch (`OnlinePacker`) and a batch's length groups (`length_groups`)."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poprt_lite.errors import PoprtError, RequestError
-from poprt_lite.runtime.packing import OnlinePacker, PackAlgorithm, pack, packing_efficiency
+import itertools
+
+from poprt_lite.runtime.packing import CALL_COST_IN_PAIRS, OnlinePacker, PackAlgorithm, length_groups, pack, packing_efficiency
 
 
 @st.composite
@@ -198,3 +200,37 @@ def test_online_packer_invariants(algorithm, across_rows, batch_size, seq_len, m
             assert [r for r, _ in places] == sorted(r for r, _ in places)
     full = packer.is_full
     assert packer.try_add(1) is not full
+
+
+# ---------------------------------------------------------------------------------- length groups
+
+
+def group_cost(lengths, groups, call_cost):
+    """What length_groups minimises: each group's requests padded to its longest, plus a call each."""
+    return sum(len(g) * int(np.max(lengths[g])) ** 2 + call_cost for g in groups)
+
+
+def test_length_groups_examples():
+    lengths = [3] * 10 + [200]
+    assert [g.tolist() for g in length_groups(lengths)] == [list(range(10)), [10]]  # 10 x 200**2 padded pairs saved
+    assert [g.tolist() for g in length_groups([12] * 32)] == [list(range(32))]
+    assert [g.tolist() for g in length_groups([40, 7, 39, 8])] == [[1, 3, 2, 0]]  # 4 x 40**2 < a second call
+    assert [g.tolist() for g in length_groups([40, 7, 39, 8], call_cost=0)] == [[1], [3], [2], [0]]
+    assert length_groups([]) == []
+    assert CALL_COST_IN_PAIRS == 8000
+
+
+@given(st.lists(st.integers(1, 256), min_size=1, max_size=8), st.sampled_from([0, 500, 8000, 10**9]))
+def test_length_groups_is_the_cheapest_split_of_the_sorted_lengths(lengths, call_cost):
+    lengths = np.asarray(lengths)
+    groups = length_groups(lengths, call_cost)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))  # every request once
+    flat = lengths[np.concatenate(groups)]
+    assert (np.diff(flat) >= 0).all()  # groups of consecutive lengths, shortest first
+    order = np.argsort(lengths, kind="stable")
+    cheapest = min(
+        group_cost(lengths, np.split(order, cuts), call_cost)
+        for k in range(len(lengths))
+        for cuts in itertools.combinations(range(1, len(lengths)), k)
+    )
+    assert group_cost(lengths, groups, call_cost) == cheapest
