@@ -11,8 +11,9 @@
 packed here once, as `Embedder.open` takes it), puts the artifact and the configured tokenizer into
 Ray's object store once (`ShippedEmbedder`), and adds a `map_batches` stage on a pool of `workers`
 actors (`EmbedBatches`, `compute=ActorPoolStrategy`). Each actor fetches the artifact once, opens one
-onnxruntime session of `threads_per_worker` threads, and embeds each batch of `batch_size` rows as
-`Embedder.embed` does in one process: tokenized, planned offline (`run_requests`) and run packed.
+onnxruntime session of `threads_per_worker` threads, and embeds each batch of `batch_size` rows (or
+each block of the dataset whole) as `Embedder.embed` does in one process: tokenized, planned offline
+(`run_requests`) and run packed.
 The actors are restartable: Ray Data starts a pool's actors with `max_restarts=-1` and
 `max_task_retries=-1` (its defaults; Ray 2.60 deprecates passing them through `map_batches`), so a
 worker that dies is started again and its batches rerun: a lost worker costs time, never rows.
@@ -24,11 +25,15 @@ feed it from the driver as `iter_embedded` does.
 
 `iter_embedded` runs a checked `Corpus` (apps/corpus.py) through it for `poprt-lite embed --ray`:
 the driver reads the input and writes the parts, the cluster embeds, so neither needs storage the
-workers share.
+workers share. The driver cuts the corpus into blocks of about equal work (`corpus_blocks`), as many
+as `batch_size` rows would give rounded up to a multiple of the workers, and each actor call embeds
+one block whole: blocks of equal rows differ in cost with their share of long texts, and the actor
+that draws the costly last ones keeps the job running while the others idle.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -46,7 +51,7 @@ from poprt_lite.errors import PoprtError, option
 if TYPE_CHECKING:
     import pyarrow as pa
 
-DEFAULT_BATCH_SIZE = 1024  # rows per map_batches call: seconds of work for MiniLM on one thread
+DEFAULT_BATCH_SIZE = 1024  # rows per map_batches call (on average): seconds of work for MiniLM on one thread
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ def embed_dataset(
     keep_columns: Sequence[str] | None = None,
     workers: int | None = None,
     threads_per_worker: int = 1,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
     **open_options: Any,
 ) -> ray.data.Dataset:
     """`ds` with `output_column` added: each row's embedding of its `column` (a fixed-size list of
@@ -106,12 +111,12 @@ def embed_dataset(
     `open_options`: output, max_length, pack_args, input_shape); `keep_columns` selects the input
     columns carried over (default: all). `workers` actors (default: as many as the cluster's CPUs
     hold), each of `threads_per_worker` onnxruntime threads and as many CPUs, embed `batch_size` rows
-    per call. Lazy, as Ray Data is: the work runs when the result is consumed. A worker's refusal
-    (a value that is not text) reaches the driver inside Ray's exceptions: `user_error` finds it."""
+    per call (None: each block of `ds` whole in one call, as in Ray's map_batches). Lazy, as Ray Data
+    is: the work runs when the result is consumed. A worker's refusal (a value that is not text)
+    reaches the driver inside Ray's exceptions: `user_error` finds it."""
     check_counts(workers=workers, threads_per_worker=threads_per_worker, batch_size=batch_size)
     embedder = model if isinstance(model, Embedder) else Embedder.open(model, tokenizer, threads=1, **open_options)
-    if workers is None:
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1) // threads_per_worker))
+    workers = pool_size(workers, threads_per_worker)
     shipped = ray.put(ShippedEmbedder.of(embedder))
     return ds.map_batches(
         EmbedBatches,
@@ -136,19 +141,20 @@ def iter_embedded(
     progress: bool = False,
 ) -> Iterator["pa.Table"]:
     """Embed `corpus` on the connected Ray cluster; yield the embedded rows (`Corpus.output_schema`)
-    in the corpus's order, as `corpus.embed_in_process` does. The driver's rows reach the actors in
-    blocks of `batch_size` through the object store; the results come back to the driver."""
+    in the corpus's order, as `corpus.embed_in_process` does. The driver's rows reach the actors
+    through the object store in blocks of about equal work (`corpus_blocks`: `batch_size` rows on
+    average), one block per actor call; the results come back to the driver."""
     check_counts(workers=workers, threads_per_worker=threads_per_worker, batch_size=batch_size)
     if not len(corpus):
         return
-    blocks = [corpus.table.slice(start, batch_size) for start in range(0, len(corpus), batch_size)]
-    ds = ray.data.from_arrow(blocks)
+    workers = pool_size(workers, threads_per_worker)
+    ds = ray.data.from_arrow(corpus_blocks(corpus, batch_size, workers))
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = progress
     ds.context.raise_original_map_exception = True  # a worker's PoprtError, not Ray's UserCodeException
     embedded = embed_dataset(
         ds, embedder, column=corpus.column, output_column=output_column, keep_columns=[corpus.id_column] if corpus.id_column else [],
-        workers=workers, threads_per_worker=threads_per_worker, batch_size=batch_size,
+        workers=workers, threads_per_worker=threads_per_worker, batch_size=None,  # each block whole
     )
     schema = corpus.output_schema(int(np.prod(embedder.dimension)), output_column)
     try:
@@ -161,8 +167,32 @@ def iter_embedded(
         raise error from None
 
 
+def corpus_blocks(corpus: Corpus, batch_size: int, workers: int) -> list["pa.Table"]:
+    """`corpus.table` cut into consecutive blocks of about equal work, as many as blocks of
+    `batch_size` rows would be, rounded up to a multiple of `workers` (at most one per row). A row's
+    work is its text's characters plus one (the row itself: its special tokens, its share of the
+    call), which the driver counts without tokenizing; a block's work differs from the mean by less
+    than the largest row's. A row with more work than a block's share takes the place of the blocks
+    it spans: there are fewer blocks then."""
+    import pyarrow.compute as pc
+
+    batches = -(-len(corpus) // batch_size)
+    count = min(len(corpus), -(-batches // workers) * workers)
+    work = np.concatenate([[0], np.cumsum(pc.utf8_length(corpus.table.column(corpus.column)).to_numpy() + 1)])
+    # block k ends at the first row boundary whose work before it reaches k shares of the whole
+    bounds = np.unique(np.concatenate([[0], np.searchsorted(work, work[-1] * np.arange(1, count + 1) / count)])).tolist()
+    return [corpus.table.slice(start, end - start) for start, end in itertools.pairwise(bounds)]
+
+
+def pool_size(workers: int | None, threads_per_worker: int) -> int:
+    """`workers`, or (None) as many actors of `threads_per_worker` CPUs as the cluster holds."""
+    if workers is not None:
+        return workers
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // threads_per_worker))
+
+
 def check_counts(workers: int | None = None, threads_per_worker: int | None = None, batch_size: int | None = None) -> None:
-    """Refuse a count below 1 (None: the default)."""
+    """Refuse a count below 1 (None: not given)."""
     named = ((option("workers"), workers), (option("threads_per_worker"), threads_per_worker), (option("batch_size"), batch_size))
     for name, value in named:
         if value is not None and value < 1:

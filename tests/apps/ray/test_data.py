@@ -1,5 +1,6 @@
 """Batch embedding on Ray Data, on a real 2-node cluster: the same rows as in one process, every node
-working, a worker killed mid-job costing no row, and one-line refusals."""
+working, a worker killed mid-job costing no row, the corpus cut into blocks of equal work each embedded
+in one call, and one-line refusals."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import TESTDATA, model_path
-from poprt_lite.apps.corpus import embed_in_process, read_corpus
+from poprt_lite.apps.corpus import Corpus, embed_in_process, read_corpus
 from poprt_lite.apps.embed import Embedder
 from poprt_lite.cli.main import main
 
@@ -21,7 +22,7 @@ ray = pytest.importorskip("ray")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from poprt_lite.apps.ray.data import EmbedBatches, ShippedEmbedder, embed_dataset, iter_embedded, user_error  # noqa: E402
+from poprt_lite.apps.ray.data import EmbedBatches, ShippedEmbedder, corpus_blocks, embed_dataset, iter_embedded, user_error  # noqa: E402
 
 MODEL = str(model_path("st_mean_norm_torchscript"))
 TOKENIZER = str(TESTDATA / "tiny_tokenizer.json")
@@ -50,6 +51,19 @@ def in_process(corpus_file):
     return rows.column("id").to_pylist(), vectors_of(rows)
 
 
+def mixed_corpus(rows: int) -> Corpus:
+    """`rows` texts as a search corpus mixes them: 90% of 1 to 30 words, 10% paragraphs of 60 to 300."""
+    rng = np.random.default_rng(rows)
+    lengths = np.where(rng.random(rows) < 0.1, rng.integers(60, 301, rows), rng.integers(1, 31, rows))
+    texts = [" ".join(rng.choice(WORDS, size=int(n))) for n in lengths]
+    return Corpus(TESTDATA / "mixed", pa.table({"id": np.arange(rows), "text": texts}), "text", "id")
+
+
+def work_of(table) -> np.ndarray:
+    """Each row's work as `corpus_blocks` counts it: its characters plus one."""
+    return np.array([len(text) + 1 for text in table.column("text").to_pylist()])
+
+
 def vectors_of(table) -> np.ndarray:
     return np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
 
@@ -75,6 +89,38 @@ def test_the_shipped_embedder_opens_as_the_driver_s():
     assert (opened.output, opened.max_length, opened.dimension) == (embedder.output, embedder.max_length, embedder.dimension)
     sentences = ["hello world", "", "a sentence long enough to be cut at the tokenizer limit of twenty four tokens by truncation"]
     np.testing.assert_array_equal(opened.embed(sentences), embedder.embed(sentences))
+
+
+@pytest.mark.parametrize("workers, count", [(2, 10), (3, 12)])
+def test_the_corpus_is_cut_into_blocks_of_equal_work_a_multiple_of_the_workers(workers, count):
+    corpus = mixed_corpus(10_000)
+    blocks = corpus_blocks(corpus, 1024, workers)
+    assert len(blocks) == count  # as many as blocks of 1024 rows, rounded up to a multiple of the workers
+    assert pa.concat_tables(blocks).equals(corpus.table)  # every row once, in order
+    work, largest = work_of(corpus.table).sum(), work_of(corpus.table).max()
+    assert all(abs(work_of(block).sum() - work / count) < largest for block in blocks), [work_of(block).sum() for block in blocks]
+
+
+@pytest.mark.parametrize("rows, workers, rows_per_block", [(2049, 2, [513, 512, 512, 512]), (2048, 3, [683, 683, 682]), (5, 2, [3, 2]), (3, 4, [1, 1, 1])])
+def test_the_block_count_rounds_up_to_the_workers_with_at_most_one_block_per_row(rows, workers, rows_per_block):
+    corpus = Corpus(TESTDATA / "even", pa.table({"text": ["same text"] * rows}), "text", None)
+    assert [block.num_rows for block in corpus_blocks(corpus, 1024, workers)] == rows_per_block
+
+
+def test_a_row_with_more_work_than_a_share_takes_the_place_of_the_blocks_it_spans():
+    corpus = Corpus(TESTDATA / "long", pa.table({"text": ["x" * 1000, "a", "b", "c"]}), "text", None)
+    blocks = corpus_blocks(corpus, batch_size=1, workers=4)  # 4 shares of 1007: the long row spans 3 of them
+    assert [block.column("text").to_pylist() for block in blocks] == [["x" * 1000], ["a", "b", "c"]]
+
+
+@pytest.mark.slow
+def test_each_block_is_embedded_in_one_call(cluster):
+    corpus = mixed_corpus(400)
+    blocks = corpus_blocks(corpus, batch_size=50, workers=2)
+    tables = list(iter_embedded(corpus, Embedder.open(MODEL, TOKENIZER), workers=2, batch_size=50))
+    # one embedded table per block, in order (preserve_order): no call split or merged blocks
+    assert [t.num_rows for t in tables] == [b.num_rows for b in blocks] and len(blocks) == 8
+    assert pa.concat_tables(tables).column("id").to_pylist() == list(range(400))
 
 
 @pytest.mark.slow
