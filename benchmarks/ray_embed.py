@@ -14,7 +14,10 @@ driver, in order (what `poprt-lite embed` does between reading the input and wri
 - `Ray, 2 nodes x 1 CPU`: the same with two actors, one per node.
 
 Ray runs on a `ray.cluster_utils.Cluster` on this machine: two nodes of 1 CPU each, started once
-(not timed); the 1-node runs use one actor, so one node of the cluster works and the other idles.
+(not timed), without Ray's dashboard (`include_dashboard=False`: the dashboard and its head modules
+take ~3% of a core on an idle cluster, which here comes out of the actors' two cores, where a real
+cluster's head has its own); the 1-node runs use one actor, so one node of the cluster works and
+the other idles.
 The actors' start (fetching the artifact from the object store, opening a session) is timed: every
 job pays it. The ways run `--rounds` times, interleaved round by round; the table gives sentences/s
 (median and range) and the per-round ratios (median and range): Ray 1x1 / in process (acceptance:
@@ -65,7 +68,7 @@ def main() -> int:
     parser.add_argument("--sentences", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=2023)
-    parser.add_argument("--batch_size", type=int, default=1024, help="rows per actor call (poprt-lite embed --batch_size)")
+    parser.add_argument("--batch_size", type=int, default=1024, help="rows per actor call on average (poprt-lite embed --batch_size)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -85,12 +88,13 @@ def main() -> int:
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {machine()}; load average at the start {load()}")
     print(f"model: {model.name}, packed {embedder.interface.mode.value}; {len(sentences)} sentences, {tokens} tokens "
-          f"(mean {tokens / len(sentences):.1f}, truncated at {embedder.max_length}); Ray batches of {args.batch_size}")
+          f"(mean {tokens / len(sentences):.1f}, truncated at {embedder.max_length}); Ray blocks of equal work, {args.batch_size} rows on average")
+    print("Ray: a ray.cluster_utils.Cluster of 2 nodes x 1 CPU on this machine, without the dashboard (include_dashboard=False)")
 
     # The nodes' workers import the poprt_lite this script runs (the same code on both sides).
     source = str(Path(poprt_lite.__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     nodes.add_node(num_cpus=1)
     ray.init(address=nodes.address, logging_level=logging.WARNING, log_to_driver=False)
     logging.getLogger("ray.data").setLevel(logging.WARNING)

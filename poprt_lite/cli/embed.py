@@ -49,7 +49,7 @@ def embed_command(
     ray: options.RayOption = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="With --ray: embedding actors (default: as many as the cluster's CPUs hold).", show_default=False)] = None,
     threads_per_worker: Annotated[Optional[int], typer.Option("--threads_per_worker", help="With --ray: onnxruntime threads (and CPUs) per actor (default 1).", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch_size", help="With --ray: sentences per actor call (default 1024).", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch_size", help="With --ray: sentences per actor call on average, in blocks of equal work (default 1024).", show_default=False)] = None,
     threads: options.ThreadsOption = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --output folder if it exists.")] = False,
 ) -> None:
