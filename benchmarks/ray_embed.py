@@ -14,10 +14,10 @@ driver, in order (what `poprt-lite embed` does between reading the input and wri
 - `Ray, 2 nodes x 1 CPU`: the same with two actors, one per node.
 
 Ray runs on a `ray.cluster_utils.Cluster` on this machine: two nodes of 1 CPU each, started once
-(not timed), without Ray's dashboard (`include_dashboard=False`: the dashboard and its head modules
-take ~3% of a core on an idle cluster, which here comes out of the actors' two cores, where a real
-cluster's head has its own); the 1-node runs use one actor, so one node of the cluster works and
-the other idles.
+(not timed), without Ray's dashboard (`include_dashboard=False`: the head's API server then loads
+none of the dashboard's modules; an idle 2-node cluster's daemons take ~4% of a core instead of
+~7%, and here that comes out of the actors' two cores, where a real cluster's head has its own);
+the 1-node runs use one actor, so one node of the cluster works and the other idles.
 The actors' start (fetching the artifact from the object store, opening a session) is timed: every
 job pays it. The ways run `--rounds` times, interleaved round by round; the table gives sentences/s
 (median and range) and the per-round ratios (median and range): Ray 1x1 / in process (acceptance:
