@@ -31,7 +31,7 @@ from poprt_lite.runtime import modes
 from poprt_lite.vocab import UNPACK_INFO, Layout, Role
 from poprt_lite.passes import packing
 from poprt_lite.passes.attention_rows import RowRebuilder
-from poprt_lite.patterns.attention import AttentionBlock, apply_mask, attention_cone, producer
+from poprt_lite.patterns.attention import AttentionBlock, apply_mask, attention_cone, nan_guards, producer
 from poprt_lite.patterns.layout import TokenAxes, token_dims
 from poprt_lite.patterns.pooling import PoolingHead
 
@@ -121,6 +121,11 @@ class _Rewriter(pack_tail.TailPlacement):
     def rewrite_block(self, block: AttentionBlock) -> None:
         """Recompute the block, its score terms included, on one row per request; repack after it."""
         scores_dtype = onnx.TensorProto.FLOAT16 if block.scores.outputs[0].dtype == np.float16 else onnx.TensorProto.FLOAT
+        if not block.biases and not block.combined:
+            # Nothing but packing's mask will mask the scores: it is finite and every row has a real
+            # key, so no Softmax row is all -inf and sdpa's NaN guard (a pass over every score) is idle.
+            for guard in nan_guards(block):
+                ir.replace_all_uses(guard.outputs[0], guard.inputs[2])
         apply_mask(self.graph, block, self.padding_mask(scores_dtype))
         end = self.rebuilder.end_of(block)
         packed = self.repack(self.rebuilder.rows_of(end), f"{end.name}_repacked")

@@ -207,11 +207,29 @@ def _context_of(tensor: gs.Tensor) -> gs.Node | None:
             return node
         if node.op in PASS_THROUGH_OPS or (node.op in VIEW_OPS and node.inputs[0] is tensor):
             tensor = node.outputs[0]
-        elif node.op == "Where" and node.inputs[2] is tensor and producer(node.inputs[0]) is not None and producer(node.inputs[0]).op == "IsNaN":
-            tensor = node.outputs[0]  # sdpa's NaN guard for fully masked rows
+        elif _is_nan_guard(node, tensor):
+            tensor = node.outputs[0]
         else:
             return None
     return None
+
+
+def _is_nan_guard(node: gs.Node, tensor: gs.Tensor) -> bool:
+    """Is `node` sdpa's guard for fully masked rows, `Where(IsNaN(p), fill, p)`, on `tensor` (p)?"""
+    return node.op == "Where" and node.inputs[2] is tensor and producer(node.inputs[0]) is not None and producer(node.inputs[0]).op == "IsNaN"
+
+
+def nan_guards(block: AttentionBlock) -> list[gs.Node]:
+    """The NaN guards (`_is_nan_guard`) between the block's Softmax and its MatMul with V."""
+    guards, tensor = [], block.softmax.outputs[0]
+    while tensor is not block.context.inputs[0]:
+        node = next((n for n in tensor.outputs if n.op not in ("IsNaN", "Shape")), None)
+        if node is None:
+            break
+        if _is_nan_guard(node, tensor):
+            guards.append(node)
+        tensor = node.outputs[0]
+    return guards
 
 
 def token_content(graph: gs.Graph, token_inputs: Iterable[str]) -> set[int]:

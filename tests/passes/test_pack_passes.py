@@ -86,6 +86,26 @@ def test_packed_outputs_equal_original_per_request(name, mode, lengths):
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
 
+def op_count(graph: onnx.GraphProto, op: str) -> int:
+    """Nodes of type `op` in `graph` and its subgraphs (Loop bodies)."""
+    count = 0
+    for node in graph.node:
+        count += node.op_type == op
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                count += op_count(attr.g, op)
+    return count
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sdpa_nan_guard_goes_where_only_packings_mask_masks_the_scores(mode):
+    """bert_qa_dynamo's two blocks end in sdpa's `Where(IsNaN(p), 0, p)`. On unpacked rows packing's
+    own mask (finite, every row has a real key) is all that masks the scores, so no Softmax row is
+    all -inf and the guard goes; attention_mask's packed rows keep it (answers: the test above)."""
+    assert op_count(ir.load_model(model_path("bert_qa_dynamo")).graph, "IsNaN") == 2
+    assert op_count(packed("bert_qa_dynamo", mode).graph, "IsNaN") == (2 if mode == PackMode.attention_mask else 0)
+
+
 @pytest.mark.parametrize("mode", STATIC_MODES)
 def test_batch_with_empty_rows(mode):
     batch, results = run_packed("bert_qa_torchscript", mode, [3, 2])
