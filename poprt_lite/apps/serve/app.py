@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -156,33 +157,28 @@ class Front:
         openai: bool = False,
         parsed_body: Callable[[bytes, Request], Any] | None = None,
     ) -> Response:
-        """Run one call: `prepare(body)` (in the pool: n inputs admitted, queued) -> wait -> `respond`
-        (in the pool: the response body, media type and optionally more headers). Every failure
-        becomes its TEI error."""
+        """Run one call: `prepare(body)` (n inputs admitted, queued), then once they have run
+        `respond` (the response body, media type and optionally more headers), both in the pool
+        (`_work`); the loop only reads the body and writes the answer. Every failure becomes its
+        TEI error."""
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         admitted = 0
-        method = "single"
         self.calls += 1
         try:
             if self.draining:
                 raise ServeError(503, "unhealthy", "the server is shutting down")
             self.engine  # 503 while the model loads
             body = await request.body()
-            headers = request.headers
-
-            def prepare_in_pool():
-                payload = parsed_body(body, headers) if parsed_body else _parse(parse, body)
-                return prepare(payload)
-
-            admitted, call, state = await loop.run_in_executor(self.pool, prepare_in_pool)
-            method = "batch" if admitted > 1 else "single"
-            if call is not None:
-                await asyncio.wrap_future(call.done())
-                error = call.error()
-                if error is not None:
-                    raise ServeError(424, "backend", one_line(error, with_type=False))
-            content, media_type, *extra = await loop.run_in_executor(self.pool, respond, state, call)
+            if parsed_body is None:
+                payload = functools.partial(_parse, parse, body)
+            else:
+                payload = functools.partial(parsed_body, body, request.headers)
+            loop = asyncio.get_running_loop()
+            answer = loop.create_future()
+            self.pool.submit(self._work, functools.partial(loop.call_soon_threadsafe, _settle, answer), payload, prepare, respond, started)
+            admitted, result = await answer
+            if isinstance(result, BaseException):
+                raise result
         except ServeError as error:
             return self.refuse(error, openai)
         except ValidationError as error:
@@ -198,11 +194,52 @@ class Front:
             return self.refuse(ServeError(500, "backend", f"internal error ({one_line(error)})"), openai)
         finally:
             self.calls -= 1
-            self.metrics.request_count.labels(method).inc()
-            if admitted:
-                self.release(admitted)
+            self.metrics.request_count.labels("batch" if admitted > 1 else "single").inc()
+        content, media_type, headers = result
+        self.metrics.request_success.labels("batch" if admitted > 1 else "single").inc()
+        return Response(content, media_type=media_type, headers=headers)
+
+    def _work(self, settle: Callable[[tuple], Any], payload: Callable[[], Any], prepare, respond, started: float) -> None:
+        """A call's work off the loop, in the pool: parse and `prepare` (admit and queue its inputs);
+        when the last input has run, `respond` (in the pool again, started from the runner's thread),
+        release the inputs' places and `settle((admitted, (content, media type, headers)))`, or
+        `settle((admitted, error))` on any failure. One hand-over each way per call: the loop never
+        wakes in between, and a waiter that went away leaks no admitted input."""
+        try:
+            admitted, call, state = prepare(payload())
+        except BaseException as error:  # prepare releases what it admitted before failing
+            settle((0, error))
+            return
+
+        def finish() -> None:
+            try:
+                error = call.error() if call is not None else None
+                if error is not None:
+                    raise ServeError(424, "backend", one_line(error, with_type=False))
+                content, media_type, *extra = respond(state, call)
+                result = (content, media_type, self._headers(started, call, extra))
+            except BaseException as error:
+                result = error
+            finally:
+                if admitted:
+                    self.release(admitted)
+            settle((admitted, result))
+
+        if call is None:
+            finish()
+            return
+
+        def ran(_) -> None:
+            try:
+                self.pool.submit(finish)
+            except RuntimeError:  # the pool is shut down (the server is stopping): answer from here
+                finish()
+
+        call.done().add_done_callback(ran)
+
+    def _headers(self, started: float, call: Call | None, extra: list[dict[str, str]]) -> dict[str, str]:
+        """TEI's response headers for a call answered now, the call's durations observed."""
         elapsed = time.perf_counter() - started
-        self.metrics.request_success.labels(method).inc()
         self.metrics.request_duration.observe(elapsed)
         headers = {"x-compute-type": "cpu", "x-compute-time": str(int(elapsed * 1000)), "x-total-time": str(int(elapsed * 1000))}
         if extra:
@@ -220,7 +257,7 @@ class Front:
                 "x-queue-time": str(int(queue_s * 1000)),
                 "x-inference-time": str(int(inference_s * 1000)),
             })
-        return Response(content, media_type=media_type, headers=headers)
+        return headers
 
     def refuse(self, error: ServeError, openai: bool = False) -> Response:
         """The error's TEI response; counted in te_request_failure."""
@@ -266,6 +303,17 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
         error = ServeError(exc.status_code, kinds.get(exc.status_code, "validation"), f"{exc.detail}: {request.method} {request.url.path}")
         return Response(error_body(error), status_code=error.status, media_type="application/json")  # not a call: not counted
 
+    def post(*paths: str):
+        """The decorated handler (it takes the Request itself) as Starlette's plain route at each path:
+        FastAPI's routes would solve parameters and open two exit stacks per call for nothing."""
+
+        def add(endpoint):
+            for path in paths:
+                app.add_route(path, endpoint, methods=["POST"])
+            return endpoint
+
+        return add
+
     # ------------------------------------------------------------------------------ embeddings
 
     def openai_prepare(body: schemas.OpenAIEmbeddingRequest):
@@ -295,8 +343,7 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
         usage = {"prompt_tokens": call.tokens, "total_tokens": call.tokens}
         return _json({"object": "list", "data": data, "model": body.model or engine.model_id, "usage": usage})
 
-    @app.post("/v1/embeddings")
-    @app.post("/embeddings")
+    @post("/v1/embeddings", "/embeddings")
     async def openai_embeddings(request: Request) -> Response:
         return await front.call(request, schemas.OpenAIEmbeddingRequest, openai_prepare, openai_respond, openai=True)
 
@@ -312,7 +359,7 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return _json(np.ascontiguousarray(vectors, np.float32))
 
-    @app.post("/embed")
+    @post("/embed")
     async def embed(request: Request) -> Response:
         return await front.call(request, schemas.EmbedRequest, embed_prepare, embed_respond)
 
@@ -326,7 +373,7 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
     def embed_all_respond(engine, call: Call) -> tuple[bytes, str]:
         return _json([out[engine.token_output] for out in call.outputs])
 
-    @app.post("/embed_all")
+    @post("/embed_all")
     async def embed_all(request: Request) -> Response:
         return await front.call(request, schemas.EmbedAllRequest, embed_all_prepare, embed_all_respond)
 
@@ -347,7 +394,7 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
         ]
         return _json(ranked[0] if single else ranked)
 
-    @app.post("/predict")
+    @post("/predict")
     async def predict(request: Request) -> Response:
         return await front.call(request, schemas.PredictRequest, predict_prepare, predict_respond)
 
@@ -369,11 +416,11 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
             ranks.append(rank)
         return _json(ranks)
 
-    @app.post("/rerank")
+    @post("/rerank")
     async def rerank(request: Request) -> Response:
         return await front.call(request, schemas.RerankRequest, rerank_prepare, rerank_respond)
 
-    @app.post("/")
+    @post("/")
     async def model_route(request: Request) -> Response:
         """TEI's route for whatever the model is: /embed, /predict or /rerank."""
         head = front.engine.head if front.ready else None
@@ -391,7 +438,7 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
         encodings = engine.encode(texts, truncate=False, add_special_tokens=body.add_special_tokens)
         return 0, None, [[_token(e, text, i) for i in range(len(e.ids))] for e, text in zip(encodings, texts, strict=True)]
 
-    @app.post("/tokenize")
+    @post("/tokenize")
     async def tokenize(request: Request) -> Response:
         return await front.call(request, schemas.TokenizeRequest, tokenize_prepare, lambda tokens, _: _json(tokens))
 
@@ -503,6 +550,11 @@ def _parse(model: type[schemas.Body], body: bytes):
         if any(e["type"] == "json_invalid" for e in error.errors()):
             raise ServeError(422, "validation", f"the request body is not valid JSON ({error.errors()[0]['msg']})") from None
         raise
+
+
+def _settle(future: asyncio.Future, value: Any) -> None:
+    if not future.done():  # the waiting handler may have been cancelled
+        future.set_result(value)
 
 
 def _validation_message(error: ValidationError) -> str:

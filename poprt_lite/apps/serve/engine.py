@@ -112,9 +112,12 @@ class Call:
 
     def timings(self) -> tuple[float, float]:
         """Mean queue and inference seconds of the call's requests (TEI's per-call headers)."""
-        queue = [f.batch.started - f.queued for f in self.futures if f.batch is not None]
-        inference = [f.batch.finished - f.batch.started for f in self.futures if f.batch is not None]
-        return (float(np.mean(queue)) if queue else 0.0, float(np.mean(inference)) if inference else 0.0)
+        batches = [(f.queued, f.batch) for f in self.futures if f.batch is not None]
+        if not batches:
+            return 0.0, 0.0
+        queue = sum(batch.started - queued for queued, batch in batches)
+        inference = sum(batch.finished - batch.started for _, batch in batches)
+        return queue / len(batches), inference / len(batches)
 
 
 class Engine:

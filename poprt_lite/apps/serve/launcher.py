@@ -10,6 +10,7 @@ re-raise the signal after a graceful stop, which ends the process with the signa
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
@@ -97,7 +98,13 @@ def serve(
 
     def load() -> None:
         try:
-            loading.set_result(open_engine())
+            engine = open_engine()
+            # what loading made (modules, the packed graph, the tokenizer) lives as long as the
+            # process: frozen, the collector's full passes no longer walk it on every few thousand
+            # calls (measured with the real MiniLM: 0.1 ms of CPU per call)
+            gc.collect()
+            gc.freeze()
+            loading.set_result(engine)
         except BaseException as exc:
             loading.set_exception(exc)
 
