@@ -31,6 +31,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import threading
@@ -158,9 +159,9 @@ class Front:
         parsed_body: Callable[[bytes, Request], Any] | None = None,
     ) -> Response:
         """Run one call: `prepare(body)` (n inputs admitted, queued), then once they have run
-        `respond` (the response body, media type and optionally more headers), both in the pool
-        (`_work`); the loop only reads the body and writes the answer. Every failure becomes its
-        TEI error."""
+        `respond` (the response body, media type and optionally more headers) and the Response
+        with TEI's headers, all in the pool (`_work`); the loop only reads the body and sends the
+        answer. Every failure becomes its TEI error."""
         started = time.perf_counter()
         admitted = 0
         self.calls += 1
@@ -179,6 +180,8 @@ class Front:
             admitted, result = await answer
             if isinstance(result, BaseException):
                 raise result
+            self.metrics.request_success.labels("batch" if admitted > 1 else "single").inc()
+            return result
         except ServeError as error:
             return self.refuse(error, openai)
         except ValidationError as error:
@@ -195,14 +198,11 @@ class Front:
         finally:
             self.calls -= 1
             self.metrics.request_count.labels("batch" if admitted > 1 else "single").inc()
-        content, media_type, headers = result
-        self.metrics.request_success.labels("batch" if admitted > 1 else "single").inc()
-        return Response(content, media_type=media_type, headers=headers)
 
     def _work(self, settle: Callable[[tuple], Any], payload: Callable[[], Any], prepare, respond, started: float) -> None:
         """A call's work off the loop, in the pool: parse and `prepare` (admit and queue its inputs);
         when the last input has run, `respond` (in the pool again, started from the runner's thread),
-        release the inputs' places and `settle((admitted, (content, media type, headers)))`, or
+        release the inputs' places and `settle((admitted, response))`, or
         `settle((admitted, error))` on any failure. One hand-over each way per call: the loop never
         wakes in between, and a waiter that went away leaks no admitted input."""
         try:
@@ -217,7 +217,7 @@ class Front:
                 if error is not None:
                     raise ServeError(424, "backend", one_line(error, with_type=False))
                 content, media_type, *extra = respond(state, call)
-                result = (content, media_type, self._headers(started, call, extra))
+                result = Response(content, media_type=media_type, headers=self._headers(started, call, extra))
             except BaseException as error:
                 result = error
             finally:
@@ -294,7 +294,10 @@ def create_app(engine: Engine | Future, limits: Limits | None = None) -> FastAPI
         yield
         front.pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="poprt-lite", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    # FastAPI's native OpenTelemetry (in the versions that have it) looks the global providers up on
+    # every call to learn that none is set: off
+    untraced = {"telemetry": {"tracing": False, "metrics": False, "logs": False}} if "telemetry" in inspect.signature(FastAPI).parameters else {}
+    app = FastAPI(title="poprt-lite", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, **untraced)
     app.state.front = front
 
     @app.exception_handler(StarletteHTTPException)

@@ -245,7 +245,11 @@ class Engine:
         """`tokenizers` encodings of `texts` (strings or pairs), unpadded."""
         if self._tokenizer is None:
             raise RequestError("this server has no tokenizer for its model: send token ids")
-        return self.tokenizer(truncate, direction).encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        tokenizer = self.tokenizer(truncate, direction)
+        if len(texts) == 1:  # one text: without encode_batch's hand-over to its thread pool
+            text = texts[0]
+            return [tokenizer.encode(*((text,) if isinstance(text, str) else text), add_special_tokens=add_special_tokens)]
+        return tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
 
     def feeds_of(self, encodings: Sequence) -> list[dict[str, np.ndarray]]:
         feeds = []
