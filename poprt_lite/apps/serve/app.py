@@ -10,8 +10,10 @@ Routes, each as its ecosystem's clients expect (see the README's "Serve"):
 
 A call runs in three steps and never blocks the event loop: in a thread pool, its body is parsed
 and validated, its texts tokenized and its n inputs queued on the engine's runner (the only
-batcher) together; the loop awaits one future that completes when the last input has run; in the
-thread pool again the response is written from the output arrays (orjson, or raw tensors).
+batcher) together; when the last input has run, the response is written from the output arrays
+(orjson, or raw tensors) in the thread pool again, handed there by the runner's thread. The loop
+hands the body over and is woken once, with the response: every hand-over between threads costs
+CPU that the model, on the same cores, no longer has.
 
 Errors are TEI's: a JSON body `{"error": ..., "error_type": ...}` (OpenAI routes: `{"message",
 "code", "type"}`, TEI's OpenAI-compatible form): 413 a body over `payload_limit`; 422 a request the
@@ -176,7 +178,7 @@ class Front:
                 payload = functools.partial(parsed_body, body, request.headers)
             loop = asyncio.get_running_loop()
             answer = loop.create_future()
-            self.pool.submit(self._work, functools.partial(loop.call_soon_threadsafe, _settle, answer), payload, prepare, respond, started)
+            self.pool.submit(self._work, functools.partial(_settle, loop, answer), payload, prepare, respond, started)
             admitted, result = await answer
             if isinstance(result, BaseException):
                 raise result
@@ -555,9 +557,16 @@ def _parse(model: type[schemas.Body], body: bytes):
         raise
 
 
-def _settle(future: asyncio.Future, value: Any) -> None:
-    if not future.done():  # the waiting handler may have been cancelled
-        future.set_result(value)
+def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, value: Any) -> None:
+    """Hand `value` to the loop's `future`, from another thread; nobody waits any more if the
+    handler was cancelled or the loop has closed."""
+
+    def set_result() -> None:
+        if not future.done():
+            future.set_result(value)
+
+    with contextlib.suppress(RuntimeError):  # the loop has closed
+        loop.call_soon_threadsafe(set_result)
 
 
 def _validation_message(error: ValidationError) -> str:
