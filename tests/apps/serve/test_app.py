@@ -245,6 +245,30 @@ def test_429_with_retry_after_while_the_limit_is_in_flight(limited):
     assert_original(["one", "two"], [first.json()[0], fills.json()[0]])
 
 
+def test_a_client_gone_while_its_input_waits_leaks_no_place(limited):
+    """A client disconnects while its input waits in the runner (batches of 2, a 10-minute timeout):
+    the next call fills the batch, and once it has run both places in flight are free again."""
+    async def scenario():
+        async with httpx.AsyncClient(base_url=limited.url, headers=KEY, timeout=60) as http:
+            gone_client = httpx.AsyncClient(base_url=limited.url, headers=KEY, timeout=60)
+            gone = asyncio.create_task(gone_client.post("/embed", json={"inputs": "gone"}))
+            for _ in range(1200):  # until "gone" waits in the runner
+                if limited.metric("te_queue_size") == 1:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the call never reached the runner")
+            gone.cancel()
+            await gone_client.aclose()  # its connection closes
+            fills = await http.post("/embed", json={"inputs": "two"})
+            both = await http.post("/embed", json={"inputs": ["three", "four"]})  # 429 if "gone" kept its place
+            return fills, both
+
+    fills, both = asyncio.run(scenario())
+    assert fills.status_code == 200 and both.status_code == 200, both.text
+    assert_original(["two", "three", "four"], [fills.json()[0], *both.json()])
+
+
 def test_503_while_the_model_loads():
     """The app itself (in process) before its engine exists: health and calls answer 503."""
     from fastapi.testclient import TestClient
