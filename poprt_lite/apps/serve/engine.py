@@ -88,23 +88,30 @@ class Call:
         return sum(self.lengths)
 
     def done(self) -> Future:
-        """A future that completes when every request of the call has (one wake-up for the caller)."""
-        done: Future = Future()
-        remaining = [len(self.futures)]
+        """A future that completes when every request of the call has (one wake-up for the caller).
+
+        The requests' futures keep their callbacks once run: the last drops its link to this
+        future, so that a callback of this future holding the call makes no reference cycle (which
+        would keep the call's arrays, and all it reaches, until the garbage collector's next pass)."""
+        result: Future = Future()
+        done: Future | None = result
+        remaining = len(self.futures)
         lock = threading.Lock()
 
-        def one_done(_):
+        def one_done(_) -> None:
+            nonlocal done, remaining
             with lock:
-                remaining[0] -= 1
-                last = remaining[0] == 0
-            if last:
-                done.set_result(None)
+                remaining -= 1
+                if remaining:
+                    return
+                last, done = done, None
+            last.set_result(None)
 
         if not self.futures:
-            done.set_result(None)
+            result.set_result(None)
         for future in self.futures:
             future.add_done_callback(one_done)
-        return done
+        return result
 
     def error(self) -> BaseException | None:
         """The first request's error, if any failed (the call is all or nothing)."""

@@ -40,6 +40,29 @@ def test_every_batcher_answers_as_the_original(batcher):
         engine.close()
 
 
+def test_a_call_answered_through_its_done_future_is_freed_without_the_garbage_collector():
+    """The server's callback on `done()` holds the call: once answered, the call must go with its
+    last reference (a cycle through the requests' futures would keep its arrays until a collection)."""
+    import gc
+    import weakref
+
+    engine = Engine.open(EMBED_MODEL, TOKENIZER, pack_args=PACK_ARGS)
+    gc.disable()
+    try:
+        call = engine.submit_texts(TEXTS, ["sentence_embedding"], truncate=True)
+        answered = call.done()
+        answered.add_done_callback(lambda _, held=call: held.outputs_block("sentence_embedding"))
+        answered.result(30)
+        block = weakref.ref(call.outputs_block("sentence_embedding"))
+        del call, answered
+        # once a later call is answered, the runner's thread has left the first one's callbacks
+        engine.submit_texts(["later"], ["sentence_embedding"], truncate=True).done().result(30)
+        assert block() is None
+    finally:
+        gc.enable()
+        engine.close()
+
+
 def test_the_dynamic_batchers_need_the_original_model(tmp_path):
     from poprt_lite.errors import PoprtError
 
