@@ -66,6 +66,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson  # the driver shares the servers' cores: it reads each answer at a fifth of json's CPU
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "testdata"))
@@ -205,7 +206,7 @@ async def drive(url: str, texts: list[str], clients: int, seconds: float, warmup
                 try:
                     status, content = await post(http, {"input": [text], "model": "minilm", "encoding_format": "float"})
                     ok = status == 200
-                    used = json.loads(content)["usage"]["prompt_tokens"] if ok else 0
+                    used = orjson.loads(content)["usage"]["prompt_tokens"] if ok else 0
                     kind = None if ok else f"HTTP {status}: {content[:200]!r}"
                 except Exception as exc:  # a transport error of either library: counted, the run goes on
                     ok, used, kind = False, 0, f"{type(exc).__name__}: {exc}"
