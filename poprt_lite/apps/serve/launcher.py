@@ -100,7 +100,7 @@ def serve(
         try:
             engine = open_engine()
             # what loading made (modules, the packed graph, the tokenizer) lives as long as the
-            # process: frozen, the collector's full passes no longer walk it on every few thousand
+            # process: frozen, the collector's full passes no longer walk it every few hundred
             # calls (measured with the real MiniLM: 0.1 ms of CPU per call)
             gc.collect()
             gc.freeze()
