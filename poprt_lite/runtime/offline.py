@@ -9,7 +9,8 @@ The default (`default_algorithm`) is `best_fit_decreasing`, the fewest batches, 
 model's attention rows are as long as the batch's longest request (token_stream): there
 `longest_first` (consecutive runs of the requests sorted by length) keeps each batch's requests of
 similar length: on the bench's workloads 12-15% less CPU than best_fit_decreasing's batches, whose
-long requests are topped up with short ones (`benchmarks/offline_planning.py`).
+long requests are topped up with short ones (`benchmarks/offline_planning.py`); each batch then runs
+as the model calls `packing.length_groups` makes of it, as a PackRunner runs its batches.
 
 `run_requests` / `iter_requests` drive a packed artifact's `ModelRunner` with it: every request is
 checked and completed from the manifest (`runtime/requests.py`: token types, position ids with the
@@ -31,7 +32,8 @@ import numpy as np
 
 from poprt_lite.errors import PoprtError
 from poprt_lite.runtime.layouts import BatchLayout, Placement
-from poprt_lite.runtime.packing import ONLINE_ALGORITHMS, OnlinePacker, PackAlgorithm, pack
+from poprt_lite.runtime import modes
+from poprt_lite.runtime.packing import ONLINE_ALGORITHMS, OnlinePacker, PackAlgorithm, length_groups, pack
 from poprt_lite.runtime.requests import RequestChecker, build_feeds, split_outputs
 
 if TYPE_CHECKING:
@@ -62,7 +64,7 @@ def plan_batches(
     if not len(lengths):
         return []
     if algorithm in ONLINE_ALGORITHMS:
-        return _in_order(layout, lengths, algorithm, max_length)
+        return _calls(layout, lengths, _in_order(layout, lengths, algorithm, max_length))
     if layout.across_rows:
         capacity = layout.batch_size * layout.seq_len
         if max_length is not None and lengths.max() > max_length:
@@ -76,7 +78,19 @@ def plan_batches(
     else:
         rows = pack(lengths, algorithm, bin_capacity=layout.seq_len, max_items_per_bin=layout.max_valid_num)
         batches = _deal_rows(rows, lengths, layout)
-    return sorted(batches, key=lambda batch: int(batch[0].min()))
+    return sorted(_calls(layout, lengths, batches), key=lambda batch: int(batch[0].min()))
+
+
+def _calls(layout: BatchLayout, lengths: np.ndarray, batches: list[Batch]) -> list[Batch]:
+    """The batches as the model calls that run them: in a mode whose attention pads every request
+    to the batch's longest, each batch's groups of similar lengths (`packing.length_groups`)."""
+    if layout.mode is None or not modes.get(layout.mode).length_groups:
+        return batches
+    calls = []
+    for idx, _ in batches:
+        for group in length_groups(lengths[idx]):
+            calls.append((idx[group], layout.placement(lengths[idx[group]])))
+    return calls
 
 
 def _in_order(layout: BatchLayout, lengths: np.ndarray, algorithm: PackAlgorithm, max_length: int | None) -> list[Batch]:

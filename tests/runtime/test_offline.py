@@ -38,3 +38,14 @@ def test_token_stream_batches_hold_requests_of_similar_length():
     assert all(lower[1] <= upper[0] for upper, lower in itertools.pairwise(ranges))  # runs of the sorted order
     topped_up = plan_batches(layout, LENGTHS, PackAlgorithm.best_fit_decreasing)
     assert attention_cost(batches) < 0.8 * attention_cost(topped_up)
+
+
+@pytest.mark.parametrize("algorithm", [PackAlgorithm.first_fit, PackAlgorithm.best_fit_decreasing])
+def test_token_stream_batches_run_as_their_length_groups(algorithm):
+    """A planned token_stream batch of mixed lengths is run as the calls `length_groups` makes of
+    it; token_stream_loop, which attends at each request's own length, keeps one call per batch."""
+    lengths = np.array([3] * 10 + [200])  # one batch of 230 tokens (max_tokens 256)
+    calls = plan_batches(layout_for(PackMode.token_stream, 1, 256, 16), lengths, algorithm)
+    assert [(idx.tolist(), p.starts.tolist()) for idx, p in calls] == [(list(range(10)), list(range(0, 30, 3))), ([10], [0])]
+    (batch,) = plan_batches(layout_for(PackMode.token_stream_loop, 1, 256, 16), lengths, algorithm)
+    assert sorted(batch[0].tolist()) == list(range(11))

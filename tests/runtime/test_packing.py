@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from poprt_lite.errors import PoprtError, RequestError
 import itertools
 
-from poprt_lite.runtime.packing import CALL_COST_IN_PAIRS, OnlinePacker, PackAlgorithm, length_groups, pack, packing_efficiency
+from poprt_lite.runtime.packing import CALL_COST_IN_PAIRS, MAX_PAIRS_PER_CALL, OnlinePacker, PackAlgorithm, length_groups, pack, packing_efficiency
 
 
 @st.composite
@@ -217,20 +217,28 @@ def test_length_groups_examples():
     assert [g.tolist() for g in length_groups([40, 7, 39, 8])] == [[1, 3, 2, 0]]  # 4 x 40**2 < a second call
     assert [g.tolist() for g in length_groups([40, 7, 39, 8], call_cost=0)] == [[1], [3], [2], [0]]
     assert length_groups([]) == []
-    assert CALL_COST_IN_PAIRS == 8000
+    # five of 250 tokens: 62,500 pairs each, at most two per call (MAX_PAIRS_PER_CALL)
+    assert [g.tolist() for g in length_groups([250] * 5)] == [[0], [1, 2], [3, 4]]
+    assert [g.tolist() for g in length_groups([300])] == [[0]]  # over the bound alone: still one call
+    assert (CALL_COST_IN_PAIRS, MAX_PAIRS_PER_CALL) == (8000, 150_000)
 
 
-@given(st.lists(st.integers(1, 256), min_size=1, max_size=8), st.sampled_from([0, 500, 8000, 10**9]))
-def test_length_groups_is_the_cheapest_split_of_the_sorted_lengths(lengths, call_cost):
+@given(
+    st.lists(st.integers(1, 256), min_size=1, max_size=8),
+    st.sampled_from([0, 500, 8000, 10**9]),
+    st.sampled_from([1, 20_000, 150_000, 10**12]),
+)
+def test_length_groups_is_the_cheapest_split_of_the_sorted_lengths(lengths, call_cost, max_pairs):
     lengths = np.asarray(lengths)
-    groups = length_groups(lengths, call_cost)
+    groups = length_groups(lengths, call_cost, max_pairs)
     assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))  # every request once
     flat = lengths[np.concatenate(groups)]
     assert (np.diff(flat) >= 0).all()  # groups of consecutive lengths, shortest first
+
+    def allowed(split):
+        return all(len(g) == 1 or len(g) * int(np.max(lengths[g])) ** 2 <= max_pairs for g in split)
+
+    assert allowed(groups)
     order = np.argsort(lengths, kind="stable")
-    cheapest = min(
-        group_cost(lengths, np.split(order, cuts), call_cost)
-        for k in range(len(lengths))
-        for cuts in itertools.combinations(range(1, len(lengths)), k)
-    )
-    assert group_cost(lengths, groups, call_cost) == cheapest
+    splits = (np.split(order, cuts) for k in range(len(lengths)) for cuts in itertools.combinations(range(1, len(lengths)), k))
+    assert group_cost(lengths, groups, call_cost) == min(group_cost(lengths, split, call_cost) for split in splits if allowed(split))
