@@ -4,8 +4,10 @@ On a workload of `poprt-lite bench` (default: PopRT's BERT-base workload, `seed`
 of batches: offline, batches of the offline plan of the token_stream artifacts (`longest_first`:
 requests of similar length together); online, batches of requests in arrival order (consecutive
 requests of the workload up to max_tokens / max_valid_num, what a PackRunner packs from a queue).
-Runs the same requests four ways, interleaved, `--rounds` times: the token_stream artifact (attention
-on rows as long as each batch's longest request), the token_stream_loop artifact (attention in a Loop
+Runs the same requests five ways, interleaved, `--rounds` times: the token_stream artifact (attention
+on rows as long as each batch's longest request) on each batch in one call and as the calls of
+similar lengths a PackRunner makes of it (`runtime.packing.length_groups`; offline batches are such
+calls already), the token_stream_loop artifact (attention in a Loop
 over the requests, each at its own length), the original model on each request alone (the best
 dynamic mode of both kinds in `poprt-lite bench` on this workload) and in sorted batches of
 batch_size padded to the longest. Prints wall and CPU time of this process (sessions without
@@ -28,6 +30,7 @@ from poprt_lite.bench.measure import workload_context
 from poprt_lite.bench.opcost import profile_by_op_type, time_interleaved
 from poprt_lite.bench.packer import Batch, plan_dynamic
 from poprt_lite.runtime.interface import read_packed_interface
+from poprt_lite.runtime.packing import length_groups
 from poprt_lite.runtime.session import create_session
 from poprt_lite.vocab import PackMode
 
@@ -76,9 +79,12 @@ def _arrival_batches(lengths: np.ndarray, max_tokens: int, max_valid_num: int, c
 def _run(ctx, kind: str, batches: list[np.ndarray], layout, threads: int, args) -> None:
     lengths = ctx.workload.lengths
     stream_batches = [Batch(idx, layout, layout.placement(lengths[idx])) for idx in batches]
+    # what a PackRunner runs of each batch: its calls of similar lengths
+    calls = [Batch(idx[g], layout, layout.placement(lengths[idx[g]])) for idx in batches for g in length_groups(lengths[idx])]
     dynamic = ctx.original_feeder(create_session(ctx.original))
     ways = {
-        "token_stream": (ctx.artifacts[STREAM].model_bytes, [ctx.artifact_feeder(STREAM).feeds(b) for b in stream_batches]),
+        "token_stream, one call": (ctx.artifacts[STREAM].model_bytes, [ctx.artifact_feeder(STREAM).feeds(b) for b in stream_batches]),
+        "token_stream, length groups": (ctx.artifacts[STREAM].model_bytes, [ctx.artifact_feeder(STREAM).feeds(b) for b in calls]),
         "token_stream_loop": (ctx.artifacts[LOOP].model_bytes, [ctx.artifact_feeder(LOOP).feeds(b) for b in stream_batches]),
         "original, each alone": (str(ctx.original), [dynamic.feeds(b) for idx in batches for b in _dynamic(lengths, idx, 1)]),
         f"original, sorted x{ctx.config.batch_size}": (
