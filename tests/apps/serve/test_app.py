@@ -223,17 +223,21 @@ def test_422_too_many_inputs(limited):
     assert response.json() == {"error": "batch size 5 > maximum allowed batch size 4", "error_type": "validation"}
 
 
+async def queued_in_runner(server, inputs: int = 1) -> None:
+    """Wait (up to a minute) until `inputs` inputs wait in the server's runner."""
+    for _ in range(1200):
+        if server.metric("te_queue_size") == inputs:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{inputs} inputs never reached the runner")
+
+
 def test_429_with_retry_after_while_the_limit_is_in_flight(limited):
     """Two inputs wait in the runner (its timeout is 10 minutes, its batches hold 2): a third is refused."""
     async def scenario():
         async with httpx.AsyncClient(base_url=limited.url, headers=KEY, timeout=60) as http:
             waiting = asyncio.create_task(http.post("/embed", json={"inputs": "one"}))
-            for _ in range(1200):  # until "one" waits in the runner
-                if limited.metric("te_queue_size") == 1:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the first call never reached the runner")
+            await queued_in_runner(limited)  # "one" waits there
             refused = await http.post("/embed", json={"inputs": ["two", "three"]})
             fills = await http.post("/embed", json={"inputs": "two"})  # the batch is full: both run
             return refused, fills, await waiting
@@ -252,12 +256,7 @@ def test_a_client_gone_while_its_input_waits_leaks_no_place(limited):
         async with httpx.AsyncClient(base_url=limited.url, headers=KEY, timeout=60) as http:
             gone_client = httpx.AsyncClient(base_url=limited.url, headers=KEY, timeout=60)
             gone = asyncio.create_task(gone_client.post("/embed", json={"inputs": "gone"}))
-            for _ in range(1200):  # until "gone" waits in the runner
-                if limited.metric("te_queue_size") == 1:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the call never reached the runner")
+            await queued_in_runner(limited)  # "gone" waits there
             gone.cancel()
             await gone_client.aclose()  # its connection closes
             fills = await http.post("/embed", json={"inputs": "two"})
