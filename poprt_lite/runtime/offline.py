@@ -82,15 +82,23 @@ def plan_batches(
 
 
 def _calls(layout: BatchLayout, lengths: np.ndarray, batches: list[Batch]) -> list[Batch]:
-    """The batches as the model calls that run them: in a mode whose attention pads every request
-    to the batch's longest, each batch's groups of similar lengths (`packing.length_groups`)."""
-    if layout.mode is None or not modes.get(layout.mode).length_groups:
-        return batches
+    """The batches as the model calls that run them (`calls_of`)."""
     calls = []
-    for idx, _ in batches:
-        for group in length_groups(lengths[idx]):
-            calls.append((idx[group], layout.placement(lengths[idx[group]])))
+    for idx, placement in batches:
+        groups = calls_of(layout, lengths[idx])
+        calls.extend([(idx, placement)] if groups is None else [(idx[g], p) for g, p in groups])
     return calls
+
+
+def calls_of(layout: BatchLayout, lengths: Sequence[int] | np.ndarray) -> list[Batch] | None:
+    """One batch's requests (their lengths in slot order) as the model calls that run it: in a mode
+    whose attention pads every request to the batch's longest, its groups of similar lengths
+    (`packing.length_groups`: indices into `lengths` and each call's placement); None where the
+    batch runs as packed, in one call."""
+    if layout.mode is None or not modes.get(layout.mode).length_groups or len(lengths) < 2:
+        return None
+    lengths = np.asarray(lengths, np.int64)
+    return [(group, layout.placement(lengths[group])) for group in length_groups(lengths)]
 
 
 def _in_order(layout: BatchLayout, lengths: np.ndarray, algorithm: PackAlgorithm, max_length: int | None) -> list[Batch]:

@@ -7,8 +7,8 @@ in AttentionMask mode; one stream of `batch_size * seq_len` tokens in unpack/rep
 token_stream mode one stream of at most `max_tokens` tokens, run at its own length `[1, T]`). A
 request that does not fit waits for the next batch. In token_stream mode, whose attention pads every
 request to the batch's longest, a batch of mixed lengths runs as several model calls of similar
-lengths (`runtime/packing.length_groups`); each call is a `BatchRun`. A background thread launches the open batch
-when the model is free and the batch is full (a request did not fit, or it holds `max_valid_num`
+lengths (`runtime/packing.length_groups`); each call is a `BatchRun`. A background thread launches
+the open batch when the model is free and the batch is full (a request did not fit, or it holds `max_valid_num`
 requests, or no token slot is left), or when its oldest request has waited `timeout_microseconds`.
 While the previous batch still runs, later requests may fill the room a refused request left, until
 `lookahead + 1` requests have not fitted. The thread builds the packed feeds with numpy, runs the
@@ -41,7 +41,8 @@ from poprt_lite.errors import PoprtError, QueueFullError, RequestError, one_line
 from poprt_lite.runtime.config import PackRunnerConfig, resolve_batching
 from poprt_lite.runtime.interface import read_packed_interface
 from poprt_lite.runtime.layouts import Placement
-from poprt_lite.runtime.packing import OnlinePacker, length_groups
+from poprt_lite.runtime.offline import calls_of
+from poprt_lite.runtime.packing import OnlinePacker
 from poprt_lite.runtime.requests import RequestChecker, build_feeds, split_outputs
 from poprt_lite.runtime.session import artifact_session
 
@@ -361,15 +362,11 @@ class PackRunner:
             self._cond.wait()
 
     def _calls(self, requests: list[_Request], starts: np.ndarray, reason: str) -> list[tuple[list[_Request], np.ndarray, str]]:
-        """The model calls that run a taken batch: the batch itself or, in a mode whose attention pads
-        every request to the batch's longest, its groups of similar lengths (`length_groups`)."""
-        if not self.interface.descriptor.length_groups or len(requests) < 2:
+        """The model calls that run a taken batch (`offline.calls_of`): itself, or its length groups."""
+        groups = calls_of(self._layout, [r.length for r in requests])
+        if groups is None:
             return [(requests, starts, reason)]
-        calls = []
-        for group in length_groups([r.length for r in requests]):
-            members = [requests[i] for i in group]
-            calls.append((members, self._layout.placement([r.length for r in members]).starts, reason))
-        return calls
+        return [([requests[i] for i in group], placement.starts, reason) for group, placement in groups]
 
     def _run(self, requests: list[_Request], starts: np.ndarray, reason: str) -> None:
         """Build the packed feeds, run the model and hand each request its outputs."""
