@@ -41,6 +41,7 @@ import onnxruntime as ort
 import poprt_lite
 from poprt_lite import runtime
 from poprt_lite.runtime import modes
+from poprt_lite.runtime.pack_runner import CANCELLED
 from poprt_lite.errors import PoprtError
 from poprt_lite.vocab import PackMode
 
@@ -352,8 +353,8 @@ def close_under_load(path, mode, algorithm, workload, clients, timeout_us, cance
         "serving_thread_alive": runner._thread.is_alive(),
         "ok": tally.ok,
         "mismatched": tally.mismatched,
-        "cancelled": sum(c for e, c in tally.errors.items() if "closed before this request ran" in e),
-        "other_errors": {e: c for e, c in tally.errors.items() if "closed before this request ran" not in e},
+        "cancelled": sum(c for e, c in tally.errors.items() if CANCELLED in e),
+        "other_errors": {e: c for e, c in tally.errors.items() if CANCELLED not in e},
         "refused_after_close": tally.refused,
         "stats": stats,
     }

@@ -48,6 +48,8 @@ from poprt_lite.runtime.session import artifact_session
 
 log = logging.getLogger(__name__)
 
+CANCELLED = "the PackRunner was closed before this request ran"
+
 
 class PackFuture(concurrent.futures.Future):
     """The pending result of one request: a `concurrent.futures.Future` with PopRT's `wait()`.
@@ -172,6 +174,7 @@ class PackRunner:
         self._refused = 0  # requests that did not fit the open batch (they wait in _waiting)
         self._waiting: collections.deque[_Request] = collections.deque()  # for later batches
         self._closing = False
+        self._cancelling = False  # close(cancel_pending=True): no further model call starts
         self._stopped: BaseException | None = None  # the serving thread died of this
         self._counts = collections.Counter()
         # called in the serving thread with each BatchRun, before its futures complete; one that
@@ -236,19 +239,21 @@ class PackRunner:
 
     def close(self, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """Stop taking requests. Pending requests are run at once (without waiting for the timeout)
-        or, with `cancel_pending`, failed with PoprtError. Waits up to `timeout` seconds (default:
-        until the batch being run, if any, finishes) for the serving thread. Idempotent."""
+        or, with `cancel_pending`, failed with PoprtError, as are the requests of a taken batch's
+        length-group calls not yet started. Waits up to `timeout` seconds (default: until the model
+        call being run, if any, finishes) for the serving thread. Idempotent."""
         cancelled: list[_Request] = []
         with self._cond:
             if not self._closing:
                 self._closing = True
+                self._cancelling = cancel_pending
                 if cancel_pending:
                     cancelled = self._open + list(self._waiting)
                     self._open, self._waiting = [], collections.deque()
                     self._packer.reset()
                     self._refused = 0
                 self._cond.notify_all()
-        self._fail(cancelled, PoprtError("the PackRunner was closed before this request ran"))
+        self._fail(cancelled, PoprtError(CANCELLED))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -326,7 +331,12 @@ class PackRunner:
                 if taken is None:
                     return
                 for call in self._calls(*taken):
-                    self._run(*call)
+                    with self._cond:
+                        cancelling = self._cancelling
+                    if cancelling:
+                        self._fail(call[0], PoprtError(CANCELLED))
+                    else:
+                        self._run(*call)
                 taken = None
         except BaseException as exc:  # a bug in the runner: fail everything rather than hang
             with self._cond:

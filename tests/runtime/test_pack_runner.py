@@ -1014,3 +1014,35 @@ def test_packed_bert_example_runs(capsys, monkeypatch):
     assert "(below 0.0001)" in out
     assert sorted(runs) == sorted(RUN_NAMES) and len(datasets) == 10 * 4
     assert max_error_against_the_source(datasets, runs) < 1e-4
+
+
+def test_close_cancel_pending_starts_no_further_length_group_call(bert_artifacts, rng, monkeypatch):
+    """A taken token_stream batch runs as length-group calls; close(cancel_pending=True) while the
+    first runs fails the requests of the calls not yet started, and no model call starts after it."""
+    config = config_for(STREAM, timeout_microseconds=60_000_000)
+    runner = runtime.Runner(bert_artifacts[STREAM], config)
+    real_run = runner.session.run
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def held_run(names, feeds):
+        calls.append(feeds["unpack_info"].tolist())
+        started.set()
+        assert release.wait(10)
+        return real_run(names, feeds)
+
+    monkeypatch.setattr(runner.session, "run", held_run)
+    with runner._cond:  # one batch of 8 (max_valid_num): calls of 1..30 tokens, then 50 and 64
+        futures = [runner.execute_async(make_request(rng, n)) for n in (64, 1, 30, 7, 20, 2, 13, 50)]
+    assert started.wait(10)
+    closer = threading.Thread(target=runner.close, kwargs={"cancel_pending": True})
+    closer.start()
+    closer.join(timeout=0.2)
+    release.set()
+    closer.join(timeout=10)
+    assert not closer.is_alive() and calls == [[1, 2, 7, 13, 20, 30]]
+    for n, future in zip((64, 1, 30, 7, 20, 2, 13, 50), futures, strict=True):
+        if n >= 50:
+            with pytest.raises(PoprtError, match=r"^the PackRunner was closed before this request ran$"):
+                future.result(timeout=0)
+        else:
+            assert future.exception(timeout=0) is None
