@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import functools
 import logging
 import os
 import threading
@@ -52,7 +54,8 @@ CANCELLED = "the PackRunner was closed before this request ran"
 
 
 class PackFuture(concurrent.futures.Future):
-    """The pending result of one request: a `concurrent.futures.Future` with PopRT's `wait()`.
+    """The pending result of one request: a `concurrent.futures.Future` with PopRT's `wait()`
+    (`cancel()` withdraws a request whose batch has not started).
 
     `result()` returns the request's `outputs` dict once it is filled (or raises the request's
     error); `exception()` returns the error or None; `done()` tells without blocking. `queued` is
@@ -62,6 +65,15 @@ class PackFuture(concurrent.futures.Future):
 
     queued: float = 0.0
     batch: BatchRun | None = None
+    _runner: PackRunner | None = None  # it withdraws the request (no link back: no reference cycle)
+
+    def cancel(self) -> bool:
+        """Withdraw the request if its batch has not started (True); False once it runs or ran."""
+        if not super().cancel():
+            return False
+        if self._runner is not None:
+            self._runner._withdraw(self)
+        return True
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the request's outputs are filled; raise its error if it failed.
@@ -96,6 +108,7 @@ class PackRunnerStats:
     failed_batches: int
     failed_requests: int  # requests whose future holds an error (failed batch or output copy)
     overtakes: int  # requests placed ahead of an older one that did not fit (the lookahead at work)
+    cancelled_requests: int  # withdrawn by `future.cancel()` before their batch started
 
     @property
     def mean_requests_per_batch(self) -> float:
@@ -123,7 +136,6 @@ class _Request:
         self.tokens = tokens  # token input name -> [n, ...] array of the model's dtype
         self.outputs = outputs  # output name -> caller's array
         self.future = PackFuture()
-        self.future.set_running_or_notify_cancel()  # a queued request cannot be cancelled
         self.future.queued = arrived
         self.arrived = arrived
 
@@ -161,7 +173,8 @@ class PackRunner:
         except Exception as exc:
             raise PoprtError(f"onnxruntime cannot load artifact '{self.artifact.path}': {one_line(exc)}") from exc
         across_rows = self._layout.across_rows
-        self._packer = OnlinePacker(
+        self._new_packer = functools.partial(
+            OnlinePacker,
             self.batching.algorithm,
             self.batch_size,
             self.seq_len,
@@ -169,6 +182,7 @@ class PackRunner:
             across_rows,
             segment_max_size=self.segment_max_size if across_rows else None,
         )
+        self._packer = self._new_packer()
         self._cond = threading.Condition()
         self._open: list[_Request] = []  # requests in the batch being filled
         self._refused = 0  # requests that did not fit the open batch (they wait in _waiting)
@@ -212,7 +226,7 @@ class PackRunner:
     def pending(self) -> int:
         """Requests queued and not yet running."""
         with self._cond:
-            return len(self._open) + len(self._waiting)
+            return self._pending()
 
     def execute_async(self, feeds: Mapping[str, Any], outputs: dict[str, np.ndarray] | None = None) -> PackFuture:
         """Queue one request and return its future. The request is checked here: a bad one raises
@@ -221,11 +235,12 @@ class PackRunner:
         and that many requests waiting, raises QueueFullError and queues nothing."""
         checked = self._checker.check(feeds, outputs)
         request = _Request(checked.length, checked.tokens, checked.outputs, time.monotonic())
+        request.future._runner = self
         with self._cond:
             if self._closing or self._stopped is not None:
                 reason = f" (it stopped: {one_line(self._stopped)})" if self._stopped else ""
                 raise PoprtError(f"the PackRunner is closed{reason}; create a new one")
-            if self.max_pending is not None and len(self._open) + len(self._waiting) >= self.max_pending:
+            if self.max_pending is not None and self._pending() >= self.max_pending:
                 raise QueueFullError(
                     f"the PackRunner already has {self.max_pending} requests waiting (max_pending); "
                     "retry later or raise max_pending"
@@ -271,6 +286,26 @@ class PackRunner:
             f"timeout_microseconds={self.timeout_microseconds})"
         )
 
+    def _pending(self) -> int:
+        """Requests queued, not withdrawn and not yet running (lock held)."""
+        return len(self._waiting) + sum(not r.future.cancelled() for r in self._open)
+
+    def _withdraw(self, future: PackFuture) -> None:
+        """A request's future was cancelled: it leaves the queue, or the open batch, which is laid out
+        again without it and takes waiting requests into the place it frees. (First and next fit can
+        fail to lay out the rest of an AttentionMask batch again: then the place stays empty and the
+        request leaves when the batch is taken, `_take`.)"""
+        with self._cond:
+            self._counts["cancelled_requests"] += 1
+            rest = [r for r in self._open if r.future is not future]
+            if len(rest) == len(self._open):
+                self._waiting = collections.deque(r for r in self._waiting if r.future is not future)
+                return
+            packer = self._new_packer()
+            if all(packer.try_add(r.length) for r in rest):
+                self._open, self._packer = rest, packer
+                self._refill()
+
     def _enqueue(self, request: _Request) -> None:
         """Place `request` in the open batch, or queue it for a later one (lock held)."""
         if self._open_full:
@@ -282,12 +317,14 @@ class PackRunner:
             self._refuse()
 
     def _refill(self) -> None:
-        """Fill the (empty) open batch from the waiting requests, oldest first (lock held).
+        """Fill the open batch from the waiting requests, oldest first (lock held).
 
         Requests that do not fit stay at the front of the queue, in order, for the next batch."""
         refused = []
         while self._waiting and not self._open_full:
             request = self._waiting.popleft()
+            if request.future.cancelled():
+                continue
             if self._packer.try_add(request.length):
                 self._place(request)
             else:
@@ -363,9 +400,16 @@ class PackRunner:
                         continue
                     reason = "timeout"
                 requests, starts = self._open, self._packer.starts()
+                running = np.array([r.future.set_running_or_notify_cancel() for r in requests])
                 self._open, self._refused = [], 0
                 self._packer.reset()
                 self._refill()
+                if not running.all():  # some were withdrawn: the batch runs without them
+                    requests = [r for r, run in zip(requests, running) if run]
+                    if not requests:
+                        continue
+                    lengths = np.array([r.length for r in requests])
+                    starts = self._packer.without_gaps(starts[running], lengths)
                 return requests, starts, reason
             if self._closing:
                 return None
@@ -430,7 +474,7 @@ class PackRunner:
     @staticmethod
     def _fail(requests: list[_Request], error: BaseException) -> None:
         for request in requests:
-            if not request.future.done():
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # withdrawn, or done
                 request.future.set_exception(error)
 
 

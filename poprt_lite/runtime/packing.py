@@ -338,6 +338,22 @@ class OnlinePacker:
             return places.reshape(-1)
         return places[:, 0] * self.seq_len + places[:, 1]
 
+    def without_gaps(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The flat starts of what is left of a batch once some requests were withdrawn: each keeps
+        its order (and in AttentionMask mode its row) and follows the one before it with no gap, as
+        the packed models read a row (unpack_info counts lengths from the row's start)."""
+        starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+        rows = np.zeros_like(starts) if self.across_rows else starts // self.seq_len
+        order = np.lexsort((starts, rows))
+        compact = np.empty_like(starts)
+        offset, row = 0, None
+        for i in order:
+            if rows[i] != row:
+                row, offset = rows[i], rows[i] * self.seq_len
+            compact[i] = offset
+            offset += lengths[i]
+        return compact
+
 
 
 # A model call costs about as much as this many padded attention pairs (a query position against a

@@ -8,6 +8,7 @@ export run when the packing passes are available.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
 import time
@@ -25,6 +26,7 @@ from poprt_lite import ir, runtime
 from poprt_lite.ir import artifact
 from poprt_lite.errors import PoprtError, QueueFullError, RequestError
 from poprt_lite.runtime import PackAlgorithm, PackRunner, PackRunnerConfig
+from poprt_lite.runtime.pack_runner import PackFuture
 from poprt_lite.vocab import PackMode
 
 VOCAB = 1000
@@ -1046,3 +1048,39 @@ def test_close_cancel_pending_starts_no_further_length_group_call(bert_artifacts
                 future.result(timeout=0)
         else:
             assert future.exception(timeout=0) is None
+
+
+@pytest.mark.parametrize("race", [False, True], ids=["cancel", "taken-while-cancelled"])
+@pytest.mark.parametrize("mode, algorithm", REAL_MODES)
+def test_a_cancelled_request_leaves_its_batch(bert_artifacts, mode, algorithm, race, rng):
+    """future.cancel() withdraws a request whose batch has not started, from the queue or from the
+    open batch, which is laid out again and takes a waiting request in its place. A batch taken
+    between a future's cancellation and its withdrawal runs without it, the others closed up in
+    their rows (`race`: the withdrawal never comes). The others' answers equal the original model's
+    on each alone; cancel() on an answered request returns False."""
+    lengths = (30, 20, 10, 40, 25, 5, 60, 15, 12, 7, 33, 3)  # 8 fill a batch (max_valid_num); 4 wait
+    withdrawn = {0, 3} if race else {0, 3, 9}  # the first of rows 0 and 1 in AttentionMask mode; one waiting
+    reference = Reference("bert_qa_torchscript")
+    runner = runtime.Runner(bert_artifacts[mode], config_for(mode, algorithm, timeout_microseconds=60_000_000))
+    sizes = []
+    runner.batch_listeners.append(lambda batch: sizes.append(batch.requests))
+    requests = [make_request(rng, n) for n in lengths]
+    with runner._cond:  # all queued and withdrawn before the serving thread takes a batch
+        futures = [runner.execute_async(feeds) for feeds in requests]
+        cancel = concurrent.futures.Future.cancel if race else PackFuture.cancel
+        assert all(cancel(futures[i]) for i in withdrawn)
+        assert runner.pending == len(lengths) - len(withdrawn)
+    runner.close()  # the second batch goes on close
+    stats = runner.stats
+    kept = [i for i in range(len(lengths)) if i not in withdrawn]
+    assert (stats.cancelled_requests, stats.requests, stats.failed_requests) == (0 if race else 3, len(kept), 0)
+    assert stats.tokens == sum(lengths[i] for i in kept)
+    if mode != STREAM:  # token_stream runs a batch as its length groups
+        assert sizes == ([6, 4] if race else [8, 1])  # withdrawn in time, their places went to waiting ones
+    for i in withdrawn:
+        assert futures[i].cancelled()
+    for i in kept:
+        got, want = futures[i].result(timeout=0), reference(requests[i])
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value[0], atol=1e-4, rtol=0)
+        assert not futures[i].cancel()

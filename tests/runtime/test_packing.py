@@ -145,6 +145,18 @@ def test_online_packer_across_rows_and_limits():
     assert packer.is_full
 
 
+def test_without_gaps_closes_up_what_a_withdrawn_request_leaves():
+    rows = OnlinePacker("first_fit", batch_size=2, seq_len=10, max_valid_num=5, across_rows=False)
+    assert [rows.try_add(n) for n in (6, 6, 3, 1)] == [True] * 4  # rows: [6, 3, 1] and [6]
+    starts = rows.starts()
+    assert starts.tolist() == [0, 10, 6, 9]
+    # the first 6 withdrawn: the 3 and the 1 move to the front of row 0; the second 6 keeps row 1
+    assert rows.without_gaps(starts[[1, 2, 3]], np.array([6, 3, 1])).tolist() == [10, 0, 3]
+    stream = OnlinePacker("first_fit", 2, 10, max_valid_num=5, across_rows=True)
+    assert [stream.try_add(n) for n in (6, 6, 3)] == [True] * 3
+    assert stream.without_gaps(stream.starts()[[0, 2]], np.array([6, 3])).tolist() == [0, 6]
+
+
 def test_online_packer_rejects_long_requests():
     packer = OnlinePacker("first_fit", 2, 256, 4, across_rows=False)
     with pytest.raises(RequestError) as info:

@@ -19,7 +19,9 @@ Errors are TEI's: a JSON body `{"error": ..., "error_type": ...}` (OpenAI routes
 "code", "type"}`, TEI's OpenAI-compatible form): 413 a body over `payload_limit`; 422 a request the
 model cannot take (validation); 429 (with Retry-After) when `max_concurrent_requests` inputs are in
 flight; 401 without the API key when one is set; 503 while the model loads or the server drains;
-424 a batch that failed in the runner; 404 an unknown route or model. Never a traceback.
+424 a batch that failed in the runner; 404 an unknown route or model; 499 (nginx's "client closed
+request", read by no one) a call whose client went away before its inputs ran: they are withdrawn
+from the runner. Never a traceback.
 
 Process-level concerns (uvicorn, signals, the drain's deadline) are the launcher's
 (`apps/serve/launcher.py`): the app only exposes `app.state.front`, whose `begin_drain()` turns
@@ -89,6 +91,36 @@ def error_body(error: ServeError, openai: bool = False) -> bytes:
     if openai:
         return orjson.dumps({"message": error.message, "code": error.status, "type": error.error_type})
     return orjson.dumps({"error": error.message, "error_type": error.error_type})
+
+
+class Withdrawal:
+    """Withdraws a call's inputs not yet running when its client goes away (`Call.withdraw`), so
+    that the model does no work nobody waits for and their places in flight free at once. The loop
+    learns of the disconnect and a pool thread queues the inputs: whichever comes second withdraws."""
+
+    __slots__ = ("_lock", "_call", "_gone")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._call: Call | None = None
+        self._gone = False
+
+    def queued(self, call: Call) -> None:
+        with self._lock:
+            self._call, gone = call, self._gone
+        if gone:
+            call.withdraw()
+
+    def client_gone(self) -> None:
+        with self._lock:
+            self._gone, call = True, self._call
+        if call is not None:
+            call.withdraw()
+
+    def on_disconnect(self, receive: asyncio.Task) -> None:
+        """The done callback of the task awaiting the call's next ASGI message."""
+        if not receive.cancelled() and receive.exception() is None and receive.result().get("type") == "http.disconnect":
+            self.client_gone()
 
 
 class Front:
@@ -178,8 +210,18 @@ class Front:
                 payload = functools.partial(parsed_body, body, request.headers)
             loop = asyncio.get_running_loop()
             answer = loop.create_future()
-            self.pool.submit(self._work, functools.partial(_settle, loop, answer), payload, prepare, respond, started)
-            admitted, result = await answer
+            withdrawal = Withdrawal()
+            self.pool.submit(self._work, functools.partial(_settle, loop, answer), payload, prepare, respond, started, withdrawal)
+            # with the body read, the next ASGI message is the client's disconnect
+            disconnect = loop.create_task(request.receive())
+            disconnect.add_done_callback(withdrawal.on_disconnect)
+            try:
+                admitted, result = await answer
+            except asyncio.CancelledError:  # Ray Serve cancels the handler of a client gone
+                withdrawal.client_gone()
+                raise
+            finally:
+                disconnect.cancel()
             if isinstance(result, BaseException):
                 raise result
             self.metrics.request_success.labels("batch" if admitted > 1 else "single").inc()
@@ -201,10 +243,10 @@ class Front:
             self.calls -= 1
             self.metrics.request_count.labels("batch" if admitted > 1 else "single").inc()
 
-    def _work(self, settle: Callable[[tuple], Any], payload: Callable[[], Any], prepare, respond, started: float) -> None:
+    def _work(self, settle: Callable[[tuple], Any], payload: Callable[[], Any], prepare, respond, started: float, withdrawal: Withdrawal) -> None:
         """A call's work off the loop, in the pool: parse and `prepare` (admit and queue its inputs);
-        when the last input has run, `respond` (in the pool again, started from the runner's thread),
-        release the inputs' places and `settle((admitted, response))`, or
+        when the last input has run (or was withdrawn), `respond` (in the pool again, started from
+        the runner's thread), release the inputs' places and `settle((admitted, response))`, or
         `settle((admitted, error))` on any failure. One hand-over each way per call: the loop never
         wakes in between, and a waiter that went away leaks no admitted input."""
         try:
@@ -212,9 +254,13 @@ class Front:
         except BaseException as error:  # prepare releases what it admitted before failing
             settle((0, error))
             return
+        if call is not None:
+            withdrawal.queued(call)
 
         def finish() -> None:
             try:
+                if call is not None and call.withdrawn:
+                    raise ServeError(499, "client_closed", "the client closed the connection before its inputs ran")
                 error = call.error() if call is not None else None
                 if error is not None:
                     raise ServeError(424, "backend", one_line(error, with_type=False))

@@ -113,6 +113,15 @@ class Call:
             future.add_done_callback(one_done)
         return result
 
+    def withdraw(self) -> None:
+        """Withdraw the requests whose batch has not started (`PackFuture.cancel`): nobody waits."""
+        for future in self.futures:
+            future.cancel()
+
+    @property
+    def withdrawn(self) -> bool:
+        return any(f.cancelled() for f in self.futures)
+
     def error(self) -> BaseException | None:
         """The first request's error, if any failed (the call is all or nothing)."""
         return next((f.exception() for f in self.futures if f.exception() is not None), None)
