@@ -164,3 +164,32 @@ def test_rerank_serves_a_one_label_classifier(reranker_folder):
             )
     finally:
         engine.close()
+
+
+def test_424_when_the_batch_fails_in_onnxruntime():
+    """A batch that fails in the model answers its calls 424 (TEI's backend error) in one line; the
+    server goes on: the next call is answered."""
+    from fastapi.testclient import TestClient
+
+    engine = Engine.open(EMBED_MODEL, TOKENIZER, pack_args=PACK_ARGS)
+    real_run = engine.runner.session.run
+
+    def failing_run(names, feeds):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : bad allocation")
+
+    try:
+        with TestClient(create_app(engine)) as client:
+            engine.runner.session.run = failing_run
+            failed = client.post("/embed", json={"inputs": "hello world"})
+            assert failed.status_code == 424
+            assert failed.json() == {
+                "error": "the batch of 1 requests holding this request failed: RuntimeError: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : bad allocation",
+                "error_type": "backend",
+            }
+            engine.runner.session.run = real_run
+            answered = client.post("/embed", json={"inputs": "hello world"})
+            assert answered.status_code == 200
+            assert cosine(answered.json()[0], reference_embedding("hello world")) > 0.99999
+            assert 'te_request_failure_total{err="backend"} 1.0' in client.get("/metrics").text
+    finally:
+        engine.close()
