@@ -193,3 +193,36 @@ def test_424_when_the_batch_fails_in_onnxruntime():
             assert 'te_request_failure_total{err="backend"} 1.0' in client.get("/metrics").text
     finally:
         engine.close()
+
+
+def test_a_cancelled_handler_withdraws_its_inputs():
+    """Ray Serve cancels the handler of a client gone (it has no disconnect to read): the call's
+    inputs still waiting leave the runner. Here the handler runs in the client's task (httpx's ASGI
+    transport), which is cancelled while its input waits (a 10-minute batching timeout)."""
+    import asyncio
+
+    import httpx
+
+    from poprt_lite.runtime.config import PackRunnerConfig
+
+    engine = Engine.open(EMBED_MODEL, TOKENIZER, pack_args=PACK_ARGS, config=PackRunnerConfig(timeout_microseconds=600_000_000))
+    runner = engine.runner
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=create_app(engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            call = asyncio.create_task(client.post("/embed", json={"inputs": "hello world"}))
+            for _ in range(600):
+                if runner.pending == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert runner.pending == 1
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    try:
+        asyncio.run(scenario())
+        assert (runner.pending, runner.stats.cancelled_requests, runner.stats.batches) == (0, 1, 0)
+    finally:
+        engine.close()
