@@ -224,9 +224,9 @@ class PackRunner:
 
     @property
     def pending(self) -> int:
-        """Requests queued and not yet running."""
+        """Requests queued, not withdrawn and not yet running."""
         with self._cond:
-            return self._pending()
+            return len(self._waiting) + sum(not r.future.cancelled() for r in self._open)
 
     def execute_async(self, feeds: Mapping[str, Any], outputs: dict[str, np.ndarray] | None = None) -> PackFuture:
         """Queue one request and return its future. The request is checked here: a bad one raises
@@ -240,7 +240,8 @@ class PackRunner:
             if self._closing or self._stopped is not None:
                 reason = f" (it stopped: {one_line(self._stopped)})" if self._stopped else ""
                 raise PoprtError(f"the PackRunner is closed{reason}; create a new one")
-            if self.max_pending is not None and self._pending() >= self.max_pending:
+            # places taken (O(1) on every call): a withdrawn request still in the open batch holds one
+            if self.max_pending is not None and len(self._open) + len(self._waiting) >= self.max_pending:
                 raise QueueFullError(
                     f"the PackRunner already has {self.max_pending} requests waiting (max_pending); "
                     "retry later or raise max_pending"
@@ -286,10 +287,6 @@ class PackRunner:
             f"timeout_microseconds={self.timeout_microseconds})"
         )
 
-    def _pending(self) -> int:
-        """Requests queued, not withdrawn and not yet running (lock held)."""
-        return len(self._waiting) + sum(not r.future.cancelled() for r in self._open)
-
     def _withdraw(self, future: PackFuture) -> None:
         """A request's future was cancelled: it leaves the queue, or the open batch, which is laid out
         again without it and takes waiting requests into the place it frees. (First and next fit can
@@ -323,8 +320,6 @@ class PackRunner:
         refused = []
         while self._waiting and not self._open_full:
             request = self._waiting.popleft()
-            if request.future.cancelled():
-                continue
             if self._packer.try_add(request.length):
                 self._place(request)
             else:
